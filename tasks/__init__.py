@@ -1,0 +1,1 @@
+"""Tasks: each names its tokenizer, model, head, data pipeline and metrics."""

@@ -1,0 +1,52 @@
+"""Image patches: Conv2d patch embedding, raster order, 2-D patch-centre coordinates."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unipred.registry import TOKENIZERS
+from unipred.rope import grid_coords
+from unipred.tokens import Tokens
+
+
+@TOKENIZERS.register("image")
+class ImageTokenizer(nn.Module):
+    """(B, C, H, W) -> Tokens((B, N, D), (N, 2) coords (y, x), None); N = (H/p)*(W/p).
+
+    Any H, W divisible by the patch size is accepted, so the same weights serve 224 px
+    classification and 512 px segmentation.
+    """
+
+    coord_dims = 2
+
+    def __init__(self, dim: int = 768, patch_size: int = 14, in_chans: int = 3):
+        super().__init__()
+        self.dim, self.patch_size, self.in_chans = dim, patch_size, in_chans
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self._coords: dict[tuple, torch.Tensor] = {}
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the patch size {p}; "
+                f"resize or pad to a multiple of {p}"
+            )
+        return height // p, width // p
+
+    def coords(self, n_h: int, n_w: int, device) -> torch.Tensor:
+        key = (n_h, n_w, str(device))
+        if key not in self._coords:
+            self._coords[key] = grid_coords(n_h, n_w, device=device)
+        return self._coords[key]
+
+    def forward(self, x: torch.Tensor) -> Tokens:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"ImageTokenizer expects (B, {self.in_chans}, H, W) images, got {tuple(x.shape)}"
+            )
+        n_h, n_w = self.grid(x.shape[2], x.shape[3])
+        t = self.proj(x)  # (B, D, n_h, n_w)
+        t = t.flatten(2).transpose(1, 2)  # (B, N, D), rows top to bottom, columns left to right
+        return Tokens(t, self.coords(n_h, n_w, x.device), None)
