@@ -1,0 +1,1 @@
+"""Data readers, packers, transforms and bad-sample accounting."""
