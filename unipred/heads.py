@@ -18,7 +18,7 @@ def pool_tokens(hidden: torch.Tensor, n_prefix: int, valid: torch.Tensor | None,
     if pool == "last":
         if v is None:
             return x[:, -1]
-        idx = (v.long().cumsum(dim=1).argmax(dim=1))  # index of the last real token
+        idx = v.long().cumsum(dim=1).argmax(dim=1)  # index of the last real token
         return x[torch.arange(x.shape[0], device=x.device), idx]
     if pool == "cls":
         return hidden[:, 0]

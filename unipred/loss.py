@@ -26,6 +26,8 @@ def next_embedding_loss(
     if valid is None:
         return -cos.mean()
     if valid.shape != pred.shape[:2]:
-        raise ValueError(f"valid must be (B, T) = {tuple(pred.shape[:2])}, got {tuple(valid.shape)}")
+        raise ValueError(
+            f"valid must be (B, T) = {tuple(pred.shape[:2])}, got {tuple(valid.shape)}"
+        )
     pair = (valid[:, :-1] & valid[:, 1:]).float()
     return -(cos * pair).sum() / pair.sum().clamp_min(1.0)

@@ -54,8 +54,12 @@ class PredictorConfig:
 
 
 # name -> (gated, activation)
-_MLP_KINDS = {"gelu": (False, "gelu"), "silu": (False, "silu"), "swiglu": (True, "silu"),
-              "geglu": (True, "gelu")}
+_MLP_KINDS = {
+    "gelu": (False, "gelu"),
+    "silu": (False, "silu"),
+    "swiglu": (True, "silu"),
+    "geglu": (True, "gelu"),
+}
 _ACTS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -197,7 +201,9 @@ class Predictor(nn.Module):
     ) -> PredictorOutput:
         B, T, D = tokens.shape
         if D != self.cfg.dim:
-            raise ValueError(f"Predictor expects width {self.cfg.dim}, got tokens {tuple(tokens.shape)}")
+            raise ValueError(
+                f"Predictor expects width {self.cfg.dim}, got tokens {tuple(tokens.shape)}"
+            )
         n_prefix = T - coords.shape[-2]
         if n_prefix < 0:
             raise ValueError(f"coords {tuple(coords.shape)} cover more than the {T} tokens")

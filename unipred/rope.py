@@ -94,6 +94,8 @@ def grid_coords(*sizes: int, device=None) -> torch.Tensor:
     ``grid_coords(n_h, n_w)`` -> (n_h*n_w, 2) with columns (y, x); any number of axes works
     (video: ``grid_coords(n_t, n_h, n_w)``).
     """
-    axes = [(2 * (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n - 1) for n in sizes]
+    axes = [
+        (2 * (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n - 1) for n in sizes
+    ]
     mesh = torch.meshgrid(*axes, indexing="ij")
     return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
