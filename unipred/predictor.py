@@ -187,7 +187,8 @@ class Predictor(nn.Module):
             cfg.head_dim, cfg.coord_dims, cfg.rope_theta,
             cfg.rope_shift, cfg.rope_jitter, cfg.rope_rescale,
         )  # fmt: skip
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if cfg.depth > 1 else [0.0]
+        # linear over depth: block 0 gets 0, the last block the full rate
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.grad_checkpointing = False

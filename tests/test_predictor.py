@@ -1,0 +1,150 @@
+"""Behavioural tests of the predictor core: causality, RoPE, SDPA vs eager, padding."""
+
+import pytest
+import torch
+
+from unipred.predictor import Predictor, PredictorConfig
+from unipred.rope import AxialRoPE, apply_rope, grid_coords
+
+
+def _pred(**kw):
+    torch.manual_seed(0)
+    cfg = PredictorConfig(dim=32, depth=2, heads=4, qk_norm_affine=True, layerscale=0.5, **kw)
+    return Predictor(cfg).eval()
+
+
+def _inputs(B=2, n=4):
+    torch.manual_seed(1)
+    coords = grid_coords(n, n)
+    return torch.randn(B, n * n + 1, 32), coords
+
+
+@torch.no_grad()
+def test_causal_outputs_before_j_ignore_token_j():
+    p = _pred()
+    x, c = _inputs()
+    j = 9
+    y = x.clone()
+    y[:, j] += torch.randn_like(y[:, j])
+    a, b = p(x, c), p(y, c)
+    assert torch.allclose(a[:, :j], b[:, :j], atol=1e-6)
+    assert not torch.allclose(a[:, j:], b[:, j:], atol=1e-3)
+
+
+@torch.no_grad()
+def test_bidirectional_outputs_see_every_token():
+    p = _pred(causal=False)
+    x, c = _inputs()
+    y = x.clone()
+    y[:, -1] += torch.randn(32)
+    assert not torch.allclose(p(x, c)[:, 0], p(y, c)[:, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+@torch.no_grad()
+def test_sdpa_equals_eager(causal, mlp):
+    p = _pred(causal=causal, mlp=mlp)
+    x, c = _inputs()
+    fast = p.forward_features(x, c).hidden
+    slow = p.forward_features(x, c, return_attn=True)
+    assert (fast - slow.hidden).abs().max() < 1e-6
+    att = slow.attentions[0]
+    assert torch.allclose(att.sum(-1), torch.ones(()), atol=1e-5)
+    if causal:
+        assert att.triu(1).abs().max() == 0
+
+
+def test_rope_depends_only_on_relative_offsets():
+    rope = AxialRoPE(head_dim=16, coord_dims=2, theta=100.0, rescale=None).eval()
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16)
+
+    def score(pq, pk):
+        cos, sin = rope.tables(torch.tensor([pq, pk]))
+        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return (qr[0, 0, 0] * kr[0, 0, 1]).sum()
+
+    s1 = score([0.1, -0.3], [0.4, 0.2])
+    s2 = score([0.1 + 0.37, -0.3 - 0.21], [0.4 + 0.37, 0.2 - 0.21])  # same offset, shifted
+    s3 = score([0.1, -0.3], [0.5, 0.2])  # different offset
+    assert torch.allclose(s1, s2, atol=1e-5)
+    assert not torch.allclose(s1, s3, atol=1e-3)
+
+
+def test_rope_prefix_tokens_are_not_rotated():
+    p = _pred()
+    x, c = _inputs()
+    # moving every patch coordinate changes patch outputs but not the cls output under causal attention
+    with torch.no_grad():
+        a, b = p(x, c), p(x, c * 0.5)
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-6)
+    assert not torch.allclose(a[:, 1:], b[:, 1:], atol=1e-4)
+
+
+def test_rope_augmentation_only_in_training():
+    rope = AxialRoPE(16, 2, rescale=2.0)
+    c = grid_coords(4, 4)
+    rope.eval()
+    assert torch.equal(rope.tables(c)[0], rope.tables(c)[0])
+    rope.train()
+    torch.manual_seed(0)
+    assert not torch.equal(rope.tables(c)[0], rope.tables(c)[0])
+
+
+def test_3d_rope_with_passthrough_channels():
+    rope = AxialRoPE(head_dim=16, coord_dims=3)  # 16 // 6 = 2 freqs per axis, 12 rotated, 4 pass
+    assert rope.rot_dim == 12
+    cos, sin = rope.eval().tables(grid_coords(2, 2, 2))
+    x = torch.randn(1, 2, 8, 16)
+    y = apply_rope(x, cos, sin)
+    assert torch.equal(y[..., 12:], x[..., 12:])
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation
+
+
+@torch.no_grad()
+def test_padding_cannot_change_real_outputs():
+    for causal in (True, False):
+        p = _pred(causal=causal)
+        x, c = _inputs(B=1)
+        valid = torch.ones(1, 17, dtype=torch.bool)
+        valid[:, 12:] = False
+        y = x.clone()
+        y[:, 12:] = torch.randn(1, 5, 32) * 10  # garbage in the padded slots
+        a = p(x, c, valid)[:, :12]
+        b = p(y, c, valid)[:, :12]
+        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.isfinite(p(y, c, valid)).all()
+
+
+def test_drop_path_is_per_sample_and_off_in_eval():
+    p = _pred(drop_path=0.5)
+    assert p.blocks[0].drop_path1.p == 0.0 and p.blocks[-1].drop_path1.p == 0.5
+    x, c = _inputs()
+    with torch.no_grad():
+        assert torch.equal(p.eval()(x, c), p(x, c))
+
+
+def test_bad_shapes_raise_clear_errors():
+    p = _pred()
+    with pytest.raises(ValueError, match="width 32"):
+        p(torch.randn(1, 5, 16), grid_coords(2, 2))
+    with pytest.raises(ValueError, match="coords"):
+        p(torch.randn(1, 3, 32), grid_coords(2, 2))
+    with pytest.raises(ValueError, match="divisible"):
+        PredictorConfig(dim=30, heads=4)
+    with pytest.raises(ValueError, match="mlp"):
+        PredictorConfig(mlp="relu6")
+
+
+def test_gradient_checkpointing_same_gradients():
+    p = _pred().train()
+    p.rope.rescale = None
+    x, c = _inputs()
+    p(x, c).sum().backward()
+    g1 = [q.grad.clone() for q in p.parameters()]
+    p.zero_grad()
+    p.grad_checkpointing = True
+    p(x, c).sum().backward()
+    for a, q in zip(g1, p.parameters()):
+        assert torch.allclose(a, q.grad, atol=1e-6)
