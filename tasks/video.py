@@ -1,0 +1,197 @@
+"""Video tasks: NEPA pretraining on clips and clip classification (fine-tune or linear probe).
+
+Data (``data.root`` / ``data.val_root``): webdataset shards from ``unipred data pack-video``,
+a folder of class sub-folders holding videos or frame folders, or a ``path,label`` CSV (see
+``unipred.data.video``). Empty ``data.root`` means generated moving-shape clips (the class is
+the direction of motion), so every task runs with no data on disk.
+
+Model sizes registered here (the tubelet tokenizer on the image sizes' predictors):
+``nepa_video_b16`` / ``nepa_video_b16_cls`` (VideoMAE's 2x16x16 tubelets), ``nepa_video_s16``
+and ``nepa_video_debug`` (2x4x4 tubelets, for tests and the demo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from unipred.data.video import ClipTransform, video_dataset
+from unipred.model import ModelConfig, model_config
+from unipred.registry import MODELS, TASKS
+from unipred.task import ClassifyData, DataConfig, PretrainTask
+from unipred.task import ClassifyTask as _ClassifyTask
+
+DIRECTIONS = ("right", "left", "down", "up", "down-right", "up-left", "down-left", "up-right")
+_STEP = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0), "down-right": (1, 1),
+         "up-left": (-1, -1), "down-left": (1, -1), "up-right": (-1, 1)}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ model sizes
+def _video(base: str, patch: int, tubelet: int = 2, **over) -> ModelConfig:
+    cfg = model_config(base, tokenizer="video", **over)
+    cfg.tokenizer_args = {"patch_size": patch, "tubelet_size": tubelet}
+    return cfg
+
+
+@MODELS.register("nepa_video_b16")
+def nepa_video_b16() -> ModelConfig:
+    return _video("nepa_vit_b14", 16)
+
+
+@MODELS.register("nepa_video_b16_cls")
+def nepa_video_b16_cls() -> ModelConfig:
+    return _video("nepa_vit_b14_cls", 16)
+
+
+@MODELS.register("nepa_video_s16")
+def nepa_video_s16() -> ModelConfig:
+    return _video("nepa_vit_s14", 16)
+
+
+@MODELS.register("nepa_video_debug")
+def nepa_video_debug() -> ModelConfig:
+    return _video("nepa_debug", 4)
+
+
+# ------------------------------------------------------------------------ generated clips
+def moving_shape_clip(seed: int, label: int, size: int = 32, frames: int = 16) -> torch.Tensor:
+    """A shape moving in direction ``DIRECTIONS[label]`` -> uint8 frames (T, 3, size, size).
+
+    Shape, colour, speed, start and a static textured background are drawn from ``seed``;
+    a static distractor blob makes the first frame alone useless for the label.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = lambda lo, hi: float(torch.empty(()).uniform_(lo, hi, generator=g))  # noqa: E731
+    r = u(0.12, 0.2) * size
+    dy, dx = _STEP[DIRECTIONS[label]]
+    speed = u(0.5, 1.0) * (size - 2 * r) / max(frames - 1, 1) / max(abs(dy), abs(dx), 1)
+    travel = speed * (frames - 1)
+
+    def start(step: int) -> float:  # so that the whole path stays inside the frame
+        if step == 0:
+            return u(r, size - r)
+        off = r + u(0, size - 2 * r - travel)
+        return off if step > 0 else size - off
+
+    y0, x0 = start(dy), start(dx)
+    kind = int(torch.randint(3, (), generator=g))
+    bg = torch.rand(3, 1, 1, generator=g) * 0.5 + 0.1 * torch.rand(3, size, size, generator=g)
+    fg = 0.55 + 0.45 * torch.rand(3, 1, 1, generator=g)
+    blob = torch.rand(2, generator=g) * size
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    bg = torch.where((yy - blob[0]) ** 2 + (xx - blob[1]) ** 2 < (r * 0.8) ** 2, 1 - fg, bg)
+    out = []
+    for t in range(frames):
+        cy, cx = y0 + dy * speed * t, x0 + dx * speed * t
+        ay, ax = (yy - cy).abs(), (xx - cx).abs()
+        mask = [(ay < r) & (ax < r), ay**2 + ax**2 < r**2, (ay + ax) < r * 1.3][kind]
+        out.append(torch.where(mask, fg.expand(3, size, size), bg))
+    return (torch.stack(out).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class MovingShapes(torch.utils.data.Dataset):
+    """Map-style generated clips: item i is (clip (C, T, H, W), direction label), from seed + i."""
+
+    def __init__(self, length, size, frames, classes, transform: ClipTransform, seed=0):
+        self.length, self.size, self.frames, self.classes = length, size, frames, classes
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        label = i % self.classes
+        clip = moving_shape_clip(self.seed * 1_000_003 + i, label, self.size, self.frames)
+        return self.transform(clip), label
+
+
+# ------------------------------------------------------------------------------ data config
+@dataclass
+class VideoData(DataConfig):
+    """Clip sampling and augmentation (shared by pretraining and classification)."""
+
+    num_frames: int = 16  # frames per clip (a multiple of the tubelet size)
+    frame_stride: int = 4  # take every n-th frame
+    image_size: int = 224  # square crop side (a multiple of the patch size)
+    resize_scale: float = 1.14  # short side resized to image_size * this before cropping
+    hflip: bool = False  # random horizontal flip when training (wrong for direction labels)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = 4
+    shuffle_buffer: int = 500
+    # generated clips when root is "": counts and number of directions (2, 4 or 8)
+    train_samples: int = 512
+    val_samples: int = 128
+    generated_classes: int = 4
+
+
+@dataclass
+class VideoClassifyData(VideoData, ClassifyData):
+    num_classes: int = 0  # 0 = generated_classes on generated data, else required
+
+
+def _transform(d: VideoData, train: bool) -> ClipTransform:
+    return ClipTransform(d.image_size, train, d.resize_scale, d.hflip, tuple(d.mean), tuple(d.std))
+
+
+def build_video_dataset(cfg, split: str):
+    """The train or val dataset of a video task config (generated when data.root is "")."""
+    d: VideoData = cfg.data
+    train = split == "train"
+    root = d.root if train else d.val_root
+    if not d.root:  # generated data; different seeds per split so val clips are unseen
+        n = d.train_samples if train else d.val_samples
+        if n <= 0:
+            return None
+        seed = cfg.seed + (0 if train else 7919)
+        return MovingShapes(n, d.image_size, d.num_frames, d.generated_classes,
+                            _transform(d, False), seed)  # fmt: skip
+    if not root:
+        return None
+    return video_dataset(root, d.num_frames, d.frame_stride, _transform(d, train),
+                         d.shuffle_buffer, cfg.seed)  # fmt: skip
+
+
+_SMOKE = {"model.name": "nepa_video_debug", "trainer.global_batch": 4, "data.image_size": 8,
+          "data.num_frames": 4, "data.train_samples": 8, "data.val_samples": 4,
+          "data.num_workers": 0}  # fmt: skip
+
+
+@TASKS.register("video_pretrain")
+class VideoPretrain(PretrainTask):
+    """Next-embedding pretraining on video tubelets (time-major order, 3-D RoPE)."""
+
+    data_config = VideoData
+
+    def build_dataset(self, split):
+        return build_video_dataset(self.cfg, split)
+
+    @classmethod
+    def smoke_config(cls):
+        return dict(_SMOKE)
+
+
+@TASKS.register("video_classify")
+class VideoClassify(_ClassifyTask):
+    """Clip classification: mean-pooled head (fine-tune) or ``model.head=probe``."""
+
+    data_config = VideoClassifyData
+
+    def num_classes(self) -> int:
+        d = self.cfg.data
+        if not d.root and not d.num_classes and not self.cfg.model.num_classes:
+            return d.generated_classes
+        n = d.num_classes or self.cfg.model.num_classes
+        if not n:
+            raise ValueError("video_classify needs data.num_classes (e.g. 400 for Kinetics-400)")
+        return int(n)
+
+    def build_dataset(self, split):
+        return build_video_dataset(self.cfg, split)
+
+    @classmethod
+    def smoke_config(cls):
+        return dict(_SMOKE)
