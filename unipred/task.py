@@ -68,3 +68,128 @@ class Task:
         if isinstance(x, dict):
             x = next(iter(x.values()))
         return int(x.shape[0])
+
+    # -- testing ----------------------------------------------------------------------------
+    @classmethod
+    def smoke_config(cls) -> dict[str, Any]:
+        """Dotted-key overrides that make a tiny CPU run of this task (a few seconds).
+
+        ``tests/test_tasks_smoke.py`` runs every registered task with these overrides on top of
+        its own (cpu, fp32, 2 train + 1 val batch, no logs). The run must work without any
+        dataset on disk: keep ``data.root`` "" and generate data when it is empty. Example::
+
+            return {"model.name": "nepa_debug", "data.image_size": 32, "trainer.global_batch": 4}
+        """
+        return {"model.name": "nepa_debug", "trainer.global_batch": 4}
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def model_config(self, **defaults):
+        """The ModelConfig of ``cfg.model``; ``defaults`` (e.g. head="mean", num_classes=10)
+        fill in what the config leaves unset (None)."""
+        from unipred.config import build_model_config
+
+        return build_model_config(self.cfg.model, **defaults)
+
+    def inputs(self, batch: Any) -> Any:
+        """The model input of a batch: the first element of a tuple/list, else the batch."""
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+# ----------------------------------------------------------------------------------- bases
+def collapse_stats(x: torch.Tensor, valid: torch.Tensor | None = None, max_rows: int = 4096):
+    """Collapse indicators of embeddings x (..., D): per-dimension std (mean and min over
+    dimensions) and the effective rank exp(H(singular values / sum)) of the centred rows."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    if valid is not None:
+        x = x[valid.reshape(-1).bool()]
+    if x.shape[0] > max_rows:  # a fixed stride keeps it cheap and deterministic
+        x = x[:: x.shape[0] // max_rows + 1]
+    std = x.std(dim=0) if x.shape[0] > 1 else torch.zeros(x.shape[-1], device=x.device)
+    s = torch.linalg.svdvals(x - x.mean(dim=0, keepdim=True))
+    p = s / s.sum().clamp_min(1e-12)
+    erank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return {"std_mean": std.mean(), "std_min": std.min(), "erank": erank}
+
+
+class PretrainTask(Task):
+    """Next-embedding pretraining: loss = model(x).loss, validation loss, collapse statistics.
+
+    Subclasses provide ``data_config`` and ``build_dataset`` (and ``collate_fn`` if needed).
+    The engine sets ``self.want_stats = True`` on the steps where it wants collapse statistics.
+    """
+
+    want_stats: bool = False
+
+    def build_model(self) -> nn.Module:
+        from unipred.model import NEPA
+
+        return NEPA(self.model_config(head="none"))
+
+    def training_step(self, model, batch):
+        out = model(self.inputs(batch))
+        logs = {"loss": out.loss.detach()}
+        if self.want_stats:
+            stats = collapse_stats(out.predictions, out.valid)
+            logs.update({f"collapse/{k}": v for k, v in stats.items()})
+        return out.loss, logs
+
+    def validation_step(self, model, batch, metrics):
+        return {"loss": model(self.inputs(batch)).loss}
+
+
+@dataclass
+class ClassifyData(DataConfig):
+    num_classes: int = 0  # 0 = the task's default
+    label_smoothing: float = 0.0  # for hard labels; Mixup applies its own to soft labels
+
+
+class ClassifyTask(Task):
+    """Classification: batches are (x, y) with y class indices (B,) or soft targets (B, C).
+
+    Soft targets (Mixup/CutMix) use soft cross-entropy in fp32; hard labels use cross-entropy
+    with ``data.label_smoothing``. Metrics: top-1 and top-5 accuracy (torchmetrics).
+    """
+
+    data_config: ClassVar[type[DataConfig]] = ClassifyData
+    monitor: ClassVar[str | None] = "val/acc1"
+    monitor_mode: ClassVar[str] = "max"
+    default_num_classes: ClassVar[int] = 1000
+    default_head: ClassVar[str] = "mean"
+
+    def num_classes(self) -> int:
+        n = getattr(self.cfg.data, "num_classes", 0) or self.cfg.model.num_classes
+        return int(n or self.default_num_classes)
+
+    def build_model(self) -> nn.Module:
+        from unipred.model import NEPA
+
+        return NEPA(self.model_config(head=self.default_head, num_classes=self.num_classes()))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if target.is_floating_point() and target.dim() == 2:
+            return torch.sum(-target.float() * logits.log_softmax(dim=-1), dim=-1).mean()
+        ls = float(getattr(self.cfg.data, "label_smoothing", 0.0))
+        return nn.functional.cross_entropy(logits, target, label_smoothing=ls)
+
+    def training_step(self, model, batch):
+        x, y = batch[0], batch[1]
+        loss = self.loss(model(x).logits, y)
+        return loss, {"loss": loss.detach()}
+
+    def build_metrics(self) -> dict[str, Any]:
+        from torchmetrics.classification import MulticlassAccuracy
+
+        n = self.num_classes()
+        return {
+            "acc1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
+            "acc5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro"),
+        }
+
+    def validation_step(self, model, batch, metrics):
+        x, y = batch[0], batch[1]
+        logits = model(x).logits.float()
+        hard = y.argmax(dim=-1) if y.is_floating_point() and y.dim() == 2 else y
+        for m in metrics.values():
+            m.update(logits, hard)
+        return {"loss": nn.functional.cross_entropy(logits, hard)}

@@ -1,0 +1,144 @@
+"""The ``unipred`` command.
+
+    unipred fit CONFIG [key=value ...] [--print-config]
+    unipred eval CONFIG ckpt=PATH [key=value ...]
+    unipred list
+    unipred data ... | demo NAME ... | visualize ... | convert ...
+
+``data``, ``demo``, ``visualize`` and ``convert`` are dispatched lazily to
+``unipred.data.cli``, ``unipred.demos.NAME``, ``unipred.visualize`` and ``unipred.hub``
+(each a ``main(argv) -> int``), so a missing or broken one never affects the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+USAGE = """usage: unipred COMMAND ...
+
+commands:
+  fit CONFIG [key=value ...] [--print-config]   train (resume=auto continues a run)
+  eval CONFIG ckpt=PATH [key=value ...]         validate a checkpoint (raw and EMA weights)
+  list                                          registered tokenizers, tasks and model sizes
+  data SUBCOMMAND ...                           data preparation (unipred data --help)
+  demo NAME ...                                 runnable demos
+  visualize ...                                 attention / prediction maps
+  convert ...                                   official NEPA checkpoints <-> ours
+"""
+
+LAZY = {"data": "unipred.data.cli", "visualize": "unipred.visualize", "convert": "unipred.hub"}
+
+
+def _split(argv: list[str]):
+    flags = [a for a in argv if a.startswith("--")]
+    rest = [a for a in argv if not a.startswith("--")]
+    config = rest[0] if rest and "=" not in rest[0] else None
+    overrides = rest[1:] if config else rest
+    return config, overrides, flags
+
+
+def _load(argv: list[str]):
+    from unipred.config import load_config
+
+    config, overrides, flags = _split(argv)
+    unknown = [f for f in flags if f not in ("--print-config",)]
+    if unknown:
+        raise SystemExit(f"unipred: unknown option(s) {unknown}; only --print-config is accepted")
+    printing = "--print-config" in flags
+    cfg = load_config(config, overrides, check_paths=not printing)
+    return cfg, printing
+
+
+def cmd_fit(argv: list[str]) -> int:
+    from unipred.config import to_yaml
+
+    cfg, printing = _load(argv)
+    if printing:
+        print(to_yaml(cfg), end="")
+        return 0
+    from unipred.callbacks import NonFiniteLossError
+    from unipred.engine import fit
+
+    try:
+        fit(cfg)
+    except NonFiniteLossError as e:
+        print(f"unipred fit: stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from unipred.config import to_yaml
+
+    cfg, printing = _load(argv)
+    if printing:
+        print(to_yaml(cfg), end="")
+        return 0
+    if not cfg.ckpt and not cfg.model.init:
+        raise SystemExit("unipred eval: give ckpt=PATH (or model.init=...) to evaluate")
+    from unipred.engine import evaluate
+
+    for k, v in sorted(evaluate(cfg).items()):
+        print(f"{k}: {v:.6g}")
+    return 0
+
+
+def cmd_list(argv: list[str]) -> int:
+    from unipred.registry import MODELS, TASKS, TOKENIZERS
+
+    for title, reg in (("tokenizers", TOKENIZERS), ("tasks", TASKS), ("model sizes", MODELS)):
+        print(f"{title}:")
+        for name in reg.names():
+            doc = (reg.get(name).__doc__ or "").strip().splitlines()
+            print(f"  {name:<28} {doc[0] if doc else ''}")
+    return 0
+
+
+def _lazy(module: str, argv: list[str]) -> int:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            print(
+                f"unipred: this command needs {module}, which is not installed in this version",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    return int(mod.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``unipred`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    from unipred.checkpoint import CheckpointError
+    from unipred.config import ConfigError, RecipeError
+
+    try:
+        if cmd == "fit":
+            return cmd_fit(rest)
+        if cmd == "eval":
+            return cmd_eval(rest)
+        if cmd == "list":
+            return cmd_list(rest)
+        if cmd in LAZY:
+            return _lazy(LAZY[cmd], rest)
+        if cmd == "demo":
+            if not rest:
+                print("usage: unipred demo NAME [...]", file=sys.stderr)
+                return 2
+            return _lazy(f"unipred.demos.{rest[0]}", rest[1:])
+    except (ConfigError, CheckpointError, RecipeError) as e:
+        print(f"unipred {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"unipred: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

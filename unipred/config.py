@@ -1,0 +1,259 @@
+"""Typed run configuration: dataclass schemas, YAML files and ``key=value`` overrides.
+
+A run config is one ``RunConfig`` whose ``data`` section is the task's own ``data_config``
+dataclass. ``load_config(path, overrides)`` reads the YAML (following ``_base_`` includes),
+looks the task up in ``TASKS``, builds the typed schema for that task and merges everything
+strictly with OmegaConf. Unknown keys and wrong types raise ``ConfigError`` naming the key and
+the closest valid key; data paths that do not exist fail here, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from unipred.predictor import PredictorConfig
+from unipred.registry import TASKS
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class RecipeError(ConfigError):
+    """The batch / device combination does not realise the configured global batch."""
+
+
+def _overrides_of(cls: type) -> type:
+    """A dataclass with every field of ``cls`` made optional (None = keep the size's value)."""
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(cls)]
+    return dataclasses.make_dataclass(f"{cls.__name__}Overrides", fields)
+
+
+PredictorOverrides = _overrides_of(PredictorConfig)
+
+
+@dataclass
+class ModelSection:
+    """Which model: a registered size plus typed overrides of its predictor and head."""
+
+    name: str = "nepa_debug"  # a size registered in MODELS (unipred list)
+    tokenizer: str | None = None  # None = the size's tokenizer
+    tokenizer_args: dict[str, Any] = field(default_factory=dict)  # merged over the size's
+    predictor: PredictorOverrides = field(default_factory=PredictorOverrides)
+    head: str | None = None  # None = the task's/size's default; "none" forces no head
+    num_classes: int | None = None
+    init_std: float | None = None
+    # "" | "official:PATH" (released NEPA weights) | "ckpt:PATH" (our checkpoint, weights only)
+    # | "pretrain:PATH[:ema]" (pretraining ckpt -> classifier: backbone copied, classifier zeroed)
+    init: str = ""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + schedule. lr = blr * global_batch / 256 unless ``lr`` is given."""
+
+    blr: float = 1.5e-4  # base lr per 256 samples
+    lr: float | None = None  # absolute lr; overrides the batch-size rule when set
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"  # cosine | llrd_cosine_warmup | constant
+    warmup_ratio: float = 0.0  # fraction of all optimizer steps (the release's warmup_ratio)
+    warmup_steps: int | None = None  # absolute; overrides warmup_ratio when set
+    llrd: float = 1.0  # layer-wise lr decay; 1.0 = off
+    head_lr: float | None = None  # lr of classifier + final norm (the release: 1e-3, unscaled)
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names
+    fused: bool = True  # fused AdamW kernels (falls back with a warning where unsupported)
+
+
+@dataclass
+class TrainerConfig:
+    """Hardware, precision, length and logging. The batch is the *global* batch."""
+
+    global_batch: int = 256
+    per_device_batch: int | None = None  # None = global_batch / (devices * nodes), no accumulation
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    max_epochs: int = 1
+    max_steps: int = -1  # optimizer steps; -1 = from max_epochs
+    limit_train_batches: float | None = None  # fraction (<=1.0) or number of batches (>1)
+    limit_val_batches: float | None = None
+    val_every_n_epochs: int = 1
+    val_check_interval: float | None = None
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False
+    channels_last: bool = False
+    ckpt_every_n_steps: int = 1000  # plus last.ckpt; 0 = only last.ckpt at epoch ends
+    keep_ckpts: int = 2  # step checkpoints kept (newest), besides last.ckpt and best
+    log_every_n_steps: int = 10
+    collapse_every_n_steps: int = 100  # collapse monitor period (pretraining); 0 = off
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # + "wandb"
+    wandb_project: str = "unipred"
+    progress_bar: bool = True
+    deterministic: bool = False
+    fast_dev_run: int = 0  # run N train/val batches only, no checkpoints or logs
+    drop_last: bool = True
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    every_n_steps: int = 1
+    monitor_ema: bool = True  # best checkpoint follows the EMA metric (the release does)
+
+
+@dataclass
+class RunConfig:
+    task: str = "debug_image_pretrain"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: Any = None  # replaced by the task's data_config in schema_for()
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    run_dir: str = ""  # "" = runs/<task>
+    seed: int = 1337
+    resume: str = ""  # "" | "auto" (newest valid ckpt in run_dir) | a checkpoint path
+    ckpt: str = ""  # weights for `unipred eval`
+
+
+def schema_for(task: str) -> type:
+    """The RunConfig dataclass whose ``data`` field is the task's data config."""
+    try:
+        task_cls = TASKS.get(task)
+    except KeyError as e:
+        raise ConfigError(f"task: {e.args[0]}") from None
+    data_cls = task_cls.data_config
+    return dataclasses.make_dataclass(
+        f"RunConfig[{task}]",
+        [("data", data_cls, field(default_factory=data_cls))],
+        bases=(RunConfig,),
+    )
+
+
+def read_yaml(path: str | os.PathLike) -> DictConfig:
+    """Read a YAML file, merging ``_base_`` (a path or list of paths, relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    cfg = OmegaConf.load(path)
+    bases = cfg.pop("_base_", None)
+    if bases is None:
+        return cfg
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    merged = OmegaConf.create()
+    for b in bases:
+        merged = OmegaConf.merge(merged, read_yaml(path.parent / b))
+    return OmegaConf.merge(merged, cfg)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths=True):
+    """YAML + ``key=value`` overrides -> validated RunConfig (a dataclass instance)."""
+    raw = read_yaml(path) if path else OmegaConf.create()
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override in {list(overrides)}: {e}") from None
+    raw = OmegaConf.merge(raw, cli)
+    task = raw.get("task", RunConfig.task)
+    schema = OmegaConf.structured(schema_for(task))
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, schema, path)) from None
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / cfg.task)
+    if check_paths:
+        check_data_paths(cfg)
+    return cfg
+
+
+def _explain(e: OmegaConfBaseException, schema: DictConfig, path) -> str:
+    """Turn an OmegaConf error into one line naming the key and the closest valid key."""
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    where = f" in {path}" if path else ""
+    parent = ".".join(str(key).split(".")[:-1])
+    node = OmegaConf.select(schema, parent) if parent else schema
+    valid = list(node.keys()) if isinstance(node, DictConfig) else []
+    leaf = str(key).split(".")[-1]
+    if valid and leaf not in valid:
+        close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+        return f"unknown config key '{key}'{where}{hint} (valid: {', '.join(valid)})"
+    msg = str(e).splitlines()[0]
+    return f"invalid value for config key '{key}'{where}: {msg}"
+
+
+def _is_remote(p: str) -> bool:
+    return p.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) or "{" in p
+
+
+def check_data_paths(cfg) -> None:
+    """Fail early, naming the key and path, when a local data path does not exist."""
+    data = cfg.data
+    for f in dataclasses.fields(data):
+        v = getattr(data, f.name)
+        if not isinstance(v, str) or not v or _is_remote(v):
+            continue
+        if f.name.endswith(("root", "path", "dir", "file", "manifest")) and not Path(v).exists():
+            raise ConfigError(f"data.{f.name}: path does not exist: {v}")
+    for key, spec in (("model.init", cfg.model.init), ("ckpt", cfg.ckpt)):
+        p = spec.split(":", 1)[1] if ":" in spec and key == "model.init" else spec
+        if key == "model.init" and spec.startswith("pretrain:") and p.endswith(":ema"):
+            p = p[: -len(":ema")]
+        if p and not Path(p).exists():
+            raise ConfigError(f"{key}: path does not exist: {p}")
+    if cfg.resume not in ("", "auto") and not Path(cfg.resume).exists():
+        raise ConfigError(f"resume: checkpoint does not exist: {cfg.resume}")
+
+
+_ZERO_MEANS_OFF = ("layerscale", "rope_shift", "rope_jitter", "rope_rescale")
+
+
+def build_model_config(section: ModelSection, **defaults):
+    """ModelSection (+ task defaults for fields the config leaves None) -> core ModelConfig."""
+    from unipred.model import model_config
+
+    over: dict[str, Any] = {k: v for k, v in defaults.items() if v is not None}
+    for k in ("head", "num_classes", "init_std", "tokenizer"):
+        v = getattr(section, k)
+        if v is not None:
+            over[k] = v
+    if over.get("head") == "none":
+        over["head"] = None
+    mc = model_config(section.name, **over)
+    if section.tokenizer_args:
+        mc.tokenizer_args = {**mc.tokenizer_args, **section.tokenizer_args}
+    pover = {
+        f.name: getattr(section.predictor, f.name) for f in dataclasses.fields(section.predictor)
+    }
+    pover = {k: v for k, v in pover.items() if v is not None}
+    for k in _ZERO_MEANS_OFF:  # the core's None (= off) is written 0 in a config
+        if pover.get(k) == 0:
+            pover[k] = None
+    mc.predictor = dataclasses.replace(mc.predictor, **pover)
+    return mc
+
+
+def to_yaml(cfg) -> str:
+    """The effective config as YAML (for --print-config and the run dir)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

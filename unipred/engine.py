@@ -1,0 +1,393 @@
+"""The one training engine: a LightningModule around any Task, plus the Trainer assembly.
+
+``fit(cfg)`` and ``evaluate(cfg)`` run any registered task from a RunConfig (config.py). The
+task supplies model, data, loss and metrics; this file supplies the recipe (global batch ->
+accumulation, lr scaling), optimizer and schedule (optim.py), EMA, precision, checkpoints and
+resume (checkpoint.py), logging and distributed strategies.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from unipred import optim
+from unipred.callbacks import EMA
+from unipred.config import RecipeError, to_dict
+from unipred.loader import build_loader
+from unipred.registry import TASKS
+
+
+def batch_plan(cfg) -> dict:
+    """Global batch -> per-device batch and gradient accumulation; lr by the linear rule."""
+    t = cfg.trainer
+    world = t.devices * t.num_nodes
+    per_dev = t.per_device_batch or t.global_batch // world
+    if per_dev < 1 or t.global_batch % (per_dev * world):
+        raise RecipeError(
+            f"trainer.global_batch={t.global_batch} is not a multiple of per_device_batch "
+            f"({per_dev}) x devices ({t.devices}) x num_nodes ({t.num_nodes}); change "
+            f"trainer.per_device_batch or the device count"
+        )
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * t.global_batch / 256
+    return {
+        "global_batch": t.global_batch,
+        "world_size": world,
+        "per_device_batch": per_dev,
+        "accumulate_grad_batches": t.global_batch // (per_dev * world),
+        "lr": lr,
+        "head_lr": cfg.optim.head_lr,
+    }
+
+
+class LitTask(L.LightningModule):
+    """Runs a Task: its model, its training/validation step, the engine's optimizer."""
+
+    def __init__(self, cfg, task=None):
+        super().__init__()
+        self.cfg = cfg
+        self.task = task or TASKS.get(cfg.task)(cfg)
+        self.plan = batch_plan(cfg)
+        self.model = self.task.build_model()
+        if cfg.model.init:
+            from unipred.checkpoint import apply_init
+
+            apply_init(self.model, cfg.model.init)
+        self.frozen = optim.freeze(self.model, list(cfg.optim.freeze))
+        if cfg.trainer.activation_checkpointing and hasattr(self.model, "predictor"):
+            self.model.predictor.grad_checkpointing = True
+        if cfg.trainer.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.metrics = nn.ModuleDict(self.task.build_metrics())
+        self.ema_metrics = nn.ModuleDict(self.task.build_metrics())
+        self.recipe: dict = {}
+        self._compiled = False
+
+    # -- hooks ----------------------------------------------------------------------------
+    def on_fit_start(self):
+        if self.cfg.trainer.compile and not self._compiled:
+            self.model.compile()  # in place: state-dict keys stay unchanged
+            self._compiled = True
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.cfg.trainer.channels_last:
+            batch = _map_tensors(
+                batch,
+                lambda x: (
+                    x.contiguous(memory_format=torch.channels_last)
+                    if x.dim() == 4 and x.is_floating_point()
+                    else x
+                ),
+            )
+        return batch
+
+    def on_train_batch_start(self, batch, batch_idx):
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "mark_consumed"):
+            loader.mark_consumed(self.trainer.current_epoch)
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.task.training_step(self.model, batch)
+        bs = self.task.batch_size(batch)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, prog_bar=(k == "loss"), batch_size=bs)
+        self.log(
+            "lr", self.trainer.optimizers[0].param_groups[-1]["lr"], prog_bar=True, batch_size=bs
+        )
+        return {"loss": loss, "logs": logs}
+
+    def validation_step(self, batch, batch_idx):
+        bs = self.task.batch_size(batch)
+        logs = self.task.validation_step(self.model, batch, dict(self.metrics.items()))
+        for k, v in logs.items():
+            self.log(f"val/{k}", v, batch_size=bs, sync_dist=True)
+        ema = self.ema_model()
+        if ema is not None:
+            logs = self.task.validation_step(ema, batch, dict(self.ema_metrics.items()))
+            for k, v in logs.items():
+                self.log(f"val_ema/{k}", v, batch_size=bs, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        for prefix, metrics in (("val", self.metrics), ("val_ema", self.ema_metrics)):
+            if prefix == "val_ema" and self.ema_model() is None:
+                continue
+            for name, m in metrics.items():
+                self.log(f"{prefix}/{name}", m.compute(), prog_bar=(prefix == "val"))
+                m.reset()
+
+    def ema_model(self) -> nn.Module | None:
+        if self._trainer is None:
+            return None
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, EMA):
+                return cb.module
+        return None
+
+    def configure_optimizers(self):
+        o, plan = self.cfg.optim, self.plan
+        groups = optim.param_groups(self.model, plan["lr"], o.weight_decay, o.llrd, o.head_lr)
+        opt = optim.build_adamw(groups, o.betas, o.eps, o.fused)
+        total = self.total_steps()
+        warm = optim.warmup_steps(total, o.warmup_ratio, o.warmup_steps)
+        fns = optim.schedule_fns(opt.param_groups, o.schedule, warm, total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fns)
+        self.recipe = {
+            **plan,
+            "total_steps": total,
+            "warmup_steps": warm,
+            "schedule": o.schedule,
+            "llrd": o.llrd,
+            "weight_decay": o.weight_decay,
+            "betas": list(o.betas),
+            "grad_clip": o.grad_clip,
+            "precision": self.cfg.trainer.precision,
+            "strategy": self.cfg.trainer.strategy,
+            "param_groups": len(groups),
+            "frozen": len(self.frozen),
+            "ema_decay": self.cfg.ema.decay if self.cfg.ema.enabled else None,
+        }
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def total_steps(self) -> int:
+        if self.cfg.trainer.max_steps > 0:
+            return self.cfg.trainer.max_steps
+        return int(self.trainer.estimated_stepping_batches)
+
+    # -- data -----------------------------------------------------------------------------
+    def _loader(self, split: str):
+        ds = self.task.build_dataset(split)
+        if ds is None:
+            return None
+        plan = self.plan
+        world = self.trainer.world_size if self._trainer else 1
+        rank = self.trainer.global_rank if self._trainer else 0
+        return build_loader(
+            ds,
+            plan["per_device_batch"],
+            world,
+            rank,
+            plan["accumulate_grad_batches"],
+            self.cfg.seed,
+            split == "train",
+            self.cfg.data.num_workers,
+            self.task.collate_fn(split),
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self):
+        loader = self._loader("train")
+        if loader is None:
+            raise ValueError(f"task {self.cfg.task!r} returned no training dataset")
+        return loader
+
+    def val_dataloader(self):
+        return self._loader("val") or []
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["unipred_config"] = to_dict(self.cfg)
+        checkpoint["recipe"] = dict(self.recipe)
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint):
+        rng = checkpoint.get("rng")
+        if rng and self.trainer.world_size == 1:  # per-rank states are not stored
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _map_tensors(batch, fn):
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_map_tensors(b, fn) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    return batch
+
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.run_dir)
+
+
+# ----------------------------------------------------------------------------- trainer
+def _strategy(cfg):
+    t = cfg.trainer
+    if t.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(gradient_as_bucket_view=True)
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from unipred.predictor import Block
+
+        return FSDPStrategy(
+            auto_wrap_policy={Block},
+            state_dict_type="full",
+            activation_checkpointing_policy={Block} if t.activation_checkpointing else None,
+        )
+    return t.strategy
+
+
+def _loggers(cfg, out: Path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    for name in cfg.trainer.loggers:
+        if name == "csv":
+            loggers.append(CSVLogger(out, name="logs"))
+        elif name == "tensorboard":
+            try:
+                loggers.append(TensorBoardLogger(out, name="tb"))
+            except ModuleNotFoundError:
+                pass
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project=cfg.trainer.wandb_project, save_dir=str(out)))
+        else:
+            raise ValueError(
+                f"trainer.loggers: unknown logger {name!r}; use csv, tensorboard, wandb"
+            )
+    return loggers or False
+
+
+def build_trainer(cfg, lit: LitTask, callbacks=()) -> L.Trainer:
+    """A Lightning Trainer realising the recipe of ``cfg`` for ``lit``."""
+    from unipred.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
+    from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
+
+    t, plan, out = cfg.trainer, lit.plan, run_dir(cfg)
+    cbs = [NonFiniteLossStop(), Throughput(plan["global_batch"]), *callbacks]
+    ema_ok = cfg.ema.enabled and t.strategy != "fsdp"
+    if cfg.ema.enabled and not ema_ok:
+        import warnings
+
+        warnings.warn(
+            "EMA is not supported with FSDP (sharded weights); ema disabled", stacklevel=2
+        )
+    if ema_ok:
+        cbs.append(EMA(cfg.ema.decay, cfg.ema.every_n_steps))
+    if t.collapse_every_n_steps > 0 and hasattr(lit.task, "want_stats"):
+        dim = getattr(getattr(lit.model, "cfg", None), "predictor", None)
+        cbs.append(CollapseMonitor(t.collapse_every_n_steps, getattr(dim, "dim", 1)))
+    if not t.fast_dev_run:
+        cbs.append(PeriodicCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_ckpts))
+        cbs += _best_checkpoint(cfg, lit, ema_ok, out)
+    if t.progress_bar:
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every_n_steps, 20))))
+    kw = {}
+    for name in ("limit_train_batches", "limit_val_batches", "val_check_interval"):
+        v = getattr(t, name)
+        if v is not None:
+            kw[name] = int(v) if v > 1 else v
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(cfg),
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=plan["accumulate_grad_batches"],
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        gradient_clip_algorithm="norm",
+        check_val_every_n_epoch=t.val_every_n_epochs,
+        log_every_n_steps=t.log_every_n_steps,
+        callbacks=cbs,
+        logger=False if t.fast_dev_run else _loggers(cfg, out),
+        enable_checkpointing=not t.fast_dev_run,
+        enable_progress_bar=t.progress_bar,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        deterministic=t.deterministic,
+        fast_dev_run=t.fast_dev_run or False,
+        default_root_dir=str(out),
+        plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False,
+        **kw,
+    )
+
+
+def _best_checkpoint(cfg, lit: LitTask, ema_ok: bool, out: Path) -> list:
+    monitor = lit.task.monitor
+    if not monitor or lit.task.build_dataset("val") is None:
+        return []
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if ema_ok and cfg.ema.monitor_ema:
+        monitor = monitor.replace("val/", "val_ema/", 1)
+    return [
+        ModelCheckpoint(
+            dirpath=out / "best",
+            filename="best",
+            monitor=monitor,
+            mode=lit.task.monitor_mode,
+            save_top_k=1,
+            save_last=False,
+            auto_insert_metric_name=False,
+        )
+    ]
+
+
+def fit(cfg, callbacks=()) -> L.Trainer:
+    """Train ``cfg`` (a validated RunConfig); resumes per ``cfg.resume``."""
+    from unipred.callbacks import format_recipe, save_recipe
+    from unipred.checkpoint import find_resume_checkpoint, validate_resume
+    from unipred.config import to_yaml
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    lit = LitTask(cfg)
+    ckpt = None
+    if cfg.resume == "auto":
+        ckpt = find_resume_checkpoint(cfg.run_dir)
+    elif cfg.resume:
+        ckpt = Path(cfg.resume)
+    if ckpt is not None:
+        validate_resume(ckpt, lit)
+    out = run_dir(cfg)
+
+    class _Recipe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            if trainer.is_global_zero:
+                r = {**pl_module.recipe, "resumed_from": str(ckpt) if ckpt else None}
+                print(format_recipe(r), flush=True)
+                if not cfg.trainer.fast_dev_run:
+                    save_recipe(r, out / "recipe.json")
+
+    trainer = build_trainer(cfg, lit, [*callbacks, _Recipe()])
+    # model init is identical on every rank; the training randomness differs per rank
+    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
+    if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    trainer.fit(lit, ckpt_path=str(ckpt) if ckpt else None)
+    return trainer
+
+
+def evaluate(cfg) -> dict:
+    """Validate the weights of ``cfg.ckpt`` (raw and, when stored, EMA) on the val split."""
+    from unipred.checkpoint import load_weights
+
+    lit = LitTask(cfg)
+    ema_sd = load_weights(lit.model, cfg.ckpt) if cfg.ckpt else None
+    trainer = build_trainer(cfg, lit)
+    if cfg.trainer.compile:
+        lit.model.compile()
+    results = trainer.validate(lit, verbose=False)[0]
+    if ema_sd is not None:
+        lit.model.load_state_dict(ema_sd)
+        ema = trainer.validate(lit, verbose=False)[0]
+        results.update({k.replace("val/", "val_ema/", 1): v for k, v in ema.items()})
+    return {k: float(v) for k, v in results.items()}

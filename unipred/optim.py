@@ -1,0 +1,154 @@
+"""AdamW parameter groups, layer-wise lr decay (LLRD), freezing and lr schedules.
+
+Follows the official NEPA release (shared/reference/nepa-recipe.md sections 8 and 10):
+
+* no weight decay for biases, every norm (incl. QK-norm, fc_norm) and LayerScale, i.e. every
+  parameter with ndim <= 1 or owned by a norm layer; the 3-D ``cls_token`` is decayed;
+* LLRD factor ``llrd ** s`` with s = L-1-i for predictor block i, s = L for the embeddings
+  (``cls_token``, ``tokenizer.*``), s = 0 elsewhere; the final ``predictor.norm`` and the head
+  (except ``head.fc_norm``) train at ``head_lr`` when it is set (the release: 1e-3, unscaled);
+* ``llrd_cosine_warmup``: each group has its own warmup w = max(1, W - round(W * min(f, 1))),
+  a linear ramp 0 -> f over w steps, then f * (1 + cos(pi (t - w) / (T - w))) / 2;
+* ``cosine``: one warmup of W steps for all groups, then a half cosine to 0 (times f).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+_NO_DECAY_NAME = re.compile(r"(bias|norm|layer_scale|\.ls\d\.gamma|gamma)$|_norm\.|norm\.")
+_BLOCK = re.compile(r"^predictor\.blocks\.(\d+)\.")
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Set requires_grad=False on parameters whose name matches an fnmatch pattern."""
+    frozen = []
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+            p.requires_grad_(False)
+            frozen.append(name)
+    bad = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in frozen)]
+    if bad:
+        raise ValueError(f"optim.freeze: pattern(s) {bad} match no parameter name")
+    return frozen
+
+
+def _norm_param_names(model: nn.Module) -> set[str]:
+    names = set()
+    for mname, m in model.named_modules():
+        if isinstance(m, _NORMS):
+            names.update(
+                f"{mname}.{p}" if mname else p for p, _ in m.named_parameters(recurse=False)
+            )
+    return names
+
+
+def layer_exponent(name: str, depth: int) -> int:
+    """LLRD exponent s of a parameter (its lr factor is llrd ** s)."""
+    m = _BLOCK.match(name)
+    if m:
+        return depth - 1 - int(m.group(1))
+    if name == "cls_token" or name.startswith("tokenizer."):
+        return depth
+    return 0
+
+
+def uses_head_lr(name: str) -> bool:
+    """The release trains the classifier and the backbone's final norm at ``head_lr``."""
+    return name.startswith("predictor.norm.") or (
+        name.startswith("head.") and not name.startswith("head.fc_norm.")
+    )
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    llrd: float = 1.0,
+    head_lr: float | None = None,
+    depth: int | None = None,
+) -> list[dict]:
+    """AdamW groups keyed by (base lr, LLRD exponent, decay). Each group carries ``lr`` (its
+    base lr), ``lr_scale`` (llrd ** s), ``exponent`` s and ``names`` (for tests and logs)."""
+    if depth is None:
+        depth = len(getattr(getattr(model, "predictor", None), "blocks", []))
+    norm_names = _norm_param_names(model)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name in norm_names or bool(_NO_DECAY_NAME.search(name))
+        wd = 0.0 if no_decay else weight_decay
+        base = head_lr if (head_lr is not None and uses_head_lr(name)) else lr
+        s = layer_exponent(name, depth) if llrd != 1.0 else 0
+        key = (base, s, wd)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "lr": base,
+                "weight_decay": wd,
+                "exponent": s,
+                "lr_scale": llrd**s,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def build_adamw(groups: list[dict], betas, eps: float, fused: bool = True):
+    """torch AdamW, fused where the build supports it (falls back with a warning)."""
+    kw = dict(betas=tuple(betas), eps=eps)
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, TypeError) as e:
+            warnings.warn(f"fused AdamW unavailable ({e}); using the default kernel", stacklevel=2)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def warmup_steps(total: int, ratio: float, steps: int | None = None) -> int:
+    """W as the HF trainer computes it: ceil(ratio * total), unless given in steps."""
+    return int(steps) if steps is not None else int(math.ceil(ratio * total))
+
+
+def cosine_multiplier(t: int, warmup: int, total: int, scale: float = 1.0) -> float:
+    """HF ``get_cosine_schedule_with_warmup`` times ``scale``: t/W, then half cosine to 0."""
+    if t < warmup:
+        return scale * t / max(1, warmup)
+    progress = (t - warmup) / max(1, total - warmup)
+    return scale * max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def llrd_warmup_multiplier(t: int, warmup: int, total: int, factor: float) -> float:
+    """The release's ``llrd_cosine_warmup`` for a group with LLRD factor f."""
+    w = max(1, warmup - round(warmup * min(factor, 1.0)))
+    if t < w:
+        return factor * t / w
+    progress = (t - w) / max(1, total - w)
+    return factor * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def constant_multiplier(t: int, warmup: int, total: int, scale: float = 1.0) -> float:
+    return scale * min(1.0, t / warmup) if warmup > 0 else scale
+
+
+def schedule_fns(groups: list[dict], kind: str, warmup: int, total: int) -> list[Callable]:
+    """One multiplier function of the step per group (for torch's LambdaLR)."""
+    fns = {
+        "cosine": cosine_multiplier,
+        "constant": constant_multiplier,
+        "llrd_cosine_warmup": llrd_warmup_multiplier,
+    }
+    if kind not in fns:
+        raise ValueError(f"optim.schedule: unknown schedule {kind!r}; use one of {sorted(fns)}")
+    fn = fns[kind]
+    return [(lambda t, f=g["lr_scale"]: fn(t, warmup, total, f)) for g in groups]
