@@ -1,0 +1,223 @@
+"""Audio tasks: NEPA pretraining on log-mel patches and clip classification (fine-tune or probe).
+
+Data (``data.root`` / ``data.val_root``): webdataset shards from ``unipred data pack-audio``,
+a folder of class sub-folders, or a folder plus a CSV (``data.csv``, ``data.where`` for
+ESC-50-style folds); see ``unipred.data.audio``. An empty ``data.root`` means the spoken-digit
+set synthesised with espeak-ng/flite (``unipred.data.spoken_digits``): training voices for
+``train``, held-out voices for ``val``. Where neither synthesiser is installed, tone patterns
+stand in (with a warning) so the tasks still run.
+
+Model sizes registered here (the "audio" tokenizer on the image sizes' predictors):
+``nepa_audio_b16`` / ``nepa_audio_b16_cls`` (AudioMAE's 16x16 patches on 128 mels),
+``nepa_audio_s16``, ``nepa_audio_tiny`` (the demo's, dim 128, depth 4) and
+``nepa_audio_debug`` (dim 64, depth 2, 32 mels, for tests).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unipred.data.audio import ClipTransform, audio_dataset, list_audio, pad_collate
+from unipred.data.spoken_digits import DIGITS, available_engines, synthesize, tone_digit
+from unipred.model import ModelConfig, model_config
+from unipred.registry import MODELS, TASKS
+from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask
+
+
+# ------------------------------------------------------------------------------ model sizes
+def _audio(base: str, **tokenizer_args) -> ModelConfig:
+    cfg = model_config(base, tokenizer="audio")
+    cfg.tokenizer_args = {"patch_size": 16, **tokenizer_args}
+    return cfg
+
+
+@MODELS.register("nepa_audio_b16")
+def nepa_audio_b16() -> ModelConfig:
+    return _audio("nepa_vit_b14")
+
+
+@MODELS.register("nepa_audio_b16_cls")
+def nepa_audio_b16_cls() -> ModelConfig:
+    return _audio("nepa_vit_b14_cls")
+
+
+@MODELS.register("nepa_audio_s16")
+def nepa_audio_s16() -> ModelConfig:
+    return _audio("nepa_vit_s14")
+
+
+@MODELS.register("nepa_audio_tiny")
+def nepa_audio_tiny() -> ModelConfig:
+    return _audio("nepa_debug", dim=128, depth=4, heads=4)
+
+
+@MODELS.register("nepa_audio_debug")
+def nepa_audio_debug() -> ModelConfig:
+    return _audio("nepa_debug", n_mels=32)
+
+
+# ------------------------------------------------------------------------------ data config
+@dataclass
+class AudioData(DataConfig):
+    """Clip decoding, cropping and the optional CSV layout (pretraining and classification)."""
+
+    sample_rate: int = 16000  # clips are resampled to this; the tokenizer gets the same rate
+    max_seconds: float = 10.0  # longer clips are cropped (random offset when training)
+    min_seconds: float = 0.5  # shorter clips are padded with silence
+    gain_db: float = 0.0  # random gain +-dB when training
+    csv: str = ""  # a CSV naming clips (relative to root) and labels; "" = folder layout
+    val_csv: str = ""  # "" = data.csv
+    path_column: str = "path"
+    label_column: str = "label"
+    where: str = ""  # keep CSV rows matching "column=v1,v2" (e.g. "fold=1,2,3,4")
+    val_where: str = ""
+    max_per_class: int = 0  # keep at most N training clips per class (label-scarce runs); 0 = all
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    # synthesised spoken digits when root is "": cache folder ("" = ~/.cache/unipred) and size
+    digits_dir: str = ""
+    train_per_class: int = 200
+    val_per_class: int = 40
+
+
+@dataclass
+class AudioClassifyData(AudioData, ClassifyData):
+    num_classes: int = 0  # 0 = 10 on the spoken digits, else required
+
+
+def digits_cache(d: AudioData, seed: int) -> Path:
+    """Where the synthesised digits of this config live."""
+    base = Path(d.digits_dir or os.environ.get("UNIPRED_CACHE", "~/.cache/unipred")).expanduser()
+    return base / f"spoken_digits_{d.train_per_class}_{d.val_per_class}_{seed}"
+
+
+class ToneDigits(torch.utils.data.Dataset):
+    """Stand-in for the spoken digits where no synthesiser exists: (wave, label) tone codes."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return tone_digit(i % len(DIGITS), self.seed * 1_000_003 + i), i % len(DIGITS)
+
+
+def _limit_per_class(items: list, n: int, seed: int) -> list:
+    if n <= 0:
+        return items
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    kept, count = [], {}
+    for path, label in shuffled:
+        if count.get(label, 0) < n:
+            kept.append((path, label))
+            count[label] = count.get(label, 0) + 1
+    return sorted(kept)
+
+
+def build_audio_dataset(cfg, split: str):
+    """The train or val dataset of an audio task config (synthesised digits when root is "")."""
+    d: AudioData = cfg.data
+    train = split == "train"
+    tf = ClipTransform(d.sample_rate, d.max_seconds, d.min_seconds, train, d.gain_db)
+    if not d.root:
+        n = (d.train_per_class if train else d.val_per_class) * len(DIGITS)
+        if n <= 0:
+            return None
+        if not available_engines():
+            warnings.warn("espeak-ng/flite not found: tone patterns stand in for spoken digits "
+                          "(apt-get install -y espeak-ng flite)", stacklevel=2)  # fmt: skip
+            return ToneDigits(n, cfg.seed + (0 if train else 7919))
+        root = synthesize(digits_cache(d, cfg.seed), d.train_per_class, d.val_per_class, cfg.seed)
+        spec, csv_path, where = str(root / ("train" if train else "test")), "", ""
+    else:
+        spec = d.root if train else d.val_root
+        csv_path = d.csv if train else (d.val_csv or d.csv)
+        where = d.where if train else d.val_where
+    if not spec:
+        return None
+    classes = None
+    if not train and not csv_path and Path(d.root or spec).is_dir() and d.root:
+        classes = list_audio(d.root)[1] or None  # validation uses the training class order
+    ds = audio_dataset(spec, tf, csv_path, d.path_column, d.label_column, where, classes,
+                       d.shuffle_buffer, cfg.seed)  # fmt: skip
+    if train and d.max_per_class and hasattr(ds, "items"):
+        ds.items = _limit_per_class(ds.items, d.max_per_class, cfg.seed)
+    return ds
+
+
+def _check_rate(task, mc: ModelConfig) -> ModelConfig:
+    """The tokenizer's sample rate follows data.sample_rate (a conflicting setting is an error)."""
+    rate = task.cfg.data.sample_rate
+    given = task.cfg.model.tokenizer_args.get("sample_rate")
+    if given is not None and int(given) != rate:
+        raise ValueError(f"model.tokenizer_args.sample_rate={given} but data.sample_rate={rate}")
+    mc.tokenizer_args = {**mc.tokenizer_args, "sample_rate": rate}
+    return mc
+
+
+_SMOKE = {"model.name": "nepa_audio_debug", "trainer.global_batch": 4, "data.num_workers": 0,
+          "data.train_per_class": 1, "data.val_per_class": 1, "data.max_seconds": 2.0}  # fmt: skip
+
+
+@TASKS.register("audio_pretrain")
+class AudioPretrain(PretrainTask):
+    """Next-embedding pretraining on log-mel patches (time-major order, 2-D RoPE)."""
+
+    data_config = AudioData
+
+    def build_model(self):
+        from unipred.model import NEPA
+
+        return NEPA(_check_rate(self, self.model_config(head="none")))
+
+    def build_dataset(self, split):
+        return build_audio_dataset(self.cfg, split)
+
+    def collate_fn(self, split):
+        return pad_collate
+
+    @classmethod
+    def smoke_config(cls):
+        return dict(_SMOKE)
+
+
+@TASKS.register("audio_classify")
+class AudioClassify(ClassifyTask):
+    """Clip classification: mean-pooled head (fine-tune), or ``model.head=probe`` with the
+    backbone frozen by ``optim.freeze`` (linear probe; see configs/audio/*probe*.yaml)."""
+
+    data_config = AudioClassifyData
+
+    def num_classes(self) -> int:
+        d = self.cfg.data
+        n = d.num_classes or self.cfg.model.num_classes
+        if not n and not d.root:
+            return len(DIGITS)
+        if not n:
+            raise ValueError("audio_classify needs data.num_classes (e.g. 50 for ESC-50)")
+        return int(n)
+
+    def build_model(self):
+        from unipred.model import NEPA
+
+        mc = self.model_config(head=self.default_head, num_classes=self.num_classes())
+        return NEPA(_check_rate(self, mc))
+
+    def build_dataset(self, split):
+        return build_audio_dataset(self.cfg, split)
+
+    def collate_fn(self, split):
+        return pad_collate
+
+    @classmethod
+    def smoke_config(cls):
+        return dict(_SMOKE)

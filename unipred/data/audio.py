@@ -1,0 +1,265 @@
+"""Audio clips from folders, CSV lists or webdataset shards, decoded with torchcodec.
+
+Layouts read (``list_audio``):
+  * ``root/<class>/**/<clip>.wav|flac|mp3|ogg|opus|m4a`` — the label is the sub-folder name
+    (folders named like ``_background_noise_`` are left out);
+  * ``csv=FILE``: rows naming a clip (``path_column``, relative to ``root``) and its label
+    (``label_column``: class names, or integers); ``where="fold=1,2,3"`` keeps matching rows
+    (ESC-50's folds). Class names are ordered over the whole CSV, so every split agrees;
+  * audio files directly under ``root`` and no CSV — unlabelled (label -1), for pretraining.
+Shards (``unipred data pack-audio``) hold per clip the audio bytes under their extension
+(``flac`` by default), the label under ``cls`` and the source under ``json``.
+
+Every clip becomes a mono float waveform at ``sample_rate`` (torchcodec decodes, torchaudio
+resamples each clip on its own, so padding a batch never touches the resampling). A file that
+fails to decode is skipped and counted (``skipped/corrupt`` in
+``unipred.data.accounting.COUNTER``), never fatal. ``pad_collate`` batches clips of different
+lengths as ``({"wave": (B, S), "lengths": (B,)}, labels (B,))`` for the audio tokenizers.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchaudio
+from torch.utils.data import Dataset
+
+from unipred.data.accounting import COUNTER, BadSampleCounter
+from unipred.data.images import ShardDataset, is_shard_spec
+
+AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+SKIP_DIRS = ("_background_noise_",)  # Speech Commands' noise folder is not a class
+log = logging.getLogger(__name__)
+
+
+def decode_audio(source, sample_rate: int) -> torch.Tensor:
+    """A file path or encoded bytes -> mono float32 waveform (S,) at ``sample_rate``.
+
+    Raises on anything unreadable or empty; callers count and skip.
+    """
+    from torchcodec.decoders import AudioDecoder  # needs FFmpeg's shared libraries
+
+    samples = AudioDecoder(source).get_all_samples()
+    wave = samples.data.float().mean(dim=0)  # (C, S) -> (S,): downmix to mono
+    if wave.numel() == 0:
+        raise ValueError("no audio samples")
+    if not bool(torch.isfinite(wave).all()):
+        raise ValueError("non-finite audio samples")
+    return resample(wave, samples.sample_rate, sample_rate)
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
+    return torchaudio.transforms.Resample(orig, new)  # builds the sinc kernel once
+
+
+def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """torchaudio's band-limited resampling of one clip, with the kernel cached per rate pair."""
+    if orig == new:
+        return wave
+    return _resampler(int(orig), int(new))(wave)
+
+
+@dataclass
+class ClipTransform:
+    """Crop to ``max_seconds`` (random offset when training, the start otherwise), pad with
+    silence up to ``min_seconds``, and when training apply a random gain of +-``gain_db``."""
+
+    sample_rate: int = 16000
+    max_seconds: float = 10.0
+    min_seconds: float = 0.5
+    train: bool = False
+    gain_db: float = 0.0
+
+    def __call__(self, wave: torch.Tensor, rng=random) -> torch.Tensor:
+        hi = int(self.max_seconds * self.sample_rate)
+        if self.max_seconds > 0 and wave.numel() > hi:
+            start = rng.randint(0, wave.numel() - hi) if self.train else 0
+            wave = wave[start : start + hi]
+        lo = int(self.min_seconds * self.sample_rate)
+        if wave.numel() < lo:
+            wave = torch.nn.functional.pad(wave, (0, lo - wave.numel()))
+        if self.train and self.gain_db > 0:
+            wave = wave * 10 ** (rng.uniform(-self.gain_db, self.gain_db) / 20)
+        return wave
+
+
+def _parse_where(where: str) -> tuple[str, set[str]] | None:
+    """'fold=1,2,3' -> ('fold', {'1', '2', '3'}); '' -> None."""
+    if not where:
+        return None
+    if "=" not in where:
+        raise ValueError(f"where must look like 'column=v1,v2', got {where!r}")
+    col, vals = where.split("=", 1)
+    return col.strip(), {v.strip() for v in vals.split(",") if v.strip()}
+
+
+def _read_csv(root: Path, csv_path: str, path_col: str, label_col: str, where: str):
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{csv_path}: no rows")
+    cond = _parse_where(where)
+    for col in [path_col, label_col] + ([cond[0]] if cond else []):
+        if col not in rows[0]:
+            raise ValueError(f"{csv_path}: no column {col!r} (columns: {list(rows[0])})")
+    labels = [r[label_col].strip() for r in rows]
+    numeric = all(v.lstrip("-").isdigit() for v in labels)
+    classes = [] if numeric else sorted(set(labels))  # over all rows: splits agree
+    index = {c: i for i, c in enumerate(classes)}
+    items = []
+    for r, lab in zip(rows, labels):
+        if cond and r[cond[0]].strip() not in cond[1]:
+            continue
+        items.append((root / r[path_col].strip(), int(lab) if numeric else index[lab]))
+    return items, classes
+
+
+def list_audio(
+    root: str | Path,
+    csv_path: str = "",
+    path_column: str = "path",
+    label_column: str = "label",
+    where: str = "",
+    classes: list[str] | None = None,
+) -> tuple[list[tuple[Path, int]], list[str]]:
+    """-> ([(file, label)], class names) for a folder or CSV layout (see the module doc).
+
+    ``classes`` fixes the name -> index order (pass the training split's to the validation
+    split); clips of a class it does not name are left out with a warning.
+    """
+    root = Path(root)
+    if csv_path:
+        return _read_csv(root, csv_path, path_column, label_column, where)
+    if not root.is_dir():
+        raise ValueError(f"audio data folder does not exist: {root}")
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in SKIP_DIRS)
+    if not subdirs:  # flat folder: unlabelled clips
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in AUDIO_EXTS)
+        return [(p, -1) for p in files], []
+    classes = list(classes) if classes else subdirs
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [d for d in subdirs if d not in index]
+    if unknown:
+        log.warning("%s: sub-folders %s are not known classes; left out", root, unknown)
+    items = []
+    for name in subdirs:
+        if name in index:
+            files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in AUDIO_EXTS)
+            items += [(p, index[name]) for p in files]
+    return items, classes
+
+
+class AudioFolder(Dataset):
+    """Map-style clips from ``list_audio``; items are (wave (S,), label).
+
+    A clip that fails to decode is counted and replaced by the next readable one, so one
+    broken file never stops an epoch (and batches keep their size).
+    """
+
+    def __init__(self, items, classes, transform: ClipTransform, max_retries: int = 20,
+                 counter: BadSampleCounter | None = None):  # fmt: skip
+        if not items:
+            raise ValueError("no audio clips found")
+        self.items, self.classes, self.transform = list(items), list(classes), transform
+        self.max_retries, self.counter = max_retries, counter or COUNTER
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        for k in range(min(self.max_retries, len(self.items))):
+            path, label = self.items[(i + k) % len(self.items)]
+            try:
+                wave = decode_audio(str(path), self.transform.sample_rate)
+            except Exception as err:  # any decoder failure: skip the file, never the epoch
+                self.counter.count("corrupt", str(path), err)
+                continue
+            return self.transform(wave), label
+        raise RuntimeError(
+            f"{self.max_retries} clips in a row from index {i} failed to decode; see warnings"
+        )
+
+
+class AudioShardDataset(ShardDataset):
+    """Streaming clips from webdataset shards (pattern, folder, ``pipe:`` or URL).
+
+    Shard splitting, per-epoch reshuffling and the per-rank quota are the image reader's
+    (:class:`unipred.data.images.ShardDataset`); only decoding differs.
+    """
+
+    def __init__(self, spec: str, transform: ClipTransform, shuffle_buffer: int = 1000,
+                 seed: int = 0, counter: BadSampleCounter | None = None):  # fmt: skip
+        super().__init__(spec, transform, transform.train, shuffle_buffer, seed, counter=counter)
+
+    def decode(self, sample: dict):
+        """A raw sample dict -> (wave, label), or None (counted) when it cannot be read."""
+        what = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            data = next((sample[e[1:]] for e in AUDIO_EXTS if e[1:] in sample), None)
+            if data is None:
+                raise ValueError(f"no audio in sample (keys {sorted(sample)})")
+            wave = decode_audio(data, self.transform.sample_rate)
+        except Exception as err:  # any decoder failure: drop the sample, never the epoch
+            self.counter.count("corrupt", what, err)
+            return None
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return self.transform(wave), label
+
+
+def audio_dataset(spec: str, transform: ClipTransform, csv_path: str = "",
+                  path_column: str = "path", label_column: str = "label", where: str = "",
+                  classes: list[str] | None = None, shuffle_buffer: int = 1000, seed: int = 0,
+                  counter: BadSampleCounter | None = None):  # fmt: skip
+    """The right reader for ``spec``: shards -> AudioShardDataset, else AudioFolder."""
+    if not spec:
+        raise ValueError("empty audio data path")
+    if is_shard_spec(spec) and not csv_path:
+        return AudioShardDataset(spec, transform, shuffle_buffer, seed, counter)
+    items, names = list_audio(spec, csv_path, path_column, label_column, where, classes)
+    return AudioFolder(items, names, transform, counter=counter)
+
+
+def pad_collate(batch: list) -> tuple[dict, torch.Tensor]:
+    """[(wave (S_i,), label)] -> ({"wave": (B, max S), "lengths": (B,)}, labels (B,)).
+
+    Clips are zero-padded at the end; ``lengths`` tells the tokenizer which samples are real.
+    ``None`` items (samples a reader already counted as skipped) are dropped.
+    """
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        raise ValueError("every sample of this batch failed to decode")
+    lengths = torch.tensor([b[0].numel() for b in batch], dtype=torch.long)
+    wave = torch.zeros(len(batch), int(lengths.max()))
+    for i, (w, _) in enumerate(batch):
+        wave[i, : w.numel()] = w
+    labels = torch.tensor([int(b[1]) for b in batch], dtype=torch.long)
+    return {"wave": wave, "lengths": lengths}, labels
+
+
+@torch.no_grad()
+def logmel_stats(dataset, tokenizer_args: dict | None = None, max_clips: int = 500):
+    """Mean and std of the log-mel values the "audio" tokenizer sees (over the real frames of
+    up to ``max_clips`` clips): put them in ``tokenizer_args.mean`` / ``std``."""
+    from unipred.tokenizers.audio import AudioSpectrogramTokenizer
+
+    args = {k: v for k, v in (tokenizer_args or {}).items() if k not in ("mean", "std")}
+    tk = AudioSpectrogramTokenizer(dim=1, **args)
+    s = s2 = n = 0.0
+    for i in range(min(len(dataset), max_clips)):
+        wave = dataset[i][0]
+        frames = int(tk.n_frames(wave.numel()))
+        if frames < 1:
+            continue
+        spec = tk.spectrogram(wave[None])[0, :frames].double()
+        s, s2, n = s + spec.sum().item(), s2 + (spec**2).sum().item(), n + spec.numel()
+    if n == 0:
+        raise ValueError("no clip long enough to compute log-mel statistics")
+    mean = s / n
+    return mean, max(s2 / n - mean**2, 1e-12) ** 0.5
