@@ -19,6 +19,7 @@ import sys
 # name -> module path (the module provides add_arguments(parser) and run(args) -> int)
 SUBCOMMANDS: dict[str, str] = {
     "pack-images": "unipred.data.pack",
+    "pack-audio": "unipred.data.audio_pack",
 }
 
 
