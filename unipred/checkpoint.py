@@ -125,12 +125,12 @@ class PeriodicCheckpoint(Callback):
         if step == self._last_saved and not step_file:
             return
         if step_file:
-            trainer.save_checkpoint(self.dir / f"step{step:08d}.ckpt")
+            trainer.save_checkpoint(self.dir / f"step{step:08d}.ckpt", weights_only=False)
             if trainer.is_global_zero:
                 old = sorted(self.dir.glob("step*.ckpt"), key=_step_of)[: -self.keep or None]
                 for p in old if self.keep > 0 else []:
                     p.unlink(missing_ok=True)
-        trainer.save_checkpoint(self.dir / "last.ckpt")
+        trainer.save_checkpoint(self.dir / "last.ckpt", weights_only=False)
         self._last_saved = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -1,0 +1,164 @@
+"""The engine end to end on tiny generated-image runs (CPU, a few steps each)."""
+
+import json
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from unipred.callbacks import CollapseMonitor, NonFiniteLossError
+from unipred.checkpoint import CheckpointError, apply_init, load_weights, read_checkpoint
+from unipred.config import load_config
+from unipred.engine import LitTask, evaluate, fit
+from unipred.task import collapse_stats
+
+TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
+
+
+def tiny(tmp_path, *over):
+    base = [
+        f"run_dir={tmp_path}",
+        "trainer.progress_bar=false",
+        "trainer.loggers=[csv]",
+        "data.image_size=16",
+        "data.train_samples=32",
+        "data.val_samples=8",
+        "trainer.global_batch=8",
+        "model.predictor.rope_rescale=0",
+        "trainer.log_every_n_steps=1",
+    ]
+    return load_config(TINY, base + list(over))
+
+
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.lightning_module.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One tiny pretraining run shared by the tests that only read its outputs."""
+    tmp_path = tmp_path_factory.mktemp("pretrain")
+    cfg = tiny(
+        tmp_path,
+        "trainer.ckpt_every_n_steps=2",
+        "ema.decay=0.5",
+        "trainer.collapse_every_n_steps=2",
+    )
+    return tmp_path, fit(cfg)
+
+
+def test_fit_writes_recipe_checkpoints_and_ema(pretrained):
+    tmp_path, trainer = pretrained
+    assert trainer.global_step == 4
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert recipe["global_batch"] == 8 and recipe["total_steps"] == 4
+    assert recipe["lr"] == pytest.approx(3e-2 * 8 / 256)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step00000002.ckpt", "step00000004.ckpt"]
+    ck = read_checkpoint(tmp_path / "checkpoints/last.ckpt", require_training_state=True)
+    raw = {k[6:]: v for k, v in ck["state_dict"].items()}
+    ema = ck["ema_state_dict"]
+    assert set(ema) == set(raw) and int(ck["ema_n_averaged"]) == 4
+    assert not torch.equal(ema["cls_token"], raw["cls_token"])  # averaged, not a copy
+    metrics = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
+    assert "val/loss" in metrics and "val_ema/loss" in metrics and "train/loss" in metrics
+    # the module keeps the raw weights at the end (the EMA lives in the checkpoint)
+    assert torch.equal(trainer.lightning_module.model.cls_token.detach(), raw["cls_token"])
+
+
+def test_accumulation_gives_the_same_weights_as_one_big_batch(tmp_path):
+    a = fit(tiny(tmp_path / "a", "trainer.per_device_batch=4", "ema.enabled=false"))
+    assert a.accumulate_grad_batches == 2
+    b = fit(tiny(tmp_path / "b", "ema.enabled=false"))
+    assert b.accumulate_grad_batches == 1
+    wa, wb = _weights(a), _weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_classify_task_logs_raw_and_ema_accuracy_and_eval(tmp_path, capsys):
+    cfg = tiny(tmp_path, "task=debug_image_classify", "optim.blr=1e-2", "ema.decay=0.5")
+    fit(cfg)
+    metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
+    for key in ("val/acc1", "val/acc5", "val_ema/acc1", "val_ema/acc5"):
+        assert key in metrics
+    assert (tmp_path / "best/best.ckpt").exists()  # selected by val_ema/acc1
+    ecfg = tiny(tmp_path, "task=debug_image_classify", f"ckpt={tmp_path}/checkpoints/last.ckpt")
+    res = evaluate(ecfg)
+    assert {"val/acc1", "val_ema/acc1", "val/loss", "val_ema/loss"} <= set(res)
+    assert 0.0 <= res["val/acc1"] <= 1.0
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.model.cls_token.fill_(float("nan"))
+
+    cfg = tiny(tmp_path, "trainer.ckpt_every_n_steps=2")
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        fit(cfg, callbacks=[Poison()])
+    ck = read_checkpoint(tmp_path / "checkpoints/last.ckpt", require_training_state=True)
+    assert ck["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_collapse_stats_and_warning():
+    torch.manual_seed(0)
+    healthy = collapse_stats(torch.randn(2, 64, 32))
+    collapsed = collapse_stats(torch.randn(2, 64, 1) * torch.ones(1, 1, 32))
+    assert healthy["erank"] > 20 and collapsed["erank"] < 1.5
+    mon = CollapseMonitor(10, dim=32)
+
+    class T:
+        global_step = 10
+
+    with pytest.warns(UserWarning, match="collapsing"):
+        mon.on_train_batch_end(
+            T(), None, {"logs": {f"collapse/{k}": v for k, v in collapsed.items()}}, None, 0
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.on_train_batch_end(
+            T(), None, {"logs": {f"collapse/{k}": v for k, v in healthy.items()}}, None, 0
+        )
+
+
+def test_collapse_stats_are_logged_during_pretraining(pretrained):
+    tmp_path, _ = pretrained
+    metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
+    assert "train/collapse/erank" in metrics and "train/collapse/std_min" in metrics
+
+
+def test_bad_checkpoints_name_the_file_and_key(pretrained, tmp_path):
+    last = pretrained[0] / "checkpoints/last.ckpt"
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(last.read_bytes()[:1000])
+    model = LitTask(tiny(tmp_path)).model
+    with pytest.raises(CheckpointError, match="truncated.ckpt"):
+        load_weights(model, bad)
+    other = LitTask(tiny(tmp_path, "model.predictor.depth=3")).model
+    with pytest.raises(CheckpointError, match=r"last.ckpt: missing key 'predictor.blocks.2"):
+        load_weights(other, last)
+    wide = LitTask(tiny(tmp_path, "model.predictor.dim=32")).model
+    with pytest.raises(CheckpointError, match=r"last.ckpt: key 'cls_token' has shape"):
+        load_weights(wide, last)
+
+
+def test_pretrain_to_classifier_init(pretrained, tmp_path):
+    last = pretrained[0] / "checkpoints/last.ckpt"
+    cls = LitTask(tiny(tmp_path, "task=debug_image_classify")).model
+    apply_init(cls, f"pretrain:{last}:ema")
+    ema = read_checkpoint(last)["ema_state_dict"]
+    assert torch.equal(cls.cls_token, ema["cls_token"])
+    assert torch.equal(
+        cls.predictor.blocks[1].mlp.fc2.weight, ema["predictor.blocks.1.mlp.fc2.weight"]
+    )
+    assert cls.head.classifier.weight.abs().sum() == 0 and cls.head.classifier.bias.abs().sum() == 0
+    # through the config: model.init is applied when the LightningModule is built
+    lit = LitTask(tiny(tmp_path, "task=debug_image_classify", f"model.init=pretrain:{last}"))
+    raw = read_checkpoint(last)["state_dict"]
+    assert torch.equal(lit.model.cls_token, raw["model.cls_token"])
