@@ -181,3 +181,30 @@ def _high_bit_to_rgb(img: Image.Image) -> Image.Image:
     if a8.ndim == 3:
         a8 = a8[..., 0]
     return Image.fromarray(a8, mode="L").convert("RGB")
+
+
+def epoch_logs(counter: BadSampleCounter | None = None, reset: bool = True) -> dict[str, int]:
+    """``{"data/skipped/truncated": n, ...}`` for the epoch that just ended, then reset."""
+    counter = counter or COUNTER
+    snap = counter.snapshot()
+    if reset:
+        counter.reset()
+    return {f"data/{k}": v for k, v in snap.items()}
+
+
+def lightning_callback(counter: BadSampleCounter | None = None):
+    """A Lightning callback that logs the bad-sample counts (summed over ranks) at the end
+    of every training epoch and resets them; for ``engine.fit(cfg, callbacks=[...])``."""
+    import lightning as L
+
+    class BadSampleLogger(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            logs = epoch_logs(counter)
+            t = torch.tensor(list(logs.values()), dtype=torch.float64, device=pl_module.device)
+            t = trainer.strategy.reduce(t, reduce_op="sum")
+            for k, v in zip(logs, t.tolist()):
+                pl_module.log(k, float(v), rank_zero_only=True)
+            if trainer.is_global_zero and logs["data/skipped/total"] + logs["data/converted/total"]:
+                log.info("epoch %d bad samples (this rank): %s", trainer.current_epoch, logs)
+
+    return BadSampleLogger()

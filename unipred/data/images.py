@@ -233,10 +233,14 @@ class ShardDataset(IterableDataset):
       DataLoader workers; with fewer shards than readers, samples are split instead.
     * Training reshuffles each epoch: shard order from ``seed + epoch`` (identical on
       every rank, so the split stays disjoint) and a sample buffer of ``shuffle_buffer``.
-      The epoch is the one given to :meth:`set_epoch`, or else counted automatically.
+      The epoch is ``set_epoch``'s value plus the passes started since, so it advances by
+      itself when nobody calls ``set_epoch`` and stays exact when the engine does.
     * With ``num_samples`` known (given, or the packer's meta.json), training yields
       exactly ``num_samples // world_size`` samples per rank per epoch (re-reading its
       shards if needed), so distributed ranks never run out of step.
+    * ``resume(n)`` skips the first ``n`` samples of this rank's current epoch (the engine
+      calls it after a restart); the stream of each (epoch, rank, worker) is deterministic,
+      so the skip lands where the interrupted run stopped, to within a few bad samples.
     """
 
     def __init__(
@@ -257,28 +261,36 @@ class ShardDataset(IterableDataset):
         self.transform, self.training, self.min_size = transform, training, min_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.counter = counter or COUNTER
-        # shared so that set_epoch in the main process reaches persistent workers, and the
-        # automatic per-worker epoch count survives non-persistent workers being re-forked
-        self._epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()
-        self._auto = torch.zeros(129, dtype=torch.int64).share_memory_()
+        # shared memory: set_epoch/resume in the main process must reach persistent workers,
+        # and the per-worker pass counts must survive non-persistent workers being re-forked
+        self._state = torch.tensor(
+            [0, -1, 0], dtype=torch.int64
+        ).share_memory_()  # base, skip epoch, skip n
+        self._passes = torch.zeros(129, dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
-        """Fix the shuffling epoch (the engine calls this at each epoch start)."""
-        self._epoch.fill_(int(epoch))
+        """Fix the shuffling epoch of the next pass (the engine calls this at epoch start)."""
+        self._state[0] = int(epoch)
+        self._passes.zero_()
+
+    def resume(self, consumed: int) -> None:
+        """Skip the ``consumed`` samples this rank already delivered in the current epoch."""
+        self._state[1] = int(self._state[0]) + int(self._passes.max())
+        self._state[2] = int(consumed)
 
     def __len__(self) -> int:
         if self.num_samples is None:
             raise TypeError(f"{self.spec}: number of samples unknown (no meta.json)")
         return self.num_samples // pytorch_worker_info()[1]
 
-    def _current_epoch(self, worker: int) -> int:
-        slot = worker % len(self._auto)
-        auto = int(self._auto[slot])
-        self._auto[slot] += 1
-        return int(self._epoch) if int(self._epoch) >= 0 else auto
+    def _next_epoch(self, worker: int) -> int:
+        slot = worker % len(self._passes)
+        k = int(self._passes[slot])
+        self._passes[slot] += 1
+        return int(self._state[0]) + k
 
     def _assign(self, epoch: int):
-        """-> (my shard urls, sample stride, sample offset, quota or None)."""
+        """-> (my shard urls, sample stride, sample offset, quota or None, samples to skip)."""
         rank, world, worker, workers = pytorch_worker_info()
         urls = list(self.urls)
         if self.training:
@@ -288,11 +300,15 @@ class ShardDataset(IterableDataset):
         if self.training and self.num_samples:
             per_rank = self.num_samples // world
             quota = per_rank // workers + (worker < per_rank % workers)
+        skip = 0
+        if int(self._state[1]) == epoch:  # the DataLoader takes batches round-robin
+            n = int(self._state[2])
+            skip = n // workers + (worker < n % workers)
         if len(urls) >= total:
-            return urls[me::total], 1, 0, quota
-        return urls, total, me, quota
+            return urls[me::total], 1, 0, quota, skip
+        return urls, total, me, quota, skip
 
-    def _samples(self, urls, stride, offset, rng):
+    def _raw(self, urls, stride, offset, rng):
         src = wds.tarfile_samples(({"url": u} for u in urls), handler=self.counter.handler)
         if stride > 1:
             src = (s for i, s in enumerate(src) if i % stride == offset)
@@ -300,10 +316,7 @@ class ShardDataset(IterableDataset):
             src = wds.filters._shuffle(
                 src, self.shuffle_buffer, min(1000, self.shuffle_buffer), rng
             )
-        for sample in src:
-            out = self.decode(sample)
-            if out is not None:
-                yield out
+        return src
 
     def decode(self, sample: dict):
         """A raw webdataset sample dict -> (image, label) or None (counted)."""
@@ -319,16 +332,23 @@ class ShardDataset(IterableDataset):
         return (self.transform(img) if self.transform is not None else img), label
 
     def __iter__(self):
-        worker = pytorch_worker_info()[2]
-        epoch = self._current_epoch(worker)
-        urls, stride, offset, quota = self._assign(epoch)
-        rng = random.Random(hash((self.seed, epoch, tuple(pytorch_worker_info()))))
-        produced, passes = 0, 0
-        while True:
+        info = pytorch_worker_info()
+        epoch = self._next_epoch(info[2])
+        urls, stride, offset, quota, skip = self._assign(epoch)
+        rng = random.Random(hash((self.seed, epoch, info)))  # ints only: stable across runs
+        produced, passes = skip, 0
+        while quota is None or produced < quota:
             got = 0
-            for out in self._samples(urls, stride, offset, rng):
+            for raw in self._raw(urls, stride, offset, rng):
+                got += 1
+                if skip:  # resumed: these were delivered before the restart
+                    skip -= 1
+                    continue
+                out = self.decode(raw)
+                if out is None:
+                    continue
                 yield out
-                produced, got = produced + 1, got + 1
+                produced += 1
                 if quota is not None and produced >= quota:
                     return
             passes += 1

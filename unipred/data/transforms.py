@@ -46,13 +46,13 @@ class ImageAugConfig:
     reprob: float = 0.0  # RandomErasing probability (timm)
     remode: str = "pixel"
     recount: int = 1
-    # Mixup / CutMix collate (timm); label smoothing is applied inside Mixup when it is on
+    # Mixup / CutMix collate (timm). Label smoothing is the task's (data.label_smoothing):
+    # applied inside Mixup when Mixup is on, in the cross-entropy otherwise
     mixup: float = 0.0
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
-    label_smoothing: float = 0.0
     # evaluation: resize to floor(img_size / crop_pct) ("shorter" side or "square"), crop
     eval_crop_pct: float = 0.875
     eval_resize_mode: str = "shorter"
@@ -137,7 +137,7 @@ class MixupCollate:
     loses its final sample (training uses drop_last, so only tiny data sets see this).
     """
 
-    def __init__(self, cfg: ImageAugConfig, num_classes: int):
+    def __init__(self, cfg: ImageAugConfig, num_classes: int, label_smoothing: float = 0.0):
         from timm.data import Mixup
 
         self.mixup = Mixup(
@@ -146,7 +146,7 @@ class MixupCollate:
             prob=cfg.mixup_prob,
             switch_prob=cfg.mixup_switch_prob,
             mode=cfg.mixup_mode,
-            label_smoothing=cfg.label_smoothing,
+            label_smoothing=label_smoothing,
             num_classes=num_classes,
         )
 

@@ -1,0 +1,203 @@
+"""Image tasks of the NEPA reference: pretraining and classification (ImageNet-style data).
+
+- ``image_pretrain``: next-embedding pretraining on an image folder or webdataset shards
+  (labels unused); augmentation RandomResizedCrop bilinear (0.08, 1) + flip, as the release.
+- ``image_classify`` with ``data.mode``:
+  * ``finetune`` — the whole model trains (head "mean": patch-token mean -> fc_norm ->
+    linear), RandAugment + RandomErasing + Mixup/CutMix as the release (configs/image/);
+  * ``probe`` — MAE's linear probe: the backbone is frozen and run in eval mode under
+    no_grad (no drop path, no RoPE coordinate augmentation), the head is BatchNorm without
+    affine + linear on the mean of the final-norm patch tokens (head "probe");
+  * ``eval`` — validation only (``unipred eval``), top-1/top-5 from torchmetrics.
+
+``data.root`` "" generates a few synthetic images (for smoke tests), with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from unipred.data.accounting import COUNTER
+from unipred.data.images import ShardDataset, image_dataset
+from unipred.data.transforms import ImageAugConfig, MixupCollate, eval_transform, train_transform
+from unipred.registry import TASKS
+from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask
+
+log = logging.getLogger(__name__)
+MODES = ("finetune", "probe", "eval")
+
+
+@dataclass
+class ImageData(DataConfig):
+    """Where the images are and how they are augmented (see unipred.data.images)."""
+
+    label_file: str = ""  # labels of a flat training folder (rarely needed)
+    val_label_file: str = ""  # labels of a flat val folder: "name label" or LOC_val_solution.csv
+    classes_file: str = ""  # fixes the class order of a flat folder (the packer's classes.txt)
+    num_samples: int = 0  # streaming: samples per epoch when the shards have no meta.json
+    min_size: int = 8  # images with a side below this are skipped (and counted)
+    synthetic_samples: int = 64  # only when root is "": generated images per split
+    aug: ImageAugConfig = field(default_factory=ImageAugConfig)
+
+
+@dataclass
+class ImageClassifyData(ImageData, ClassifyData):
+    mode: str = "finetune"  # finetune | probe | eval
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Smoke-test stand-in: PIL images whose mean colour encodes the label."""
+
+    def __init__(self, n: int, size: int, num_classes: int, seed: int, transform=None):
+        self.n, self.size, self.k, self.seed, self.transform = n, size, num_classes, seed, transform
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng(self.seed * 100_003 + i)
+        y = i % self.k
+        base = np.array([(37 * y) % 256, (91 * y) % 256, (53 * y) % 256], dtype=np.float32)
+        img = base + rng.normal(0, 30, (self.size, self.size + 8, 3))
+        img = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+        return (self.transform(img) if self.transform else img), y
+
+
+def _build(task, split: str, num_classes: int):
+    """The dataset of ``split`` for either image task (None when the split is absent)."""
+    d, train = task.cfg.data, split == "train"
+    tf = train_transform(d.aug) if train else eval_transform(d.aug)
+    spec = d.root if train else d.val_root
+    if not d.root:
+        log.warning(
+            "data.root is empty: using %d synthetic images (smoke test only)", d.synthetic_samples
+        )
+        seed = task.cfg.seed + (0 if train else 7919)
+        side = d.aug.img_size + d.aug.img_size // 4
+        return SyntheticImages(d.synthetic_samples, side, max(num_classes, 1), seed, tf)
+    if not spec:
+        return None
+    ds = image_dataset(
+        spec,
+        tf,
+        training=train,
+        label_file=d.label_file if train else d.val_label_file,
+        classes_file=d.classes_file,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=task.cfg.seed,
+        num_samples=d.num_samples if train else None,
+        min_size=d.min_size,
+    )
+    if train and isinstance(ds, ShardDataset) and ds.num_samples is None:
+        if task.cfg.trainer.max_steps <= 0:
+            raise ValueError(
+                f"data.root={spec!r}: the shards have no meta.json, so the epoch length is "
+                "unknown; set data.num_samples (or trainer.max_steps)"
+            )
+    return ds
+
+
+def _data_logs() -> dict:
+    """Running bad-sample totals of this process (per-epoch values: accounting.BadSampleLogger)."""
+    snap = COUNTER.snapshot()
+    return {
+        "data/skipped": torch.tensor(float(snap["skipped/total"])),
+        "data/converted": torch.tensor(float(snap["converted/total"])),
+    }
+
+
+@TASKS.register("image_pretrain")
+class ImagePretrain(PretrainTask):
+    """NEPA pretraining on images; batches are (images, labels) and labels are ignored."""
+
+    data_config = ImageData
+
+    def build_dataset(self, split):
+        return _build(self, split, 1)
+
+    def training_step(self, model, batch):
+        loss, logs = super().training_step(model, batch)
+        return loss, {**logs, **_data_logs()}
+
+    @classmethod
+    def smoke_config(cls):
+        return {
+            "model.name": "nepa_debug",
+            "trainer.global_batch": 4,
+            "data.aug.img_size": 32,
+            "data.synthetic_samples": 8,
+            "data.num_workers": 0,
+        }
+
+
+@TASKS.register("image_classify")
+class ImageClassify(ClassifyTask):
+    """Fine-tuning, linear probing or evaluation of an image classifier (``data.mode``)."""
+
+    data_config = ImageClassifyData
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.data.mode not in MODES:
+            raise ValueError(f"data.mode={cfg.data.mode!r}; use one of {list(MODES)}")
+
+    @property
+    def mode(self) -> str:
+        return self.cfg.data.mode
+
+    def build_model(self):
+        from unipred.model import NEPA
+
+        head = "probe" if self.mode == "probe" else "mean"
+        model = NEPA(self.model_config(head=head, num_classes=self.num_classes()))
+        if self.mode == "probe":
+            # the probe trains the head only; everything before it is the frozen backbone
+            for name, p in model.named_parameters():
+                if not name.startswith("head."):
+                    p.requires_grad_(False)
+        return model
+
+    def build_dataset(self, split):
+        if split == "train" and self.mode == "eval":
+            return None
+        return _build(self, split, self.num_classes())
+
+    def collate_fn(self, split):
+        aug = self.cfg.data.aug
+        if split == "train" and self.mode == "finetune" and aug.uses_mixup:
+            return MixupCollate(aug, self.num_classes(), self.cfg.data.label_smoothing)
+        return None
+
+    def probe_logits(self, model, x):
+        """Head logits on frozen features: the backbone runs in eval mode without grad."""
+        model.tokenizer.eval()
+        model.predictor.eval()
+        with torch.no_grad():
+            out = model.forward_features(x)
+        logits, _ = model.head(out.hidden, model.n_prefix, out.valid)
+        return logits
+
+    def training_step(self, model, batch):
+        if self.mode != "probe":
+            loss, logs = super().training_step(model, batch)
+        else:
+            x, y = batch[0], batch[1]
+            loss = self.loss(self.probe_logits(model, x), y)
+            logs = {"loss": loss.detach()}
+        return loss, {**logs, **_data_logs()}
+
+    @classmethod
+    def smoke_config(cls):
+        return {
+            "model.name": "nepa_debug",
+            "trainer.global_batch": 4,
+            "data.num_classes": 4,
+            "data.aug.img_size": 32,
+            "data.synthetic_samples": 8,
+            "data.num_workers": 0,
+        }
