@@ -182,6 +182,11 @@ class LitTask(L.LightningModule):
         loader = self._loader("train")
         if loader is None:
             raise ValueError(f"task {self.cfg.task!r} returned no training dataset")
+        # Lightning builds the loader early (to count steps) and then skips its own restore of
+        # the loader state, so the position saved in the checkpoint is applied here
+        state = getattr(self, "_loader_state", None)
+        if state and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state[0])
         return loader
 
     def val_dataloader(self):
@@ -196,6 +201,8 @@ class LitTask(L.LightningModule):
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint):
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_state = fit_state.get("combined_loader")
         rng = checkpoint.get("rng")
         if rng and self.trainer.world_size == 1:  # per-rank states are not stored
             torch.set_rng_state(rng["torch"])

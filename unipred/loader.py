@@ -54,9 +54,8 @@ class EpochSampler(Sampler[int]):
             perm = torch.arange(self.n)
         idx = perm[self.rank :: self.world][: self.samples_per_rank].tolist()
         epoch, n = self._skip
-        if epoch == self.epoch:
+        if epoch == self.epoch:  # kept (not cleared): Lightning may call iter() more than once
             idx = idx[n:]
-            self._skip = (None, 0)
         return iter(idx)
 
 

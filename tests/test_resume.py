@@ -1,0 +1,106 @@
+"""Kill a run mid-epoch, resume=auto, and get exactly the uninterrupted run; atomic writes."""
+
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import unipred.checkpoint as ckpt_mod
+from unipred.checkpoint import atomic_torch_save, find_resume_checkpoint, read_checkpoint
+from unipred.config import load_config
+from unipred.engine import fit
+
+TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
+
+
+def cfg_for(run_dir, *over):
+    # rope rescale and drop path stay on: the resumed run must also restore the RNG state
+    base = [
+        f"run_dir={run_dir}",
+        "trainer.progress_bar=false",
+        "trainer.loggers=[]",
+        "data.image_size=16",
+        "data.train_samples=48",
+        "data.val_samples=8",
+        "trainer.global_batch=8",
+        "trainer.max_epochs=2",
+        "trainer.ckpt_every_n_steps=2",
+        "model.predictor.drop_path=0.1",
+        "ema.decay=0.9",
+    ]
+    return load_config(TINY, base + list(over))
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = outputs["loss"].item()
+
+
+class Kill(L.Callback):
+    def __init__(self, at_step):
+        self.at = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("killed")  # stands in for a killed job
+
+
+def _final(run_dir):
+    ck = read_checkpoint(Path(run_dir) / "checkpoints/last.ckpt", require_training_state=True)
+    return ck["global_step"], ck["state_dict"], ck["ema_state_dict"]
+
+
+@pytest.mark.parametrize("kill_at", [9])  # epoch 2 of 2, one step after the step-8 checkpoint
+def test_kill_and_resume_equals_uninterrupted(tmp_path, kill_at):
+    full = Record()
+    fit(cfg_for(tmp_path / "full"), callbacks=[full])
+    assert sorted(full.losses) == list(range(1, 13))
+
+    first = Record()
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(cfg_for(tmp_path / "cut"), callbacks=[first, Kill(kill_at)])
+    assert find_resume_checkpoint(tmp_path / "cut").name in ("last.ckpt", "step00000008.ckpt")
+    second = Record()
+    fit(cfg_for(tmp_path / "cut", "resume=auto"), callbacks=[second])
+    assert sorted(second.losses) == list(range(9, 13))  # resumed after step 8
+
+    merged = {**{k: v for k, v in first.losses.items() if k <= 8}, **second.losses}
+    assert merged == full.losses  # exactly, not approximately
+    step_a, sd_a, ema_a = _final(tmp_path / "full")
+    step_b, sd_b, ema_b = _final(tmp_path / "cut")
+    assert step_a == step_b == 12
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    for k in ema_a:
+        assert torch.equal(ema_a[k], ema_b[k]), k
+
+
+def test_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_torch_save({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    good = {"state_dict": {}, "global_step": 4, "loops": {}, "optimizer_states": []}
+    atomic_torch_save(good, folder / "step00000004.ckpt")
+    (folder / "last.ckpt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="last.ckpt"):
+        assert find_resume_checkpoint(tmp_path) == folder / "step00000004.ckpt"
+    assert find_resume_checkpoint(tmp_path / "empty") is None
