@@ -20,6 +20,7 @@ import sys
 SUBCOMMANDS: dict[str, str] = {
     "pack-images": "unipred.data.pack",
     "pack-audio": "unipred.data.audio_pack",
+    "pack-segmentation": "unipred.data.segmentation",
 }
 
 
