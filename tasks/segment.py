@@ -130,4 +130,4 @@ class SegmentADE20K(Task):
                 "data.head.layers": [0, 0, 1, 1], "data.head.num_classes": 4,
                 "data.head.channels": 16, "data.head.aux_channels": 8,
                 "data.synthetic_size": 32, "data.synthetic_train": 8, "data.synthetic_val": 2,
-                "data.eval.crop": 24, "data.eval.stride": 16}  # fmt: skip
+                "data.eval.crop": 24, "data.eval.stride": 16, "data.num_workers": 0}  # fmt: skip
