@@ -162,3 +162,12 @@ def test_pretrain_to_classifier_init(pretrained, tmp_path):
     lit = LitTask(tiny(tmp_path, "task=debug_image_classify", f"model.init=pretrain:{last}"))
     raw = read_checkpoint(last)["state_dict"]
     assert torch.equal(lit.model.cls_token, raw["model.cls_token"])
+
+
+def test_gradient_clipping_caps_the_global_norm(tmp_path):
+    lit = LitTask(tiny(tmp_path, "optim.grad_clip=1.0"))
+    for p in lit.model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    lit.configure_gradient_clipping(None)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in lit.model.parameters()]))
+    assert norm == pytest.approx(1.0, rel=1e-4)

@@ -1,6 +1,6 @@
 """Lightning callbacks of the engine: EMA, throughput, collapse monitor, non-finite loss stop.
 
-``EMA`` builds on Lightning's own ``EMAWeightAveraging`` (torch ``AveragedModel`` with an EMA
+``EMA`` builds on Lightning's own ``EMAWeightAveraging`` (torch ``AveragedModel`` with the foreach EMA
 average function): the first update after the first optimizer step copies the weights, every
 later optimizer step averages them, exactly as the release's trainer does. Unlike the stock
 callback it averages only the task model, keeps the *raw* weights in the module (validation
@@ -16,7 +16,7 @@ import warnings
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
-from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,7 +33,7 @@ class EMA(EMAWeightAveraging):
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" and self._average_model is None:
             self._average_model = AveragedModel(
-                pl_module.model, use_buffers=True, avg_fn=get_ema_avg_fn(self.decay)
+                pl_module.model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(self.decay)
             )
 
     @property

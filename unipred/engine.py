@@ -130,7 +130,9 @@ class LitTask(L.LightningModule):
     def configure_optimizers(self):
         o, plan = self.cfg.optim, self.plan
         groups = optim.param_groups(self.model, plan["lr"], o.weight_decay, o.llrd, o.head_lr)
-        opt = optim.build_adamw(groups, o.betas, o.eps, o.fused)
+        # fp16 loss scaling needs unscaled grads before clipping, which fused AdamW defers
+        fused = o.fused and self.cfg.trainer.precision not in ("16-mixed", "16")
+        opt = optim.build_adamw(groups, o.betas, o.eps, fused)
         total = self.total_steps()
         warm = optim.warmup_steps(total, o.warmup_ratio, o.warmup_steps)
         fns = optim.schedule_fns(opt.param_groups, o.schedule, warm, total)
@@ -151,6 +153,21 @@ class LitTask(L.LightningModule):
             "ema_decay": self.cfg.ema.decay if self.cfg.ema.enabled else None,
         }
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
+        """Clip the global grad norm at ``optim.grad_clip``. Done here because Lightning's AMP
+        plugin refuses to clip for fused optimizers even under bf16, where nothing is scaled."""
+        clip = self.cfg.optim.grad_clip
+        if not clip:
+            return
+        if self.cfg.trainer.strategy == "fsdp":  # sharded grads: the strategy knows the norm
+            self.clip_gradients(optimizer, clip, "norm")
+        else:  # grads are already all-reduced (DDP) and unscaled (bf16 has no scaler)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], clip
+            )
 
     def total_steps(self) -> int:
         if self.cfg.trainer.max_steps > 0:
@@ -308,8 +325,6 @@ def build_trainer(cfg, lit: LitTask, callbacks=()) -> L.Trainer:
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
         accumulate_grad_batches=plan["accumulate_grad_batches"],
-        gradient_clip_val=cfg.optim.grad_clip or None,
-        gradient_clip_algorithm="norm",
         check_val_every_n_epoch=t.val_every_n_epochs,
         log_every_n_steps=t.log_every_n_steps,
         callbacks=cbs,
@@ -348,14 +363,15 @@ def _best_checkpoint(cfg, lit: LitTask, ema_ok: bool, out: Path) -> list:
     ]
 
 
-def fit(cfg, callbacks=()) -> L.Trainer:
-    """Train ``cfg`` (a validated RunConfig); resumes per ``cfg.resume``."""
+def fit(cfg, callbacks=(), task=None) -> L.Trainer:
+    """Train ``cfg`` (a validated RunConfig); resumes per ``cfg.resume``. ``task`` may be a
+    ready Task instance (benchmarks, notebooks); by default ``cfg.task`` is built."""
     from unipred.callbacks import format_recipe, save_recipe
     from unipred.checkpoint import find_resume_checkpoint, validate_resume
     from unipred.config import to_yaml
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    lit = LitTask(cfg)
+    lit = LitTask(cfg, task)
     ckpt = None
     if cfg.resume == "auto":
         ckpt = find_resume_checkpoint(cfg.run_dir)
