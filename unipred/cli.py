@@ -51,11 +51,11 @@ def _load(argv: list[str]):
 
 
 def cmd_fit(argv: list[str]) -> int:
-    from unipred.config import to_yaml
+    from unipred.config import explain, to_yaml
 
     cfg, printing = _load(argv)
     if printing:
-        print(to_yaml(cfg), end="")
+        print(to_yaml(cfg) + explain(cfg), end="")
         return 0
     from unipred.callbacks import NonFiniteLossError
     from unipred.engine import fit

@@ -250,6 +250,41 @@ def build_model_config(section: ModelSection, **defaults):
     return mc
 
 
+def batch_plan(cfg) -> dict:
+    """Global batch -> per-device batch and gradient accumulation; lr by the linear rule."""
+    t = cfg.trainer
+    world = t.devices * t.num_nodes
+    per_dev = t.per_device_batch or t.global_batch // world
+    if per_dev < 1 or t.global_batch % (per_dev * world):
+        raise RecipeError(
+            f"trainer.global_batch={t.global_batch} is not a multiple of per_device_batch "
+            f"({per_dev}) x devices ({t.devices}) x num_nodes ({t.num_nodes}); change "
+            f"trainer.per_device_batch or the device count"
+        )
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * t.global_batch / 256
+    return {
+        "global_batch": t.global_batch,
+        "world_size": world,
+        "per_device_batch": per_dev,
+        "accumulate_grad_batches": t.global_batch // (per_dev * world),
+        "lr": lr,
+        "head_lr": cfg.optim.head_lr,
+    }
+
+
+def explain(cfg) -> str:
+    """YAML comments with what the config resolves to: the model and the batch recipe."""
+    mc = build_model_config(cfg.model)
+    lines = [f"resolved model ({cfg.model.name} + overrides; the task may add its head):"]
+    lines += OmegaConf.to_yaml(OmegaConf.structured(mc)).splitlines()
+    try:
+        plan = batch_plan(cfg)
+        lines += ["batch recipe:"] + [f"  {k}: {v}" for k, v in plan.items()]
+    except RecipeError as e:
+        lines += [f"batch recipe: ERROR {e}"]
+    return "".join(f"# {line}\n" for line in lines)
+
+
 def to_yaml(cfg) -> str:
     """The effective config as YAML (for --print-config and the run dir)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -17,31 +17,9 @@ from torch import nn
 
 from unipred import optim
 from unipred.callbacks import EMA
-from unipred.config import RecipeError, to_dict
+from unipred.config import RecipeError, batch_plan, to_dict  # noqa: F401  (re-exported)
 from unipred.loader import build_loader
 from unipred.registry import TASKS
-
-
-def batch_plan(cfg) -> dict:
-    """Global batch -> per-device batch and gradient accumulation; lr by the linear rule."""
-    t = cfg.trainer
-    world = t.devices * t.num_nodes
-    per_dev = t.per_device_batch or t.global_batch // world
-    if per_dev < 1 or t.global_batch % (per_dev * world):
-        raise RecipeError(
-            f"trainer.global_batch={t.global_batch} is not a multiple of per_device_batch "
-            f"({per_dev}) x devices ({t.devices}) x num_nodes ({t.num_nodes}); change "
-            f"trainer.per_device_batch or the device count"
-        )
-    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * t.global_batch / 256
-    return {
-        "global_batch": t.global_batch,
-        "world_size": world,
-        "per_device_batch": per_dev,
-        "accumulate_grad_batches": t.global_batch // (per_dev * world),
-        "lr": lr,
-        "head_lr": cfg.optim.head_lr,
-    }
 
 
 class LitTask(L.LightningModule):

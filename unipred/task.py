@@ -4,6 +4,34 @@ A task is a class registered in ``unipred.registry.TASKS``. It names a data-conf
 (``data_config``), builds its model and datasets, and computes the loss and metrics of one
 batch. The engine (unipred/engine.py) owns everything else: optimizer, schedule, precision,
 EMA, checkpoints, distributed, logging. Tasks never import Lightning.
+
+Writing a task (see tasks/debug.py for a complete example)::
+
+    @dataclass
+    class MyData(DataConfig):            # becomes the typed ``data:`` section of the YAML
+        image_size: int = 224
+
+    @TASKS.register("my_pretrain")
+    class MyPretrain(PretrainTask):      # or ClassifyTask (with ClassifyData), or Task
+        data_config = MyData
+        def build_dataset(self, split):  # "train" | "val"; map-style or IterableDataset | None
+            ...                          # self.cfg is the whole run config (cfg.data: MyData)
+        @classmethod
+        def smoke_config(cls):           # tiny CPU run used by tests/test_tasks_smoke.py
+            return {"model.name": "nepa_debug", "data.image_size": 32, "trainer.global_batch": 4}
+
+* ``data.root == ""`` must mean generated/demo data, so the smoke test runs anywhere.
+* Datasets are sharded by the engine: map-style sets get a seeded per-epoch permutation split
+  over the ranks (do not add a sampler). An ``IterableDataset`` shards itself (by rank and
+  worker) and, for exact resumption, implements ``set_epoch(epoch)`` and ``resume(n)``: skip
+  the first n samples this rank delivered in that epoch (whole shards first), with shard order
+  a function of (seed, epoch) only; see unipred/loader.py.
+* The model: ``self.model_config(**defaults)`` turns ``cfg.model`` (size + overrides) into a
+  core ModelConfig; ``PretrainTask``/``ClassifyTask`` already implement ``build_model``.
+* Metrics are torchmetrics objects keyed by short names ("acc1"); the engine logs them as
+  ``val/acc1`` (raw weights) and ``val_ema/acc1`` (EMA weights). ``monitor`` names the metric
+  that selects the best checkpoint ("val/acc1"; the engine swaps in ``val_ema/`` when
+  ``ema.monitor_ema``).
 """
 
 from __future__ import annotations
