@@ -1,0 +1,117 @@
+"""`unipred visualize`: attention / next-embedding prediction maps and the PNGs they make."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from unipred.config import load_config, to_dict
+from unipred.model import NEPA
+from unipred.visualize import main, maps
+
+FIX = Path(__file__).parent / "fixtures" / "nepa_ref"
+
+
+def _official_folder(tmp_path):
+    meta = json.loads((FIX / "meta.json").read_text())
+    d = tmp_path / "pretrain"
+    d.mkdir()
+    hf = dict(meta["pretrain_model"]["config_full"], architectures=["ViTNepaForPreTraining"])
+    (d / "config.json").write_text(json.dumps(hf))
+    shutil.copy(FIX / "pretrain_model.safetensors", d / "model.safetensors")
+    return d
+
+
+def test_prediction_map_matches_the_official_outputs(tmp_path):
+    from unipred.hub import load_official_nepa
+
+    model = load_official_nepa(_official_folder(tmp_path)).eval()
+    io = load_file(str(FIX / "io.safetensors"))
+    x, hidden, inputs = (
+        io["pixel_values"][1],
+        io["last_hidden_state_causal"][1],
+        io["input_embedding"][1],
+    )
+    for p in (0, 5, 15):
+        want = torch.nn.functional.cosine_similarity(hidden[1 + p][None], inputs[1:], dim=-1)
+        m = maps(model, x, p)
+        np.testing.assert_allclose(m["prediction"].ravel(), want.softmax(0).numpy(), atol=1e-5)
+        assert m["grid"] == (4, 4)
+
+
+def test_attention_map_is_causal_and_top_p_filters():
+    torch.manual_seed(0)
+    model = NEPA.from_name("nepa_debug").eval()
+    x = torch.randn(3, 32, 32)
+    m = maps(model, x, 10)
+    att = m["attention"].ravel()
+    assert att.shape == (64,) and np.all(att[11:] == 0) and att[:11].sum() > 0
+    assert att.sum() <= 1 + 1e-5  # the cls column is dropped
+    assert m["prediction"].sum() == pytest.approx(1, abs=1e-5)
+    filtered = maps(model, x, 10, layers=[1], top_p=0.3)["prediction"]
+    assert filtered.sum() == pytest.approx(1, abs=1e-5) and (filtered > 0).sum() < 64
+    with pytest.raises(ValueError, match="patch grid"):
+        maps(model, x, 64)
+
+
+def test_cli_writes_pngs_for_random_official_and_our_checkpoints(tmp_path):
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+        img / "a.jpg"
+    )
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["--model", "nepa_debug", "--size", "32", "--num-images", "2", "--out", str(out / "r")]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--official",
+                str(_official_folder(tmp_path)),
+                "--size",
+                "56",
+                str(img),
+                "--out",
+                str(out / "o"),
+                "--patch",
+                "3",
+            ]
+        )
+        == 0
+    )
+    cfg = load_config(None, ["task=image_pretrain", "model.name=nepa_debug"], check_paths=False)
+    model = NEPA.from_name("nepa_debug")
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "unipred_config": to_dict(cfg),
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(tmp_path / "m.ckpt"),
+                "--size",
+                "32",
+                str(img / "a.jpg"),
+                "--out",
+                str(out / "c"),
+            ]
+        )
+        == 0
+    )
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert [p.split("/")[0] for p in pngs] == ["c", "o", "r", "r"] and "o/a_p3.png" in pngs
+    for p in out.rglob("*.png"):
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 400
+    assert main(["--ckpt", str(tmp_path / "m.ckpt"), "--ema", "--out", str(out / "x")]) == 2
