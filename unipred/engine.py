@@ -63,6 +63,11 @@ class LitTask(L.LightningModule):
             )
         return batch
 
+    def on_train_epoch_start(self):
+        ds = getattr(self.trainer.train_dataloader, "dataset", None)
+        if isinstance(ds, torch.utils.data.IterableDataset) and hasattr(ds, "set_epoch"):
+            ds.set_epoch(self.trainer.current_epoch)
+
     def on_train_batch_start(self, batch, batch_idx):
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_consumed"):

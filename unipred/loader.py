@@ -4,12 +4,16 @@ Map-style data: ``EpochSampler`` shards one seeded permutation per epoch over th
 same permutation for any world size, so 1 x 8 and 2 x 4 see the same global batches) and can
 skip the samples a resumed run has already consumed.
 
-Streaming data (``IterableDataset``): the loader calls ``dataset.set_epoch(epoch)`` when the
-dataset has it, and on resume ``dataset.resume(consumed)`` with the number of samples this rank
-had consumed in the epoch. A streaming dataset that wants exact resumption implements both:
-shard order a function of (seed, epoch), and ``resume`` skipping the shards (and samples) it
-already delivered, so a resumed run neither repeats nor skips a shard within the epoch. Without
-``resume`` the loader warns and restarts the epoch's stream.
+Streaming data (``IterableDataset``): the engine calls ``dataset.set_epoch(epoch)`` at every
+epoch start when the dataset has it, and on resume ``dataset.resume(batches, batch_size)`` with
+the number of batches this rank had consumed in the epoch. A streaming dataset that wants exact
+resumption implements both: shard order a function of (seed, epoch) only, and ``resume``
+making each DataLoader worker w (of W; the loader takes batches from the workers round-robin)
+skip the ``len(range(w, batches, W))`` batches it had already delivered, i.e. whole shards
+first, then samples. Then a resumed run neither repeats nor skips a shard within the epoch
+(tests/test_resume.py has a reference implementation). Without ``resume`` the loader warns and
+the epoch's stream restarts. Workers of streaming loaders are not persistent, so the epoch and
+resume position reach them at every epoch start.
 
 ``ResumableLoader`` implements Lightning's ``state_dict``/``load_state_dict`` loader protocol,
 so its position is stored in every checkpoint.
@@ -86,7 +90,7 @@ class ResumableLoader(DataLoader):
             if hasattr(self.dataset, "resume"):
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(self.epoch)
-                self.dataset.resume(n)
+                self.dataset.resume(self.consumed, int(self.batch_size or 1))
             elif n:
                 warnings.warn(
                     f"{type(self.dataset).__name__} has no resume(); the resumed epoch restarts "
@@ -117,6 +121,7 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed),
     )  # keeps the global RNG untouched
     if isinstance(dataset, IterableDataset):
+        common["persistent_workers"] = False  # workers must see set_epoch / resume
         return ResumableLoader(dataset, drop_last=train, **common)
     n = len(dataset)
     per_rank = n // world
