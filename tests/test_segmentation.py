@@ -289,3 +289,64 @@ def test_task_smoke_fit_and_validate(tmp_path):
     trainer = fit(load_config(None, over))
     assert trainer.global_step == 2
     assert 0.0 <= float(trainer.callback_metrics["val/mIoU"]) <= 1.0
+
+
+def test_task_reads_the_folder_layout(tmp_path):
+    from unipred.config import load_config
+    from unipred.registry import TASKS
+
+    make_ade(tmp_path, "training", n=2)
+    make_ade(tmp_path, "validation", n=1)
+    over = ["task=segment_ade20k", f"data.root={tmp_path}", f"data.val_root={tmp_path}",
+            "data.aug.crop_size=32", "data.aug.img_scale=[128,32]", "data.eval.crop=32"]  # fmt: skip
+    task = TASKS.get("segment_ade20k")(load_config(None, over))
+    x, y = task.build_dataset("train")[1]
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+    assert set(y.unique().tolist()) <= {0, 1, 2, 255}
+    imgs, labels = task.collate_fn("val")([task.build_dataset("val")[0]])
+    assert imgs[0].shape == (3, 32, 45) and labels[0].shape == (40, 56)  # label keeps its size
+
+
+DDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from unipred.seg_metrics import MeanIoU
+
+def work(rank, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    gt, pr = torch.randint(0, 5, (2, 64), generator=g), torch.randint(0, 5, (2, 64), generator=g)
+    m = MeanIoU(5)
+    m.update(pr[rank : rank + 1], gt[rank : rank + 1])  # each rank sees half the data
+    got = float(m.compute())
+    ref = MeanIoU(5)
+    ref.update(pr, gt)
+    q.put((rank, got, float(ref.compute())))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    q = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(work, args=(q,), nprocs=2)
+    for _ in range(2):
+        print(*q.get())
+"""
+
+
+@pytest.mark.slow  # two spawned processes: ~40 s on a busy 2-core machine
+def test_metric_is_summed_across_ddp_ranks(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_metric.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, str(script), str(port)], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.strip().splitlines()]
+    assert len(rows) == 2
+    for _, got, ref in rows:
+        assert float(got) == pytest.approx(float(ref))
