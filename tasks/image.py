@@ -10,7 +10,8 @@
     affine + linear on the mean of the final-norm patch tokens (head "probe");
   * ``eval`` — validation only (``unipred eval``), top-1/top-5 from torchmetrics.
 
-``data.root`` "" generates a few synthetic images (for smoke tests), with a warning.
+``data.root`` and ``data.val_root`` both "" generate a few synthetic images (for smoke tests),
+with a warning.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _build(task, split: str, num_classes: int):
     d, train = task.cfg.data, split == "train"
     tf = train_transform(d.aug) if train else eval_transform(d.aug)
     spec = d.root if train else d.val_root
-    if not d.root:
+    if not d.root and not d.val_root:
         log.warning(
             "data.root is empty: using %d synthetic images (smoke test only)", d.synthetic_samples
         )

@@ -13,6 +13,7 @@ from PIL import Image
 
 from unipred.config import load_config
 from unipred.data.accounting import COUNTER, lightning_callback
+from unipred.data.images import ShardDataset
 from unipred.engine import LitTask, evaluate, fit
 from unipred.registry import TASKS
 
@@ -171,8 +172,10 @@ def test_linear_probe_trains_only_the_head_on_eval_mode_features(data, tmp_path)
 
 def test_eval_mode_validates_a_checkpoint(data, finetuned, tmp_path):
     ckpt = finetuned[0] / "checkpoints/last.ckpt"
-    ev = _classify(data, tmp_path / "ev", "data.mode=eval", f"ckpt={ckpt}")
-    assert TASKS.get("image_classify")(ev).build_dataset("train") is None
+    ev = _classify(data, tmp_path / "ev", "data.mode=eval", f"ckpt={ckpt}", "data.root=''")
+    task = TASKS.get("image_classify")(ev)
+    assert task.build_dataset("train") is None
+    assert isinstance(task.build_dataset("val"), ShardDataset)  # the real val set, not synthetic
     res = evaluate(ev)
     assert 0 <= res["val/acc1"] <= 1 and "val/acc5" in res and "val_ema/acc1" in res
 
