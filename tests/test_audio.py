@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -157,6 +158,109 @@ def test_resample_in_tokenizer():
     assert out.tokens.shape[1] == 48  # 1 s at 16 kHz after resampling
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-def test_espeak_present_marker():
-    assert shutil.which("espeak-ng")
+# ------------------------------------------------------------------------------------ data
+def _write_clips(root, spec):
+    """spec: {relative path: seconds}; writes 440 Hz tones (wav, or flac by extension)."""
+    from torchcodec.encoders import AudioEncoder
+
+    from unipred.data.spoken_digits import write_wav
+
+    for rel, secs in spec.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix == ".flac":
+            AudioEncoder(_tone(440, secs)[None], sample_rate=SR).to_file(str(p))
+        else:
+            write_wav(p, _tone(440, secs))
+
+
+def test_folder_reader_skips_and_counts_corrupt_files(tmp_path):
+    from unipred.data.accounting import BadSampleCounter
+    from unipred.data.audio import ClipTransform, audio_dataset, pad_collate
+
+    _write_clips(tmp_path, {"cat/a.wav": 0.6, "cat/b.flac": 1.0, "dog/c.wav": 0.3})
+    (tmp_path / "dog" / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    (tmp_path / "_background_noise_").mkdir()  # Speech Commands' noise folder is no class
+    counter = BadSampleCounter()
+    ds = audio_dataset(str(tmp_path), ClipTransform(SR, 0.8, 0.5), counter=counter)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 4
+    got = [ds[i] for i in range(len(ds))]  # broken.wav (index 2) is replaced by c.wav
+    assert counter.snapshot()["skipped/corrupt"] == 1
+    assert [w.numel() for w, _ in got] == [int(0.6 * SR), int(0.8 * SR), 8000, 8000]
+    x, y = pad_collate(got)
+    assert x["wave"].shape == (4, int(0.8 * SR)) and x["lengths"].tolist()[2] == 8000
+    assert x["wave"][2, 8000:].abs().sum() == 0 and y.tolist() == [0, 0, 1, 1]
+
+
+def test_csv_layout_with_where(tmp_path):
+    from unipred.data.audio import list_audio
+
+    _write_clips(tmp_path / "audio", {"1.wav": 0.5, "2.wav": 0.5, "3.wav": 0.5})
+    (tmp_path / "meta.csv").write_text(
+        "filename,fold,category\n1.wav,1,dog\n2.wav,2,rain\n3.wav,1,cat\n"
+    )
+    items, classes = list_audio(tmp_path / "audio", str(tmp_path / "meta.csv"), "filename",
+                                "category", "fold=1")  # fmt: skip
+    assert classes == ["cat", "dog", "rain"]  # ordered over every row, so splits agree
+    assert [(p.name, y) for p, y in items] == [("1.wav", 1), ("3.wav", 0)]
+    with pytest.raises(ValueError, match="no column 'path'"):
+        list_audio(tmp_path / "audio", str(tmp_path / "meta.csv"))
+
+
+def test_pack_audio_round_trip_skips_corrupt(tmp_path):
+    import argparse
+
+    from unipred.data.accounting import BadSampleCounter
+    from unipred.data.audio import AudioShardDataset, ClipTransform
+    from unipred.data.audio_pack import add_arguments, run
+
+    src = tmp_path / "src"
+    _write_clips(src, {"yes/a.wav": 0.5, "yes/b.wav": 0.7, "no/c.flac": 0.4, "no/d.wav": 0.5})
+    (src / "no" / "bad.wav").write_bytes(b"\x00" * 100)
+    (tmp_path / "test_list.txt").write_text("no/d.wav\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(
+        [
+            str(src),
+            str(tmp_path / "out"),
+            "--shard-size",
+            "2",
+            "--exclude-list",
+            str(tmp_path / "test_list.txt"),
+            "--stats-clips",
+            "3",
+        ]
+    )
+    assert run(args) == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["num_samples"] == 3 and len(meta["skipped"]) == 1 and meta["num_shards"] == 2
+    assert meta["classes"] == ["no", "yes"] and meta["logmel_std"] > 0
+    counter = BadSampleCounter()
+    ds = AudioShardDataset(str(tmp_path / "out"), ClipTransform(SR, 10.0, 0.0), shuffle_buffer=0,
+                           counter=counter)  # fmt: skip
+    got = sorted((w.numel(), y) for w, y in ds)
+    assert got == [(int(0.4 * SR), 0), (int(0.5 * SR), 1), (int(0.7 * SR), 1)]
+    assert counter.snapshot()["skipped/total"] == 0
+
+
+# ------------------------------------------------------------------------------ synthesis
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None and shutil.which("flite") is None,
+    reason="neither espeak-ng nor flite is installed (apt-get install -y espeak-ng flite)",
+)
+def test_spoken_digit_synthesis(tmp_path):
+    from unipred.data.audio import ClipTransform, audio_dataset
+    from unipred.data.spoken_digits import synthesize, voices
+
+    assert not set(voices("train")) & set(voices("test"))  # held-out voices are unseen
+    root = synthesize(tmp_path / "sd", train_per_class=2, test_per_class=1, seed=0)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 20, "test": 10} and manifest["failed"] == 0
+    ds = audio_dataset(str(root / "test"), ClipTransform(SR))
+    assert len(ds.classes) == 10 and sorted(y for _, y in ds) == list(range(10))
+    wave, _ = ds[3]
+    assert 0.3 * SR < wave.numel() < 3 * SR and wave.abs().max() > 0.05  # speech, not silence
+    mtime = (root / "manifest.json").stat().st_mtime
+    synthesize(tmp_path / "sd", train_per_class=2, test_per_class=1, seed=0)  # cached
+    assert (root / "manifest.json").stat().st_mtime == mtime

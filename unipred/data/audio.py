@@ -174,6 +174,8 @@ class AudioFolder(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
+        if not 0 <= i < len(self.items):
+            raise IndexError(i)  # also ends plain `for x in dataset` loops
         for k in range(min(self.max_retries, len(self.items))):
             path, label = self.items[(i + k) % len(self.items)]
             try:
