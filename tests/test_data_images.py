@@ -299,3 +299,32 @@ def test_data_cli_registry(capsys):
     for name, mod in data_cli.SUBCOMMANDS.items():
         m = importlib.import_module(mod)
         assert callable(m.add_arguments) and callable(m.run), name
+
+
+def test_pack_flat_val_with_label_file_and_train_classes(tmp_path):
+    flat = tmp_path / "val"
+    flat.mkdir()
+    for i in range(4):
+        _rgb().save(flat / f"v{i}.JPEG")
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n" + "".join(f"v{i},n0{i % 2} 1 2 3 4\n" for i in range(4))
+    )
+    (tmp_path / "classes.txt").write_text("n01\nn00\n")
+    rc = data_cli.main(
+        [
+            "pack-images", str(flat), str(tmp_path / "out"), "--workers", "1",
+            "--label-file", str(tmp_path / "LOC_val_solution.csv"),
+            "--classes", str(tmp_path / "classes.txt"),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    ds = ShardDataset(str(tmp_path / "out"), training=False)
+    assert ds.classes == ["n01", "n00"] and ds.num_samples == 4
+    got = {}
+    for shard in (tmp_path / "out").glob("*.tar"):
+        with tarfile.open(shard) as tf:
+            names = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        for n, v in names.items():
+            if n.endswith(".json"):
+                got[json.loads(v)["path"]] = int(names[n[: -len("json")] + "cls"])
+    assert got == {"v0.JPEG": 1, "v1.JPEG": 0, "v2.JPEG": 1, "v3.JPEG": 0}
