@@ -89,12 +89,25 @@ def engine_run(args, torch, compile_: bool):
     from unipred.task import PretrainTask
 
     class Synthetic(PretrainTask):
+        gpu_pool = None
+
         def build_dataset(self, split):
             if split != "train":
                 return None
-            pool = torch.randn(64, 3, args.size, args.size)
             n = args.batch * (args.warmup + args.steps)
-            return _Pool(pool, n)
+            if args.gpu_data:  # the loader yields indices; images are gathered on the GPU
+                return range(n)
+            return _Pool(torch.randn(64, 3, args.size, args.size), n)
+
+        def inputs(self, batch):
+            if not args.gpu_data:
+                return super().inputs(batch)
+            if self.gpu_pool is None:
+                self.gpu_pool = torch.randn(64, 3, args.size, args.size, device=batch.device)
+            return self.gpu_pool[batch % 64]
+
+        def batch_size(self, batch):
+            return int(batch.shape[0])
 
     class Clock(L.Callback):
         def __init__(self):
@@ -120,13 +133,16 @@ def engine_run(args, torch, compile_: bool):
         f"run_dir={args.run_dir}",
         f"trainer.accelerator={'gpu' if torch.cuda.is_available() else 'cpu'}",
     ]
-    cfg = load_config(REPO / "configs/debug/image_nepa_tiny.yaml", over)
+    cfg = load_config(REPO / "configs/debug/image_nepa_tiny.yaml", over + args.over)
     clock = Clock()
     fit(cfg, callbacks=[clock], task=Synthetic(cfg))
     dts = [b - a for a, b in zip(clock.t[args.warmup :], clock.t[args.warmup + 1 :])]
     model = NEPA_cls.from_name(args.model)
     n_tok = (args.size // model.tokenizer.patch_size) ** 2
-    name = "engine_compile" if compile_ else "engine_eager"
+    name = ("engine_compile" if compile_ else "engine_eager") + (
+        "_gpudata" if args.gpu_data else ""
+    )
+    name += "".join(f" {o}" for o in args.over)
     return _report(name, args, sorted(dts)[len(dts) // 2], flops_per_image(model, n_tok))
 
 
@@ -210,6 +226,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="nepa_debug, 32 px, batch 8, 3 steps")
     ap.add_argument("--run-dir", default="/tmp/unipred_engine_bench")
     ap.add_argument("--out", default="")
+    ap.add_argument("--gpu-data", action="store_true", help="index loader, images made on GPU")
+    ap.add_argument("--over", nargs="*", default=[], help="extra config overrides (engine runs)")
     args = ap.parse_args()
     if args.tiny:
         args.model, args.size, args.batch, args.steps, args.warmup = "nepa_debug", 32, 8, 3, 1

