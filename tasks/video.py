@@ -81,13 +81,12 @@ def moving_shape_clip(seed: int, label: int, size: int = 32, frames: int = 16) -
     blob = torch.rand(2, generator=g) * size
     yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     bg = torch.where((yy - blob[0]) ** 2 + (xx - blob[1]) ** 2 < (r * 0.8) ** 2, 1 - fg, bg)
-    out = []
-    for t in range(frames):
-        cy, cx = y0 + dy * speed * t, x0 + dx * speed * t
-        ay, ax = (yy - cy).abs(), (xx - cx).abs()
-        mask = [(ay < r) & (ax < r), ay**2 + ax**2 < r**2, (ay + ax) < r * 1.3][kind]
-        out.append(torch.where(mask, fg.expand(3, size, size), bg))
-    return (torch.stack(out).clamp(0, 1) * 255).round().to(torch.uint8)
+    t = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1)
+    ay = (yy - (y0 + dy * speed * t)).abs()  # (T, H, W) distance to the moving centre
+    ax = (xx - (x0 + dx * speed * t)).abs()
+    mask = [(ay < r) & (ax < r), ay**2 + ax**2 < r**2, (ay + ax) < r * 1.3][kind]
+    out = torch.where(mask.unsqueeze(1), fg.unsqueeze(0), bg.unsqueeze(0))  # (T, 3, H, W)
+    return (out.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class MovingShapes(torch.utils.data.Dataset):

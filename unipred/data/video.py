@@ -248,13 +248,16 @@ def encode_frames_jpeg(frames: torch.Tensor, quality: int = 90) -> list[bytes]:
     return [bytes(encode_jpeg(f, quality=quality).numpy()) for f in frames]
 
 
-def write_video(path: str | Path, frames: torch.Tensor, fps: int = 8, crf: int = 18) -> None:
-    """uint8 (T, C, H, W) frames -> a real video file (codec chosen from the extension)."""
+def write_video(
+    path: str | Path, frames: torch.Tensor, fps: int = 8, crf: int = 18, preset: str | None = None
+) -> None:
+    """uint8 (T, C, H, W) frames -> a real video file (codec chosen from the extension);
+    ``preset`` (e.g. "ultrafast") trades file size for encoding speed."""
     from torchcodec.encoders import VideoEncoder
 
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"write_video needs uint8 (T, 3, H, W), got {frames.dtype} {frames.shape}")
-    VideoEncoder(frames, frame_rate=fps).to_file(str(path), crf=crf)
+    VideoEncoder(frames, frame_rate=fps).to_file(str(path), crf=crf, preset=preset)
 
 
 def video_bytes(frames: torch.Tensor, fmt: str = "mp4", fps: int = 8) -> bytes:
