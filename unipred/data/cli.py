@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "pack-images": "unipred.data.pack",
     "pack-audio": "unipred.data.audio_pack",
     "pack-segmentation": "unipred.data.segmentation",
+    "pack-video": "unipred.data.video_pack",
 }
 
 
