@@ -171,3 +171,51 @@ def test_gradient_clipping_caps_the_global_norm(tmp_path):
     lit.configure_gradient_clipping(None)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in lit.model.parameters()]))
     assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+def test_official_init_copies_the_backbone(tmp_path):
+    from unipred.hub import save_official_nepa
+    from unipred.model import NEPA
+
+    src = NEPA.from_name("nepa_debug")  # pretraining layout: no head, no affine QK-norm
+    folder = save_official_nepa(src, tmp_path / "official", image_size=16)
+    cls = LitTask(tiny(tmp_path, "task=debug_image_classify", f"model.init=official:{folder}"))
+    m = cls.model
+    assert torch.equal(m.cls_token, src.cls_token)
+    assert torch.equal(
+        m.predictor.blocks[0].attn.qkv.weight, src.predictor.blocks[0].attn.qkv.weight
+    )
+    assert m.head.classifier.weight.abs().sum() == 0
+
+
+def test_speed_switches_are_safe_on_cpu(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        "trainer.precision=bf16-mixed",
+        "trainer.activation_checkpointing=true",
+        "trainer.channels_last=true",
+        "trainer.fast_dev_run=2",
+    )
+    trainer = fit(cfg)
+    assert trainer.lightning_module.model.predictor.grad_checkpointing
+    assert trainer.global_step == 2
+
+
+def test_eval_command(pretrained, capsys):
+    from unipred.cli import main
+
+    tmp_path, _ = pretrained
+    args = [
+        "eval",
+        str(TINY),
+        f"ckpt={tmp_path}/checkpoints/last.ckpt",
+        f"run_dir={tmp_path}/ev",
+        "data.image_size=16",
+        "data.val_samples=8",
+        "trainer.progress_bar=false",
+        "trainer.loggers=[]",
+        "model.predictor.rope_rescale=0",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "val/loss:" in out and "val_ema/loss:" in out
