@@ -80,7 +80,10 @@ class LitTask(L.LightningModule):
         for k, v in logs.items():
             self.log(f"train/{k}", v, prog_bar=(k == "loss"), batch_size=bs)
         self.log(
-            "lr", self.trainer.optimizers[0].param_groups[-1]["lr"], prog_bar=True, batch_size=bs
+            "lr",
+            max(g["lr"] for g in self.trainer.optimizers[0].param_groups),
+            prog_bar=True,
+            batch_size=bs,
         )
         return {"loss": loss, "logs": logs}
 
