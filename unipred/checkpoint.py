@@ -91,12 +91,13 @@ def _step_of(p: Path) -> int:
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest readable checkpoint of ``run_dir/checkpoints`` (by global step, then time);
-    unreadable ones are skipped with a warning."""
+    """The newest readable checkpoint of ``run_dir/checkpoints`` (and Lightning's SLURM
+    ``run_dir/hpc_ckpt_*.ckpt``), by global step, then time; unreadable ones are skipped with a
+    warning."""
     folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return None
-    cands = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".")]
+    # hpc_ckpt_*.ckpt: what Lightning saves on SLURM's pre-emption signal before requeueing
+    cands = [*folder.glob("*.ckpt"), *Path(run_dir).glob("hpc_ckpt_*.ckpt")]
+    cands = [p for p in cands if not p.name.startswith(".")]
     cands.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     best, best_step = None, -1
     for p in cands:
