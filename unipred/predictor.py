@@ -109,8 +109,11 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)  # before RoPE, on every token (cls too)
         if rope is not None:
             cos, sin = rope
-            q = torch.cat([q[:, :, :n_prefix], apply_rope(q[:, :, n_prefix:], cos, sin)], dim=2)
-            k = torch.cat([k[:, :, :n_prefix], apply_rope(k[:, :, n_prefix:], cos, sin)], dim=2)
+            if cos.shape[-2] == T:  # prefix rows are identity (see _identity_prefix): no slicing
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            else:
+                q = torch.cat([q[:, :, :n_prefix], apply_rope(q[:, :, n_prefix:], cos, sin)], 2)
+                k = torch.cat([k[:, :, :n_prefix], apply_rope(k[:, :, n_prefix:], cos, sin)], 2)
         attn = None
         if return_attn:
             out, attn = _eager_attention(q, k, v, mask, causal)
@@ -210,7 +213,7 @@ class Predictor(nn.Module):
             raise ValueError(f"coords {tuple(coords.shape)} cover more than the {T} tokens")
         causal = self.cfg.causal if causal is None else causal
         mask = _attention_mask(valid, causal, B, T, tokens.device)
-        rope = self.rope.tables(coords.to(tokens.device))
+        rope = _identity_prefix(self.rope.tables(coords.to(tokens.device)), n_prefix)
         keep, attns = [], []
         for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and not return_attn:
@@ -223,6 +226,19 @@ class Predictor(nn.Module):
             if a is not None:
                 attns.append(a)
         return PredictorOutput(self.norm(tokens), keep, attns)
+
+
+def _identity_prefix(rope, n_prefix: int):
+    """Prepend cos = 1, sin = 0 rows for the prefix tokens, so RoPE runs on the whole sequence.
+
+    Exact: x * 1 + r * 0 == x. It spares, per block, slicing q and k into prefix and patches,
+    re-concatenating them, and the zero-filled slice gradients of the backward pass.
+    """
+    if not n_prefix:
+        return rope
+    cos, sin = rope
+    shape = (*cos.shape[:-2], n_prefix, cos.shape[-1])
+    return torch.cat([cos.new_ones(shape), cos], -2), torch.cat([sin.new_zeros(shape), sin], -2)
 
 
 def _attention_mask(valid, causal, B, T, device):
