@@ -219,3 +219,25 @@ def test_eval_command(pretrained, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "val/loss:" in out and "val_ema/loss:" in out
+
+
+def test_classify_loss_soft_and_hard_targets(tmp_path):
+    from unipred.tasks.debug import DebugImageClassify
+
+    task = DebugImageClassify(tiny(tmp_path, "task=debug_image_classify"))
+    logits = torch.randn(6, 4, dtype=torch.bfloat16)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    hard = task.loss(logits, y)
+    soft = task.loss(logits, torch.nn.functional.one_hot(y, 4).float())
+    assert hard.dtype == torch.float32 and torch.allclose(hard, soft)
+    task.cfg.data.label_smoothing = 0.1
+    ref = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=0.1)
+    assert torch.allclose(task.loss(logits, y), ref)
+
+
+def test_cli_names_missing_plugin_modules(capsys):
+    from unipred.cli import main
+
+    assert main(["demo", "no_such_demo"]) == 2
+    assert "unipred.demos.no_such_demo" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
