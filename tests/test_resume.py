@@ -176,3 +176,24 @@ def test_streaming_resume_neither_repeats_nor_skips(tmp_path):
     _, sd_a, _ = _final(tmp_path / "full")
     _, sd_b, _ = _final(tmp_path / "cut")
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_resume_on_another_world_size_skips_the_same_samples():
+    from unipred.loader import build_loader
+
+    data = list(range(96))
+    # 1 rank x batch 8, stopped after 5 global batches (40 samples) ...
+    one = build_loader(data, 8, 1, 0, 1, seed=3, train=True, num_workers=0)
+    one.sampler.set_epoch(2)
+    for _ in range(5):
+        one.mark_consumed(2)
+    state = one.state_dict()
+    seen = list(one.sampler)[:40]
+    # ... resumed on 4 ranks x batch 2: the rest of the epoch, no sample repeated or lost
+    rest = []
+    for r in range(4):
+        ld = build_loader(data, 2, 4, r, 1, seed=3, train=True, num_workers=0)
+        ld.load_state_dict(state)
+        ld.sampler.set_epoch(2)
+        rest += list(ld.sampler)
+    assert sorted(seen + rest) == data

@@ -84,7 +84,7 @@ class TrainerConfig:
     global_batch: int = 256
     per_device_batch: int | None = None  # None = global_batch / (devices * nodes), no accumulation
     accelerator: str = "auto"  # auto | cpu | gpu
-    devices: int = 1
+    devices: int = 1  # per node; -1 = all visible GPUs
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
@@ -253,12 +253,17 @@ def build_model_config(section: ModelSection, **defaults):
 def batch_plan(cfg) -> dict:
     """Global batch -> per-device batch and gradient accumulation; lr by the linear rule."""
     t = cfg.trainer
-    world = t.devices * t.num_nodes
+    devices = t.devices
+    if devices < 1:  # -1 = every visible GPU, as Lightning reads it
+        import torch
+
+        devices = max(1, torch.cuda.device_count())
+    world = devices * t.num_nodes
     per_dev = t.per_device_batch or t.global_batch // world
     if per_dev < 1 or t.global_batch % (per_dev * world):
         raise RecipeError(
             f"trainer.global_batch={t.global_batch} is not a multiple of per_device_batch "
-            f"({per_dev}) x devices ({t.devices}) x num_nodes ({t.num_nodes}); change "
+            f"({per_dev}) x devices ({devices}) x num_nodes ({t.num_nodes}); change "
             f"trainer.per_device_batch or the device count"
         )
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * t.global_batch / 256

@@ -69,9 +69,9 @@ class ResumableLoader(DataLoader):
     The engine calls ``mark_consumed()`` once per training batch (before it runs), and
     Lightning stores ``state_dict()`` in each checkpoint."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, world: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.consumed, self.epoch = 0, 0
+        self.consumed, self.epoch, self.world = 0, 0, world
 
     def mark_consumed(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -79,19 +79,39 @@ class ResumableLoader(DataLoader):
         self.consumed += 1
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed_batches": self.consumed}
+        bs = int(self.batch_size or 1)
+        return {
+            "epoch": self.epoch,
+            "consumed_batches": self.consumed,
+            "batch_size": bs,
+            "world_size": self.world,
+            "samples_global": self.consumed * bs * self.world,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed_batches"])
-        n = self.consumed * int(self.batch_size or 1)
         if isinstance(self.sampler, EpochSampler):
-            self.sampler.skip(self.epoch, n)
+            # the first k global batches are perm[:k * global_batch] for any world size, so a
+            # run may resume on a different number of devices with the same global batch
+            total = int(state.get("samples_global", self.consumed * (self.batch_size or 1)))
+            if total % self.world:
+                raise ValueError(
+                    f"cannot resume: {total} consumed samples do not split over {self.world} ranks"
+                )
+            self.sampler.skip(self.epoch, total // self.world)
+            self.consumed = total // self.world // int(self.batch_size or 1)
         elif isinstance(self.dataset, IterableDataset):
+            if state.get("world_size", self.world) != self.world:
+                warnings.warn(
+                    "streaming data resumed on a different world size: the stream "
+                    "position is approximate",
+                    stacklevel=2,
+                )
             if hasattr(self.dataset, "resume"):
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(self.epoch)
                 self.dataset.resume(self.consumed, int(self.batch_size or 1))
-            elif n:
+            elif self.consumed:
                 warnings.warn(
                     f"{type(self.dataset).__name__} has no resume(); the resumed epoch restarts "
                     "its stream (some samples repeat)",
@@ -122,7 +142,7 @@ def build_loader(
     )  # keeps the global RNG untouched
     if isinstance(dataset, IterableDataset):
         common["persistent_workers"] = False  # workers must see set_epoch / resume
-        return ResumableLoader(dataset, drop_last=train, **common)
+        return ResumableLoader(dataset, drop_last=train, world=world, **common)
     n = len(dataset)
     per_rank = n // world
     if train:
@@ -138,8 +158,9 @@ def build_loader(
     sampler = EpochSampler(n, world, rank, per_rank, seed, shuffle=train)
     if not train:
         sampler = _PaddedSampler(n, world, rank, per_rank)
-    cls = ResumableLoader if train else DataLoader
-    return cls(dataset, sampler=sampler, drop_last=train, **common)
+    if train:
+        return ResumableLoader(dataset, sampler=sampler, drop_last=True, world=world, **common)
+    return DataLoader(dataset, sampler=sampler, drop_last=False, **common)
 
 
 class _PaddedSampler(Sampler[int]):
