@@ -28,6 +28,22 @@ from unipred.model import NEPA, model_config
 from unipred.rope import grid_coords
 
 
+def _codec_works() -> bool:
+    """torchcodec needs FFmpeg's shared libraries (Debian: apt-get install ffmpeg)."""
+    try:
+        from torchcodec.encoders import VideoEncoder
+
+        VideoEncoder(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), frame_rate=2).to_tensor("mp4")
+        return True
+    except Exception:
+        return False
+
+
+needs_codec = pytest.mark.skipif(
+    not _codec_works(), reason="FFmpeg libraries missing (apt-get install ffmpeg)"
+)
+
+
 # ------------------------------------------------------------------------------ tokenizer
 def test_tubelet_shapes_order_and_coords():
     tok = VideoTokenizer(dim=4, patch_size=4, tubelet_size=2, in_chans=1)
@@ -86,6 +102,21 @@ def test_image_nepa_state_dict_loads_into_video_nepa():
     assert w.shape[2] == 2 and torch.allclose(w.sum(2), img.tokenizer.proj.weight, atol=1e-6)
 
 
+def test_inflate_checkpoint_feeds_model_init(tmp_path):
+    from unipred.tokenizers.video import inflate_checkpoint
+
+    from unipred.checkpoint import apply_init
+
+    img = NEPA(model_config("nepa_debug"))
+    src = tmp_path / "image.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in img.state_dict().items()}}, src)
+    spec = inflate_checkpoint(str(src), str(tmp_path / "video.ckpt"), tubelet_size=2)
+    vid = NEPA(model_config("nepa_video_debug", head="mean", num_classes=3, causal=False))
+    apply_init(vid, spec)
+    assert torch.allclose(vid.tokenizer.proj.weight.sum(2), img.tokenizer.proj.weight, atol=1e-6)
+    assert torch.equal(vid.cls_token, img.cls_token)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_3d_rope_forward_backward(causal):
     torch.manual_seed(0)
@@ -124,6 +155,7 @@ def test_frame_indices():
         frame_indices(0, 4, 1, train=False)
 
 
+@needs_codec
 @pytest.mark.parametrize("ext", ["mp4", "webm"])
 def test_decode_real_file(tmp_path, ext):
     path = tmp_path / f"ramp.{ext}"
@@ -151,6 +183,7 @@ def _make_tree(root, corrupt=True):
         (root / "left" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"junk" * 50)
 
 
+@needs_codec
 def test_folder_reader_skips_and_counts_corrupt(tmp_path):
     _make_tree(tmp_path)
     samples, classes = list_videos(tmp_path)
@@ -165,6 +198,7 @@ def test_folder_reader_skips_and_counts_corrupt(tmp_path):
     assert torch.isfinite(frame_clip).all()
 
 
+@needs_codec
 def test_csv_labels(tmp_path):
     _make_tree(tmp_path, corrupt=False)
     (tmp_path / "list.csv").write_text("path,label\nleft/a.mp4,run\nright/b.webm,jump\n")
@@ -172,6 +206,7 @@ def test_csv_labels(tmp_path):
     assert classes == ["jump", "run"] and [lab for _, lab in samples] == [1, 0]
 
 
+@needs_codec
 def test_pack_and_stream_shards(tmp_path):
     from unipred.data.video_pack import pack_videos
 
@@ -191,3 +226,31 @@ def test_pack_and_stream_shards(tmp_path):
     ds = VideoShardDataset(str(tmp_path / "raw"), 4, 1, ClipTransform(size=16, scale=1.0),
                            counter=counter)  # fmt: skip
     assert len(list(ds)) == 3 and counter.snapshot()["skipped/corrupt"] == 1
+
+
+@needs_codec
+def test_pack_video_cli(tmp_path, capsys):
+    from unipred.data.cli import main
+
+    _make_tree(tmp_path / "src")
+    assert main(["pack-video", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "packed 3 clips" in out and "skipped 1" in out and "data.root=" in out
+
+
+@needs_codec
+def test_engine_classifies_real_files(tmp_path):
+    """video_classify through the engine on real mp4/webm files and a frame folder."""
+    from unipred.config import load_config
+    from unipred.engine import fit
+
+    _make_tree(tmp_path / "data")
+    over = ["task=video_classify", "model.name=nepa_video_debug", f"run_dir={tmp_path / 'run'}",
+            f"data.root={tmp_path / 'data'}", f"data.val_root={tmp_path / 'data'}",
+            "data.num_classes=2", "data.image_size=16", "data.num_frames=4", "data.frame_stride=2",
+            "data.resize_scale=1.0", "data.num_workers=0", "trainer.global_batch=2",
+            "trainer.accelerator=cpu", "trainer.fast_dev_run=2", "trainer.progress_bar=false",
+            "trainer.loggers=[]"]  # fmt: skip
+    trainer = fit(load_config(None, over))
+    assert trainer.global_step == 2
+    assert 0.0 <= float(trainer.callback_metrics["val/acc1"]) <= 1.0

@@ -9,7 +9,8 @@ of the following one. Coordinates are (t, y, x) patch centres in (-1, 1).
 Image weights can initialise a video tokenizer: ``inflate_patch_kernel`` spreads a 2-D patch
 kernel evenly over time (I3D-style, divided by the tubelet size), so a static video gives
 exactly the image tokenizer's response; ``inflate_image_state_dict`` does that for a whole
-image NEPA checkpoint (the predictor's weights carry over unchanged: RoPE has no parameters).
+image NEPA checkpoint (the predictor's weights carry over unchanged: RoPE has no parameters),
+and ``inflate_checkpoint`` writes it to a file that ``model.init=pretrain:FILE`` loads.
 """
 
 from __future__ import annotations
@@ -52,6 +53,29 @@ def inflate_image_state_dict(state: dict[str, torch.Tensor], tubelet_size: int) 
     if w.dim() == 4:  # leave an already inflated kernel alone
         out[PATCH_KEY] = inflate_patch_kernel(w, tubelet_size)
     return out
+
+
+def inflate_checkpoint(src: str, dst: str, tubelet_size: int = 2) -> str:
+    """Write an image NEPA's weights, inflated for video, where ``model.init`` can load them.
+
+    ``src`` is ``official:PATH`` (a released NEPA image model, see unipred.hub) or one of our
+    checkpoints (``.ckpt``, its EMA weights when present). Returns the ``model.init`` value,
+    ``pretrain:DST``; the video model must use the image model's dim and patch size.
+    """
+    if src.startswith("official:"):
+        from unipred.hub import load_official_nepa
+
+        state = load_official_nepa(src.split(":", 1)[1]).state_dict()
+    else:
+        from unipred.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(src)
+        state = ckpt.get("ema_state_dict") or {
+            k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+        }
+    state = inflate_image_state_dict(state, tubelet_size)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, dst)
+    return f"pretrain:{dst}"
 
 
 @TOKENIZERS.register("video")
