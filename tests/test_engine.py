@@ -64,6 +64,8 @@ def test_fit_writes_recipe_checkpoints_and_ema(pretrained):
     assert not torch.equal(ema["cls_token"], raw["cls_token"])  # averaged, not a copy
     metrics = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
     assert "val/loss" in metrics and "val_ema/loss" in metrics and "train/loss" in metrics
+    ema_cb = next(cb for cb in trainer.callbacks if type(cb).__name__ == "EMA")
+    assert not ema_cb.module.training  # validated in eval mode (no drop path / RoPE jitter)
     # the module keeps the raw weights at the end (the EMA lives in the checkpoint)
     assert torch.equal(trainer.lightning_module.model.cls_token.detach(), raw["cls_token"])
 

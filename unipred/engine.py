@@ -107,11 +107,13 @@ class LitTask(L.LightningModule):
                 m.reset()
 
     def ema_model(self) -> nn.Module | None:
+        """The EMA weights (in eval mode: no drop path, no RoPE augmentation, frozen BN
+        statistics), or None before the first EMA update or without EMA."""
         if self._trainer is None:
             return None
         for cb in self.trainer.callbacks:
-            if isinstance(cb, EMA):
-                return cb.module
+            if isinstance(cb, EMA) and cb.module is not None:
+                return cb.module.eval()  # it is never trained; Lightning only sets our mode
         return None
 
     def configure_optimizers(self):
