@@ -243,3 +243,9 @@ def test_cli_names_missing_plugin_modules(capsys):
     assert main(["demo", "no_such_demo"]) == 2
     assert "unipred.demos.no_such_demo" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
+
+
+def test_max_steps_runs_across_epochs(tmp_path):
+    trainer = fit(tiny(tmp_path, "trainer.max_steps=6", "ema.enabled=false"))  # 4 steps/epoch
+    assert trainer.global_step == 6 and trainer.current_epoch >= 1
+    assert json.loads((tmp_path / "recipe.json").read_text())["total_steps"] == 6

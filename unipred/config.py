@@ -89,7 +89,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | fsdp
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_epochs: int = 1
-    max_steps: int = -1  # optimizer steps; -1 = from max_epochs
+    max_steps: int = -1  # optimizer steps; when set, max_epochs is ignored; -1 = max_epochs
     limit_train_batches: float | None = None  # fraction (<=1.0) or number of batches (>1)
     limit_val_batches: float | None = None
     val_every_n_epochs: int = 1
