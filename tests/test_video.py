@@ -254,3 +254,31 @@ def test_engine_classifies_real_files(tmp_path):
     trainer = fit(load_config(None, over))
     assert trainer.global_step == 2
     assert 0.0 <= float(trainer.callback_metrics["val/acc1"]) <= 1.0
+
+
+CORE = ("predictor", "rope", "loss", "heads", "model", "tokens", "registry", "task", "config",
+        "engine", "optim", "checkpoint", "callbacks", "loader")  # fmt: skip
+
+
+def test_core_has_no_modality_branch():
+    """Audio and video plug in through tokenizers/ and tasks/ only: no `if modality ==` in the
+    predictor, loss, model, engine or configuration code."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "unipred"
+    branch = re.compile(
+        r"(==|!=|\bin\b)\s*[(\[{]?\s*[\"'](image|audio|video|spectrogram)[\"']"
+        r"|\b(Image|Audio|Video|Spectrogram)\w*Tokenizer\b|\bmodality\b\s*(==|!=|\bin\b)"
+    )
+    checked = 0
+    for name in CORE:
+        path = root / f"{name}.py"
+        if not path.exists():
+            continue
+        checked += 1
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            assert not branch.search(code), f"{path.name}:{i}: modality branch: {line.strip()}"
+    assert checked >= 8
+    assert branch.search('if cfg.tokenizer == "video":')  # the pattern does catch a branch
