@@ -1,0 +1,178 @@
+"""`unipred demo image` and its parts: the Fashion-MNIST reader, the fmnist tasks, the demo."""
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unipred.data.fashion_mnist import DEBIAN_DIR, has_fashion_mnist, read_idx, read_split
+
+HAVE_FMNIST = has_fashion_mnist(DEBIAN_DIR)
+
+
+def _idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    data = head + arr.astype(np.uint8).tobytes()
+    if gz:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def _fake_fmnist(folder: Path, n_train=40, n_test=20, gz=True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
+        _idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, gz)
+
+
+def test_reader_gz_and_torchvision_layout(tmp_path):
+    _fake_fmnist(tmp_path / "deb")
+    x, y = read_split(tmp_path / "deb", "train")
+    assert x.shape == (40, 28, 28) and x.dtype == torch.uint8
+    assert y.tolist() == [i % 10 for i in range(40)] and y.dtype == torch.int64
+    # torchvision's download layout: ROOT/FashionMNIST/raw/, here without .gz
+    _fake_fmnist(tmp_path / "tv" / "FashionMNIST" / "raw", gz=False)
+    assert has_fashion_mnist(tmp_path / "tv")
+    assert read_split(tmp_path / "tv", "test")[0].shape == (20, 28, 28)
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        read_split(tmp_path, "train")
+    _fake_fmnist(tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        read_split(tmp_path, "val")
+    f = tmp_path / "train-images-idx3-ubyte.gz"
+    f.write_bytes(gzip.compress(gzip.decompress(f.read_bytes())[:-5]))  # truncated
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(f)
+    f.write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + bytes(8)))  # float IDX
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(f)
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_files():
+    x, y = read_split(DEBIAN_DIR, "test")
+    assert x.shape == (10_000, 28, 28) and torch.bincount(y).tolist() == [1000] * 10
+
+
+def test_random_shift_and_subsets():
+    from unipred.tasks.fashion_mnist import generated, per_class_subset, random_shift
+
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, 0, 14, 14] = 1.0
+    torch.manual_seed(0)
+    s = random_shift(x, 2)
+    assert s.shape == x.shape and torch.all(s.sum(dim=(1, 2, 3)) == 1)  # nothing falls off
+    pos = s[:, 0].flatten(1).argmax(dim=1)
+    dy, dx = pos // 28 - 14, pos % 28 - 14
+    assert dy.abs().max() <= 2 and dx.abs().max() <= 2 and len(set(pos.tolist())) > 5
+    assert torch.equal(random_shift(x, 0), x)
+    imgs, labels = generated(200, seed=3)
+    a = per_class_subset(imgs, labels, 4, seed=0)
+    b = per_class_subset(imgs, labels, 4, seed=0)
+    assert torch.bincount(a[1]).tolist() == [4] * 10 and torch.equal(a[0], b[0])
+    assert not torch.equal(a[0], per_class_subset(imgs, labels, 4, seed=1)[0])
+    with pytest.raises(ValueError, match="labels_per_class"):
+        per_class_subset(imgs, labels, 21, seed=0)
+
+
+def _task(overrides):
+    from unipred.config import load_config
+    from unipred.registry import TASKS
+
+    cfg = load_config(None, ["task=fmnist_classify", "model.name=nepa_debug",
+                             "model.tokenizer_args.in_chans=1", "model.tokenizer_args.patch_size=7",
+                             *overrides])  # fmt: skip
+    return TASKS.get("fmnist_classify")(cfg)
+
+
+def test_probe_features_are_cached_and_frozen():
+    task = _task(["data.mode=probe", "data.generated_samples=16"])
+    model = task.build_model()
+    ds = task.build_dataset("train")
+    batch = task.collate_fn("train")([ds[i] for i in range(8)])
+    assert len(batch) == 3  # (images, labels, indices) for the cache
+    calls = []
+    model.tokenizer.register_forward_hook(lambda *a: calls.append(1))
+    loss1, _ = task.training_step(model, batch)
+    loss1.backward()
+    loss2, _ = task.training_step(model, batch)
+    assert len(calls) == 1  # the second step reused the cached features
+    assert model.head.classifier.weight.grad is not None
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("head."))
+    val = task.collate_fn("val")([task.build_dataset("val")[i] for i in range(4)])
+    assert len(val) == 2 and val[0].shape == (4, 1, 28, 28)
+
+
+def test_labelled_subset_and_val_root():
+    task = _task(["data.labels_per_class=3", "data.generated_samples=100", "data.repeat=2"])
+    ds = task.build_dataset("train")
+    assert len(ds) == 60 and torch.bincount(ds.labels).tolist() == [3] * 10
+    with pytest.raises(ValueError, match="val_root"):
+        _task(["data.val_root=/tmp"]).build_dataset("train")
+
+
+def _check_outputs(out: Path) -> dict:
+    info = json.loads((out / "results.json").read_text())
+    assert set(info["accuracy"]) == {"finetune_nepa", "finetune_scratch", "probe_nepa",
+                                     "probe_random"}  # fmt: skip
+    assert all(0.0 <= a <= 1.0 for a in info["accuracy"].values())
+    table = (out / "results.md").read_text()
+    assert table.count("| NEPA-pretrained") == 2 and "random init, frozen" in table
+    for name in ("loss_curves", "accuracy", "prediction_maps"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 5000
+    assert len(list((out / "plots" / "maps").glob("*.png"))) == 6
+    # every stage is a plain engine run whose config can be rerun with `unipred fit`
+    for stage in ("pretrain", "finetune_nepa", "probe_random"):
+        assert (out / stage / "config.yaml").is_file()
+    assert (out / "pretrain" / "checkpoints" / "last.ckpt").is_file()
+    return info
+
+
+def test_demo_tiny_end_to_end(tmp_path):
+    """The whole demo (all five engine runs, table, plots) on generated data, tiny plan."""
+    from unipred.demos.image import main
+
+    argv = ["--quick", "--data", "generated", "--out", str(tmp_path), "--pretrain-steps", "2",
+            "--train-images", "1024", "--test-images", "64", "--labels-per-class", "5",
+            "--finetune-steps", "1", "--probe-epochs", "1"]  # fmt: skip
+    assert main(argv) == 0
+    info = _check_outputs(tmp_path)
+    assert info["plan"]["pretrain_steps"] == 2 and info["data"] == "generated"
+
+
+def test_demo_missing_data_message(tmp_path, capsys):
+    from unipred.demos.image import main
+
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no Fashion-MNIST IDX files" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
+def test_demo_quick_real(tmp_path):
+    """`unipred demo image --quick` on Fashion-MNIST (about 2 minutes on 2 idle cores)."""
+    from unipred.demos.image import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    info = _check_outputs(tmp_path)
+    assert info["accuracy"]["finetune_scratch"] > 0.3  # 10 classes: chance is 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
+def test_demo_full(tmp_path):
+    """The full `make demo` (about 15 minutes on 2 idle cores): the linear probe of the NEPA
+    features beats the frozen random-init model by a wide margin."""
+    from unipred.demos.image import main
+
+    assert main(["--out", str(tmp_path)]) == 0
+    acc = _check_outputs(tmp_path)["accuracy"]
+    assert acc["probe_nepa"] > acc["probe_random"] + 0.10
