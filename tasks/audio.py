@@ -15,8 +15,10 @@ Model sizes registered here (the "audio" tokenizer on the image sizes' predictor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,9 @@ def nepa_audio_s16() -> ModelConfig:
 
 @MODELS.register("nepa_audio_tiny")
 def nepa_audio_tiny() -> ModelConfig:
-    return _audio("nepa_debug", dim=128, depth=4, heads=4)
+    cfg = _audio("nepa_debug")
+    cfg.predictor = dataclasses.replace(cfg.predictor, dim=128, depth=4, heads=4)
+    return cfg
 
 
 @MODELS.register("nepa_audio_debug")
@@ -84,6 +88,7 @@ class AudioData(DataConfig):
     digits_dir: str = ""
     train_per_class: int = 200
     val_per_class: int = 40
+    digits_seed: int = 0  # the synthesis seed (the data set's identity, apart from cfg.seed)
 
 
 @dataclass
@@ -91,10 +96,10 @@ class AudioClassifyData(AudioData, ClassifyData):
     num_classes: int = 0  # 0 = 10 on the spoken digits, else required
 
 
-def digits_cache(d: AudioData, seed: int) -> Path:
+def digits_cache(d: AudioData) -> Path:
     """Where the synthesised digits of this config live."""
     base = Path(d.digits_dir or os.environ.get("UNIPRED_CACHE", "~/.cache/unipred")).expanduser()
-    return base / f"spoken_digits_{d.train_per_class}_{d.val_per_class}_{seed}"
+    return base / f"spoken_digits_{d.train_per_class}_{d.val_per_class}_{d.digits_seed}"
 
 
 class ToneDigits(torch.utils.data.Dataset):
@@ -136,7 +141,7 @@ def build_audio_dataset(cfg, split: str):
             warnings.warn("espeak-ng/flite not found: tone patterns stand in for spoken digits "
                           "(apt-get install -y espeak-ng flite)", stacklevel=2)  # fmt: skip
             return ToneDigits(n, cfg.seed + (0 if train else 7919))
-        root = synthesize(digits_cache(d, cfg.seed), d.train_per_class, d.val_per_class, cfg.seed)
+        root = synthesize(digits_cache(d), d.train_per_class, d.val_per_class, d.digits_seed)
         spec, csv_path, where = str(root / ("train" if train else "test")), "", ""
     else:
         spec = d.root if train else d.val_root
@@ -164,8 +169,10 @@ def _check_rate(task, mc: ModelConfig) -> ModelConfig:
     return mc
 
 
+# smoke runs synthesise 20 clips into the temp folder, never into the user's cache
 _SMOKE = {"model.name": "nepa_audio_debug", "trainer.global_batch": 4, "data.num_workers": 0,
-          "data.train_per_class": 1, "data.val_per_class": 1, "data.max_seconds": 2.0}  # fmt: skip
+          "data.train_per_class": 1, "data.val_per_class": 1, "data.max_seconds": 2.0,
+          "data.digits_dir": str(Path(tempfile.gettempdir()) / "unipred-audio-smoke")}  # fmt: skip
 
 
 @TASKS.register("audio_pretrain")
