@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +265,27 @@ def test_spoken_digit_synthesis(tmp_path):
     mtime = (root / "manifest.json").stat().st_mtime
     synthesize(tmp_path / "sd", train_per_class=2, test_per_class=1, seed=0)  # cached
     assert (root / "manifest.json").stat().st_mtime == mtime
+
+
+# -------------------------------------------------------------------------------- configs
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs/audio").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_audio_configs_load(path):
+    from unipred.config import load_config
+    from unipred.registry import TASKS
+
+    cfg = load_config(path, check_paths=False)
+    assert cfg.task in ("audio_pretrain", "audio_classify")
+    task = TASKS.get(cfg.task)(cfg)
+    mc = task.model_config(head="none" if cfg.task == "audio_pretrain" else "mean", num_classes=10)
+    assert mc.tokenizer == "audio" and mc.predictor.coord_dims == 2
+    if cfg.model.head == "probe":  # the probe trains the head alone (checked on a tiny size)
+        from unipred.optim import freeze
+
+        cfg = load_config(path, ["model.name=nepa_audio_debug", "model.tokenizer_args={}"],
+                          check_paths=False)  # fmt: skip
+        model = TASKS.get(cfg.task)(cfg).build_model()
+        freeze(model, cfg.optim.freeze)
+        assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"head"}
