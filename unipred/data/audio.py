@@ -248,13 +248,14 @@ def pad_collate(batch: list) -> tuple[dict, torch.Tensor]:
 @torch.no_grad()
 def logmel_stats(dataset, tokenizer_args: dict | None = None, max_clips: int = 500):
     """Mean and std of the log-mel values the "audio" tokenizer sees (over the real frames of
-    up to ``max_clips`` clips): put them in ``tokenizer_args.mean`` / ``std``."""
+    up to ``max_clips`` clips spread evenly over the set): put them in ``tokenizer_args``."""
     from unipred.tokenizers.audio import AudioSpectrogramTokenizer
 
     args = {k: v for k, v in (tokenizer_args or {}).items() if k not in ("mean", "std")}
     tk = AudioSpectrogramTokenizer(dim=1, **args)
     s = s2 = n = 0.0
-    for i in range(min(len(dataset), max_clips)):
+    step = max(1, len(dataset) // max_clips)  # spread over the set: folders are class-sorted
+    for i in range(0, len(dataset), step)[:max_clips]:
         wave = dataset[i][0]
         frames = int(tk.n_frames(wave.numel()))
         if frames < 1:
