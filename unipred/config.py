@@ -87,6 +87,7 @@ class TrainerConfig:
     devices: int = 1  # per node; -1 = all visible GPUs
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
+    find_unused_parameters: bool = False  # DDP: only for models with parameters a step skips
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_epochs: int = 1
     max_steps: int = -1  # optimizer steps; when set, max_epochs is ignored; -1 = max_epochs
@@ -203,6 +204,11 @@ def _is_remote(p: str) -> bool:
     return p.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) or "{" in p
 
 
+# data fields whose names end like this are inputs that must exist; caches and outputs are
+# named otherwise (e.g. ``cache_dir``, ``digits_dir``) and are not checked
+INPUT_SUFFIXES = ("root", "path", "file", "manifest", "csv")
+
+
 def check_data_paths(cfg) -> None:
     """Fail early, naming the key and path, when a local data path does not exist."""
     data = cfg.data
@@ -210,7 +216,7 @@ def check_data_paths(cfg) -> None:
         v = getattr(data, f.name)
         if not isinstance(v, str) or not v or _is_remote(v):
             continue
-        if f.name.endswith(("root", "path", "dir", "file", "manifest")) and not Path(v).exists():
+        if f.name.endswith(INPUT_SUFFIXES) and not Path(v).exists():
             raise ConfigError(f"data.{f.name}: path does not exist: {v}")
     for key, spec in (("model.init", cfg.model.init), ("ckpt", cfg.ckpt)):
         p = spec.split(":", 1)[1] if ":" in spec and key == "model.init" else spec

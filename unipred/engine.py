@@ -37,7 +37,8 @@ class LitTask(L.LightningModule):
 
             apply_init(self.model, cfg.model.init)
         self.frozen = optim.freeze(self.model, list(cfg.optim.freeze))
-        if cfg.trainer.activation_checkpointing and hasattr(self.model, "predictor"):
+        ckpt_blocks = cfg.trainer.activation_checkpointing and cfg.trainer.strategy != "fsdp"
+        if ckpt_blocks and hasattr(self.model, "predictor"):  # FSDP wraps blocks itself
             self.model.predictor.grad_checkpointing = True
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)

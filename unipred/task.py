@@ -21,6 +21,9 @@ Writing a task (see tasks/debug.py for a complete example)::
             return {"model.name": "nepa_debug", "data.image_size": 32, "trainer.global_batch": 4}
 
 * ``data.root == ""`` must mean generated/demo data, so the smoke test runs anywhere.
+* Data fields named ``*root``, ``*path``, ``*file``, ``*manifest`` or ``*csv`` are inputs: when
+  set to a local path that does not exist, the config fails before any model is built. Name
+  caches and outputs otherwise (``cache_dir``).
 * Datasets are sharded by the engine: map-style sets get a seeded per-epoch permutation split
   over the ranks (do not add a sampler). An ``IterableDataset`` shards itself (by rank and
   worker) and, for exact resumption, implements ``set_epoch(epoch)`` and ``resume(n)``: skip

@@ -21,7 +21,9 @@ def _strategy(cfg):
     if t.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(gradient_as_bucket_view=True)
+        return DDPStrategy(
+            gradient_as_bucket_view=True, find_unused_parameters=t.find_unused_parameters
+        )
     if t.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
