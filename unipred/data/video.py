@@ -18,7 +18,6 @@ A clip that fails to decode is skipped and counted in the shared bad-sample coun
 from __future__ import annotations
 
 import csv
-import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,12 +257,3 @@ def write_video(
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"write_video needs uint8 (T, 3, H, W), got {frames.dtype} {frames.shape}")
     VideoEncoder(frames, frame_rate=fps).to_file(str(path), crf=crf, preset=preset)
-
-
-def video_bytes(frames: torch.Tensor, fmt: str = "mp4", fps: int = 8) -> bytes:
-    """Encode frames to in-memory video bytes of container ``fmt``."""
-    from torchcodec.encoders import VideoEncoder
-
-    buf = io.BytesIO()
-    VideoEncoder(frames, frame_rate=fps).to_file_like(buf, format=fmt)
-    return buf.getvalue()
