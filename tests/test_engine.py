@@ -249,3 +249,29 @@ def test_max_steps_runs_across_epochs(tmp_path):
     trainer = fit(tiny(tmp_path, "trainer.max_steps=6", "ema.enabled=false"))  # 4 steps/epoch
     assert trainer.global_step == 6 and trainer.current_epoch >= 1
     assert json.loads((tmp_path / "recipe.json").read_text())["total_steps"] == 6
+
+
+@pytest.mark.slow  # the full debug recipe: 32 steps, about 35 s on a loaded 2-core box
+def test_debug_config_runs_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unipred.cli",
+            "fit",
+            str(TINY),
+            f"run_dir={tmp_path}",
+            "trainer.progress_bar=false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONSAFEPATH": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "total_steps             32" in proc.stdout
+    assert (tmp_path / "checkpoints/last.ckpt").exists()

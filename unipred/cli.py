@@ -42,6 +42,9 @@ def _load(argv: list[str]):
     from unipred.config import load_config
 
     config, overrides, flags = _split(argv)
+    if "--help" in flags or "-h" in argv:
+        print(USAGE + "\nkeys: see `unipred fit CONFIG --print-config` (every key, with its value)")
+        raise SystemExit(0)
     unknown = [f for f in flags if f not in ("--print-config",)]
     if unknown:
         raise SystemExit(f"unipred: unknown option(s) {unknown}; only --print-config is accepted")
