@@ -254,6 +254,7 @@ def _figures(cfg, mcfg, times, cpu, peak, base, loss, torch) -> dict:
         "tflops": fl * cfg.batch / step_s / 1e12,
         "loss": loss,
         "threads": torch.get_num_threads(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "default"),
         "torch": torch.__version__,
     }
     if cfg.device.startswith("cuda"):
@@ -265,9 +266,18 @@ def _figures(cfg, mcfg, times, cpu, peak, base, loss, torch) -> dict:
     return out
 
 
-def run_isolated(cfg: BenchConfig, python: str, timeout: float | None = None) -> dict:
-    """Measure one configuration in a fresh interpreter (honest peak RSS, no shared caches)."""
+def run_isolated(
+    cfg: BenchConfig, python: str, timeout: float | None = None, mmap_threshold: int = 0
+) -> dict:
+    """Measure one configuration in a fresh interpreter (honest peak RSS, no shared caches).
+
+    ``mmap_threshold`` > 0 fixes glibc's M_MMAP_THRESHOLD for the run: large blocks then go
+    straight back to the OS when freed, so RSS follows the live tensors instead of what the
+    default (self-raising) threshold leaves stranded in the heap.
+    """
     env = dict(os.environ)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     if cfg.threads:  # fix the OpenMP pool before torch starts, the same for both impls
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     cmd = [python, str(Path(__file__).resolve()), "--worker", json.dumps(dataclasses.asdict(cfg))]
@@ -308,6 +318,8 @@ def _args(argv):
     p.add_argument("--official-python", default=sys.executable,
                    help="interpreter with transformers 4.56.2 for --impl official")  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides")
+    p.add_argument("--mmap-threshold", type=int, default=0,
+                   help="glibc MALLOC_MMAP_THRESHOLD_ (bytes) for every run, e.g. 4194304")  # fmt: skip
     p.add_argument("--in-process", action="store_true", help="no subprocess per run (CUDA)")
     p.add_argument("--json", default="", help="also write all results to this file")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -339,7 +351,8 @@ def _print_table(rows: list[dict], first: dict) -> None:
     print(f"\n{first['model']}  batch {first['batch']}  {first['res']} px  device {first['device']}"
           f"  threads {first['threads']}  torch {first['torch']}  "
           f"{first['gflop_per_sample']:.2f} GFLOP/sample (fwd+bwd)"
-          + ("  +AdamW" if first["optimizer"] else ""))  # fmt: skip
+          + ("  +AdamW" if first["optimizer"] else "")
+          + f"  glibc mmap threshold {first.get('malloc_mmap_threshold')}")  # fmt: skip
     print(
         f"{'impl':9}{'prec':6}{'mode':9}{'samples/s':>11}{'TFLOP/s':>9}{'MFU':>7}"
         f"{'cpu s/step':>11}{'peak GiB':>10}{'live GiB':>10}{'base GiB':>10}  runs (samples/s)"
@@ -385,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = dataclasses.replace(base, precision=prec, impl=impl,
                                               compile=mode == "compile")  # fmt: skip
                     py = a.official_python if impl == "official" else sys.executable
-                    r = measure(cfg) if a.in_process else run_isolated(cfg, py)
+                    r = (
+                        measure(cfg)
+                        if a.in_process
+                        else run_isolated(cfg, py, None, a.mmap_threshold)
+                    )
                     results.append(r)
                     if a.json:  # after every run, so a cut-off session keeps what it measured
                         Path(a.json).write_text(json.dumps(results, indent=1))
