@@ -55,16 +55,6 @@ class SegmentData(DataConfig):
     synthetic_val: int = 100
 
 
-def poly_multiplier(t: int, warmup: int, total: int, scale: float = 1.0, power: float = 1.0,
-                    warmup_ratio: float = 1e-6) -> float:  # fmt: skip
-    """mmcv's poly schedule with linear warmup, as the BEiT/MAE ADE20K runs used it:
-    (1 - t/T)^power, times 1 - (1 - warmup_ratio)(1 - t/W) during the first W steps."""
-    f = max(0.0, 1.0 - min(t, total) / max(1, total)) ** power
-    if t < warmup:
-        f *= 1.0 - (1.0 - warmup_ratio) * (1.0 - t / warmup)
-    return scale * f
-
-
 @TASKS.register("segment_ade20k")
 class SegmentADE20K(Task):
     data_config: ClassVar[type[DataConfig]] = SegmentData

@@ -131,3 +131,17 @@ def test_fused_adamw_is_used_on_cpu():
 def test_unknown_schedule_is_rejected():
     with pytest.raises(ValueError, match="unknown schedule"):
         optim.schedule_fns([{"lr_scale": 1.0}], "linear", 1, 10)
+
+
+def test_llrd_depth_offset_gives_mmseg_numbering():
+    """offset 1 (BEiT/MAE/mmseg): block i -> llrd^(L-i), embeddings -> llrd^(L+1), head -> 1."""
+    from unipred import NEPA
+    from unipred.optim import param_groups
+
+    m = NEPA.from_name("nepa_debug", head="mean", num_classes=3)  # depth 2
+    groups = param_groups(m, 1.0, 0.05, llrd=0.5, depth=len(m.predictor.blocks) + 1)
+    exp = {n: g["exponent"] for g in groups for n in g["names"]}
+    assert exp["predictor.blocks.1.mlp.fc1.weight"] == 1
+    assert exp["predictor.blocks.0.mlp.fc1.weight"] == 2
+    assert exp["cls_token"] == 3 and exp["tokenizer.proj.weight"] == 3
+    assert exp["head.classifier.weight"] == 0

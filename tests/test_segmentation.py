@@ -268,7 +268,7 @@ def test_synthetic_scenes_have_all_classes():
 
 # -------------------------------------------------------------------------------- task
 def test_poly_schedule_values():
-    from unipred.tasks.segment import poly_multiplier
+    from unipred.optim import poly_multiplier
 
     assert poly_multiplier(0, 1500, 160000) == pytest.approx(1e-6)
     assert poly_multiplier(750, 1500, 160000) == pytest.approx((1 - 750 / 160000) * (0.5 + 0.5e-6))
@@ -285,7 +285,7 @@ def test_task_smoke_fit_and_validate(tmp_path):
     over = [f"{k}={v}" for k, v in SegmentADE20K.smoke_config().items()]
     over += ["task=segment_ade20k", f"run_dir={tmp_path}", "trainer.accelerator=cpu",
              "trainer.max_steps=2", "trainer.fast_dev_run=2", "trainer.progress_bar=false",
-             "optim.schedule=constant", "ema.enabled=false"]  # fmt: skip
+             "optim.schedule=poly", "ema.enabled=false"]  # fmt: skip
     trainer = fit(load_config(None, over))
     assert trainer.global_step == 2
     assert 0.0 <= float(trainer.callback_metrics["val/mIoU"]) <= 1.0

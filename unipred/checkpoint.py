@@ -205,7 +205,13 @@ def apply_init(model, spec: str) -> None:
     elif kind == "official":
         from unipred.hub import load_official_nepa
 
-        load_backbone(model, load_official_nepa(path).state_dict(), path)
+        src = load_official_nepa(path).state_dict()
+        head = {k: tuple(v.shape) for k, v in src.items() if k.startswith("head.")}
+        mine = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("head.")}
+        if head and head == mine:  # a released classifier evaluates with its own head
+            model.load_state_dict(src, strict=True)
+        else:
+            load_backbone(model, src, path)
     elif kind == "pretrain":
         use_ema = path.endswith(":ema")
         path = path[: -len(":ema")] if use_ema else path

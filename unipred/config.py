@@ -68,10 +68,13 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05
     grad_clip: float = 1.0  # 0 disables clipping
-    schedule: str = "cosine"  # cosine | llrd_cosine_warmup | constant
+    schedule: str = "cosine"  # cosine | llrd_cosine_warmup | poly | constant
     warmup_ratio: float = 0.0  # fraction of all optimizer steps (the release's warmup_ratio)
     warmup_steps: int | None = None  # absolute; overrides warmup_ratio when set
     llrd: float = 1.0  # layer-wise lr decay; 1.0 = off
+    # block i gets llrd^(L-1-i+offset), the embeddings llrd^(L+offset): 0 = the NEPA release,
+    # 1 = BEiT/MAE/mmseg's numbering (the top block already decayed once)
+    llrd_depth_offset: int = 0
     head_lr: float | None = None  # lr of classifier + final norm (the release: 1e-3, unscaled)
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names
     fused: bool = True  # fused AdamW kernels (falls back with a warning where unsupported)

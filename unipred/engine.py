@@ -119,7 +119,12 @@ class LitTask(L.LightningModule):
 
     def configure_optimizers(self):
         o, plan = self.cfg.optim, self.plan
-        groups = optim.param_groups(self.model, plan["lr"], o.weight_decay, o.llrd, o.head_lr)
+        depth = (
+            len(getattr(getattr(self.model, "predictor", None), "blocks", [])) + o.llrd_depth_offset
+        )
+        groups = optim.param_groups(
+            self.model, plan["lr"], o.weight_decay, o.llrd, o.head_lr, depth=depth
+        )
         # fp16 loss scaling needs unscaled grads before clipping, which fused AdamW defers
         fused = o.fused and self.cfg.trainer.precision not in ("16-mixed", "16")
         opt = optim.build_adamw(groups, o.betas, o.eps, fused)

@@ -141,12 +141,29 @@ def constant_multiplier(t: int, warmup: int, total: int, scale: float = 1.0) -> 
     return scale * min(1.0, t / warmup) if warmup > 0 else scale
 
 
+def poly_multiplier(
+    t: int,
+    warmup: int,
+    total: int,
+    scale: float = 1.0,
+    power: float = 1.0,
+    warmup_ratio: float = 1e-6,
+) -> float:
+    """mmcv's poly schedule with linear warmup, as the BEiT/MAE ADE20K runs used it:
+    (1 - t/T)^power, times 1 - (1 - warmup_ratio)(1 - t/W) during the first W steps."""
+    f = max(0.0, 1.0 - min(t, total) / max(1, total)) ** power
+    if t < warmup:
+        f *= 1.0 - (1.0 - warmup_ratio) * (1.0 - t / warmup)
+    return scale * f
+
+
 def schedule_fns(groups: list[dict], kind: str, warmup: int, total: int) -> list[Callable]:
     """One multiplier function of the step per group (for torch's LambdaLR)."""
     fns = {
         "cosine": cosine_multiplier,
         "constant": constant_multiplier,
         "llrd_cosine_warmup": llrd_warmup_multiplier,
+        "poly": poly_multiplier,
     }
     if kind not in fns:
         raise ValueError(f"optim.schedule: unknown schedule {kind!r}; use one of {sorted(fns)}")

@@ -70,7 +70,10 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 
     t, plan, out = cfg.trainer, lit.plan, Path(cfg.run_dir)
-    cbs = [NonFiniteLossStop(), Throughput(plan["global_batch"]), *callbacks]
+    from unipred.data.accounting import lightning_callback as bad_sample_logger
+
+    # bad samples skipped/converted by any reader are logged (summed over ranks) every epoch
+    cbs = [NonFiniteLossStop(), Throughput(plan["global_batch"]), bad_sample_logger(), *callbacks]
     ema_ok = cfg.ema.enabled and t.strategy != "fsdp"
     if cfg.ema.enabled and not ema_ok:
         warnings.warn(
