@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (CONFIGS / "fmnist_pretrain.yaml").is_file():
         raise SystemExit(f"demo configs not found in {CONFIGS}; run from a source checkout")
     try:
+        import matplotlib  # noqa: F401  (checked now, not after the training)
+    except ModuleNotFoundError:
+        print("unipred demo image: the plots need matplotlib: pip install 'unipred[plots]'")
+        return 2
+    try:
         root = data_root(args.data)
     except FileNotFoundError as e:
         print(f"unipred demo image: {e}", flush=True)
