@@ -148,3 +148,24 @@ def test_gradient_checkpointing_same_gradients():
     p(x, c).sum().backward()
     for a, q in zip(g1, p.parameters()):
         assert torch.allclose(a, q.grad, atol=1e-6)
+
+
+def test_cpu_bf16_uses_the_math_attention_kernel():
+    """CPU flash-attention backward in bf16 is slow; the predictor must route around it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    p = _pred().train()
+    x, c = _inputs()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = p(x, c)
+        out.float().sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert not any("flash_attention" in n for n in names), sorted(
+        n for n in names if "attention" in n
+    )
+    assert any("scaled_dot_product_attention" in n for n in names)
+    # and fp32 keeps the default kernel choice (flash on CPU)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        p(x, c).sum().backward()
+    assert any("flash_attention" in e.key for e in prof.key_averages())

@@ -140,6 +140,12 @@ class AudioSpectrogramTokenizer(nn.Module):
         spec = torch.log(spec + 1e-6).transpose(1, 2)  # (B, frames, n_mels)
         return (spec - self.mean) / self.std
 
+    def example_input(self, batch_size: int = 2) -> dict:
+        """Clips of different lengths (one padded), for tests and smoke runs."""
+        n = self.sample_rate  # one second
+        lengths = torch.tensor([n] + [n // 2] * (batch_size - 1))
+        return {"wave": 0.1 * torch.randn(batch_size, n), "lengths": lengths}
+
     def forward(self, x) -> Tokens:
         wave, lengths, sr = split_audio_input(x)
         if sr is not None and sr != self.sample_rate:
@@ -193,6 +199,12 @@ class AudioFrameTokenizer(nn.Module):
             raise ValueError(f"frame_ms {frame_ms} is shorter than one sample at {sample_rate} Hz")
         self.time_span = time_span
         self.proj = nn.Conv1d(1, dim, kernel_size=self.frame, stride=self.frame)
+
+    def example_input(self, batch_size: int = 2) -> dict:
+        """Clips of different lengths (one padded), for tests and smoke runs."""
+        n = self.sample_rate  # one second
+        lengths = torch.tensor([n] + [n // 2] * (batch_size - 1))
+        return {"wave": 0.1 * torch.randn(batch_size, n), "lengths": lengths}
 
     def forward(self, x) -> Tokens:
         wave, lengths, sr = split_audio_input(x)

@@ -41,6 +41,10 @@ class ImageTokenizer(nn.Module):
             self._coords[key] = grid_coords(n_h, n_w, device=device)
         return self._coords[key]
 
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        """A small valid input (a 2x2 patch grid), for tests and smoke runs."""
+        return torch.randn(batch_size, self.in_chans, 2 * self.patch_size, 2 * self.patch_size)
+
     def forward(self, x: torch.Tensor) -> Tokens:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(

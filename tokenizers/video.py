@@ -127,6 +127,11 @@ class VideoTokenizer(nn.Module):
             if bias is not None:
                 self.proj.bias.copy_(bias)
 
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        """A small valid clip (2x2x2 tubelets), for tests and smoke runs."""
+        t, p = self.tubelet_size, self.patch_size
+        return torch.randn(batch_size, self.in_chans, 2 * t, 2 * p, 2 * p)
+
     def forward(self, x: torch.Tensor) -> Tokens:
         if x.dim() == 4 and x.shape[1] == self.in_chans:  # image -> static clip
             x = x.unsqueeze(2).expand(-1, -1, self.tubelet_size, -1, -1)
