@@ -9,7 +9,7 @@ export PYTHONSAFEPATH := 1
 # System packages: FFmpeg libraries for torchcodec (audio/video decoding), speech synthesis
 # for the spoken-digit data, and Debian's Fashion-MNIST for the image demo.
 TEST_APT := ffmpeg espeak-ng flite
-DEMO_APT := dataset-fashion-mnist
+DEMO_APT := dataset-fashion-mnist espeak-ng flite ffmpeg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
 .PHONY: test demo demo-quick lint format system-test system-demo clean
@@ -31,8 +31,12 @@ system-test:
 	fi
 
 system-demo:
-	@dpkg -s $(DEMO_APT) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEMO_APT) >/dev/null; } || \
-	  echo "WARNING: could not install $(DEMO_APT); the demo will try torchvision's download instead"
+	@missing=""; for p in $(DEMO_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null || \
+	  echo "WARNING: could not install$$missing; the image demo will try torchvision's download instead"; \
+	fi
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
@@ -45,10 +49,14 @@ format: $(VENV)/.test-installed
 test: system-test $(VENV)/.test-installed lint
 	$(BIN)/python -m pytest -q
 
-demo: system-demo $(VENV)/.test-installed
+$(VENV)/.demo-installed: pyproject.toml $(VENV)/.test-installed
+	$(BIN)/pip install -q -e ".[test,demo]"
+	touch $@
+
+demo: system-demo $(VENV)/.demo-installed
 	$(BIN)/unipred demo image
 
-demo-quick: system-demo $(VENV)/.test-installed
+demo-quick: system-demo $(VENV)/.demo-installed
 	$(BIN)/unipred demo image --quick
 
 clean:
