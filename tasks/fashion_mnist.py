@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -163,18 +162,6 @@ def per_class_subset(x, y, k: int, seed: int):
     return x[keep], y[keep]
 
 
-def attention_backend(x: torch.Tensor):
-    """The math SDPA path on CPU under bf16 autocast, else no change. Why: torch's CPU flash-
-    attention backward in bf16 is about 10x slower than in fp32 (3.5 s of a 6.4 s profile), so
-    with it bf16 trains no faster than fp32; the math path makes the whole 16-token training
-    step 2.1x faster (single-thread CPU time 487 -> 233 ms per 256 images; 49 tokens: 1.5x)."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.MATH)
-    return nullcontext()
-
-
 def _dataset(task, split: str, with_index: bool = False):
     d = task.cfg.data
     if split != "train" and not d.validate:
@@ -203,10 +190,6 @@ class FMNISTPretrain(PretrainTask):
 
     def collate_fn(self, split):
         return Collate(self.cfg.data, split == "train")
-
-    def training_step(self, model, batch):
-        with attention_backend(batch[0]):
-            return super().training_step(model, batch)
 
     @classmethod
     def smoke_config(cls):
@@ -256,8 +239,7 @@ class FMNISTClassify(ImageClassify):
 
     def training_step(self, model, batch):
         if self.mode != "probe":
-            with attention_backend(batch[0]):
-                loss, logs = super().training_step(model, batch)
+            loss, logs = super().training_step(model, batch)
             return loss, {k: v for k, v in logs.items() if not k.startswith("data/")}
         x, y = batch[0], batch[1]
         f = self.probe_features(model, x, batch[2] if len(batch) > 2 else None)

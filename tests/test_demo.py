@@ -176,23 +176,3 @@ def test_demo_full(tmp_path):
     assert main(["--out", str(tmp_path)]) == 0
     acc = _check_outputs(tmp_path)["accuracy"]
     assert acc["probe_nepa"] > acc["probe_random"] + 0.10
-
-
-def test_bf16_cpu_training_uses_math_attention():
-    """Under CPU bf16 autocast the fmnist tasks avoid the slow flash-attention backward."""
-    from torch.profiler import ProfilerActivity, profile
-    from unipred.tasks.fashion_mnist import attention_backend
-
-    task = _task(["data.generated_samples=16"])
-    model = task.build_model()
-    x = torch.randn(4, 1, 28, 28)
-
-    def ops(ctx):
-        with profile(activities=[ProfilerActivity.CPU]) as p:
-            with torch.autocast("cpu", dtype=torch.bfloat16), ctx(x):
-                loss = model(x).logits.float().sum()
-            loss.backward()
-        return " ".join(e.key for e in p.key_averages())
-
-    assert "flash_attention" in ops(lambda x: torch.autocast("cpu", enabled=True))
-    assert "flash_attention" not in ops(attention_backend)
