@@ -40,7 +40,7 @@ class Plan:
     test_images: int = 0  # evaluation images (0 = all 10,000)
     labels_per_class: int = 100  # fine-tuning labels per class
     finetune_steps: int = 600  # batch 100
-    probe_epochs: int = 30  # over the frozen (cached) features: later epochs are cheap
+    probe_epochs: int = 100  # over the frozen (cached) features: later epochs are cheap
 
 
 PLANS = {"full": Plan(), "quick": Plan(100, 10_000, 2_000, 100, 100, 3)}
