@@ -27,7 +27,7 @@ CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "audio"
 class Plan:
     train_per_class: int = 200  # synthesised training clips per digit (all used to pretrain)
     val_per_class: int = 40  # held-out-voice clips per digit
-    pretrain_epochs: int = 8
+    pretrain_epochs: int = 40  # 8 were too few for pretraining to help (README)
     finetune_epochs: int = 30
     labels: tuple[int, ...] = (10,)  # labelled clips per digit for the fine-tuning rows
 
