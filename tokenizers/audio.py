@@ -73,6 +73,20 @@ def time_coords(n: int, seconds_per_step: float, time_span: float, device) -> to
     return 2.0 * t / time_span - 1.0
 
 
+def example_clips(batch_size: int, sample_rate: int) -> dict:
+    """Clips of different lengths (one second, the rest padded half-length), for tests."""
+    lengths = torch.tensor([sample_rate] + [sample_rate // 2] * (batch_size - 1))
+    return {"wave": 0.1 * torch.randn(batch_size, sample_rate), "lengths": lengths}
+
+
+def waves_at_rate(x, sample_rate: int):
+    """Any accepted audio input -> (wave (B, S), lengths (B,)) at ``sample_rate``."""
+    wave, lengths, sr = split_audio_input(x)
+    if sr is not None and sr != sample_rate:
+        wave, lengths = resample_batch(wave, lengths, sr, sample_rate)
+    return wave, lengths
+
+
 @TOKENIZERS.register("audio")
 class AudioSpectrogramTokenizer(nn.Module):
     """Waveform -> normalised log-mel (B, 1, frames, n_mels) -> (pt x pf) patches, time-major.
@@ -141,15 +155,10 @@ class AudioSpectrogramTokenizer(nn.Module):
         return (spec - self.mean) / self.std
 
     def example_input(self, batch_size: int = 2) -> dict:
-        """Clips of different lengths (one padded), for tests and smoke runs."""
-        n = self.sample_rate  # one second
-        lengths = torch.tensor([n] + [n // 2] * (batch_size - 1))
-        return {"wave": 0.1 * torch.randn(batch_size, n), "lengths": lengths}
+        return example_clips(batch_size, self.sample_rate)
 
     def forward(self, x) -> Tokens:
-        wave, lengths, sr = split_audio_input(x)
-        if sr is not None and sr != self.sample_rate:
-            wave, lengths = resample_batch(wave, lengths, sr, self.sample_rate)
+        wave, lengths = waves_at_rate(x, self.sample_rate)
         n_t = int(self.n_frames(wave.shape[1])) // self.patch_t
         if n_t < 1:
             need = self.win + (self.patch_t - 1) * self.hop
@@ -201,15 +210,10 @@ class AudioFrameTokenizer(nn.Module):
         self.proj = nn.Conv1d(1, dim, kernel_size=self.frame, stride=self.frame)
 
     def example_input(self, batch_size: int = 2) -> dict:
-        """Clips of different lengths (one padded), for tests and smoke runs."""
-        n = self.sample_rate  # one second
-        lengths = torch.tensor([n] + [n // 2] * (batch_size - 1))
-        return {"wave": 0.1 * torch.randn(batch_size, n), "lengths": lengths}
+        return example_clips(batch_size, self.sample_rate)
 
     def forward(self, x) -> Tokens:
-        wave, lengths, sr = split_audio_input(x)
-        if sr is not None and sr != self.sample_rate:
-            wave, lengths = resample_batch(wave, lengths, sr, self.sample_rate)
+        wave, lengths = waves_at_rate(x, self.sample_rate)
         n = wave.shape[1] // self.frame
         if n < 1:
             raise ValueError(

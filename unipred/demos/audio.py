@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import unipred
+from unipred.demos import results_table
 
 CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "audio"
 
@@ -119,15 +120,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows, plan: Plan, seconds: float) -> str:
-    lines = [
-        "| setting | labelled train clips | held-out-voice test clips | from scratch | NEPA-pretrained |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {t} | {a} | {b} | {s:.1%} | {n:.1%} |" for t, a, b, s, n in rows]
-    lines.append(f"\ntest top-1 on voices never heard in training, after {plan.finetune_epochs} "
+    footer = (f"\ntest top-1 on voices never heard in training, after {plan.finetune_epochs} "
                  f"fine-tuning epochs; NEPA pretraining: {plan.pretrain_epochs} epochs on "
                  f"{plan.train_per_class * 10} unlabelled clips; total {seconds / 60:.1f} min")  # fmt: skip
-    return "\n".join(lines)
+    return results_table(
+        (
+            "setting",
+            "labelled train clips",
+            "held-out-voice test clips",
+            "from scratch",
+            "NEPA-pretrained",
+        ),
+        rows,
+        footer.lstrip("\n"),
+    )
 
 
 if __name__ == "__main__":

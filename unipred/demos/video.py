@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import unipred
+from unipred.demos import results_table
 
 CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "video"
 SIZE, FRAMES = 32, 16
@@ -211,14 +212,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows, plan: Plan, seconds: float) -> str:
-    lines = [
-        "| task | train clips | val clips | from scratch | NEPA-pretrained |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {t} | {a} | {b} | {s:.1%} | {n:.1%} |" for t, a, b, s, n in rows]
-    lines.append(f"\nvalidation top-1 after {plan.finetune_epochs} fine-tuning epochs; "
+    footer = (f"\nvalidation top-1 after {plan.finetune_epochs} fine-tuning epochs; "
                  f"pretraining: {plan.pretrain_epochs} epochs; total {seconds / 60:.1f} min")  # fmt: skip
-    return "\n".join(lines)
+    return results_table(
+        ("task", "train clips", "val clips", "from scratch", "NEPA-pretrained"),
+        rows,
+        footer.lstrip("\n"),
+    )
 
 
 if __name__ == "__main__":
