@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +35,7 @@ TEST_VARIANTS = ("m6", "f2", "f5", "Annie")  # never heard in training
 TRAIN_FLITE = ("kal16", "awb")
 TEST_FLITE = ("slt", "rms")
 SAMPLE_RATE = 16000
-_VERSION = 1  # bump when the synthesis recipe changes, so cached sets are rebuilt
+_VERSION = 2  # bump when the synthesis recipe changes, so cached sets are rebuilt
 
 
 def available_engines() -> list[str]:
@@ -54,6 +55,12 @@ def voices(split: str, engines: list[str] | None = None) -> list[str]:
     if "flite" in engines:
         out += [f"flite:{v}" for v in flite]
     return out
+
+
+def clip_seed(seed: int, split: str, label: int, i: int) -> int:
+    """The random seed of one clip. crc32, not ``hash()``: Python salts the hash of strings
+    per process (PYTHONHASHSEED), which made every synthesis run draw different clips."""
+    return zlib.crc32(f"{seed}/{split}/{label}/{i}".encode())
 
 
 def _synth_cmd(voice: str, text: str, path: str, rng: random.Random) -> list[str]:
@@ -142,7 +149,7 @@ def synthesize(out: str | Path, train_per_class: int = 200, test_per_class: int 
                 v = vs[(i * len(DIGITS) + label) % len(vs)]
                 name = f"{v.replace(':', '-').replace('+', '_')}_{i:04d}.wav"
                 jobs.append((v, label, str(out / split / DIGITS[label] / name),
-                             hash((seed, split, label, i)) & 0x7FFFFFFF))  # fmt: skip
+                             clip_seed(seed, split, label, i)))  # fmt: skip
     with ThreadPoolExecutor(max(1, workers)) as pool:  # the synthesisers are subprocesses
         errors = [e for e in pool.map(_make_clip, jobs) if e]
     if len(errors) > len(jobs) // 10:
