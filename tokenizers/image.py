@@ -36,6 +36,8 @@ class ImageTokenizer(nn.Module):
         return height // p, width // p
 
     def coords(self, n_h: int, n_w: int, device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a dict cache in the graph would force a recompile
+            return grid_coords(n_h, n_w, device=device)
         key = (n_h, n_w, str(device))
         if key not in self._coords:
             self._coords[key] = grid_coords(n_h, n_w, device=device)

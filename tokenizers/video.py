@@ -110,6 +110,8 @@ class VideoTokenizer(nn.Module):
         return frames // t, height // p, width // p
 
     def coords(self, n_t: int, n_h: int, n_w: int, device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a dict cache in the graph would force a recompile
+            return grid_coords(n_t, n_h, n_w, device=device)
         key = (n_t, n_h, n_w, str(device))
         if key not in self._coords:
             self._coords[key] = grid_coords(n_t, n_h, n_w, device=device)  # (N, 3): t, y, x
