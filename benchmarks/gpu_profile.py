@@ -181,6 +181,7 @@ def _backend_ctx(first):
 
 def sec_profile(a) -> dict:
     torch, dev, mcfg, name, res, batch = _setup(a)
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     step, _ = _compiled_step(a, torch, dev, name, res, batch)
@@ -200,7 +201,9 @@ def sec_profile(a) -> dict:
     cats, top = {}, []
     for ev in prof.key_averages():
         t = (ev.self_device_time_total if dev == "cuda" else ev.self_cpu_time_total) / 1e3 / n
-        if dev == "cuda" and ev.self_device_time_total <= 0:
+        # kernels only: a CPU op (aten::mm) also reports its kernels' device time, and
+        # inductor's launch records share their kernel's name, so both would count twice
+        if dev == "cuda" and (ev.device_type != DeviceType.CUDA or ev.self_device_time_total <= 0):
             continue
         c = _category(ev.key)
         cats[c] = cats.get(c, 0.0) + t
