@@ -146,3 +146,11 @@ def test_model_section_overrides():
     mc = build_model_config(cfg.model)
     assert mc.head == "mean" and mc.num_classes == 7 and mc.predictor.layerscale is None
     assert mc.tokenizer_args["patch_size"] == 8
+
+
+def test_choice_options_fail_at_load_time():
+    with pytest.raises(ConfigError, match="optim.name: 'lamb' is not one of adamw, lars"):
+        load_config(TINY, ["optim.name=lamb"])
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_config(TINY, ["optim.schedule=linear"])
+    assert load_config(TINY, ["optim.name=lars"]).optim.name == "lars"

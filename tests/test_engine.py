@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from unipred import optim
 from unipred.callbacks import CollapseMonitor, NonFiniteLossError
 from unipred.checkpoint import CheckpointError, apply_init, load_weights, read_checkpoint
 from unipred.config import load_config
@@ -275,3 +276,14 @@ def test_debug_config_runs_from_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "total_steps             32" in proc.stdout
     assert (tmp_path / "checkpoints/last.ckpt").exists()
+
+
+def test_lars_trains_through_the_engine(tmp_path):
+    cfg = tiny(tmp_path, "optim.name=lars", "optim.blr=0.1", "trainer.max_steps=3",
+               "ema.enabled=false", "trainer.ckpt_every_n_steps=0")  # fmt: skip
+    trainer = fit(cfg)
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, optim.LARS) and trainer.global_step == 3
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(0.1 * 8 / 256)
+    assert all(opt.state[p]["momentum_buffer"].abs().sum() > 0
+               for g in opt.param_groups for p in g["params"] if p.grad is not None)  # fmt: skip

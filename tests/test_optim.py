@@ -145,3 +145,45 @@ def test_llrd_depth_offset_gives_mmseg_numbering():
     assert exp["predictor.blocks.0.mlp.fc1.weight"] == 2
     assert exp["cls_token"] == 3 and exp["tokenizer.proj.weight"] == 3
     assert exp["head.classifier.weight"] == 0
+
+
+def _lars_reference(p, grads, lr, wd, momentum=0.9, trust=0.001):
+    """MAE's LARS rule written out step by step for one 2-D parameter."""
+    p, buf = p.clone(), torch.zeros_like(p)
+    for g in grads:
+        d = g + wd * p
+        q = trust * p.norm() / d.norm()
+        buf = momentum * buf + q * d
+        p = p - lr * buf
+    return p
+
+
+def test_lars_matches_the_rule_and_spares_1d_parameters():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(torch.randn(4))
+    zero = torch.nn.Parameter(torch.zeros(2, 2))  # ||p|| = 0: trust ratio falls back to 1
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    opt = optim.LARS([{"params": [w, b, zero], "lr": 0.5, "weight_decay": 0.1}])
+    gw = [torch.randn(4, 3) for _ in range(3)]
+    gb = [torch.randn(4) for _ in range(3)]
+    for i in range(3):
+        w.grad, b.grad, zero.grad = gw[i], gb[i], torch.ones(2, 2)
+        opt.step()
+    torch.testing.assert_close(w.detach(), _lars_reference(w0, gw, 0.5, 0.1))
+    # biases: plain heavy-ball SGD, no weight decay, no rescaling
+    buf, ref = torch.zeros(4), b0.clone()
+    for g in gb:
+        buf = 0.9 * buf + g
+        ref = ref - 0.5 * buf
+    torch.testing.assert_close(b.detach(), ref)
+    # zero weight: first update is the raw gradient (wd * 0 = 0, q = 1)
+    assert torch.isfinite(zero).all() and not torch.equal(zero.detach(), torch.zeros(2, 2))
+
+
+def test_build_optimizer_picks_lars_and_rejects_unknown_names():
+    model = _cls_model(2)
+    groups = optim.param_groups(model, 6.4, 0.0)
+    assert isinstance(optim.build_optimizer("lars", groups, (0.9, 0.95), 1e-8), optim.LARS)
+    with pytest.raises(ValueError, match="optim.name"):
+        optim.build_optimizer("sgdx", groups, (0.9, 0.95), 1e-8)

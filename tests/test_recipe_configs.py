@@ -112,6 +112,10 @@ LINPROBE = {
     "trainer.max_epochs": 90,
     "optim.warmup_ratio": 10 / 90,
     "optim.weight_decay": 0.0,
+    "optim.name": "lars",  # MAE: LARS, blr 0.1, momentum 0.9
+    "optim.blr": 0.1,
+    "optim.lr": 0.1 * 16384 / 256,  # derived from blr at load time
+    "optim.momentum": 0.9,
     "data.label_smoothing": 0.0,
     "data.aug.mixup": 0.0,
     "data.aug.cutmix": 0.0,

@@ -60,8 +60,10 @@ class ModelSection:
 
 @dataclass
 class OptimConfig:
-    """AdamW + schedule. lr = blr * global_batch / 256 unless ``lr`` is given."""
+    """Optimizer + schedule. lr = blr * global_batch / 256 unless ``lr`` is given."""
 
+    name: str = "adamw"  # adamw | lars (MAE's linear-probe optimizer: SGD momentum + trust ratio)
+    momentum: float = 0.9  # lars only
     blr: float = 1.5e-4  # base lr per 256 samples
     lr: float | None = None  # absolute lr; overrides the batch-size rule when set
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -182,9 +184,25 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
         raise ConfigError(_explain(e, schema, path)) from None
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.task)
+    _check_choices(cfg)
     if check_paths:
         check_data_paths(cfg)
     return cfg
+
+
+_CHOICES = {
+    "optim.name": ("adamw", "lars"),
+    "optim.schedule": ("cosine", "llrd_cosine_warmup", "poly", "constant"),
+}
+
+
+def _check_choices(cfg) -> None:
+    """String options with a fixed set of values fail at load time, naming key and choices."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig, path) -> str:

@@ -127,7 +127,7 @@ class LitTask(L.LightningModule):
         )
         # fp16 loss scaling needs unscaled grads before clipping, which fused AdamW defers
         fused = o.fused and self.cfg.trainer.precision not in ("16-mixed", "16")
-        opt = optim.build_adamw(groups, o.betas, o.eps, fused)
+        opt = optim.build_optimizer(o.name, groups, o.betas, o.eps, fused, o.momentum)
         total = self.total_steps()
         warm = optim.warmup_steps(total, o.warmup_ratio, o.warmup_steps)
         fns = optim.schedule_fns(opt.param_groups, o.schedule, warm, total)

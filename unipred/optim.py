@@ -1,4 +1,4 @@
-"""AdamW parameter groups, layer-wise lr decay (LLRD), freezing and lr schedules.
+"""AdamW / LARS parameter groups, layer-wise lr decay (LLRD), freezing and lr schedules.
 
 Follows the official NEPA release (shared/reference/nepa-recipe.md sections 8 and 10):
 
@@ -113,6 +113,60 @@ def build_adamw(groups: list[dict], betas, eps: float, fused: bool = True):
         except (RuntimeError, TypeError) as e:
             warnings.warn(f"fused AdamW unavailable ({e}); using the default kernel", stacklevel=2)
     return torch.optim.AdamW(groups, **kw)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling, as MAE trains its linear probes.
+
+    For every parameter with more than one dimension the update ``g + wd * p`` is rescaled by
+    ``trust * ||p|| / ||g + wd * p||`` (left as is when either norm is 0); 1-D parameters
+    (biases, norms) get neither weight decay nor rescaling. Then heavy-ball momentum:
+    ``buf = momentum * buf + update``, ``p -= lr * buf``.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):  # fmt: skip
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"LARS needs lr, momentum, weight_decay >= 0; got {lr}, {momentum}, "
+                             f"{weight_decay}")  # fmt: skip
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        trust_coefficient=trust_coefficient)  # fmt: skip
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    pn, dn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    ok = (pn > 0) & (dn > 0)
+                    q = torch.where(ok, g["trust_coefficient"] * pn / dn.clamp_min(1e-30), 1.0)
+                    d = d.mul(q)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+        return loss
+
+
+def build_optimizer(name: str, groups: list[dict], betas, eps: float, fused: bool = True,
+                    momentum: float = 0.9):  # fmt: skip
+    """``adamw`` (torch, fused where possible) or ``lars`` (MAE's linear-probe optimizer)."""
+    if name == "adamw":
+        return build_adamw(groups, betas, eps, fused)
+    if name == "lars":
+        return LARS(groups, momentum=momentum)
+    raise ValueError(f"optim.name must be 'adamw' or 'lars', got {name!r}")
 
 
 def warmup_steps(total: int, ratio: float, steps: int | None = None) -> int:
