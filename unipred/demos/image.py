@@ -35,7 +35,7 @@ CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "demo"
 
 @dataclass
 class Plan:
-    pretrain_steps: int = 3000  # batch 256
+    pretrain_steps: int = 4000  # batch 256
     train_images: int = 0  # pretraining / probe images (0 = all 60,000)
     test_images: int = 0  # evaluation images (0 = all 10,000)
     labels_per_class: int = 100  # fine-tuning labels per class
