@@ -169,10 +169,13 @@ def test_demo_quick_real(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
 def test_demo_full(tmp_path):
-    """The full `make demo` (about 15 minutes on 2 idle cores): the linear probe of the NEPA
-    features beats the frozen random-init model by a wide margin."""
+    """The full `make demo` (about 12 minutes on 2 idle cores): the linear probe of the NEPA
+    features beats the frozen random-init model by a wide margin, and NEPA initialisation
+    beats scratch fine-tuning by 3 points."""
     from unipred.demos.image import main
 
     assert main(["--out", str(tmp_path)]) == 0
     acc = _check_outputs(tmp_path)["accuracy"]
     assert acc["probe_nepa"] > acc["probe_random"] + 0.10
+    # the issue's fine-tuning target (measured: 78.7 % vs 75.6 %)
+    assert acc["finetune_nepa"] >= acc["finetune_scratch"] + 0.03
