@@ -1,0 +1,43 @@
+"""The benchmark scripts run (tiny sizes, CPU), and compiled models do not recompile per step."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unipred.model import NEPA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["nepa_debug", "nepa_video_debug", "nepa_audio_debug"])
+def test_compiled_model_does_not_recompile_on_the_next_step(name):
+    """The tokenizers cache coordinate grids in a dict; a lookup traced into the graph made
+    dynamo recompile the whole model on its second call."""
+    torch._dynamo.reset()
+    model = NEPA.from_name(name)
+    run = torch.compile(model, backend="eager")  # dynamo only: fast, same guards
+    x = model.tokenizer.example_input(2)
+    run(x).loss.backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            run(x).loss.backward()
+    torch._dynamo.reset()
+
+
+def test_gpu_profile_dry_run(tmp_path):
+    cmd = [sys.executable, "-P", str(ROOT / "benchmarks/gpu_profile.py"), "--dry-run", "--reps", "1",
+           "--only", "gemm", "sdpa", "step", "--variants", "base", "--no-compile", "--steps", "1",
+           "--warmup", "1"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = [json.loads(ln) for ln in (tmp_path / "gpu_profile.jsonl").read_text().splitlines()]
+    by = {(r["section"], r.get("variant")): r for r in recs}
+    assert by[("gemm", None)]["step_gemm_ms"] > 0
+    assert isinstance(by[("sdpa", None)]["math"], dict)
+    step = by[("step", "base")]
+    assert "error" not in step and step["images_per_s"] > 0
