@@ -35,7 +35,7 @@ TEST_VARIANTS = ("m6", "f2", "f5", "Annie")  # never heard in training
 TRAIN_FLITE = ("kal16", "awb")
 TEST_FLITE = ("slt", "rms")
 SAMPLE_RATE = 16000
-_VERSION = 2  # bump when the synthesis recipe changes, so cached sets are rebuilt
+_VERSION = 3  # bump when the synthesis recipe changes, so cached sets are rebuilt
 
 
 def available_engines() -> list[str]:
@@ -55,6 +55,14 @@ def voices(split: str, engines: list[str] | None = None) -> list[str]:
     if "flite" in engines:
         out += [f"flite:{v}" for v in flite]
     return out
+
+
+def voice_index(i: int, label: int, n_voices: int) -> int:
+    """The voice of clip ``i`` of a digit: every digit cycles through *all* voices (from its own
+    offset), so a voice never predicts the label. (The old ``(i * 10 + label) % n`` gave each
+    digit only n / gcd(n, 10) voices: 9 of the 90 training voices, so a classifier could name
+    the digit from the speaker.)"""
+    return (i + label * (n_voices // len(DIGITS) + 1)) % n_voices
 
 
 def clip_seed(seed: int, split: str, label: int, i: int) -> int:
@@ -146,7 +154,7 @@ def synthesize(out: str | Path, train_per_class: int = 200, test_per_class: int 
         for label in range(len(DIGITS)):
             (out / split / DIGITS[label]).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                v = vs[(i * len(DIGITS) + label) % len(vs)]
+                v = vs[voice_index(i, label, len(vs))]
                 name = f"{v.replace(':', '-').replace('+', '_')}_{i:04d}.wav"
                 jobs.append((v, label, str(out / split / DIGITS[label] / name),
                              clip_seed(seed, split, label, i)))  # fmt: skip
