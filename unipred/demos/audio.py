@@ -6,20 +6,21 @@
    ``unipred.data.spoken_digits``).
 2. ``audio_pretrain`` (configs/audio/digits_pretrain.yaml) on every training clip, labels unused.
 3. ``audio_classify`` (configs/audio/digits_finetune.yaml) with only a few labelled clips per
-   digit, once from scratch and once from the pretrained checkpoint, same recipe and steps;
-   accuracy is measured on the held-out voices.
+   digit, from scratch and from the pretrained checkpoint, same recipe and steps, repeated for
+   several seeds (each seed draws the labelled clips, the init and the order for both runs, so
+   the comparison is paired); accuracy on the held-out voices, mean ± sd over the seeds.
 Everything runs through the engine (``unipred.engine.fit``). ``--quick`` is a smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import unipred
-from unipred.demos import results_table
 
 CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "audio"
 
@@ -28,12 +29,13 @@ CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "audio"
 class Plan:
     train_per_class: int = 200  # synthesised training clips per digit (all used to pretrain)
     val_per_class: int = 40  # held-out-voice clips per digit
-    pretrain_epochs: int = 40  # 8 were too few for pretraining to help (README)
+    pretrain_epochs: int = 40
     finetune_epochs: int = 30
     labels: tuple[int, ...] = (10,)  # labelled clips per digit for the fine-tuning rows
+    seeds: int = 5  # fine-tuning seeds per row (labelled subset, init, order): mean +- spread
 
 
-PLANS = {"full": Plan(), "quick": Plan(40, 10, 2, 6, (5,))}
+PLANS = {"full": Plan(), "quick": Plan(40, 10, 2, 4, (5,), 1)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny smoke run (~2 minutes)")
     p.add_argument("--out", default="runs/demo_audio", help="folder for data, runs and results")
     p.add_argument("--labels", default="", help="labelled clips per digit, e.g. '5,20'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=0, help="fine-tuning seeds per row (0 = plan's)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="pretraining seed; fine-tuning uses seed+1.."
+    )
     return p
 
 
@@ -82,9 +87,10 @@ def prepare_data(out: Path, plan: Plan) -> tuple[Path, tuple[float, float], dict
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; prints a results table and writes it to OUT/results.md."""
     args = _parser().parse_args(argv)
-    plan = PLANS["quick" if args.quick else "full"]
+    plan = dataclasses.replace(PLANS["quick" if args.quick else "full"])  # a copy: edited below
     if args.labels:
         plan.labels = tuple(int(x) for x in args.labels.split(","))
+    plan.seeds = args.seeds or plan.seeds
     out, t0 = Path(args.out), time.time()
     if not (CONFIGS / "digits_pretrain.yaml").is_file():
         raise SystemExit(f"demo configs not found in {CONFIGS}; run from a source checkout")
@@ -95,45 +101,60 @@ def main(argv: list[str] | None = None) -> int:
           f"{n_te} test clips ({len(manifest['test_voices'])} held-out voices) in {root}; "
           f"log-mel mean {stats[0]:.2f} std {stats[1]:.2f}  [{time.time() - t0:.0f}s]",
           flush=True)  # fmt: skip
-    common = _data_overrides(out, plan, stats) + [f"seed={args.seed}"]
-    _fit("digits_pretrain.yaml", common + [f"run_dir={out / 'pretrain'}",
-         f"trainer.max_epochs={plan.pretrain_epochs}"])  # fmt: skip
+    common = _data_overrides(out, plan, stats)
+    _fit("digits_pretrain.yaml", common + [f"seed={args.seed}", f"run_dir={out / 'pretrain'}",
+         f"trainer.max_epochs={plan.pretrain_epochs}",
+         f"trainer.global_batch={min(64, n_tr)}"])  # tiny plans: one batch at most  # fmt: skip
     ckpt = out / "pretrain" / "checkpoints" / "last.ckpt"
     print(f"[audio demo] pretrained -> {ckpt}  [{time.time() - t0:.0f}s]", flush=True)
-    rows = []
-    for n in plan.labels:
-        accs = []
-        for kind, init in (("scratch", None), ("nepa", ckpt)):
-            ov = common + [f"run_dir={out / f'finetune{n}_{kind}'}", f"data.max_per_class={n}",
-                           f"trainer.max_epochs={plan.finetune_epochs}",
-                           f"trainer.val_every_n_epochs={plan.finetune_epochs}"]  # fmt: skip
-            if init is not None:
-                ov.append(f"model.init=pretrain:{init}")
-            accs.append(_fit("digits_finetune.yaml", ov)["val/acc1"])
-        rows.append((f"fine-tune, {n} labelled clips per digit", n * 10, n_te, *accs))
-        print(f"[audio demo] {n} labels/digit: scratch {accs[0]:.3f}, NEPA {accs[1]:.3f}  "
-              f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
-    table = _table(rows, plan, time.time() - t0)
+    rows = [_finetune_row(out, plan, common, n, ckpt, args.seed, t0) for n in plan.labels]
+    table = _table(rows, plan, n_te, time.time() - t0)
     print(table)
     (out / "results.md").write_text(table + "\n")
     return 0
 
 
-def _table(rows, plan: Plan, seconds: float) -> str:
-    footer = (f"\ntest top-1 on voices never heard in training, after {plan.finetune_epochs} "
-                 f"fine-tuning epochs; NEPA pretraining: {plan.pretrain_epochs} epochs on "
-                 f"{plan.train_per_class * 10} unlabelled clips; total {seconds / 60:.1f} min")  # fmt: skip
-    return results_table(
-        (
-            "setting",
-            "labelled train clips",
-            "held-out-voice test clips",
-            "from scratch",
-            "NEPA-pretrained",
-        ),
-        rows,
-        footer.lstrip("\n"),
-    )
+def _finetune_row(out: Path, plan: Plan, common: list[str], n: int, ckpt: Path, seed: int,
+                  t0: float) -> tuple[int, list[float], list[float]]:  # fmt: skip
+    """Fine-tune from scratch and from ``ckpt`` with n labels per digit, once per seed. A seed
+    fixes the labelled subset, the head init and the data order for both runs (paired)."""
+    accs: dict[str, list[float]] = {"scratch": [], "nepa": []}
+    for s in range(seed + 1, seed + 1 + plan.seeds):
+        for kind in accs:
+            ov = common + [f"seed={s}", f"run_dir={out / f'finetune{n}_{kind}_seed{s}'}",
+                           f"data.max_per_class={n}", f"trainer.max_epochs={plan.finetune_epochs}",
+                           f"trainer.val_every_n_epochs={plan.finetune_epochs}",
+                           f"trainer.global_batch={min(20, 10 * n)}"]  # fmt: skip
+            if kind == "nepa":
+                ov.append(f"model.init=pretrain:{ckpt}")
+            accs[kind].append(_fit("digits_finetune.yaml", ov)["val/acc1"])
+        print(f"[audio demo] {n} labels/digit, seed {s}: scratch {accs['scratch'][-1]:.3f}, "
+              f"NEPA {accs['nepa'][-1]:.3f}  [{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
+    return n, accs["scratch"], accs["nepa"]
+
+
+def _mean_sd(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return f"{m:.1%}"
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+    return f"{m:.1%} ± {100 * sd:.1f}"
+
+
+def _table(rows, plan: Plan, n_test: int, seconds: float) -> str:
+    """Markdown: per label count, mean ± sd over seeds and the paired per-seed differences."""
+    head = ("setting", "labelled train clips", "held-out-voice test clips",
+            "from scratch", "NEPA-pretrained", "NEPA − scratch, per seed")  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n, scratch, nepa in rows:
+        diffs = ", ".join(f"{100 * (b - a):+.1f}" for a, b in zip(scratch, nepa))
+        lines.append(f"| fine-tune, {n} labelled clips per digit | {n * 10} | {n_test} | "
+                     f"{_mean_sd(scratch)} | {_mean_sd(nepa)} | {diffs} |")  # fmt: skip
+    lines += ["", f"test top-1 on voices never heard in training, mean ± sd over {plan.seeds} "
+              f"fine-tuning seed(s) (labelled subset, init, order; paired); {plan.finetune_epochs} "
+              f"fine-tuning epochs; NEPA pretraining: {plan.pretrain_epochs} epochs on "
+              f"{plan.train_per_class * 10} unlabelled clips; total {seconds / 60:.1f} min"]  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
