@@ -169,7 +169,7 @@ def test_demo_quick_real(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
 def test_demo_full(tmp_path):
-    """The full `make demo` (about 12 minutes on 2 idle cores): the linear probe of the NEPA
+    """The full `make demo` (12 min 22 s on 2 idle cores): the linear probe of the NEPA
     features beats the frozen random-init model by a wide margin, and NEPA initialisation
     beats scratch fine-tuning by 3 points."""
     from unipred.demos.image import main
