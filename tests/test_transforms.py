@@ -121,3 +121,17 @@ def test_bad_config_values_name_the_key():
         ImageAugConfig(eval_resize_mode="stretch")
     with pytest.raises(ValueError, match="eval_crop_pct"):
         ImageAugConfig(eval_crop_pct=1.5)
+
+
+def test_randaugment_posterize_at_full_magnitude_does_not_crash():
+    """rand-m9-mstd0.5-inc1 can draw magnitude 10, i.e. posterize to 0 bits, which Pillow >= 11
+    rejects; the fine-tune transform keeps the old all-black result instead of raising."""
+    tf = train_transform(_finetune_cfg())  # installs the 0-bit-safe posterize
+    ra = next(t for t in tf.transforms if type(t).__name__ == "RandAugment")
+    op = next(op for op in ra.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # -> 0 bits kept
+    out = np.asarray(op(_img(64, 64)))
+    assert out.shape == (64, 64, 3) and not out.any()
+    op.magnitude = 5  # 2 bits kept: the two most significant bits survive
+    out = np.asarray(op(_img(64, 64)))
+    assert out.any() and not (out & 0x3F).any()

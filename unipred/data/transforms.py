@@ -91,9 +91,35 @@ def train_transform(cfg: ImageAugConfig):
     )
 
 
+def _posterize_keeping_zero_bits(img, bits_to_keep, **kw):
+    """timm's posterize, also for 0 bits. RandAugment ``inc1`` asks for 4 - int(level * 0.4)
+    bits, so 0 at magnitude 10 (reached with mstd 0.5); Pillow >= 11 raises for 0 bits where
+    older Pillow returned an all-black image (every bit masked off). Keep the old result
+    instead of crashing a fine-tuning data worker."""
+    from PIL import Image
+
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return _TIMM_POSTERIZE(img, bits_to_keep, **kw)
+
+
+_TIMM_POSTERIZE = None
+
+
+def _patch_timm_posterize() -> None:
+    global _TIMM_POSTERIZE
+    from timm.data import auto_augment as aa
+
+    if _TIMM_POSTERIZE is None:
+        _TIMM_POSTERIZE = aa.posterize
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        aa.NAME_TO_OP[name] = _posterize_keeping_zero_bits
+
+
 def _timm_train_transform(cfg: ImageAugConfig):
     from timm.data import create_transform  # optional dependency: the "vision" extra
 
+    _patch_timm_posterize()  # before the ops are built: they look their function up then
     return create_transform(
         input_size=cfg.img_size,
         is_training=True,
