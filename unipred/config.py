@@ -190,15 +190,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     return cfg
 
 
-_CHOICES = {
-    "optim.name": ("adamw", "lars"),
-    "optim.schedule": ("cosine", "llrd_cosine_warmup", "poly", "constant"),
-}
-
-
 def _check_choices(cfg) -> None:
     """String options with a fixed set of values fail at load time, naming key and choices."""
-    for key, allowed in _CHOICES.items():
+    from unipred import optim
+
+    choices = {"optim.name": optim.OPTIMIZERS, "optim.schedule": tuple(optim.SCHEDULES)}
+    for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:

@@ -166,7 +166,7 @@ def build_optimizer(name: str, groups: list[dict], betas, eps: float, fused: boo
         return build_adamw(groups, betas, eps, fused)
     if name == "lars":
         return LARS(groups, momentum=momentum)
-    raise ValueError(f"optim.name must be 'adamw' or 'lars', got {name!r}")
+    raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def warmup_steps(total: int, ratio: float, steps: int | None = None) -> int:
@@ -211,15 +211,20 @@ def poly_multiplier(
     return scale * f
 
 
+SCHEDULES = {
+    "cosine": cosine_multiplier,
+    "constant": constant_multiplier,
+    "llrd_cosine_warmup": llrd_warmup_multiplier,
+    "poly": poly_multiplier,
+}
+OPTIMIZERS = ("adamw", "lars")
+
+
 def schedule_fns(groups: list[dict], kind: str, warmup: int, total: int) -> list[Callable]:
     """One multiplier function of the step per group (for torch's LambdaLR)."""
-    fns = {
-        "cosine": cosine_multiplier,
-        "constant": constant_multiplier,
-        "llrd_cosine_warmup": llrd_warmup_multiplier,
-        "poly": poly_multiplier,
-    }
-    if kind not in fns:
-        raise ValueError(f"optim.schedule: unknown schedule {kind!r}; use one of {sorted(fns)}")
-    fn = fns[kind]
+    if kind not in SCHEDULES:
+        raise ValueError(
+            f"optim.schedule: unknown schedule {kind!r}; use one of {sorted(SCHEDULES)}"
+        )
+    fn = SCHEDULES[kind]
     return [(lambda t, f=g["lr_scale"]: fn(t, warmup, total, f)) for g in groups]

@@ -97,23 +97,19 @@ def _posterize_keeping_zero_bits(img, bits_to_keep, **kw):
     older Pillow returned an all-black image (every bit masked off). Keep the old result
     instead of crashing a fine-tuning data worker."""
     from PIL import Image
+    from timm.data import auto_augment
 
     if bits_to_keep < 1:
         return Image.new(img.mode, img.size)
-    return _TIMM_POSTERIZE(img, bits_to_keep, **kw)
-
-
-_TIMM_POSTERIZE = None
+    return auto_augment.posterize(img, bits_to_keep, **kw)  # timm's function is left in place
 
 
 def _patch_timm_posterize() -> None:
-    global _TIMM_POSTERIZE
-    from timm.data import auto_augment as aa
+    """Route timm's three posterize ops (looked up by name when an op is built) to the shim."""
+    from timm.data import auto_augment
 
-    if _TIMM_POSTERIZE is None:
-        _TIMM_POSTERIZE = aa.posterize
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        aa.NAME_TO_OP[name] = _posterize_keeping_zero_bits
+        auto_augment.NAME_TO_OP[name] = _posterize_keeping_zero_bits
 
 
 def _timm_train_transform(cfg: ImageAugConfig):

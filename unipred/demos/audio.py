@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import unipred
+from unipred.demos import set_threads
 
 CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "audio"
 
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo_audio", help="folder for data, runs and results")
     p.add_argument("--labels", default="", help="labelled clips per digit, e.g. '5,20'")
     p.add_argument("--seeds", type=int, default=0, help="fine-tuning seeds per row (0 = plan's)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the idle cores)")
     p.add_argument(
         "--seed", type=int, default=0, help="pretraining seed; fine-tuning uses seed+1.."
     )
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     out, t0 = Path(args.out), time.time()
     if not (CONFIGS / "digits_pretrain.yaml").is_file():
         raise SystemExit(f"demo configs not found in {CONFIGS}; run from a source checkout")
-    print("[audio demo] synthesising spoken digits ...", flush=True)
+    print(f"[audio demo] synthesising spoken digits ... ({set_threads(args.threads)})", flush=True)
     root, stats, manifest = prepare_data(out, plan)
     n_tr, n_te = manifest["counts"]["train"], manifest["counts"]["test"]
     print(f"[audio demo] {n_tr} training clips ({len(manifest['train_voices'])} voices), "

@@ -1,7 +1,8 @@
 """`unipred demo image`: NEPA on Fashion-MNIST, pretraining to fine-tuning and linear probing.
 
 1. ``fmnist_pretrain`` (configs/demo/fmnist_pretrain.yaml): next-embedding pretraining of a
-   small ViT (dim 128, depth 6, 16 patches of 7x7 px; 3,000 steps of 256) on the 60,000 training images, no labels.
+   small ViT (dim 128, depth 6, 16 patches of 7x7 px; 4,000 steps of 256) on the 60,000
+   training images, no labels.
 2. (a) ``fmnist_classify`` fine-tuning with 1,000 labels (100 per class;
    configs/demo/fmnist_finetune.yaml), from the NEPA checkpoint (patch embedding frozen) and
    from scratch with the same recipe;
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import unipred
+from unipred.demos import set_threads
 
 CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "demo"
 
@@ -53,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="", help="folder with the IDX files; 'generated' = "
                    "stand-in data (tests); default: Debian's, else torchvision's download")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores, "
-                   "or 1 when the load average says the cores are busy)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the cores the load "
+                   "average says are idle, at least 1)")  # fmt: skip
     for f, v in asdict(Plan()).items():
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None,
                        help=f"override the plan (full: {v})")  # fmt: skip
@@ -67,20 +69,6 @@ def _plan(args) -> Plan:
         if getattr(args, f) is not None:
             setattr(plan, f, getattr(args, f))
     return plan
-
-
-def set_threads(n: int) -> str:
-    """Set torch's intra-op threads; 0 = all cores on an idle machine, 1 on a busy one. Why:
-    with more runnable threads than cores, every parallel region waits for a descheduled
-    thread: measured here at load 11 on 2 cores, a training step took 38.8 s with 2 threads
-    and 4.4 s with 1 (on an idle machine 2 threads are ~1.6x faster than 1)."""
-    import torch
-
-    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
-    if n <= 0:
-        n = 1 if load >= cores - 0.5 else cores
-    torch.set_num_threads(n)
-    return f"{n} torch thread(s) ({cores} cores, load average {load:.1f})"
 
 
 def data_root(spec: str) -> str:

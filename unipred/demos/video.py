@@ -17,7 +17,6 @@ Everything runs through the engine (``unipred.engine.fit``). ``--quick`` is a sm
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 import unipred
-from unipred.demos import results_table
+from unipred.demos import results_table, set_threads
 
 CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "video"
 SIZE, FRAMES = 32, 16
@@ -52,17 +51,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the idle cores)")
     return p
-
-
-def _idle_cores() -> int:
-    """Cores not busy with other processes: extra threads on busy cores only spin and wait
-    (on 2 shared cores, 2 threads ran this demo's training 5x slower than 1)."""
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy)))
 
 
 # ------------------------------------------------------------------------------------ data
@@ -172,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     plan = PLANS["quick" if args.quick else "full"]
     out, t0 = Path(args.out), time.time()
-    torch.set_num_threads(args.threads or _idle_cores())
+    set_threads(args.threads)
     if not (CONFIGS / "demo_pretrain.yaml").is_file():
         raise SystemExit(f"demo configs not found in {CONFIGS}; run from a source checkout")
     data = out / "data"
@@ -212,13 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(rows, plan: Plan, seconds: float) -> str:
-    footer = (f"\nvalidation top-1 after {plan.finetune_epochs} fine-tuning epochs; "
-                 f"pretraining: {plan.pretrain_epochs} epochs; total {seconds / 60:.1f} min")  # fmt: skip
-    return results_table(
-        ("task", "train clips", "val clips", "from scratch", "NEPA-pretrained"),
-        rows,
-        footer.lstrip("\n"),
-    )
+    footer = (f"validation top-1 after {plan.finetune_epochs} fine-tuning epochs; "
+              f"pretraining: {plan.pretrain_epochs} epochs; total {seconds / 60:.1f} min")  # fmt: skip
+    header = ("task", "train clips", "val clips", "from scratch", "NEPA-pretrained")
+    return results_table(header, rows, footer)
 
 
 if __name__ == "__main__":
