@@ -84,6 +84,7 @@ class AudioData(DataConfig):
     max_per_class: int = 0  # keep at most N training clips per class (label-scarce runs); 0 = all
     num_workers: int = 4
     shuffle_buffer: int = 1000
+    cache_mb: float = 0  # keep decoded clips of folder/CSV data in RAM up to this size; 0 = off
     # synthesised spoken digits when root is "": cache folder ("" = ~/.cache/unipred) and size
     digits_dir: str = ""
     train_per_class: int = 200
@@ -153,7 +154,7 @@ def build_audio_dataset(cfg, split: str):
     if not train and not csv_path and Path(d.root or spec).is_dir() and d.root:
         classes = list_audio(d.root)[1] or None  # validation uses the training class order
     ds = audio_dataset(spec, tf, csv_path, d.path_column, d.label_column, where, classes,
-                       d.shuffle_buffer, cfg.seed)  # fmt: skip
+                       d.shuffle_buffer, cfg.seed, cache_mb=d.cache_mb)  # fmt: skip
     if train and d.max_per_class and hasattr(ds, "items"):
         ds.items = _limit_per_class(ds.items, d.max_per_class, cfg.seed)
     return ds

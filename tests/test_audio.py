@@ -193,6 +193,42 @@ def test_folder_reader_skips_and_counts_corrupt_files(tmp_path):
     assert x["wave"][2, 8000:].abs().sum() == 0 and y.tolist() == [0, 0, 1, 1]
 
 
+def test_decode_cache_serves_the_same_clips_and_redecodes_edited_files(tmp_path, monkeypatch):
+    import os
+
+    import unipred.data.audio as A
+    from unipred.data.accounting import BadSampleCounter
+    from unipred.data.spoken_digits import write_wav
+
+    _write_clips(tmp_path, {"cat/a.wav": 0.6, "cat/b.flac": 1.0, "dog/c.wav": 0.3})
+    (tmp_path / "dog" / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    decoded = []
+    real = A.decode_audio
+    monkeypatch.setattr(A, "decode_audio", lambda src, sr: decoded.append(src) or real(src, sr))
+    tf = A.ClipTransform(SR, 0.8, 0.5)
+    plain = A.audio_dataset(str(tmp_path), tf, counter=BadSampleCounter())
+    want = [plain[i][0] for i in range(len(plain))]
+    decoded.clear()
+    counter = BadSampleCounter()
+    cache = A.DecodeCache(max_mb=1)
+    ds = A.AudioFolder(plain.items, plain.classes, tf, counter=counter, cache=cache)
+    for _ in range(3):  # three epochs: each readable file decoded once, the broken one each time
+        got = [ds[i][0] for i in range(len(ds))]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(decoded) == 3 + 3 and counter.snapshot()["skipped/corrupt"] == 3
+    assert cache.misses == 3 and cache.hits == 3 * 4 - 3  # c.wav read twice per epoch
+    a = tmp_path / "cat" / "a.wav"
+    write_wav(a, _tone(440, 0.7))  # edited in place: a new size/mtime is a new key
+    os.utime(a, ns=(1, 1))
+    decoded.clear()
+    assert ds[0][0].numel() == int(0.7 * SR) and len(decoded) == 1
+    small = A.DecodeCache(max_mb=1.5 * 0.6 * SR * 4 / 2**20)  # room for one 0.6 s clip only
+    for p in ("cat/a.wav", "dog/c.wav", "cat/a.wav"):
+        small.get(tmp_path / p, SR)
+    assert small.misses == 3 and small.bytes <= small.max_bytes  # c.wav pushed a.wav out
+    assert A.shared_cache(0) is None and A.shared_cache(4) is A.shared_cache(2)
+
+
 def test_csv_layout_with_where(tmp_path):
     from unipred.data.audio import list_audio
 

@@ -251,7 +251,13 @@ def _identity_prefix(rope, n_prefix: int):
 
 
 def _attention_mask(valid, causal, B, T, device):
-    """Boolean (B, 1, T, T) mask (True = may attend), or None when SDPA's own flag suffices."""
+    """Boolean (B, 1, T, T) mask (True = may attend), or None when SDPA's own flag suffices.
+
+    ``valid.all()`` costs one host sync per forward (and a graph break under torch.compile)
+    for tokenizers that always return a mask (audio, video); it is kept on purpose: an
+    unpadded batch then runs SDPA with ``is_causal`` and no mask, which keeps the fused
+    flash/cuDNN kernels, far cheaper than the sync. Image batches carry no mask and skip it.
+    """
     if valid is None or bool(valid.all()):
         return None
     if valid.shape != (B, T):

@@ -22,7 +22,10 @@ from __future__ import annotations
 import csv
 import functools
 import logging
+import os
 import random
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,64 @@ def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     if orig == new:
         return wave
     return _resampler(int(orig), int(new))(wave)
+
+
+class DecodeCache:
+    """Decoded, resampled waveforms kept in RAM, least recently used dropped beyond
+    ``max_mb``: for data sets small enough to decode once (ESC-50, Speech Commands, the
+    demo's digits), where decoding and resampling every epoch would cost more than the step.
+
+    Keyed by (path, size, mtime, rate), so an edited file is decoded again. One cache per
+    process is shared by every reader of that process (``shared_cache``): successive runs
+    in one process (the demos' fine-tuning seeds) decode each file once. DataLoader workers
+    are separate processes, so each worker holds its own copy.
+    """
+
+    def __init__(self, max_mb: float):
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes, self.hits, self.misses = 0, 0, 0
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(path: Path | str, sample_rate: int) -> tuple:
+        st = os.stat(path)
+        return (str(path), st.st_size, st.st_mtime_ns, int(sample_rate))
+
+    def get(self, path: Path | str, sample_rate: int) -> torch.Tensor:
+        """The decoded clip (decoding on a miss; decoder errors propagate to the caller)."""
+        k = self.key(path, sample_rate)
+        with self._lock:
+            wave = self._items.get(k)
+            if wave is not None:
+                self._items.move_to_end(k)
+                self.hits += 1
+                return wave
+        wave = decode_audio(str(path), sample_rate)
+        with self._lock:
+            self.misses += 1
+            size = wave.numel() * wave.element_size()
+            if size <= self.max_bytes and k not in self._items:
+                self._items[k] = wave
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self.bytes -= old.numel() * old.element_size()
+        return wave
+
+
+_SHARED: dict[str, DecodeCache | None] = {"cache": None}
+
+
+def shared_cache(max_mb: float) -> DecodeCache | None:
+    """This process's decode cache (None when ``max_mb`` <= 0); a larger size grows it."""
+    if max_mb <= 0:
+        return None
+    cache = _SHARED["cache"]
+    if cache is None:
+        cache = _SHARED["cache"] = DecodeCache(max_mb)
+    cache.max_bytes = max(cache.max_bytes, int(max_mb * 2**20))
+    return cache
 
 
 @dataclass
@@ -164,11 +225,11 @@ class AudioFolder(Dataset):
     """
 
     def __init__(self, items, classes, transform: ClipTransform, max_retries: int = 20,
-                 counter: BadSampleCounter | None = None):  # fmt: skip
+                 counter: BadSampleCounter | None = None, cache: DecodeCache | None = None):  # fmt: skip
         if not items:
             raise ValueError("no audio clips found")
         self.items, self.classes, self.transform = list(items), list(classes), transform
-        self.max_retries, self.counter = max_retries, counter or COUNTER
+        self.max_retries, self.counter, self.cache = max_retries, counter or COUNTER, cache
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,7 +240,8 @@ class AudioFolder(Dataset):
         for k in range(min(self.max_retries, len(self.items))):
             path, label = self.items[(i + k) % len(self.items)]
             try:
-                wave = decode_audio(str(path), self.transform.sample_rate)
+                rate = self.transform.sample_rate
+                wave = self.cache.get(path, rate) if self.cache else decode_audio(str(path), rate)
             except Exception as err:  # any decoder failure: skip the file, never the epoch
                 self.counter.count("corrupt", str(path), err)
                 continue
@@ -218,14 +280,15 @@ class AudioShardDataset(ShardDataset):
 def audio_dataset(spec: str, transform: ClipTransform, csv_path: str = "",
                   path_column: str = "path", label_column: str = "label", where: str = "",
                   classes: list[str] | None = None, shuffle_buffer: int = 1000, seed: int = 0,
-                  counter: BadSampleCounter | None = None):  # fmt: skip
-    """The right reader for ``spec``: shards -> AudioShardDataset, else AudioFolder."""
+                  counter: BadSampleCounter | None = None, cache_mb: float = 0):  # fmt: skip
+    """The right reader for ``spec``: shards -> AudioShardDataset, else AudioFolder (which
+    keeps decoded clips in this process's :class:`DecodeCache` when ``cache_mb`` > 0)."""
     if not spec:
         raise ValueError("empty audio data path")
     if is_shard_spec(spec) and not csv_path:
         return AudioShardDataset(spec, transform, shuffle_buffer, seed, counter)
     items, names = list_audio(spec, csv_path, path_column, label_column, where, classes)
-    return AudioFolder(items, names, transform, counter=counter)
+    return AudioFolder(items, names, transform, counter=counter, cache=shared_cache(cache_mb))
 
 
 def pad_collate(batch: list) -> tuple[dict, torch.Tensor]:
