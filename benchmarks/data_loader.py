@@ -2,12 +2,20 @@
 
     python benchmarks/data_loader.py                          # synthetic JPEG shards, pretrain aug
     python benchmarks/data_loader.py --shards /d/train --pipeline finetune --workers 4
+    python benchmarks/data_loader.py --train --workers 14 --batch 256 --images 4096   # on a GPU
 
 Reads webdataset shards with unipred's ShardDataset (the training reader: tar streaming,
 shuffle buffer, JPEG decode with bad-sample accounting, augmentation, collation into
 224 px batches). Without ``--shards`` it first writes ``--images`` synthetic JPEGs of an
 ImageNet-like size (about 500x375, quality 90) and packs them with ``pack-images``.
 Reports images/s overall and per worker, after ``--warmup`` batches.
+
+``--train`` answers "does the loader keep up with the training step?": it runs the same
+pretraining step (``--model``, default ViT-B/14; bf16 autocast, fused AdamW, clipping and
+``torch.compile`` on CUDA) twice, fed once by one batch kept on the device and once by the
+loader (pinned memory, non-blocking copies; after the batches the workers prefetched while
+the device-fed steps ran are used up, so the timed steps see the loader's steady rate), and
+reports both step rates and the share of the loader-fed wall time spent waiting for data. ``--dry-run`` runs it tiny on a CPU.
 """
 
 from __future__ import annotations
@@ -98,6 +106,62 @@ def run(spec: str, pipeline: str, workers: int, batch: int, warmup: int, batches
     }
 
 
+def train_against_loader(spec: str, args) -> dict:
+    """Steps/s of one training step fed from the device vs from the shard loader."""
+    from unipred.model import NEPA
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    cfg = PIPELINES["pretrain"] if not args.dry_run else ImageAugConfig(img_size=32)
+    # one endless epoch (the reader re-reads its shards to fill num_samples), so no epoch
+    # boundary drains the workers' prefetch inside the timed steps
+    ds = ShardDataset(spec, train_transform(cfg), training=True, shuffle_buffer=1000,
+                      num_samples=10**9)  # fmt: skip
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, num_workers=args.workers,
+                                         pin_memory=cuda, drop_last=True)  # fmt: skip
+    model = NEPA.from_name(args.model).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    fwd = torch.compile(model) if (cuda and not args.no_compile) else model
+
+    def step(x):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = fwd(x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    it = iter(loader)
+    x0 = next(it)[0].to(dev)
+    for _ in range(args.warmup):  # compile, allocator, worker start-up
+        step(x0)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        step(x0)
+    sync()
+    device_s = (time.perf_counter() - t0) / args.batches
+    for _ in range(2 * max(1, args.workers)):  # use up what the workers prefetched meanwhile
+        step(next(it)[0].to(dev, non_blocking=True))
+    sync()
+    waited, t0 = 0.0, time.perf_counter()
+    for _ in range(args.batches):
+        w0 = time.perf_counter()
+        x = next(it)[0]
+        waited += time.perf_counter() - w0
+        step(x.to(dev, non_blocking=True))
+    sync()
+    loader_s = (time.perf_counter() - t0) / args.batches
+    return {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "batch": args.batch, "workers": args.workers,
+            "step_s_device_batch": device_s, "step_s_loader": loader_s,
+            "images_per_s_device_batch": args.batch / device_s,
+            "images_per_s_loader": args.batch / loader_s,
+            "data_wait_share": waited / (loader_s * args.batches),
+            "keeps_up": loader_s <= 1.05 * device_s}  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", default="", help="shard spec (default: make synthetic shards)")
@@ -107,10 +171,24 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batches", type=int, default=12)
+    p.add_argument("--train", action="store_true", help="feed a training step (see above)")
+    p.add_argument("--model", default="nepa_vit_b14", help="--train: the model size")
+    p.add_argument("--no-compile", action="store_true", help="--train: eager on CUDA too")
+    p.add_argument("--dry-run", action="store_true",
+                   help="--train on any CPU: tiny model at 32 px, 64 images, batch 8, 3 steps")  # fmt: skip
     args = p.parse_args(argv)
-    torch.set_num_threads(1)  # as in a DataLoader worker
+    if args.dry_run:
+        args.train, args.model, args.images, args.batch = True, "nepa_debug", 64, 8
+        args.warmup, args.batches = 1, 3
+    if not args.train:
+        torch.set_num_threads(1)  # as in a DataLoader worker
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.shards or make_shards(tmp, args.images)
+        if args.train:
+            import json
+
+            print(json.dumps(train_against_loader(spec, args)))
+            return 0
         if not args.shards:
             sizes = [
                 os.path.getsize(os.path.join(r, f))

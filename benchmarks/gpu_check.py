@@ -1,4 +1,5 @@
-"""One-call GPU check of unipred: versions, flash SDPA, bf16 numerics, ViT-B/L step speed, DDP.
+"""One-call GPU check of unipred: versions, flash SDPA, bf16 numerics, ViT-B/L step speed, loader
+against the ViT-B step, DDP.
 
 Run from the repo root on a lent GPU (``bash benchmarks/gpu_check.sh``); ``--dry-run`` runs
 every section at tiny sizes on whatever device there is (CPU here) to prove the script works.
@@ -148,6 +149,27 @@ def sec_vitb_compile(a):
     return _bench(a, "nepa_vit_b14", 256, "compile")
 
 
+def sec_loader(a):
+    """Does the shard loader (pretraining augmentation; the cores less two as workers) keep up
+    with the compiled ViT-B/14 step at batch 256? (benchmarks/data_loader.py --train)"""
+    import tempfile
+    from types import SimpleNamespace
+
+    ts.bootstrap_unipred()
+    try:
+        import webdataset  # noqa: F401
+    except ImportError:
+        return {"skipped": "webdataset is not installed here (the shard reader needs it)"}
+    import data_loader as dl
+
+    workers = 2 if a.dry_run else max(1, (os.cpu_count() or 2) - 2)
+    args = SimpleNamespace(batch=8 if a.dry_run else 256, workers=workers, warmup=3,
+                           batches=a.steps if a.dry_run else max(40, a.steps), dry_run=a.dry_run, no_compile=False,
+                           model="nepa_debug" if a.dry_run else "nepa_vit_b14")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        return dl.train_against_loader(dl.make_shards(tmp, 64 if a.dry_run else 512), args)
+
+
 def sec_vitl_eager(a):
     """ViT-L/14 224 px batch 128, bf16, eager."""
     return _bench(a, "nepa_vit_l14", 128, "eager")
@@ -250,6 +272,7 @@ def _ddp_speed(rank, dev, dry, steps) -> dict:
 SECTIONS = {  # name -> (function, time limit in seconds); most important first
     "env": (sec_env, 60), "flash": (sec_flash, 90), "numerics": (sec_numerics, 90),
     "vitb_eager": (sec_vitb_eager, 120), "vitb_compile": (sec_vitb_compile, 240),
+    "loader": (sec_loader, 180),
     "vitl_eager": (sec_vitl_eager, 120), "ddp": (sec_ddp, 150),
     "official_vitb": (sec_official_vitb, 120), "vitl_compile": (sec_vitl_compile, 240),
 }  # fmt: skip
