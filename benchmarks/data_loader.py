@@ -15,7 +15,9 @@ pretraining step (``--model``, default ViT-B/14; bf16 autocast, fused AdamW, cli
 ``torch.compile`` on CUDA) twice, fed once by one batch kept on the device and once by the
 loader (pinned memory, non-blocking copies; after the batches the workers prefetched while
 the device-fed steps ran are used up, so the timed steps see the loader's steady rate), and
-reports both step rates and the share of the loader-fed wall time spent waiting for data. ``--dry-run`` runs it tiny on a CPU.
+reports both step rates and the share of the loader-fed wall time spent waiting for data.
+``--decode-on-device`` measures the same with ``data.decode_on_device``'s pipeline (workers
+pass JPEG bytes and crop draws; nvJPEG decodes, crops and resizes on the GPU). ``--dry-run`` runs it tiny on a CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unipred.data.device_decode import DeviceDecodeTransform
 from unipred.data.images import ShardDataset
 from unipred.data.transforms import ImageAugConfig, eval_transform, train_transform
 
@@ -115,10 +118,12 @@ def train_against_loader(spec: str, args) -> dict:
     cfg = PIPELINES["pretrain"] if not args.dry_run else ImageAugConfig(img_size=32)
     # one endless epoch (the reader re-reads its shards to fill num_samples), so no epoch
     # boundary drains the workers' prefetch inside the timed steps
-    ds = ShardDataset(spec, train_transform(cfg), training=True, shuffle_buffer=1000,
-                      num_samples=10**9)  # fmt: skip
+    on_device = getattr(args, "decode_on_device", False)
+    tf = DeviceDecodeTransform.from_aug(cfg) if on_device else train_transform(cfg)
+    ds = ShardDataset(spec, tf, training=True, shuffle_buffer=1000, num_samples=10**9)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, num_workers=args.workers,
-                                         pin_memory=cuda, drop_last=True)  # fmt: skip
+                                         pin_memory=cuda and not on_device, drop_last=True,
+                                         collate_fn=tf.collate if on_device else None)  # fmt: skip
     model = NEPA.from_name(args.model).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     fwd = torch.compile(model) if (cuda and not args.no_compile) else model
@@ -154,6 +159,7 @@ def train_against_loader(spec: str, args) -> dict:
     sync()
     loader_s = (time.perf_counter() - t0) / args.batches
     return {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "decode": "device" if on_device else "cpu workers",
             "batch": args.batch, "workers": args.workers,
             "step_s_device_batch": device_s, "step_s_loader": loader_s,
             "images_per_s_device_batch": args.batch / device_s,
@@ -174,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--train", action="store_true", help="feed a training step (see above)")
     p.add_argument("--model", default="nepa_vit_b14", help="--train: the model size")
     p.add_argument("--no-compile", action="store_true", help="--train: eager on CUDA too")
+    p.add_argument("--decode-on-device", action="store_true",
+                   help="--train: workers pass JPEG bytes, the batch decodes on the device "
+                   "(data.decode_on_device)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true",
                    help="--train on any CPU: tiny model at 32 px, 64 images, batch 8, 3 steps")  # fmt: skip
     args = p.parse_args(argv)

@@ -149,7 +149,7 @@ def sec_vitb_compile(a):
     return _bench(a, "nepa_vit_b14", 256, "compile")
 
 
-def sec_loader(a):
+def sec_loader(a, on_device: bool = False):
     """Does the shard loader (pretraining augmentation; the cores less two as workers) keep up
     with the compiled ViT-B/14 step at batch 256? (benchmarks/data_loader.py --train)"""
     import tempfile
@@ -164,10 +164,16 @@ def sec_loader(a):
 
     workers = 2 if a.dry_run else max(1, (os.cpu_count() or 2) - 2)
     args = SimpleNamespace(batch=8 if a.dry_run else 256, workers=workers, warmup=3,
-                           batches=a.steps if a.dry_run else max(40, a.steps), dry_run=a.dry_run, no_compile=False,
+                           batches=a.steps if a.dry_run else max(40, a.steps), dry_run=a.dry_run,
+                           no_compile=False, decode_on_device=on_device,
                            model="nepa_debug" if a.dry_run else "nepa_vit_b14")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         return dl.train_against_loader(dl.make_shards(tmp, 64 if a.dry_run else 512), args)
+
+
+def sec_loader_device(a):
+    """The same with data.decode_on_device: JPEGs decoded, cropped and resized on the GPU."""
+    return sec_loader(a, on_device=True)
 
 
 def sec_vitl_eager(a):
@@ -272,7 +278,7 @@ def _ddp_speed(rank, dev, dry, steps) -> dict:
 SECTIONS = {  # name -> (function, time limit in seconds); most important first
     "env": (sec_env, 60), "flash": (sec_flash, 90), "numerics": (sec_numerics, 90),
     "vitb_eager": (sec_vitb_eager, 120), "vitb_compile": (sec_vitb_compile, 240),
-    "loader": (sec_loader, 180),
+    "loader": (sec_loader, 180), "loader_device": (sec_loader_device, 150),
     "vitl_eager": (sec_vitl_eager, 120), "ddp": (sec_ddp, 150),
     "official_vitb": (sec_official_vitb, 120), "vitl_compile": (sec_vitl_compile, 240),
 }  # fmt: skip

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from unipred.data.accounting import COUNTER
+from unipred.data.device_decode import DeviceDecodeTransform
 from unipred.data.images import ShardDataset, image_dataset
 from unipred.data.transforms import ImageAugConfig, MixupCollate, eval_transform, train_transform
 from unipred.registry import TASKS
@@ -43,6 +44,9 @@ class ImageData(DataConfig):
     num_samples: int = 0  # streaming: samples per epoch when the shards have no meta.json
     min_size: int = 8  # images with a side below this are skipped (and counted)
     synthetic_samples: int = 64  # only when root is "": generated images per split
+    # pretraining only: workers pass JPEG bytes + crop/flip draws, the batch is decoded,
+    # cropped and resized on the training device (nvJPEG) -- for CPU-starved GPU nodes
+    decode_on_device: bool = False
     aug: ImageAugConfig = field(default_factory=ImageAugConfig)
 
 
@@ -73,6 +77,8 @@ def _build(task, split: str, num_classes: int):
     """The dataset of ``split`` for either image task (None when the split is absent)."""
     d, train = task.cfg.data, split == "train"
     tf = train_transform(d.aug) if train else eval_transform(d.aug)
+    if train and getattr(d, "decode_on_device", False):
+        tf = DeviceDecodeTransform.from_aug(d.aug)
     spec = d.root if train else d.val_root
     if not d.root and not d.val_root:
         log.warning(
@@ -121,6 +127,11 @@ class ImagePretrain(PretrainTask):
     def build_dataset(self, split):
         return _build(self, split, 1)
 
+    def collate_fn(self, split):
+        if split == "train" and getattr(self.cfg.data, "decode_on_device", False):
+            return DeviceDecodeTransform.from_aug(self.cfg.data.aug).collate
+        return None
+
     def training_step(self, model, batch):
         loss, logs = super().training_step(model, batch)
         return loss, {**logs, **_data_logs()}
@@ -146,6 +157,9 @@ class ImageClassify(ClassifyTask):
         super().__init__(cfg)
         if cfg.data.mode not in MODES:
             raise ValueError(f"data.mode={cfg.data.mode!r}; use one of {list(MODES)}")
+        if getattr(cfg.data, "decode_on_device", False):
+            raise ValueError("data.decode_on_device is for image_pretrain only: fine-tuning's "
+                             "RandAugment, erasing and Mixup/CutMix run on the CPU workers")  # fmt: skip
 
     @property
     def mode(self) -> str:

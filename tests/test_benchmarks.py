@@ -43,15 +43,17 @@ def test_gpu_profile_dry_run(tmp_path):
     assert "error" not in step and step["images_per_s"] > 0
 
 
-def test_loader_against_training_step_dry_run():
+@pytest.mark.parametrize("extra", [[], ["--decode-on-device"]])
+def test_loader_against_training_step_dry_run(extra):
     """`data_loader.py --train`: the same step fed from a device batch and from the shard
     loader (2 workers), both timed, with the share of time spent waiting for data."""
     cmd = [sys.executable, "-P", str(ROOT / "benchmarks/data_loader.py"), "--dry-run",
-           "--workers", "2"]  # fmt: skip
+           "--workers", "2", *extra]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["model"] == "nepa_debug" and r["batch"] == 8 and r["workers"] == 2
+    assert r["decode"] == ("device" if extra else "cpu workers")
     assert r["step_s_device_batch"] > 0 and r["step_s_loader"] > 0
     assert 0 <= r["data_wait_share"] < 1 and isinstance(r["keeps_up"], bool)

@@ -129,6 +129,11 @@ def scan_flat_folder(
     return samples, classes, ignored + unlabeled
 
 
+def _wants_bytes(transform) -> bool:
+    """Transforms that take the encoded file (device decoding) rather than a PIL image."""
+    return bool(getattr(transform, "wants_bytes", False))
+
+
 class _Silent:
     def count(self, *args, **kwargs):
         pass
@@ -180,6 +185,8 @@ class ImageFolderDataset(Dataset):
         except OSError as e:
             counter.count("read_error", path, e)
             return None
+        if _wants_bytes(self.transform):  # decoded on the device later (data.decode_on_device)
+            return self.transform.from_bytes(data, path, self.min_size, counter)
         return decode_image(data, path, self.min_size, counter)
 
     def __getitem__(self, i: int):
@@ -188,8 +195,8 @@ class ImageFolderDataset(Dataset):
             # a substitute is counted when its own index comes up, so each file counts once
             img = self.load(j, None if k == 0 else _SILENT)
             if img is not None:
-                x = self.transform(img) if self.transform is not None else img
-                return x, self.samples[j][1]
+                plain = self.transform is None or _wants_bytes(self.transform)
+                return (img if plain else self.transform(img)), self.samples[j][1]
         raise RuntimeError(f"{self.root}: 64 consecutive unreadable images from index {i}")
 
 
@@ -325,10 +332,13 @@ class ShardDataset(IterableDataset):
         if key is None:
             self.counter.count("corrupt", what)
             return None
+        label = int(sample["cls"]) if "cls" in sample else -1
+        if _wants_bytes(self.transform):  # decoded on the device later (data.decode_on_device)
+            enc = self.transform.from_bytes(sample[key], what, self.min_size, self.counter)
+            return None if enc is None else (enc, label)
         img = decode_image(sample[key], what, self.min_size, self.counter)
         if img is None:
             return None
-        label = int(sample["cls"]) if "cls" in sample else -1
         return (self.transform(img) if self.transform is not None else img), label
 
     def __iter__(self):
