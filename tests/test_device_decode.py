@@ -85,6 +85,25 @@ def test_a_jpeg_that_fails_on_the_device_is_counted_and_replaced():
     assert counter.snapshot()["skipped/total"] == 1 and labels.tolist() == [0, 1]
 
 
+def test_jpegs_the_device_decoder_rejects_fall_back_to_pil(monkeypatch):
+    import torchvision.io
+
+    tf, counter = DeviceDecodeTransform.from_aug(ImageAugConfig(img_size=16)), BadSampleCounter()
+    torch.manual_seed(0)
+    items = [(tf.from_bytes(_bytes(_photo(40, 50, seed=i)), f"{i}.jpg", counter=counter), i)
+             for i in range(3)]  # fmt: skip
+    want = tf.collate(items)[0].to("cpu")
+
+    def reject(*a, **k):
+        raise RuntimeError("unsupported JPEG flavour")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", reject)
+    batch = tf.collate(items)[0]
+    batch.counter = counter
+    got = batch.to("cpu")
+    assert (got - want).abs().max() < 0.05 and counter.snapshot()["skipped/total"] == 0
+
+
 def test_pipeline_options_it_cannot_run_are_refused():
     with pytest.raises(ValueError, match="auto_augment"):
         DeviceDecodeTransform.from_aug(ImageAugConfig(auto_augment="rand-m9-mstd0.5-inc1"))

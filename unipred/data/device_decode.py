@@ -13,9 +13,9 @@ how the tests check it against the PIL pipeline.
 What the worker cannot hand over as a JPEG (PNG, CMYK, 16-bit, palette..., or a JPEG without
 its end marker, likely truncated) is decoded and converted there, through the same checks and
 counts as the CPU path, and travels as pixels.
-Unreadable or tiny files are skipped and counted in the worker; a JPEG that only fails on the
-device (a truncated scan) is counted there and replaced by another image of its batch, so
-batches keep their size.
+Unreadable or tiny files are skipped and counted in the worker. A JPEG the device decoder
+rejects is decoded by PIL instead; if PIL fails too it is counted and replaced by another image
+of its batch, so batches keep their size.
 """
 
 from __future__ import annotations
@@ -160,6 +160,13 @@ class EncodedBatch:
         std = torch.tensor(tf.std, device=device).view(1, 3, 1, 1) * 255
         return out.sub_(mean).div_(std)
 
+    def _decode_on_cpu(self, it: EncodedImage, device: torch.device) -> torch.Tensor | None:
+        """PIL's decode with the CPU path's checks and counts; None (counted) if unusable."""
+        img = decode_image(it.data.numpy().tobytes(), it.what, 1, self.counter)
+        if img is None:
+            return None
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(device)
+
     def _decode(self, device: torch.device) -> list[torch.Tensor | None]:
         """uint8 (3, H, W) per item on ``device``; None (counted) where a JPEG fails."""
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -179,8 +186,8 @@ class EncodedBatch:
             for i in jpeg:
                 try:
                     images[i] = decode_jpeg(self.items[i].data, **kw)
-                except Exception as e:
-                    self.counter.count("truncated", self.items[i].what, e)
+                except Exception:  # e.g. a JPEG flavour the device decoder lacks: PIL decides
+                    images[i] = self._decode_on_cpu(self.items[i], device)
         for i in jpeg:  # a decoder that returns a short image is as bad as one that raises
             im = images[i]
             top, left, h, w = self.items[i].box
