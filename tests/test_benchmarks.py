@@ -57,3 +57,14 @@ def test_loader_against_training_step_dry_run(extra):
     assert r["decode"] == ("device" if extra else "cpu workers")
     assert r["step_s_device_batch"] > 0 and r["step_s_loader"] > 0
     assert 0 <= r["data_wait_share"] < 1 and isinstance(r["keeps_up"], bool)
+
+
+@pytest.mark.parametrize("layout", ["mp4", "frames"])
+def test_video_loader_dry_run(layout):
+    cmd = [sys.executable, "-P", str(ROOT / "benchmarks/video_loader.py"), "--dry-run",
+           "--layout", layout]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["layout"] == layout and r["clips"] == 4 and r["clips_per_s"] > 0
