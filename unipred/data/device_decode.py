@@ -129,7 +129,17 @@ class EncodedBatch:
                  counter: BadSampleCounter | None = None):  # fmt: skip
         if not items:
             raise ValueError("empty batch")
-        self.items, self.tf, self.counter = items, tf, counter or COUNTER
+        # the process-wide counter is looked up where the batch is decoded (not pickled along
+        # from the worker that collated it)
+        self.items, self.tf, self._counter = items, tf, counter
+
+    @property
+    def counter(self) -> BadSampleCounter:
+        return self._counter or COUNTER
+
+    @counter.setter
+    def counter(self, value: BadSampleCounter | None) -> None:
+        self._counter = value
 
     def __len__(self) -> int:
         return len(self.items)
