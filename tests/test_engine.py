@@ -287,3 +287,89 @@ def test_lars_trains_through_the_engine(tmp_path):
     assert opt.param_groups[0]["initial_lr"] == pytest.approx(0.1 * 8 / 256)
     assert all(opt.state[p]["momentum_buffer"].abs().sum() > 0
                for g in opt.param_groups for p in g["params"] if p.grad is not None)  # fmt: skip
+
+
+def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """A training step (fused AdamW, EMA, progress bar, non-finite check) must not copy a
+    value to the host: on a GPU each such read waits for all queued work, so the CPU cannot
+    queue the next kernels ahead. Reads by the data pipeline (CPU tensors) do not count."""
+    import traceback
+
+    reads, counting = [], [False]
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **k):
+            if counting[0]:
+                stack = traceback.extract_stack(limit=14)[:-1]
+                if not any("torch/utils/data" in f.filename for f in stack):
+                    reads.append((_name, stack[-1].filename, stack[-1].lineno))
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    class Window(L.Callback):  # steps 2..9 (with every callback's end-of-step hook), away
+        def on_train_batch_start(self, trainer, *_):  # from every logging cadence
+            counting[0] = 2 <= trainer.global_step < 10
+
+        def on_train_end(self, trainer, *_):
+            counting[0] = False
+
+    cfg = tiny(tmp_path, "trainer.progress_bar=true", "trainer.log_every_n_steps=50",
+               "trainer.collapse_every_n_steps=0", "trainer.ckpt_every_n_steps=0",
+               "data.train_samples=96", "ema.enabled=true")  # fmt: skip
+    trainer = fit(cfg, callbacks=[Window()])
+    assert trainer.global_step == 12
+    assert reads == [], reads
+
+
+def test_a_transient_non_finite_loss_is_skipped_on_the_device_then_reported(tmp_path):
+    """Fused AdamW: the bad step is skipped without a host sync (weights, moments unchanged)
+    and the run stops at the next check, naming that step; the last checkpoint is good."""
+    seen = {}
+
+    class NaNBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                batch[0].fill_(float("nan"))
+                seen["before"] = _weights(trainer)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                seen["after"] = _weights(trainer)
+
+    cfg = tiny(tmp_path, "trainer.log_every_n_steps=5", "trainer.ckpt_every_n_steps=2",
+               "data.train_samples=64", "ema.enabled=false")  # fmt: skip
+    with pytest.raises(
+        NonFiniteLossError, match="optimizer step 3 .*no update from it was applied"
+    ):
+        fit(cfg, callbacks=[NaNBatch()])
+    assert set(seen) == {"before", "after"}  # the run went on past the bad step
+    for k, v in seen["before"].items():
+        assert torch.equal(v, seen["after"][k]), k
+    ck = read_checkpoint(tmp_path / "checkpoints/last.ckpt", require_training_state=True)
+    assert ck["global_step"] == 2  # the save at step 4 ran the check first, and stopped
+
+
+def test_ema_update_equals_torch_averaged_model():
+    """The engine's sync-free EMA update gives exactly AveragedModel.update_parameters."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from unipred.callbacks import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    ref = AveragedModel(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    ema = EMA(decay=0.9)
+    ema._average_model = AveragedModel(model, use_buffers=True,
+                                       multi_avg_fn=get_ema_multi_avg_fn(0.9))  # fmt: skip
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(5, 4))  # moves the BatchNorm running statistics
+        ref.update_parameters(model)
+        ema._update(model)
+    assert int(ema._average_model.n_averaged) == int(ref.n_averaged) == 4
+    for a, b in zip(ema._average_model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)

@@ -46,12 +46,42 @@ class EMA(EMAWeightAveraging):
     def module(self):
         """The EMA copy of the task model, or None before the first update."""
         m = self._average_model
-        return m.module if m is not None and int(m.n_averaged) > 0 else None
+        return m.module if m is not None and self._count() > 0 else None
+
+    def _count(self) -> int:
+        # how many updates the average holds, kept on the host: AveragedModel's own update
+        # reads its device counter (two host syncs per optimizer step on a GPU)
+        if getattr(self, "_n", None) is None:
+            self._n = int(self._average_model.n_averaged)
+        return self._n
+
+    @torch.no_grad()
+    def _update(self, model) -> None:
+        """``AveragedModel.update_parameters`` (use_buffers=True) without reading the device:
+        the first update copies, later ones apply the same EMA function per device and dtype."""
+        avg = self._average_model
+        ema = [*avg.module.parameters(), *avg.module.buffers()]
+        cur = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if len(ema) != len(cur):
+            raise RuntimeError(f"EMA holds {len(ema)} tensors, the model {len(cur)}")
+        if self._count() == 0:
+            for e, c in zip(ema, cur):
+                e.detach().copy_(c.to(e.device))
+        else:
+            groups: dict = {}
+            for e, c in zip(ema, cur):
+                g = groups.setdefault((e.device, e.dtype), ([], []))
+                g[0].append(e.detach())
+                g[1].append(c.to(e.device))
+            for (device, _), (es, cs) in groups.items():
+                avg.multi_avg_fn(es, cs, avg.n_averaged.to(device))
+        avg.n_averaged += 1
+        self._n += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step_idx = trainer.global_step - 1
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
-            self._average_model.update_parameters(pl_module.model)
+            self._update(pl_module.model)
             self._latest_update_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -76,22 +106,82 @@ class EMA(EMAWeightAveraging):
             return
         self._average_model.module.load_state_dict(checkpoint["ema_state_dict"])
         self._average_model.n_averaged.copy_(checkpoint["ema_n_averaged"])
+        self._n = int(checkpoint["ema_n_averaged"])
 
 
 class NonFiniteLossStop(Callback):
-    """Stop before the backward pass of a NaN/inf loss, so no bad update is ever applied and the
-    last checkpoint stays the last good one."""
+    """No update computed from a NaN/inf loss is ever applied; the run stops with a message
+    naming the first such optimizer step, and the last checkpoint stays the last good one.
+
+    With fused AdamW (the engine's default) this costs no host sync per step: the check stays
+    on the device and reaches the optimizer as ``found_inf`` (the mechanism of torch's
+    GradScaler), so the fused kernel skips the whole update (weights, moments, step count).
+    The host reads the flag every ``check_every`` steps, before writing any checkpoint and
+    at the end of training, and stops the run then. Other optimizers (LARS, unfused AdamW)
+    are checked on the host before every backward pass, as reading the loss requires.
+    """
+
+    def __init__(self, check_every: int = 20):
+        self.check_every = max(1, int(check_every))
+        self._bad = None  # device: 1.0 if a loss of this optimizer step was not finite
+        self._first = None  # device int64: the first bad optimizer step, -1 while none
+
+    @staticmethod
+    def _deferred(trainer) -> bool:
+        opts = trainer.optimizers
+        return len(opts) == 1 and bool(opts[0].defaults.get("fused"))
 
     def on_before_backward(self, trainer, pl_module, loss):
+        if self._deferred(trainer):
+            bad = (~torch.isfinite(loss.detach()).all()).float()
+            if trainer.world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            self._bad = bad if self._bad is None else torch.maximum(self._bad, bad)
+            return
         bad = not bool(torch.isfinite(loss.detach()).all())
         if trainer.world_size > 1:  # every rank must stop together
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.detach().float().item()}) at optimizer step "
-                f"{trainer.global_step} (epoch {trainer.current_epoch}); training stopped, "
-                f"the last checkpoint in the run dir is the last good one"
-            )
+            self._stop(trainer.global_step, trainer, loss.detach().float().item())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._bad is None:
+            return
+        optimizer.found_inf = self._bad  # read by the fused kernel: 1.0 skips this update
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.long, device=self._bad.device)
+        first_bad = (self._bad > 0) & (self._first < 0)
+        self._first = torch.where(first_bad, trainer.global_step, self._first)
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):
+        # a new accumulation window starts: forget the last step's flag
+        if getattr(optimizer, "found_inf", None) is not None:
+            optimizer.found_inf = None
+        self._bad = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.check_every == 0:
+            self.check(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.check(trainer)  # raising here leaves the previous checkpoint file in place
+
+    def on_train_end(self, trainer, pl_module):
+        self.check(trainer)
+
+    def check(self, trainer) -> None:
+        """Raise NonFiniteLossError if any optimizer step so far had a non-finite loss."""
+        if self._first is not None and (step := int(self._first)) >= 0:
+            self._stop(step, trainer)
+
+    @staticmethod
+    def _stop(step: int, trainer, value=None):
+        what = f"non-finite loss ({value})" if value is not None else "non-finite loss"
+        raise NonFiniteLossError(
+            f"{what} at optimizer step {step} (epoch {trainer.current_epoch}); no update from "
+            f"it was applied; training stopped, the last checkpoint in the run dir is the "
+            f"last good one"
+        )
 
 
 class Throughput(Callback):
@@ -105,9 +195,7 @@ class Throughput(Callback):
         now, step = time.perf_counter(), trainer.global_step
         if self._t is not None and step > self._step:
             dt = (now - self._t) / (step - self._step)
-            pl_module.log(
-                "perf/samples_per_s", self.samples_per_step / dt, prog_bar=True, rank_zero_only=True
-            )
+            pl_module.log("perf/samples_per_s", self.samples_per_step / dt, rank_zero_only=True)
             pl_module.log("perf/step_s", dt, rank_zero_only=True)
         if self._step is None or step > self._step:
             self._t, self._step = now, step
@@ -141,6 +229,24 @@ class CollapseMonitor(Callback):
                 f"{erank:.2f} of {self.dim} dims, mean per-dim std {std:.2e})",
                 stacklevel=2,
             )
+
+
+def progress_bar(refresh_rate: int, keys=("train/loss", "lr", "perf/samples_per_s")):
+    """Lightning's TQDM bar showing ``keys`` from the trainer's metrics, read only when the bar
+    refreshes. (Metrics logged with ``prog_bar=True`` are copied to the host after *every*
+    batch, which on a GPU waits for all queued work each step.)"""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class ProgressBar(TQDMProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            out = super().get_metrics(trainer, pl_module)
+            for k in keys:
+                v = trainer.callback_metrics.get(k)
+                if v is not None:
+                    out[k.split("/")[-1]] = f"{float(v):.4g}"
+            return out
+
+    return ProgressBar(refresh_rate=refresh_rate)
 
 
 def format_recipe(recipe: dict) -> str:

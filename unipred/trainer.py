@@ -73,7 +73,8 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     from unipred.data.accounting import lightning_callback as bad_sample_logger
 
     # bad samples skipped/converted by any reader are logged (summed over ranks) every epoch
-    cbs = [NonFiniteLossStop(), Throughput(plan["global_batch"]), bad_sample_logger(), *callbacks]
+    cbs = [NonFiniteLossStop(t.log_every_n_steps), Throughput(plan["global_batch"]),
+           bad_sample_logger(), *callbacks]  # fmt: skip
     ema_ok = cfg.ema.enabled and t.strategy != "fsdp"
     if cfg.ema.enabled and not ema_ok:
         warnings.warn(
@@ -88,9 +89,9 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
         cbs.append(PeriodicCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_ckpts))
         cbs += _best_checkpoint(cfg, lit, ema_ok, out)
     if t.progress_bar:
-        from lightning.pytorch.callbacks import TQDMProgressBar
+        from unipred.callbacks import progress_bar
 
-        cbs.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every_n_steps, 20))))
+        cbs.append(progress_bar(max(1, min(t.log_every_n_steps, 20))))
     kw = {}
     for name in ("limit_train_batches", "limit_val_batches", "val_check_interval"):
         v = getattr(t, name)
