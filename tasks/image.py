@@ -77,7 +77,7 @@ def _build(task, split: str, num_classes: int):
     """The dataset of ``split`` for either image task (None when the split is absent)."""
     d, train = task.cfg.data, split == "train"
     tf = train_transform(d.aug) if train else eval_transform(d.aug)
-    if train and getattr(d, "decode_on_device", False):
+    if train and d.decode_on_device:
         tf = DeviceDecodeTransform.from_aug(d.aug)
     spec = d.root if train else d.val_root
     if not d.root and not d.val_root:
@@ -128,7 +128,7 @@ class ImagePretrain(PretrainTask):
         return _build(self, split, 1)
 
     def collate_fn(self, split):
-        if split == "train" and getattr(self.cfg.data, "decode_on_device", False):
+        if split == "train" and self.cfg.data.decode_on_device:
             return DeviceDecodeTransform.from_aug(self.cfg.data.aug).collate
         return None
 
@@ -157,7 +157,7 @@ class ImageClassify(ClassifyTask):
         super().__init__(cfg)
         if cfg.data.mode not in MODES:
             raise ValueError(f"data.mode={cfg.data.mode!r}; use one of {list(MODES)}")
-        if getattr(cfg.data, "decode_on_device", False):
+        if getattr(cfg.data, "decode_on_device", False):  # FMNIST's data config has no such key
             raise ValueError("data.decode_on_device is for image_pretrain only: fine-tuning's "
                              "RandAugment, erasing and Mixup/CutMix run on the CPU workers")  # fmt: skip
 

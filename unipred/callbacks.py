@@ -29,6 +29,7 @@ class EMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.9999, every_n_steps: int = 1):
         super().__init__(decay=decay, update_every_n_steps=every_n_steps)
         self.decay = decay
+        self._n: int | None = None  # updates held by the average, mirrored on the host
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" and self._average_model is None:
@@ -51,7 +52,7 @@ class EMA(EMAWeightAveraging):
     def _count(self) -> int:
         # how many updates the average holds, kept on the host: AveragedModel's own update
         # reads its device counter (two host syncs per optimizer step on a GPU)
-        if getattr(self, "_n", None) is None:
+        if self._n is None:
             self._n = int(self._average_model.n_averaged)
         return self._n
 
@@ -125,6 +126,7 @@ class NonFiniteLossStop(Callback):
         self.check_every = max(1, int(check_every))
         self._bad = None  # device: 1.0 if a loss of this optimizer step was not finite
         self._first = None  # device int64: the first bad optimizer step, -1 while none
+        self._checked = -1  # the optimizer step of the last periodic check
 
     @staticmethod
     def _deferred(trainer) -> bool:
@@ -160,7 +162,9 @@ class NonFiniteLossStop(Callback):
         self._bad = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.check_every == 0:
+        # once per optimizer step (with accumulation this hook runs for every micro-batch)
+        if trainer.global_step % self.check_every == 0 and trainer.global_step != self._checked:
+            self._checked = trainer.global_step
             self.check(trainer)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):

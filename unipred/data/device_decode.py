@@ -23,15 +23,15 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms.functional import pil_to_tensor
 
 from unipred.data.accounting import COUNTER, BadSampleCounter, decode_image
 
-_MODES = {"bilinear": "bilinear", "bicubic": "bicubic"}
+_MODES = ("bilinear", "bicubic")  # interpolations F.interpolate shares with PIL
 
 
 class EncodedImage:
@@ -108,8 +108,7 @@ class DeviceDecodeTransform:
         """A decoded PIL image (converted to RGB) -> EncodedImage carrying its pixels."""
         img = img.convert("RGB") if img.mode != "RGB" else img
         box, flip = self._params(img)
-        pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-        return EncodedImage(box, flip, pixels=pixels, what=what)
+        return EncodedImage(box, flip, pixels=pil_to_tensor(img), what=what)
 
     def collate(self, samples) -> tuple[EncodedBatch, torch.Tensor]:
         """[(EncodedImage, label)] -> (EncodedBatch, labels); the batch decodes in ``.to()``."""
@@ -129,24 +128,12 @@ class EncodedBatch:
                  counter: BadSampleCounter | None = None):  # fmt: skip
         if not items:
             raise ValueError("empty batch")
-        # the process-wide counter is looked up where the batch is decoded (not pickled along
-        # from the worker that collated it)
-        self.items, self.tf, self._counter = items, tf, counter
-
-    @property
-    def counter(self) -> BadSampleCounter:
-        return self._counter or COUNTER
-
-    @counter.setter
-    def counter(self, value: BadSampleCounter | None) -> None:
-        self._counter = value
+        # None: the process-wide COUNTER, looked up where the batch is decoded (not pickled
+        # along from the worker that collated it)
+        self.items, self.tf, self.counter = items, tf, counter
 
     def __len__(self) -> int:
         return len(self.items)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.items), 3, self.tf.size, self.tf.size)
 
     def to(self, device, non_blocking: bool = False, **_) -> torch.Tensor:
         device = torch.device(device)
@@ -161,7 +148,7 @@ class EncodedBatch:
             src = i if images[i] is not None else ok[i % len(ok)]  # counted in _decode
             top, left, h, w = self.items[src].box
             crop = images[src][:, top : top + h, left : left + w].float()
-            img = F.interpolate(crop[None], size=(S, S), mode=_MODES[tf.interpolation],
+            img = F.interpolate(crop[None], size=(S, S), mode=tf.interpolation,
                                 align_corners=False, antialias=True)[0]  # fmt: skip
             if tf.interpolation == "bicubic":
                 img = img.clamp(0, 255)  # PIL's bicubic output is uint8, so clipped
@@ -172,10 +159,8 @@ class EncodedBatch:
 
     def _decode_on_cpu(self, it: EncodedImage, device: torch.device) -> torch.Tensor | None:
         """PIL's decode with the CPU path's checks and counts; None (counted) if unusable."""
-        img = decode_image(it.data.numpy().tobytes(), it.what, 1, self.counter)
-        if img is None:
-            return None
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(device)
+        img = decode_image(it.data.numpy().tobytes(), it.what, 1, self.counter or COUNTER)
+        return None if img is None else pil_to_tensor(img).to(device)
 
     def _decode(self, device: torch.device) -> list[torch.Tensor | None]:
         """uint8 (3, H, W) per item on ``device``; None (counted) where a JPEG fails."""
@@ -202,6 +187,6 @@ class EncodedBatch:
             im = images[i]
             top, left, h, w = self.items[i].box
             if im is not None and (im.shape[-2] < top + h or im.shape[-1] < left + w):
-                self.counter.count("corrupt", self.items[i].what)
+                (self.counter or COUNTER).count("corrupt", self.items[i].what)
                 images[i] = None
         return images
