@@ -118,7 +118,7 @@ def train_against_loader(spec: str, args) -> dict:
     cfg = PIPELINES["pretrain"] if not args.dry_run else ImageAugConfig(img_size=32)
     # one endless epoch (the reader re-reads its shards to fill num_samples), so no epoch
     # boundary drains the workers' prefetch inside the timed steps
-    on_device = getattr(args, "decode_on_device", False)
+    on_device = args.decode_on_device
     tf = DeviceDecodeTransform.from_aug(cfg) if on_device else train_transform(cfg)
     ds = ShardDataset(spec, tf, training=True, shuffle_buffer=1000, num_samples=10**9)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, num_workers=args.workers,
