@@ -12,15 +12,29 @@ TEST_APT := ffmpeg espeak-ng flite
 DEMO_APT := dataset-fashion-mnist espeak-ng flite ffmpeg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: test demo demo-quick lint format system-test system-demo clean
+.PHONY: test demo demo-quick lint format lock check-lock system-test system-demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[test]"
+# Everything comes from requirements.lock (exact versions, sha256-checked), so a new upstream
+# release never changes what a fresh clone gets; then unipred itself, editable, whose declared
+# requirements the check below proves are all in the lock (pip finds them installed).
+$(VENV)/.installed: requirements.lock pyproject.toml .ci/lock.py | $(BIN)/python
+	$(BIN)/python -m pip install -q --require-hashes -r requirements.lock
+	$(BIN)/python .ci/lock.py check
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip check
 	touch $@
+
+# Refresh the lock on purpose: re-resolve pyproject.toml's ranges against today's releases.
+# Then run `make test` and the demos, and commit requirements.lock with what they measured.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install -q packaging
+	$(BIN)/python .ci/lock.py write
+
+check-lock: $(VENV)/.installed
+	$(BIN)/python .ci/lock.py check
 
 system-test:
 	@missing=""; for p in $(TEST_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -38,25 +52,21 @@ system-demo:
 	  echo "WARNING: could not install$$missing; the image demo will try torchvision's download instead"; \
 	fi
 
-lint: $(VENV)/.test-installed
+lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(VENV)/.test-installed
+format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: system-test $(VENV)/.test-installed lint
+test: system-test $(VENV)/.installed lint
 	$(BIN)/python -m pytest -q
 
-$(VENV)/.demo-installed: pyproject.toml $(VENV)/.test-installed
-	$(BIN)/pip install -q -e ".[test,demo]"
-	touch $@
-
-demo: system-demo $(VENV)/.demo-installed
+demo: system-demo $(VENV)/.installed
 	$(BIN)/unipred demo image
 
-demo-quick: system-demo $(VENV)/.demo-installed
+demo-quick: system-demo $(VENV)/.installed
 	$(BIN)/unipred demo image --quick
 
 clean:

@@ -22,11 +22,16 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-import torchaudio
 from torch import nn
 
+from unipred.extras import require
 from unipred.registry import TOKENIZERS
 from unipred.tokens import Tokens
+
+
+def _torchaudio():
+    # imported when an audio tokenizer is used, never by the image path (see unipred.extras)
+    return require("torchaudio", "audio", "the audio tokenizer")
 
 
 def split_audio_input(x) -> tuple[torch.Tensor, torch.Tensor, int | None]:
@@ -62,7 +67,7 @@ def resample_batch(wave, lengths, orig_sr: int, new_sr: int):
     per-clip resampling (the data readers do that), here the filter may touch the padding."""
     if orig_sr == new_sr:
         return wave, lengths
-    out = torchaudio.functional.resample(wave, orig_sr, new_sr)
+    out = _torchaudio().functional.resample(wave, orig_sr, new_sr)
     new_len = torch.ceil(lengths.double() * new_sr / orig_sr).long().clamp_max(out.shape[-1])
     return out, new_len
 
@@ -130,7 +135,7 @@ class AudioSpectrogramTokenizer(nn.Module):
         self.n_fft = n_fft
         # center=False: frame i covers samples [i*hop, i*hop + win), so frames inside the real
         # part of a clip never see padding (centre padding would reflect it in)
-        self.mel = torchaudio.transforms.MelSpectrogram(
+        self.mel = _torchaudio().transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=n_fft, win_length=self.win, hop_length=self.hop,
             f_min=f_min, f_max=f_max, n_mels=n_mels, center=False, power=2.0,
         )  # fmt: skip
@@ -240,7 +245,7 @@ def default_n_fft(win: int, sample_rate: int, n_mels: int, f_min=0.0, f_max=None
     while n_fft < 2**16:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchaudio warns about the empty filters we test
-            fb = torchaudio.functional.melscale_fbanks(
+            fb = _torchaudio().functional.melscale_fbanks(
                 n_fft // 2 + 1, f_min, f_max or sample_rate / 2, n_mels, sample_rate
             )
         if bool((fb.sum(0) > 0).all()):

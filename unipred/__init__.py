@@ -1,17 +1,33 @@
-"""unipred: self-supervised pretraining by next-embedding prediction, for any modality."""
+"""unipred: self-supervised pretraining by next-embedding prediction, for any modality.
 
+The names below are the public API, for users and for plugin authors (a plugin registers a
+tokenizer, tasks and model sizes with ``TOKENIZERS`` / ``TASKS`` / ``MODELS``; see
+docs/adding-a-modality.md). Importing ``unipred`` loads no modality library.
+"""
+
+from unipred._version import __version__
 from unipred.loss import next_embedding_loss
 from unipred.model import NEPA, ModelConfig, model_config
 from unipred.predictor import Predictor, PredictorConfig
+from unipred.registry import MODELS, TASKS, TOKENIZERS
+from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask, Task
 from unipred.tokens import Tokens
 
 __all__ = [
+    "MODELS",
     "NEPA",
+    "TASKS",
+    "TOKENIZERS",
+    "ClassifyData",
+    "ClassifyTask",
+    "DataConfig",
     "ModelConfig",
     "Predictor",
     "PredictorConfig",
+    "PretrainTask",
+    "Task",
     "Tokens",
+    "__version__",
     "model_config",
     "next_embedding_loss",
 ]
-__version__ = "0.1.0"

@@ -167,8 +167,35 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
     return OmegaConf.merge(merged, cfg)
 
 
+def packaged_configs() -> Path:
+    """The folder of recipes shipped inside the package (``configs/`` of a source checkout)."""
+    from importlib.resources import files
+
+    return Path(str(files("unipred.configs")))
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """A config path, or the name of a packaged recipe (``demo/fmnist_pretrain``, with or
+    without ``.yaml``, or ``configs/demo/fmnist_pretrain.yaml`` from any folder)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    rel = Path(*path.parts[1:]) if path.parts and path.parts[0] == "configs" else path
+    root = packaged_configs()
+    for cand in (root / rel, root / rel.with_suffix(".yaml")):
+        if cand.is_file():
+            return cand
+    known = sorted(str(p.relative_to(root).with_suffix("")) for p in root.glob("*/*.yaml"))
+    close = difflib.get_close_matches(str(rel.with_suffix("")), known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"config file not found: {name}{hint}; packaged recipes: `unipred list`")
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths=True):
-    """YAML + ``key=value`` overrides -> validated RunConfig (a dataclass instance)."""
+    """YAML + ``key=value`` overrides -> validated RunConfig (a dataclass instance).
+
+    ``path`` is a file or the name of a packaged recipe (see :func:`find_config`)."""
+    path = find_config(path) if path else None
     raw = read_yaml(path) if path else OmegaConf.create()
     try:
         cli = OmegaConf.from_dotlist(list(overrides))

@@ -1,9 +1,22 @@
-"""Tiny name -> builder registries. Duplicate or unknown names fail loudly."""
+"""Name -> builder registries, filled by plugin modules. Duplicate or unknown names fail loudly.
+
+Plugins are the modules under ``unipred.tokenizers`` and ``unipred.tasks`` (built in) and the
+modules named by installed packages in the ``unipred.plugins`` entry-point group (external;
+see docs/adding-a-modality.md). They are imported on the first lookup, each on its own: one
+that fails to import is remembered and named when a lookup misses, and never leaves the
+registries half-filled for the others.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from collections.abc import Callable
+from importlib.metadata import entry_points
+
+PLUGIN_GROUP = "unipred.plugins"
+BUILTIN_PACKAGES = ("unipred.tokenizers", "unipred.tasks")
 
 
 class Registry:
@@ -14,7 +27,7 @@ class Registry:
     def register(self, name: str | None = None):
         def deco(fn):
             key = name or fn.__name__
-            if key in self._items:
+            if key in self._items and self._items[key] is not fn:
                 raise KeyError(f"{self.kind} {key!r} is already registered")
             self._items[key] = fn
             return fn
@@ -22,19 +35,22 @@ class Registry:
         return deco
 
     def get(self, name: str) -> Callable:
-        _load_plugins()
+        load_plugins()
         if name not in self._items:
             close = difflib.get_close_matches(name, self._items, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise KeyError(f"unknown {self.kind} {name!r}{hint}; known: {sorted(self._items)}")
+            broken = "".join(f"; plugin {m} failed to load: {e}" for m, e in PLUGIN_ERRORS.items())
+            raise KeyError(
+                f"unknown {self.kind} {name!r}{hint}; known: {sorted(self._items)}{broken}"
+            )
         return self._items[name]
 
     def names(self) -> list[str]:
-        _load_plugins()
+        load_plugins()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        _load_plugins()
+        load_plugins()
         return name in self._items
 
 
@@ -42,20 +58,35 @@ TOKENIZERS = Registry("tokenizer")
 TASKS = Registry("task")
 MODELS = Registry("model")
 
+# module -> one-line reason, for every plugin module that failed to import
+PLUGIN_ERRORS: dict[str, str] = {}
 _loaded = False
 
 
-def _load_plugins() -> None:
-    """Import every built-in tokenizer and task module so their registrations run."""
+def _import(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken plugin must not break the others
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        PLUGIN_ERRORS[module] = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def plugin_modules() -> list[str]:
+    """Every plugin module: the built-in ones, then those installed packages declare."""
+    mods = []
+    for pkg_name in BUILTIN_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        mods += [f"{pkg_name}.{info.name}" for info in pkgutil.iter_modules(pkg.__path__)]
+    mods.append("unipred.model")  # the generic model sizes
+    mods += [ep.value.split(":")[0] for ep in entry_points(group=PLUGIN_GROUP)]
+    return mods
+
+
+def load_plugins() -> None:
+    """Import every plugin module once, so that their registrations run."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import importlib
-    import pkgutil
-
-    for pkg_name in ("unipred.tokenizers", "unipred.tasks"):
-        pkg = importlib.import_module(pkg_name)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{pkg_name}.{info.name}")
-    importlib.import_module("unipred.model")
+    for module in plugin_modules():
+        _import(module)

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchaudio
 from torch.utils.data import Dataset
 
 from unipred.data.accounting import COUNTER, BadSampleCounter
 from unipred.data.images import ShardDataset, is_shard_spec
+from unipred.extras import require
 
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
 SKIP_DIRS = ("_background_noise_",)  # Speech Commands' noise folder is not a class
@@ -46,9 +46,8 @@ def decode_audio(source, sample_rate: int) -> torch.Tensor:
 
     Raises on anything unreadable or empty; callers count and skip.
     """
-    from torchcodec.decoders import AudioDecoder  # needs FFmpeg's shared libraries
-
-    samples = AudioDecoder(source).get_all_samples()
+    decoders = require("torchcodec.decoders", "audio", "decoding audio")  # needs FFmpeg's libs
+    samples = decoders.AudioDecoder(source).get_all_samples()
     wave = samples.data.float().mean(dim=0)  # (C, S) -> (S,): downmix to mono
     if wave.numel() == 0:
         raise ValueError("no audio samples")
@@ -58,8 +57,9 @@ def decode_audio(source, sample_rate: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
-    return torchaudio.transforms.Resample(orig, new)  # builds the sinc kernel once
+def _resampler(orig: int, new: int):
+    ta = require("torchaudio", "audio", "resampling audio")
+    return ta.transforms.Resample(orig, new)  # builds the sinc kernel once
 
 
 def resample(wave: torch.Tensor, orig: int, new: int) -> torch.Tensor:
@@ -285,6 +285,9 @@ def audio_dataset(spec: str, transform: ClipTransform, csv_path: str = "",
     keeps decoded clips in this process's :class:`DecodeCache` when ``cache_mb`` > 0)."""
     if not spec:
         raise ValueError("empty audio data path")
+    # fail now, in one line, rather than count every clip as unreadable
+    require("torchcodec.decoders", "audio", "reading audio files")
+    require("torchaudio", "audio", "reading audio files")
     if is_shard_spec(spec) and not csv_path:
         return AudioShardDataset(spec, transform, shuffle_buffer, seed, counter)
     items, names = list_audio(spec, csv_path, path_column, label_column, where, classes)

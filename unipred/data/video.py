@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from unipred.data.accounting import COUNTER, BadSampleCounter
 from unipred.data.images import ShardDataset, is_shard_spec
+from unipred.extras import require
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
@@ -44,11 +45,14 @@ def frame_indices(total: int, num_frames: int, stride: int, train: bool, rng=ran
     return list(range(start, start + span, stride))
 
 
+def _require_decoder():
+    # fail at construction, in one line, rather than count every clip as unreadable
+    return require("torchcodec.decoders", "video", "decoding video")  # needs FFmpeg's libs
+
+
 def decode_video(source, num_frames: int, stride: int, train: bool, rng=random) -> torch.Tensor:
     """A video file path or its bytes -> uint8 frames (T, C, H, W) sampled as configured."""
-    from torchcodec.decoders import VideoDecoder  # needs FFmpeg's shared libraries
-
-    dec = VideoDecoder(source, seek_mode="exact")
+    dec = _require_decoder().VideoDecoder(source, seek_mode="exact")
     total = dec.metadata.num_frames or len(dec)
     return dec.get_frames_at(frame_indices(total, num_frames, stride, train, rng)).data
 
@@ -168,6 +172,8 @@ class VideoFolder(Dataset):
         max_retries: int = 20, counter: BadSampleCounter | None = None,
     ):  # fmt: skip
         self.samples, self.classes = list_videos(root)
+        if any(not _is_frame_dir(p) for p, _ in self.samples):  # frame folders need no torchcodec
+            _require_decoder()
         self.num_frames, self.stride, self.transform = num_frames, stride, transform
         self.max_retries, self.counter = max_retries, counter or COUNTER
 

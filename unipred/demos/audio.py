@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import unipred
+from unipred.config import packaged_configs
 from unipred.demos import set_threads
 
-CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "audio"
+CONFIGS = packaged_configs() / "audio"
 
 
 @dataclass
@@ -94,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         plan.labels = tuple(int(x) for x in args.labels.split(","))
     plan.seeds = args.seeds or plan.seeds
     out, t0 = Path(args.out), time.time()
-    if not (CONFIGS / "digits_pretrain.yaml").is_file():
-        raise SystemExit(f"demo configs not found in {CONFIGS}; run from a source checkout")
     print(f"[audio demo] synthesising spoken digits ... ({set_threads(args.threads)})", flush=True)
     root, stats, manifest = prepare_data(out, plan)
     n_tr, n_te = manifest["counts"]["train"], manifest["counts"]["test"]

@@ -29,10 +29,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import unipred
+from unipred.config import packaged_configs
 from unipred.demos import set_threads
 
-CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "demo"
+CONFIGS = packaged_configs() / "demo"
 
 
 @dataclass
@@ -161,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet()
     plan, out, t0 = _plan(args), Path(args.out), time.time()
-    if not (CONFIGS / "fmnist_pretrain.yaml").is_file():
-        raise SystemExit(f"demo configs not found in {CONFIGS}; run from a source checkout")
     try:
         import matplotlib  # noqa: F401  (checked now, not after the training)
     except ModuleNotFoundError:

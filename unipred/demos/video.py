@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-import unipred
+from unipred.config import packaged_configs
 from unipred.demos import results_table, set_threads
 
-CONFIGS = Path(unipred.__file__).resolve().parent.parent / "configs" / "video"
+CONFIGS = packaged_configs() / "video"
 SIZE, FRAMES = 32, 16
 REAL_CLIPS = ("bigbuckbunny", "bikes", "carphone_pristine")
 
@@ -161,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLANS["quick" if args.quick else "full"]
     out, t0 = Path(args.out), time.time()
     set_threads(args.threads)
-    if not (CONFIGS / "demo_pretrain.yaml").is_file():
-        raise SystemExit(f"demo configs not found in {CONFIGS}; run from a source checkout")
     data = out / "data"
     print(f"[video demo] writing clips to {data} ({torch.get_num_threads()} torch threads)",
           flush=True)  # fmt: skip
