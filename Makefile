@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export PYTHONSAFEPATH := 1
 # System packages: FFmpeg libraries for torchcodec (audio/video decoding), speech synthesis
 # for the spoken-digit data, and Debian's Fashion-MNIST for the image demo.
-TEST_APT := ffmpeg espeak-ng flite
+TEST_APT := ffmpeg espeak-ng flite dataset-fashion-mnist
 DEMO_APT := dataset-fashion-mnist espeak-ng flite ffmpeg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 

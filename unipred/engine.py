@@ -20,6 +20,7 @@ from unipred.callbacks import EMA
 from unipred.config import RecipeError, batch_plan, to_dict  # noqa: F401  (re-exported)
 from unipred.loader import build_loader
 from unipred.registry import TASKS
+from unipred.threads import threads_for_run
 from unipred.trainer import build_trainer
 
 
@@ -232,6 +233,13 @@ def run_dir(cfg) -> Path:
     return Path(cfg.run_dir)
 
 
+def _threads(cfg) -> None:
+    t = cfg.trainer
+    line = threads_for_run(t.threads, t.accelerator, t.devices if t.devices > 0 else 1)
+    if line:
+        print(f"[unipred] {line}", flush=True)
+
+
 def fit(cfg, callbacks=(), task=None) -> L.Trainer:
     """Train ``cfg`` (a validated RunConfig); resumes per ``cfg.resume``. ``task`` may be a
     ready Task instance (benchmarks, notebooks); by default ``cfg.task`` is built."""
@@ -240,6 +248,7 @@ def fit(cfg, callbacks=(), task=None) -> L.Trainer:
     from unipred.config import to_yaml
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    _threads(cfg)
     lit = LitTask(cfg, task)
     ckpt = None
     if cfg.resume == "auto":
@@ -272,6 +281,7 @@ def evaluate(cfg) -> dict:
     """Validate the weights of ``cfg.ckpt`` (raw and, when stored, EMA) on the val split."""
     from unipred.checkpoint import load_weights
 
+    _threads(cfg)
     lit = LitTask(cfg)
     ema_sd = load_weights(lit.model, cfg.ckpt) if cfg.ckpt else None
     trainer = build_trainer(cfg, lit)

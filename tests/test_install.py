@@ -1,0 +1,178 @@
+"""What a fresh install promises: the lock matches pyproject, the image path needs no audio or
+video library, a broken plugin breaks nothing else, and the built wheel works from any folder."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _lock_module():
+    spec = importlib.util.spec_from_file_location("lockfile", ROOT / ".ci" / "lock.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lock_agrees_with_pyproject_and_catches_drift(tmp_path, monkeypatch, capsys):
+    lock = _lock_module()
+    assert lock.check() == 0
+    pins = lock.pins()
+    for name in ("torch", "torchvision", "torchaudio", "torchcodec", "lightning", "ruff", "pip"):
+        assert name in pins, f"{name} is not pinned in requirements.lock"
+    # a lock whose torch falls outside pyproject's range, or that lacks a package, must fail
+    text = (ROOT / "requirements.lock").read_text()
+    bad = tmp_path / "requirements.lock"
+    bad.write_text(text.replace(f"torch=={pins['torch']}", "torch==2.0.0"))
+    monkeypatch.setattr(lock, "LOCK", bad)
+    assert lock.check() == 1
+    assert "torch==2.0.0" in capsys.readouterr().err
+    bad.write_text(text.replace(f"einops=={pins['einops']}", "xeinops==0.1"))
+    assert lock.check() == 1
+    assert "einops: required by pyproject.toml but not in" in capsys.readouterr().err
+
+
+# what an image user's environment lacks: the audio, video and plot extras
+EXTRA_FILES = ("torchaudio", "torchcodec", "matplotlib", "mpl_toolkits", "pylab", "skvideo",
+               "scikit_video")  # fmt: skip
+
+
+def _site_packages() -> Path:
+    return next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+
+
+def env_without_extras(tmp_path: Path) -> Path:
+    """A fresh interpreter whose packages are this environment's minus the optional extras (as
+    if installed without them), unipred included as installed here. Returns its python."""
+    filtered = tmp_path / "site"
+    filtered.mkdir()
+    for entry in _site_packages().iterdir():
+        if not entry.name.startswith(EXTRA_FILES):
+            (filtered / entry.name).symlink_to(entry)
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    py = env_dir / "bin" / "python"
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    # a .pth line that imports site.addsitedir runs the folder's own .pth files (the editable
+    # install's finder among them)
+    Path(purelib, "deps.pth").write_text(f"import site; site.addsitedir({str(filtered)!r})\n")
+    return py
+
+
+def test_image_path_works_without_audio_video_or_plot_libraries(tmp_path):
+    py = env_without_extras(tmp_path)
+    code = f"""
+    import sys
+    import unipred, unipred.hub
+    from unipred import NEPA
+    from unipred.cli import main
+    NEPA.from_name("nepa_debug")
+    rc = main(["fit", "debug/image_nepa_tiny", "trainer.fast_dev_run=2", "run_dir={tmp_path}/r",
+               "trainer.loggers=[]", "trainer.progress_bar=false"])
+    assert rc == 0, rc
+    assert "image" in unipred.TOKENIZERS.names() and "audio" in unipred.TOKENIZERS.names()
+    loaded = sorted(m for m in sys.modules if m.startswith({EXTRA_FILES!r}))
+    assert not loaded, loaded
+    # using the audio modality now fails in one line that names the extra
+    from unipred.extras import MissingExtra
+    try:
+        unipred.TOKENIZERS.get("audio")(dim=32)
+    except MissingExtra as e:
+        msg = str(e)
+        assert "pip install 'unipred[audio]'" in msg and "torchaudio" in msg and "\\n" not in msg
+        print("OK", msg)
+    """
+    r = subprocess.run(
+        [str(py), "-c", textwrap.dedent(code)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK the audio tokenizer needs torchaudio" in r.stdout, r.stdout[-2000:]
+
+
+def test_a_broken_plugin_leaves_the_registry_consistent(monkeypatch):
+    from unipred import registry
+
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "PLUGIN_ERRORS", {})
+    real = registry.plugin_modules
+    monkeypatch.setattr(registry, "plugin_modules", lambda: ["unipred_no_such_plugin.mod", *real()])
+    assert "image" in registry.TOKENIZERS.names()  # the others still loaded
+    with pytest.raises(KeyError) as e:
+        registry.TASKS.get("timeseries_pretrain")
+    assert "unipred_no_such_plugin.mod failed to load: ModuleNotFoundError" in str(e.value)
+    assert "image_pretrain" in registry.TASKS.names()
+
+
+def test_packaged_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from unipred.config import ConfigError, find_config, load_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo/fmnist_pretrain", "demo/fmnist_pretrain.yaml",
+                 "configs/image/nepa_vit_b14_pretrain.yaml"):  # fmt: skip
+        assert find_config(name).is_file()
+    cfg = load_config("debug/image_nepa_tiny", [], check_paths=False)
+    assert cfg.task == "debug_image_pretrain"
+    with pytest.raises(ConfigError, match="did you mean 'demo/fmnist_pretrain'"):
+        find_config("demo/fmnist_pretrian")
+
+
+def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path):
+    """Build the wheel, install it (not editable) into a throwaway environment that reuses the
+    installed dependencies, and run the commands a newcomer runs, from an empty folder."""
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist)],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    wheel = next(dist.glob("unipred-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "unipred/configs/demo/fmnist_pretrain.yaml" in names
+    assert "unipred/py.typed" in names and any(n.endswith("licenses/LICENSE") for n in names)
+    assert not any(n.startswith(("tokenizers/", "tasks/", "configs/")) for n in names)
+
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    # the dependencies come from this environment's site-packages; a plain path entry does not
+    # run that folder's .pth files, so the editable unipred of the checkout stays invisible
+    Path(site, "deps.pth").write_text(f"{_site_packages()}\n")
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-index", str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    where = subprocess.run(
+        [str(py), "-c", "import unipred; print(unipred.__file__, unipred.__version__)"],
+        cwd=work, env=env, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert str(env_dir) in where and str(ROOT) not in where, where
+    unipred = str(env_dir / "bin" / "unipred")
+    out = subprocess.run([unipred, "list"], cwd=work, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "image_pretrain" in out.stdout, out.stderr[-2000:]
+    demo = subprocess.run(
+        [unipred, "demo", "image", "--quick", "--out", str(work / "demo")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if "Fashion-MNIST not found" in demo.stdout + demo.stderr:
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (make test installs it)")
+    assert demo.returncode == 0, (demo.stdout + demo.stderr)[-3000:]
+    assert (work / "demo" / "results.md").is_file()
