@@ -31,10 +31,9 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-
-from unipred.data.device_decode import DeviceDecodeTransform
-from unipred.data.images import ShardDataset
-from unipred.data.transforms import ImageAugConfig, eval_transform, train_transform
+from unipred.tasks.image.data import ShardDataset
+from unipred.tasks.image.device_decode import DeviceDecodeTransform
+from unipred.tasks.image.transforms import ImageAugConfig, eval_transform, train_transform
 
 PIPELINES = {
     "pretrain": ImageAugConfig(),
@@ -68,7 +67,7 @@ def make_shards(root: str, n: int, seed: int = 0) -> str:
     """Write n synthetic JPEGs in 10 class folders and pack them; returns the shard folder."""
     import argparse as ap
 
-    from unipred.data.pack import add_arguments, pack
+    from unipred.tasks.image.pack import add_arguments, pack
 
     rng = np.random.default_rng(seed)
     src = os.path.join(root, "src")

@@ -27,7 +27,7 @@ PEAK = 989e12
 def bootstrap() -> None:
     """Import unipred from the checkout without installing it; register only the image parts."""
     try:
-        import unipred.tasks.debug  # noqa: F401
+        import unipred.tasks.image.debug  # noqa: F401
 
         return
     except ImportError:
@@ -43,7 +43,7 @@ def bootstrap() -> None:
     import unipred.registry as registry
 
     registry._loaded = True  # other tasks may need packages this machine lacks
-    for m in ("unipred.tokenizers.image", "unipred.tasks.debug", "unipred.model"):
+    for m in ("unipred.tokenizers.image", "unipred.tasks.image.debug", "unipred.model"):
         importlib.import_module(m)
 
 

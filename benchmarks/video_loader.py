@@ -4,7 +4,7 @@
     python benchmarks/video_loader.py --root /data/k400/train --workers 8
     python benchmarks/video_loader.py --layout frames       # pre-extracted JPEG frame folders
 
-Reads clips with unipred's training reader (``unipred.data.video.VideoFolder``: torchcodec
+Reads clips with unipred's training reader (``unipred.tasks.video.data.VideoFolder``: torchcodec
 decoding of only the sampled frames, or JPEG frame folders) and the training transform
 (short side to 256, random 224 crop, flip, normalise), with Kinetics' sampling by default
 (16 frames, stride 4). Without ``--root`` it first writes ``--clips`` synthetic clips of
@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from unipred.data.video import ClipTransform, VideoFolder, encode_frames_jpeg, write_video
+from unipred.tasks.video.data import ClipTransform, VideoFolder, encode_frames_jpeg, write_video
 
 
 def synthetic_clip(frames: int, h: int, w: int, seed: int) -> torch.Tensor:

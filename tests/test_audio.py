@@ -163,8 +163,7 @@ def test_resample_in_tokenizer():
 def _write_clips(root, spec):
     """spec: {relative path: seconds}; writes 440 Hz tones (wav, or flac by extension)."""
     from torchcodec.encoders import AudioEncoder
-
-    from unipred.data.spoken_digits import write_wav
+    from unipred.tasks.audio.spoken_digits import write_wav
 
     for rel, secs in spec.items():
         p = root / rel
@@ -176,8 +175,9 @@ def _write_clips(root, spec):
 
 
 def test_folder_reader_skips_and_counts_corrupt_files(tmp_path):
+    from unipred.tasks.audio.data import ClipTransform, audio_dataset, pad_collate
+
     from unipred.data.accounting import BadSampleCounter
-    from unipred.data.audio import ClipTransform, audio_dataset, pad_collate
 
     _write_clips(tmp_path, {"cat/a.wav": 0.6, "cat/b.flac": 1.0, "dog/c.wav": 0.3})
     (tmp_path / "dog" / "broken.wav").write_bytes(b"RIFF not really a wav file")
@@ -196,9 +196,10 @@ def test_folder_reader_skips_and_counts_corrupt_files(tmp_path):
 def test_decode_cache_serves_the_same_clips_and_redecodes_edited_files(tmp_path, monkeypatch):
     import os
 
-    import unipred.data.audio as A
+    import unipred.tasks.audio.data as A
+    from unipred.tasks.audio.spoken_digits import write_wav
+
     from unipred.data.accounting import BadSampleCounter
-    from unipred.data.spoken_digits import write_wav
 
     _write_clips(tmp_path, {"cat/a.wav": 0.6, "cat/b.flac": 1.0, "dog/c.wav": 0.3})
     (tmp_path / "dog" / "broken.wav").write_bytes(b"RIFF not really a wav file")
@@ -230,7 +231,7 @@ def test_decode_cache_serves_the_same_clips_and_redecodes_edited_files(tmp_path,
 
 
 def test_csv_layout_with_where(tmp_path):
-    from unipred.data.audio import list_audio
+    from unipred.tasks.audio.data import list_audio
 
     _write_clips(tmp_path / "audio", {"1.wav": 0.5, "2.wav": 0.5, "3.wav": 0.5})
     (tmp_path / "meta.csv").write_text(
@@ -247,9 +248,10 @@ def test_csv_layout_with_where(tmp_path):
 def test_pack_audio_round_trip_skips_corrupt(tmp_path):
     import argparse
 
+    from unipred.tasks.audio.data import AudioShardDataset, ClipTransform
+    from unipred.tasks.audio.pack import add_arguments, run
+
     from unipred.data.accounting import BadSampleCounter
-    from unipred.data.audio import AudioShardDataset, ClipTransform
-    from unipred.data.audio_pack import add_arguments, run
 
     src = tmp_path / "src"
     _write_clips(src, {"yes/a.wav": 0.5, "yes/b.wav": 0.7, "no/c.flac": 0.4, "no/d.wav": 0.5})
@@ -287,8 +289,8 @@ def test_pack_audio_round_trip_skips_corrupt(tmp_path):
     reason="neither espeak-ng nor flite is installed (apt-get install -y espeak-ng flite)",
 )
 def test_spoken_digit_synthesis(tmp_path):
-    from unipred.data.audio import ClipTransform, audio_dataset
-    from unipred.data.spoken_digits import synthesize, voices
+    from unipred.tasks.audio.data import ClipTransform, audio_dataset
+    from unipred.tasks.audio.spoken_digits import synthesize, voices
 
     assert not set(voices("train")) & set(voices("test"))  # held-out voices are unseen
     root = synthesize(tmp_path / "sd", train_per_class=2, test_per_class=1, seed=0)

@@ -3,7 +3,6 @@
 import shutil
 
 import pytest
-
 from unipred.demos import audio
 
 needs_synth = pytest.mark.skipif(
@@ -35,7 +34,7 @@ def test_table_reports_mean_sd_and_paired_differences():
 
 
 def test_every_digit_is_spoken_by_every_voice_of_its_split():
-    from unipred.data.spoken_digits import DIGITS, voice_index
+    from unipred.tasks.audio.spoken_digits import DIGITS, voice_index
 
     for n_voices, per_class in ((90, 200), (34, 40), (92, 92)):  # the demo's splits and a spare
         for label in range(len(DIGITS)):

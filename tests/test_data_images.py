@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from unipred.data import cli as data_cli
-from unipred.data.accounting import BadSampleCounter, decode_image
-from unipred.data.images import (
+from unipred.tasks.image.data import (
     ImageFolderDataset,
     ShardDataset,
     image_dataset,
     read_label_file,
     resolve_shards,
 )
-from unipred.data.pack import add_arguments, pack
+from unipred.tasks.image.pack import add_arguments, pack
+
+from unipred.data import cli as data_cli
+from unipred.data.accounting import BadSampleCounter, decode_image
 
 RNG = np.random.default_rng(0)
 

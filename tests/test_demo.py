@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from unipred.data.fashion_mnist import DEBIAN_DIR, has_fashion_mnist, read_idx, read_split
+from unipred.tasks.image.fmnist_data import DEBIAN_DIR, has_fashion_mnist, read_idx, read_split
 
 HAVE_FMNIST = has_fashion_mnist(DEBIAN_DIR)
 
@@ -63,7 +62,7 @@ def test_debian_files():
 
 
 def test_random_shift_and_subsets():
-    from unipred.tasks.fashion_mnist import generated, per_class_subset, random_shift
+    from unipred.tasks.image.fashion_mnist import generated, per_class_subset, random_shift
 
     x = torch.zeros(64, 1, 28, 28)
     x[:, 0, 14, 14] = 1.0
@@ -138,7 +137,7 @@ def _check_outputs(out: Path) -> dict:
 
 def test_demo_tiny_end_to_end(tmp_path):
     """The whole demo (all five engine runs, table, plots) on generated data, tiny plan."""
-    from unipred.demos.image import main
+    from unipred.tasks.image.demo import main
 
     argv = ["--quick", "--data", "generated", "--out", str(tmp_path), "--pretrain-steps", "2",
             "--train-images", "1024", "--test-images", "64", "--labels-per-class", "5",
@@ -149,7 +148,7 @@ def test_demo_tiny_end_to_end(tmp_path):
 
 
 def test_demo_missing_data_message(tmp_path, capsys):
-    from unipred.demos.image import main
+    from unipred.tasks.image.demo import main
 
     assert main(["--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no Fashion-MNIST IDX files" in capsys.readouterr().out
@@ -159,7 +158,7 @@ def test_demo_missing_data_message(tmp_path, capsys):
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
 def test_demo_quick_real(tmp_path):
     """`unipred demo image --quick` on Fashion-MNIST (about 2 minutes on 2 idle cores)."""
-    from unipred.demos.image import main
+    from unipred.tasks.image.demo import main
 
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     info = _check_outputs(tmp_path)
@@ -172,7 +171,7 @@ def test_demo_full(tmp_path):
     """The full `make demo` (12 min 22 s on 2 idle cores): the linear probe of the NEPA
     features beats the frozen random-init model by a wide margin, and NEPA initialisation
     beats scratch fine-tuning by 3 points."""
-    from unipred.demos.image import main
+    from unipred.tasks.image.demo import main
 
     assert main(["--out", str(tmp_path)]) == 0
     acc = _check_outputs(tmp_path)["accuracy"]

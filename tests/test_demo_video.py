@@ -1,7 +1,7 @@
 """`unipred demo video --quick`: the whole demo (clip writing, pretraining, both fine-tunes,
 the table) runs end to end on generated clips."""
 
-from unipred.demos.video import PLANS, main
+from unipred.tasks.video.demo import PLANS, main
 
 
 def test_video_demo_quick_end_to_end(tmp_path, capsys):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from unipred.tasks.image.device_decode import DeviceDecodeTransform, EncodedImage
+from unipred.tasks.image.transforms import ImageAugConfig, train_transform
 
 from unipred.data.accounting import BadSampleCounter
-from unipred.data.device_decode import DeviceDecodeTransform, EncodedImage
-from unipred.data.transforms import ImageAugConfig, train_transform
 
 
 def _photo(h=90, w=120, seed=0) -> Image.Image:
@@ -140,8 +140,8 @@ def test_pretraining_through_the_engine_decodes_on_the_device(tmp_path):
 def test_shard_reader_hands_over_encoded_jpegs(tmp_path):
     import argparse
 
-    from unipred.data.images import ShardDataset
-    from unipred.data.pack import add_arguments, pack
+    from unipred.tasks.image.data import ShardDataset
+    from unipred.tasks.image.pack import add_arguments, pack
 
     for i in range(6):
         d = tmp_path / "src" / f"c{i % 3}"

@@ -225,7 +225,7 @@ def test_eval_command(pretrained, capsys):
 
 
 def test_classify_loss_soft_and_hard_targets(tmp_path):
-    from unipred.tasks.debug import DebugImageClassify
+    from unipred.tasks.image.debug import DebugImageClassify
 
     task = DebugImageClassify(tiny(tmp_path, "task=debug_image_classify"))
     logits = torch.randn(6, 4, dtype=torch.bfloat16)
@@ -242,7 +242,8 @@ def test_cli_names_missing_plugin_modules(capsys):
     from unipred.cli import main
 
     assert main(["demo", "no_such_demo"]) == 2
-    assert "unipred.demos.no_such_demo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown command 'demo no_such_demo'" in err and "'demo image'" in err
     assert main(["frobnicate"]) == 2
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from unipred.tasks.image.data import ShardDataset
 
 from unipred.config import load_config
 from unipred.data.accounting import COUNTER
-from unipred.data.images import ShardDataset
 from unipred.engine import LitTask, evaluate, fit
 from unipred.registry import TASKS
 

@@ -7,10 +7,10 @@ the recipe fixes is compared with them, including what the model sizes resolve t
 from pathlib import Path
 
 import pytest
-from unipred.tasks.image import ImageClassify
+from unipred.tasks.image.tasks import ImageClassify
+from unipred.tasks.image.transforms import eval_resize_size
 
 from unipred.config import build_model_config, load_config
-from unipred.data.transforms import eval_resize_size
 from unipred.engine import batch_plan
 from unipred.optim import warmup_steps
 

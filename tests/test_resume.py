@@ -111,7 +111,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     a function of (seed, epoch); ``resume`` makes every worker skip what it had delivered."""
 
     def __init__(self, n_shards=6, shard_size=8, size=16, seed=0):
-        from unipred.tasks.debug import ShapesDataset
+        from unipred.tasks.image.debug import ShapesDataset
 
         self.images = ShapesDataset(size, n_shards * shard_size, seed)
         self.n_shards, self.shard_size, self.seed = n_shards, shard_size, seed
@@ -146,7 +146,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 @pytest.mark.slow  # about a minute on a loaded 2-core box: three more tiny runs
 def test_streaming_resume_neither_repeats_nor_skips(tmp_path):
-    from unipred.tasks.debug import DebugImagePretrain
+    from unipred.tasks.image.debug import DebugImagePretrain
 
     class StreamTask(DebugImagePretrain):
         def build_dataset(self, split):

@@ -7,9 +7,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from unipred.checkpoint import load_backbone
-from unipred.data.seg_transforms import (
+from unipred.tasks.image.seg_data import (
+    ADE20KFolder,
+    SegShardDataset,
+    SyntheticScenes,
+    checked_pairs,
+)
+from unipred.tasks.image.seg_metrics import (
+    MeanAccuracy,
+    MeanIoU,
+    PixelAccuracy,
+    segmentation_metrics,
+)
+from unipred.tasks.image.seg_transforms import (
     SegAugConfig,
     SegEvalTransform,
     SegTrainTransform,
@@ -19,21 +29,16 @@ from unipred.data.seg_transforms import (
     reduce_zero_label,
     rescale_size,
 )
-from unipred.data.segmentation import (
-    ADE20KFolder,
-    SegShardDataset,
-    SyntheticScenes,
-    checked_pairs,
-)
-from unipred.model import NEPA
-from unipred.seg_metrics import MeanAccuracy, MeanIoU, PixelAccuracy, segmentation_metrics
-from unipred.segmentation import (
+from unipred.tasks.image.segmentation import (
     Pyramid,
     SegHeadConfig,
     SegmentationModel,
     slide_logits,
     window_starts,
 )
+
+from unipred.checkpoint import load_backbone
+from unipred.model import NEPA
 
 
 def tiny_model(num_classes=5, **kw):
@@ -277,7 +282,7 @@ def test_poly_schedule_values():
 
 
 def test_task_smoke_fit_and_validate(tmp_path):
-    from unipred.tasks.segment import SegmentADE20K
+    from unipred.tasks.image.segment import SegmentADE20K
 
     from unipred.config import load_config
     from unipred.engine import fit
@@ -309,7 +314,7 @@ def test_task_reads_the_folder_layout(tmp_path):
 
 DDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-from unipred.seg_metrics import MeanIoU
+from unipred.tasks.image.seg_metrics import MeanIoU
 
 def work(rank, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])

@@ -3,10 +3,9 @@ textured backgrounds), a tiny NEPA + UperNet trained on CPU, mIoU far above chan
 
 import pytest
 import torch
-
-from unipred.data.segmentation import SyntheticScenes
-from unipred.seg_metrics import segmentation_metrics
-from unipred.segmentation import SegHeadConfig, SegmentationModel
+from unipred.tasks.image.seg_data import SyntheticScenes
+from unipred.tasks.image.seg_metrics import segmentation_metrics
+from unipred.tasks.image.segmentation import SegHeadConfig, SegmentationModel
 
 SIZE, BATCH, N_VAL = 32, 8, 64
 

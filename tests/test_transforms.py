@@ -6,8 +6,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-
-from unipred.data.transforms import (
+from unipred.tasks.image.transforms import (
     ImageAugConfig,
     MixupCollate,
     eval_resize_size,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from unipred.tasks.image.visualize import main, maps
 
 from unipred.config import load_config, to_dict
 from unipred.model import NEPA
-from unipred.visualize import main, maps
 
 FIX = Path(__file__).parent / "fixtures" / "nepa_ref"
 

@@ -5,9 +5,10 @@
     unipred list
     unipred data ... | demo NAME ... | visualize ... | convert ...
 
-``data``, ``demo``, ``visualize`` and ``convert`` are dispatched lazily to
-``unipred.data.cli``, ``unipred.demos.NAME``, ``unipred.visualize`` and ``unipred.hub``
-(each a ``main(argv) -> int``), so a missing or broken one never affects the others.
+``data``, ``demo``, ``visualize`` and ``convert`` are dispatched lazily: ``data`` to
+``unipred.data.cli``, ``convert`` to ``unipred.hub``, and ``demo NAME`` / ``visualize`` to the
+module a modality registered for them (``COMMANDS`` in ``unipred.registry``; each a
+``main(argv) -> int``), so a missing or broken one never affects the others.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ commands:
   convert ...                                   official NEPA checkpoints <-> ours
 """
 
-LAZY = {"data": "unipred.data.cli", "visualize": "unipred.visualize", "convert": "unipred.hub"}
+LAZY = {"data": "unipred.data.cli", "convert": "unipred.hub"}
 
 
 def _split(argv: list[str]):
@@ -112,6 +113,17 @@ def _lazy(module: str, argv: list[str]) -> int:
     return int(mod.main(argv) or 0)
 
 
+def _registered(command: str, argv: list[str]) -> int:
+    from unipred.registry import COMMANDS
+
+    try:
+        module = COMMANDS.get(command)
+    except KeyError as e:
+        print(f"unipred: {e.args[0]}", file=sys.stderr)
+        return 2
+    return _lazy(module, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``unipred`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     from unipred.checkpoint import CheckpointError
     from unipred.config import ConfigError, RecipeError
+    from unipred.extras import MissingExtra
 
     try:
         if cmd == "fit":
@@ -135,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             if not rest:
                 print("usage: unipred demo NAME [...]", file=sys.stderr)
                 return 2
-            return _lazy(f"unipred.demos.{rest[0]}", rest[1:])
-    except (ConfigError, CheckpointError, RecipeError) as e:
+            return _registered(f"demo {rest[0]}", rest[1:])
+        if cmd == "visualize":
+            return _registered("visualize", rest)
+    except (ConfigError, CheckpointError, RecipeError, MissingExtra) as e:
         print(f"unipred {cmd}: error: {e}", file=sys.stderr)
         return 2
     print(f"unipred: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")

@@ -34,6 +34,10 @@ class Registry:
 
         return deco
 
+    def add(self, name: str, obj) -> None:
+        """Register ``obj`` under ``name`` (the non-decorator form)."""
+        self.register(name)(obj)
+
     def get(self, name: str) -> Callable:
         load_plugins()
         if name not in self._items:
@@ -57,6 +61,10 @@ class Registry:
 TOKENIZERS = Registry("tokenizer")
 TASKS = Registry("task")
 MODELS = Registry("model")
+# extra `unipred` commands a modality brings: "demo NAME", "data NAME", "visualize" -> the
+# module that runs it (imported only when the command runs; it defines main(argv) -> int, or
+# for "data NAME" add_arguments(parser) and run(args) -> int)
+COMMANDS = Registry("command")
 
 # module -> one-line reason, for every plugin module that failed to import
 PLUGIN_ERRORS: dict[str, str] = {}

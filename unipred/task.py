@@ -5,7 +5,7 @@ A task is a class registered in ``unipred.registry.TASKS``. It names a data-conf
 batch. The engine (unipred/engine.py) owns everything else: optimizer, schedule, precision,
 EMA, checkpoints, distributed, logging. Tasks never import Lightning.
 
-Writing a task (see tasks/debug.py for a complete example)::
+Writing a task (see tasks/image/debug.py for a complete example)::
 
     @dataclass
     class MyData(DataConfig):            # becomes the typed ``data:`` section of the YAML

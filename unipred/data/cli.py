@@ -5,9 +5,10 @@ Each subcommand is a module with two functions::
     def add_arguments(parser: argparse.ArgumentParser) -> None: ...
     def run(args: argparse.Namespace) -> int: ...
 
-and the module docstring's first line as its one-line help. To add one, add a line to
-``SUBCOMMANDS`` below. Modules are imported only when their subcommand runs, so a broken or
-heavy packer never slows down or breaks the others.
+and the module docstring's first line as its one-line help. A modality adds one with
+``COMMANDS.add("data NAME", "its.module")`` (see ``unipred.tasks.image``). Modules are imported
+only when their subcommand runs, so a broken or heavy packer never slows down or breaks the
+others.
 """
 
 from __future__ import annotations
@@ -16,18 +17,18 @@ import argparse
 import importlib
 import sys
 
-# name -> module path (the module provides add_arguments(parser) and run(args) -> int)
-SUBCOMMANDS: dict[str, str] = {
-    "pack-images": "unipred.data.pack",
-    "pack-audio": "unipred.data.audio_pack",
-    "pack-segmentation": "unipred.data.segmentation",
-    "pack-video": "unipred.data.video_pack",
-}
+
+def subcommands() -> dict[str, str]:
+    """name -> module path, from every modality's registrations."""
+    from unipred.registry import COMMANDS
+
+    names = [n for n in COMMANDS.names() if n.startswith("data ")]
+    return {n.split(" ", 1)[1]: COMMANDS.get(n) for n in names}
 
 
 def _usage() -> str:
     lines = ["usage: unipred data SUBCOMMAND [options]", "", "subcommands:"]
-    lines += [f"  {name}" for name in sorted(SUBCOMMANDS)]
+    lines += [f"  {name}" for name in sorted(subcommands())]
     lines.append("\n`unipred data SUBCOMMAND --help` describes one.")
     return "\n".join(lines)
 
@@ -39,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
+    known = subcommands()
+    if name not in known:
         print(f"unknown data subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    mod = importlib.import_module(SUBCOMMANDS[name])
+    mod = importlib.import_module(known[name])
     doc = (mod.__doc__ or "").strip().splitlines()
     parser = argparse.ArgumentParser(
         prog=f"unipred data {name}", description=doc[0] if doc else None

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from unipred.tasks.image.data import ShardDataset, is_shard_spec
+from unipred.tasks.image.seg_transforms import reduce_zero_label
 
 from unipred.data.accounting import decode_image
-from unipred.data.images import ShardDataset, is_shard_spec
-from unipred.data.seg_transforms import reduce_zero_label
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Plots of `unipred demo image`: loss curves, accuracy bars, next-embedding prediction maps.
 
-The prediction maps reuse ``unipred.visualize`` (the release's map: cosine of a patch's
+The prediction maps reuse ``unipred.tasks.image.visualize`` (the release's map: cosine of a patch's
 predicted embedding with every input patch embedding, softmaxed, drawn as (p / max) ** gamma).
 """
 
@@ -81,11 +81,11 @@ def accuracy_bars(acc: dict[str, float], path: Path, n_test: int = 10_000) -> No
 def _models(out: Path, seed: int):
     """The pretrained model (last.ckpt) and the same architecture at random init, eval mode."""
     from omegaconf import OmegaConf
+    from unipred.tasks.image.visualize import load_model
 
     from unipred.checkpoint import read_checkpoint
     from unipred.config import schema_for
     from unipred.registry import TASKS
-    from unipred.visualize import load_model
 
     ckpt = out / "pretrain" / "checkpoints" / "last.ckpt"
     args = type("Args", (), {"ckpt": str(ckpt), "ema": False, "official": "", "seed": seed})
@@ -100,8 +100,8 @@ def _models(out: Path, seed: int):
 def prediction_maps(out: Path, root: str, path: Path, n: int = 6, seed: int = 0) -> list[str]:
     """A grid (image / NEPA map / random-init map) for n test images, plus the 4-panel PNGs of
     ``unipred visualize`` (image, patch, attention, prediction) for the NEPA model."""
-    from unipred.tasks.fashion_mnist import Collate, load_arrays
-    from unipred.visualize import draw, maps
+    from unipred.tasks.image.fashion_mnist import Collate, load_arrays
+    from unipred.tasks.image.visualize import draw, maps
 
     nepa, rand, cfg = _models(out, seed)
     cfg.data.root, cfg.data.val_samples = root, n

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from unipred.config import packaged_configs
-from unipred.demos import set_threads
+from unipred.threads import set_threads
 
 CONFIGS = packaged_configs() / "demo"
 
@@ -75,7 +75,7 @@ def data_root(spec: str) -> str:
     """The data.root for the stages: '' (generated) or a folder holding the IDX files."""
     if spec == "generated":
         return ""
-    from unipred.data.fashion_mnist import has_fashion_mnist, locate
+    from unipred.tasks.image.fmnist_data import has_fashion_mnist, locate
 
     if spec:
         if not has_fashion_mnist(spec):
@@ -149,7 +149,7 @@ def _fmt(m: dict) -> str:
 
 def _mean_speed(run: Path) -> float:
     """Median training samples/s over the run's logged steps (0 when none were logged)."""
-    from unipred.demos.image_plots import read_metrics
+    from unipred.tasks.image.demo_plots import read_metrics
 
     v = sorted(r["perf/samples_per_s"] for r in read_metrics(run) if "perf/samples_per_s" in r)
     return v[len(v) // 2] if v else 0.0
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quiet() -> None:
     """Keep the demo's output to its own progress lines: no Lightning tips and notices."""
-    for name in ("lightning.pytorch", "lightning.fabric", "unipred.tasks.fashion_mnist"):
+    for name in ("lightning.pytorch", "lightning.fabric", "unipred.tasks.image.fashion_mnist"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for msg in ("Total length of", ".*LeafSpec", ".*does not have many workers"):
         warnings.filterwarnings("ignore", message=msg)

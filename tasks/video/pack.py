@@ -2,7 +2,7 @@
 
     unipred data pack-video SRC OUT [--shard-size 200] [--seed 0] [--no-check]
 
-SRC is any layout ``unipred.data.video.list_videos`` reads: class sub-folders of video files
+SRC is any layout ``unipred.tasks.video.data.list_videos`` reads: class sub-folders of video files
 or of frame folders, a CSV ``path,label`` file, or loose files (unlabelled). Video files are
 stored byte for byte under their extension; a frame folder's images become ``f00000.jpg``,
 ``f00001.jpg``, ... of one sample. OUT gets ``shard-000000.tar``, ... and ``meta.json``
@@ -18,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-from unipred.data.video import FRAME_EXTS, list_videos
+from unipred.tasks.video.data import FRAME_EXTS, list_videos
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

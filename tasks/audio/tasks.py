@@ -2,8 +2,8 @@
 
 Data (``data.root`` / ``data.val_root``): webdataset shards from ``unipred data pack-audio``,
 a folder of class sub-folders, or a folder plus a CSV (``data.csv``, ``data.where`` for
-ESC-50-style folds); see ``unipred.data.audio``. An empty ``data.root`` means the spoken-digit
-set synthesised with espeak-ng/flite (``unipred.data.spoken_digits``): training voices for
+ESC-50-style folds); see ``unipred.tasks.audio.data``. An empty ``data.root`` means the spoken-digit
+set synthesised with espeak-ng/flite (``unipred.tasks.audio.spoken_digits``): training voices for
 ``train``, held-out voices for ``val``. Where neither synthesiser is installed, tone patterns
 stand in (with a warning) so the tasks still run.
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from unipred.tasks.audio.data import ClipTransform, audio_dataset, list_audio, pad_collate
+from unipred.tasks.audio.spoken_digits import DIGITS, available_engines, synthesize, tone_digit
 
-from unipred.data.audio import ClipTransform, audio_dataset, list_audio, pad_collate
-from unipred.data.spoken_digits import DIGITS, available_engines, synthesize, tone_digit
 from unipred.model import ModelConfig, model_config
 from unipred.registry import MODELS, TASKS
 from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask

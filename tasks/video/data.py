@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
+from unipred.tasks.image.data import ShardDataset, is_shard_spec
 
 from unipred.data.accounting import COUNTER, BadSampleCounter
-from unipred.data.images import ShardDataset, is_shard_spec
 from unipred.extras import require
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -198,7 +198,7 @@ class VideoShardDataset(ShardDataset):
     """Streaming clips from webdataset shards (local pattern, folder, ``pipe:`` or URL).
 
     Shard splitting over ranks and workers, per-epoch reshuffling and the per-rank sample
-    quota are the image reader's (:class:`unipred.data.images.ShardDataset`); only the
+    quota are the image reader's (:class:`unipred.tasks.image.data.ShardDataset`); only the
     decoding differs. Items are (clip (C, T, H, W), label) with label -1 when absent.
     """
 

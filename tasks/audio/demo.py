@@ -3,7 +3,7 @@
 1. Data: spoken digits synthesised on the spot with espeak-ng and flite (many accents, voice
    variants, rates and pitches, with noise), written as WAV files and read back through
    torchcodec like any user's folder. Test clips use only *held-out voices* (see
-   ``unipred.data.spoken_digits``).
+   ``unipred.tasks.audio.spoken_digits``).
 2. ``audio_pretrain`` (configs/audio/digits_pretrain.yaml) on every training clip, labels unused.
 3. ``audio_classify`` (configs/audio/digits_finetune.yaml) with only a few labelled clips per
    digit, from scratch and from the pretrained checkpoint, same recipe and steps, repeated for
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unipred.config import packaged_configs
-from unipred.demos import set_threads
+from unipred.threads import set_threads
 
 CONFIGS = packaged_configs() / "audio"
 
@@ -73,8 +73,8 @@ def prepare_data(out: Path, plan: Plan) -> tuple[Path, tuple[float, float], dict
     """Synthesise (or find) the digits; returns their folder, log-mel stats and the manifest."""
     import json
 
-    from unipred.data.audio import ClipTransform, audio_dataset, logmel_stats
-    from unipred.data.spoken_digits import available_engines, synthesize
+    from unipred.tasks.audio.data import ClipTransform, audio_dataset, logmel_stats
+    from unipred.tasks.audio.spoken_digits import available_engines, synthesize
 
     if not available_engines():
         raise SystemExit("the audio demo needs espeak-ng and/or flite: "

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
-
-from unipred.data.seg_transforms import (
+from unipred.tasks.image.seg_data import SyntheticScenes, segmentation_dataset
+from unipred.tasks.image.seg_metrics import MeanAccuracy, MeanIoU, PixelAccuracy
+from unipred.tasks.image.seg_transforms import (
     SegAugConfig,
     SegEvalTransform,
     SegTrainTransform,
     collate_eval,
 )
-from unipred.data.segmentation import SyntheticScenes, segmentation_dataset
+from unipred.tasks.image.segmentation import SegHeadConfig, SegmentationModel
+
 from unipred.registry import TASKS
-from unipred.seg_metrics import MeanAccuracy, MeanIoU, PixelAccuracy
-from unipred.segmentation import SegHeadConfig, SegmentationModel
 from unipred.task import DataConfig, Task
 
 

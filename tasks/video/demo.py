@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from unipred.config import packaged_configs
-from unipred.demos import results_table, set_threads
+from unipred.threads import set_threads
 
 CONFIGS = packaged_configs() / "video"
 SIZE, FRAMES = 32, 16
@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------ data
 def write_moving(root: Path, plan: Plan, seed: int) -> dict[str, Path]:
     """Moving-shape mp4 files: pretrain/ (unlabelled), motion/{train,val}/<direction>/."""
-    from unipred.data.video import write_video
-    from unipred.tasks.video import DIRECTIONS, moving_shape_clip
+    from unipred.tasks.video.data import write_video
+    from unipred.tasks.video.tasks import DIRECTIONS, moving_shape_clip
 
     n_cls = 4
     todo = [("pretrain", plan.pretrain_clips, 1), ("motion/train", plan.train_per_class, 2),
@@ -106,7 +106,7 @@ def write_real(root: Path, videos: dict[str, str], step: int = 2, hop: int = 2) 
     video. Windows inside the first 60% of a video train, windows inside the last 40%
     validate (no frame in both). Written to pretrain/ (training windows) and
     scenes/{train,val}/<video>/."""
-    from unipred.data.video import write_video
+    from unipred.tasks.video.data import write_video
 
     counts = {}
     for name, path in videos.items():
@@ -206,3 +206,10 @@ def _table(rows, plan: Plan, seconds: float) -> str:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def results_table(header: tuple[str, ...], rows, footer: str) -> str:
+    """Markdown table of (name, n_train, n_test, scratch_acc, nepa_acc) rows plus a footer line."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [f"| {t} | {a} | {b} | {s:.1%} | {n:.1%} |" for t, a, b, s, n in rows]
+    return "\n".join(lines + ["", footer])

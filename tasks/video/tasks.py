@@ -2,7 +2,7 @@
 
 Data (``data.root`` / ``data.val_root``): webdataset shards from ``unipred data pack-video``,
 a folder of class sub-folders holding videos or frame folders, or a ``path,label`` CSV (see
-``unipred.data.video``). Empty ``data.root`` means generated moving-shape clips (the class is
+``unipred.tasks.video.data``). Empty ``data.root`` means generated moving-shape clips (the class is
 the direction of motion), so every task runs with no data on disk.
 
 Model sizes registered here (the tubelet tokenizer on the image sizes' predictors):
@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from unipred.tasks.video.data import ClipTransform, video_dataset
 
-from unipred.data.video import ClipTransform, video_dataset
 from unipred.model import ModelConfig, model_config
 from unipred.registry import MODELS, TASKS
 from unipred.task import ClassifyData, DataConfig, PretrainTask

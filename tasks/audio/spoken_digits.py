@@ -6,7 +6,7 @@ split, a speaking rate and (espeak-ng) a pitch, then gets random leading silence
 and background noise at a random SNR. The test split uses only *held-out* voices: variants and
 flite voices that no training clip uses, so accuracy on it measures generalisation to new
 speakers. Clips are written as 16 kHz mono 16-bit WAV under ``out/{train,test}/<digit>/``,
-which is the folder layout ``unipred.data.audio.list_audio`` reads.
+which is the folder layout ``unipred.tasks.audio.data.list_audio`` reads.
 
 Everything is drawn from ``seed``, so a data set is identical on every run; a finished set is
 found again by its ``manifest.json`` and not re-synthesised.
@@ -120,7 +120,7 @@ def _make_clip(job: tuple) -> str | None:
         if res.returncode != 0 or not Path(raw).is_file():
             return f"{' '.join(cmd)}: {res.stderr.strip()[:200]}"
         x, sr = _read_wav(raw)
-    from unipred.data.audio import resample  # late: keeps this module light to import
+    from unipred.tasks.audio.data import resample  # late: keeps this module light to import
 
     x = resample(x, sr, SAMPLE_RATE)
     write_wav(path, _degrade(x, rng))

@@ -22,11 +22,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+from unipred.tasks.image.data import ShardDataset, image_dataset
+from unipred.tasks.image.device_decode import DeviceDecodeTransform
+from unipred.tasks.image.transforms import (
+    ImageAugConfig,
+    MixupCollate,
+    eval_transform,
+    train_transform,
+)
 
 from unipred.data.accounting import COUNTER
-from unipred.data.device_decode import DeviceDecodeTransform
-from unipred.data.images import ShardDataset, image_dataset
-from unipred.data.transforms import ImageAugConfig, MixupCollate, eval_transform, train_transform
 from unipred.registry import TASKS
 from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask
 
@@ -36,7 +41,7 @@ MODES = ("finetune", "probe", "eval")
 
 @dataclass
 class ImageData(DataConfig):
-    """Where the images are and how they are augmented (see unipred.data.images)."""
+    """Where the images are and how they are augmented (see unipred.tasks.image.data)."""
 
     label_file: str = ""  # labels of a flat training folder (rarely needed)
     val_label_file: str = ""  # labels of a flat val folder: "name label" or LOC_val_solution.csv

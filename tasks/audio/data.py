@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from unipred.tasks.image.data import ShardDataset, is_shard_spec
 
 from unipred.data.accounting import COUNTER, BadSampleCounter
-from unipred.data.images import ShardDataset, is_shard_spec
 from unipred.extras import require
 
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
@@ -255,7 +255,7 @@ class AudioShardDataset(ShardDataset):
     """Streaming clips from webdataset shards (pattern, folder, ``pipe:`` or URL).
 
     Shard splitting, per-epoch reshuffling and the per-rank quota are the image reader's
-    (:class:`unipred.data.images.ShardDataset`); only decoding differs.
+    (:class:`unipred.tasks.image.data.ShardDataset`); only decoding differs.
     """
 
     def __init__(self, spec: str, transform: ClipTransform, shuffle_buffer: int = 1000,

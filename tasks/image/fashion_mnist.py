@@ -27,9 +27,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from unipred.tasks.image import ImageClassify
+from unipred.tasks.image.fmnist_data import CLASSES, read_split
+from unipred.tasks.image.tasks import ImageClassify
 
-from unipred.data.fashion_mnist import CLASSES, read_split
 from unipred.registry import TASKS
 from unipred.task import ClassifyData, DataConfig, PretrainTask
 

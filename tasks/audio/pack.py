@@ -4,7 +4,7 @@
                                     [--include-list F] [--exclude-list F ...] [--classes F]
                                     [--sample-rate 16000] [--keep-original] [--workers N]
 
-SRC is any layout ``unipred.data.audio.list_audio`` reads: class sub-folders (Speech Commands),
+SRC is any layout ``unipred.tasks.audio.data.list_audio`` reads: class sub-folders (Speech Commands),
 a folder plus ``--csv`` (ESC-50: ``--csv meta/esc50.csv --path-column filename
 --label-column category --where fold=1,2,3,4``), or loose files (unlabelled, e.g. AudioSet
 for pretraining). ``--include-list`` / ``--exclude-list`` name files relative to SRC, one per
@@ -25,7 +25,7 @@ import multiprocessing as mp
 import random
 from pathlib import Path
 
-from unipred.data.audio import decode_audio, list_audio, logmel_stats
+from unipred.tasks.audio.data import decode_audio, list_audio, logmel_stats
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,7 +132,7 @@ def pack_audio(args) -> dict:
 
 def _stats(out: Path, args) -> tuple[float, float]:
     """Log-mel mean/std of the default "audio" tokenizer over the first packed clips."""
-    from unipred.data.audio import AudioShardDataset, ClipTransform
+    from unipred.tasks.audio.data import AudioShardDataset, ClipTransform
 
     ds = AudioShardDataset(str(out), ClipTransform(args.sample_rate, 0.0, 0.0), shuffle_buffer=0)
     clips = []

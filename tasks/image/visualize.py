@@ -24,9 +24,8 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
-
-from unipred.data.images import is_image_file
-from unipred.data.transforms import ImageAugConfig, eval_transform
+from unipred.tasks.image.data import is_image_file
+from unipred.tasks.image.transforms import ImageAugConfig, eval_transform
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
