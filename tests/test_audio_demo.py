@@ -3,7 +3,7 @@
 import shutil
 
 import pytest
-from unipred.demos import audio
+from unipred.tasks.audio import demo as audio
 
 needs_synth = pytest.mark.skipif(
     shutil.which("espeak-ng") is None and shutil.which("flite") is None,

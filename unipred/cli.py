@@ -89,13 +89,23 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_list(argv: list[str]) -> int:
-    from unipred.registry import MODELS, TASKS, TOKENIZERS
+    from unipred.config import packaged_configs
+    from unipred.registry import COMMANDS, MODELS, PLUGIN_ERRORS, TASKS, TOKENIZERS
 
     for title, reg in (("tokenizers", TOKENIZERS), ("tasks", TASKS), ("model sizes", MODELS)):
         print(f"{title}:")
         for name in reg.names():
             doc = (reg.get(name).__doc__ or "").strip().splitlines()
             print(f"  {name:<28} {doc[0] if doc else ''}")
+    print("commands (unipred demo NAME, unipred data NAME, ...):")
+    for name in COMMANDS.names():
+        print(f"  {name:<28} {COMMANDS.get(name)}")
+    root = packaged_configs()
+    print(f"recipes (unipred fit NAME; files in {root}):")
+    for path in sorted(root.glob("*/*.yaml")):
+        print(f"  {path.relative_to(root).with_suffix('')}")
+    for module, err in PLUGIN_ERRORS.items():
+        print(f"plugin {module} failed to load: {err}", file=sys.stderr)
     return 0
 
 
