@@ -296,7 +296,10 @@ def test_data_cli_registry(capsys):
     assert data_cli.main(["no-such-thing"]) == 2
     import importlib
 
-    for name, mod in data_cli.SUBCOMMANDS.items():
+    assert {"pack-images", "pack-audio", "pack-video", "pack-segmentation"} <= set(
+        data_cli.subcommands()
+    )
+    for name, mod in data_cli.subcommands().items():
         m = importlib.import_module(mod)
         assert callable(m.add_arguments) and callable(m.run), name
 

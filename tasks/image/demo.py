@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "probe_nepa": demo.probe("probe_nepa", ckpt),
         "probe_random": demo.probe("probe_random", None),
     }
-    from unipred.demos import image_plots
+    from unipred.tasks.image import demo_plots as image_plots
 
     plots = image_plots.write_all(out, acc, demo, root)
     seconds, load1 = time.time() - t0, os.getloadavg()
