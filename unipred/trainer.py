@@ -68,7 +68,9 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     """A Lightning Trainer realising the recipe of ``cfg`` for ``lit``."""
     from unipred.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
     from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
+    from unipred.quiet import PlainProgress, quiet_third_party, use_tqdm
 
+    quiet_third_party()
     t, plan, out = cfg.trainer, lit.plan, Path(cfg.run_dir)
     from unipred.data.accounting import lightning_callback as bad_sample_logger
 
@@ -88,10 +90,13 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     if not t.fast_dev_run:
         cbs.append(PeriodicCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_ckpts))
         cbs += _best_checkpoint(cfg, lit, ema_ok, out)
-    if t.progress_bar:
+    tqdm = t.progress_bar and use_tqdm()  # a file or a pipe gets plain lines, no escape codes
+    if tqdm:
         from unipred.callbacks import progress_bar
 
         cbs.append(progress_bar(max(1, min(t.log_every_n_steps, 20))))
+    elif t.progress_bar:
+        cbs.append(PlainProgress(max(t.log_every_n_steps, 1)))
     kw = {}
     for name in ("limit_train_batches", "limit_val_batches", "val_check_interval"):
         v = getattr(t, name)
@@ -111,7 +116,7 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
         callbacks=cbs,
         logger=False if t.fast_dev_run else _loggers(cfg, out),
         enable_checkpointing=not t.fast_dev_run,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=tqdm,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
         deterministic=t.deterministic,

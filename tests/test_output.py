@@ -1,0 +1,28 @@
+"""What a run prints to a log file: the recipe once, plain progress lines, no escape codes, no
+third-party tips or deprecation noise."""
+
+import os
+import subprocess
+import sys
+
+
+def test_a_run_logged_to_a_file_is_plain_and_quiet(tmp_path):
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        r = subprocess.run(
+            [sys.executable, "-m", "unipred.cli", "fit", "debug/image_nepa_tiny",
+             f"run_dir={tmp_path / 'run'}", "trainer.max_steps=6", "data.train_samples=32",
+             "data.val_samples=16", "trainer.log_every_n_steps=2", "trainer.loggers=[csv]"],
+            stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, timeout=300,
+            env={**os.environ, "PYTHONSAFEPATH": "1"},
+        )  # fmt: skip
+    text = log.read_text()
+    assert r.returncode == 0, text[-3000:]
+    assert "\x1b[" not in text and "\r" not in text, "escape codes in a log file"
+    for noise in ("💡 Tip", "LeafSpec", "GPU available", "smaller than the logging interval"):
+        assert noise not in text, noise
+    assert text.count("effective recipe:") == 1
+    steps = [ln for ln in text.splitlines() if " step " in ln and ln.startswith("[")]
+    assert any("step 6/6" in ln for ln in steps) and any(
+        "validated: val/loss" in ln for ln in steps
+    )
