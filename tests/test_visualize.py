@@ -115,3 +115,23 @@ def test_cli_writes_pngs_for_random_official_and_our_checkpoints(tmp_path):
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size[0] > 400
     assert main(["--ckpt", str(tmp_path / "m.ckpt"), "--ema", "--out", str(out / "x")]) == 2
+
+
+def test_checkpoint_maps_use_the_training_size_by_default(tmp_path, capsys):
+    cfg = load_config(
+        None,
+        ["task=image_pretrain", "model.name=nepa_debug", "data.aug.img_size=24"],
+        check_paths=False,
+    )
+    model = NEPA.from_name("nepa_debug")
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "unipred_config": to_dict(cfg),
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    args = ["--ckpt", str(tmp_path / "m.ckpt"), "--num-images", "1", "--patch", "35"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    # 24 px with patch 4 is a 6 x 6 grid: patch 35 is the last one; at 224 px it would be 56 x 56
+    capsys.readouterr()
+    assert main([*args, "--patch", "36", "--out", str(tmp_path / "b")]) == 2
+    assert "--patch 36 is outside the 6x6 patch grid" in capsys.readouterr().err

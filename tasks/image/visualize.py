@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--official", default="", help="an official NEPA Hugging Face folder")
     p.add_argument("--model", default="nepa_vit_b14", help="size for random init")
-    p.add_argument("--size", type=int, default=224, help="image side (multiple of the patch)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side, a multiple of the patch (default: the size the checkpoint "
+                        "was trained at, else 224)")  # fmt: skip
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--patch", type=int, default=-1, help="patch index (-1: random per image)")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="blocks (default: all)")
@@ -78,6 +80,8 @@ def _from_checkpoint(path: str, ema: bool):
     sd = ckpt["ema_state_dict"] if ema else _strip(ckpt["state_dict"])
     check_state_dict(path, sd, model.state_dict())
     model.load_state_dict(sd)
+    aug = getattr(cfg.data, "aug", None)
+    model.trained_size = getattr(aug, "img_size", None)  # visualize at the training size
     return model
 
 
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         model = load_model(args)
-        images = load_images(args.images, args.num_images, args.size, args.seed)
+        size = args.size or getattr(model, "trained_size", None) or 224
+        images = load_images(args.images, args.num_images, size, args.seed)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"visualize: {e}", file=sys.stderr)
         return 2
@@ -193,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, x in images:
         n_h, n_w = model.tokenizer.grid(x.shape[1], x.shape[2])
         patch = args.patch if args.patch >= 0 else int(rng.integers(n_h * n_w))
-        m = maps(model, x, patch, args.layers, args.top_p)
+        try:
+            m = maps(model, x, patch, args.layers, args.top_p)
+        except ValueError as e:
+            print(f"visualize: {e}", file=sys.stderr)
+            return 2
         path = os.path.join(args.out, f"{name}_p{patch}.png")
         draw(path, x, m, patch, args.gamma, causal)
         print(path)
