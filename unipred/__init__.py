@@ -6,6 +6,7 @@ docs/adding-a-modality.md). Importing ``unipred`` loads no modality library.
 """
 
 from unipred._version import __version__
+from unipred.contracts import DatasetBuilder, Tokenizer
 from unipred.loss import next_embedding_loss
 from unipred.model import NEPA, ModelConfig, model_config
 from unipred.predictor import Predictor, PredictorConfig
@@ -21,11 +22,13 @@ __all__ = [
     "ClassifyData",
     "ClassifyTask",
     "DataConfig",
+    "DatasetBuilder",
     "ModelConfig",
     "Predictor",
     "PredictorConfig",
     "PretrainTask",
     "Task",
+    "Tokenizer",
     "Tokens",
     "__version__",
     "model_config",

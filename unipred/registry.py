@@ -20,15 +20,20 @@ BUILTIN_PACKAGES = ("unipred.tokenizers", "unipred.tasks")
 
 
 class Registry:
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, check: str = ""):
         self.kind = kind
         self._items: dict[str, Callable] = {}
+        self._check = check  # name of a unipred.contracts function run on each registration
 
     def register(self, name: str | None = None):
         def deco(fn):
             key = name or fn.__name__
             if key in self._items and self._items[key] is not fn:
                 raise KeyError(f"{self.kind} {key!r} is already registered")
+            if self._check:
+                from unipred import contracts
+
+                getattr(contracts, self._check)(key, fn)
             self._items[key] = fn
             return fn
 
@@ -58,8 +63,8 @@ class Registry:
         return name in self._items
 
 
-TOKENIZERS = Registry("tokenizer")
-TASKS = Registry("task")
+TOKENIZERS = Registry("tokenizer", check="check_tokenizer")
+TASKS = Registry("task", check="check_task")
 MODELS = Registry("model")
 # extra `unipred` commands a modality brings: "demo NAME", "data NAME", "visualize" -> the
 # module that runs it (imported only when the command runs; it defines main(argv) -> int, or
