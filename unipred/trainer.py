@@ -67,6 +67,8 @@ def _loggers(cfg, out: Path):
 def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     """A Lightning Trainer realising the recipe of ``cfg`` for ``lit``."""
     from unipred.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 
     t, plan, out = cfg.trainer, lit.plan, Path(cfg.run_dir)
@@ -110,7 +112,9 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
         log_every_n_steps=t.log_every_n_steps,
         callbacks=cbs,
         logger=False if t.fast_dev_run else _loggers(cfg, out),
-        enable_checkpointing=not t.fast_dev_run,
+        # our checkpoints are PeriodicCheckpoint's (and the best-model ModelCheckpoint's);
+        # without one of its own Lightning would add a second, full-size copy of each
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in cbs),
         enable_progress_bar=t.progress_bar,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
