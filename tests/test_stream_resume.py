@@ -178,8 +178,9 @@ def test_video_shards_resume_exactly(tmp_path):
 # -------------------------------------------------------------------------- segmentation
 @pytest.mark.slow  # three runs with 3 workers each: ~30 s on a loaded 2-core box
 def test_segmentation_shards_resume_exactly(tmp_path):
-    from unipred.data.segmentation import pack_split
     from unipred.tasks.segment import SegmentADE20K
+
+    from unipred.data.segmentation import pack_split
 
     n = 4 * STEPS
     src = tmp_path / "ade"

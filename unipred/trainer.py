@@ -66,9 +66,9 @@ def _loggers(cfg, out: Path):
 
 def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     """A Lightning Trainer realising the recipe of ``cfg`` for ``lit``."""
-    from unipred.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from unipred.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
     from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
 
     t, plan, out = cfg.trainer, lit.plan, Path(cfg.run_dir)
