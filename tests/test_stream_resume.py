@@ -136,6 +136,7 @@ def test_audio_shards_resume_exactly(tmp_path):
 
     n, sr = 4 * STEPS, 16000
     for i in range(n):
+        (tmp_path / "src" / f"c{i:03d}").mkdir(parents=True)
         t = torch.arange(sr // 2) / sr
         write_wav(
             tmp_path / "src" / f"c{i:03d}" / "x.wav",

@@ -69,7 +69,7 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from unipred.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
-    from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
+    from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint, Preemption
 
     t, plan, out = cfg.trainer, lit.plan, Path(cfg.run_dir)
     from unipred.data.accounting import lightning_callback as bad_sample_logger
@@ -89,6 +89,7 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
         cbs.append(CollapseMonitor(t.collapse_every_n_steps, getattr(dim, "dim", 1)))
     if not t.fast_dev_run:
         cbs.append(PeriodicCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_ckpts))
+        cbs.append(Preemption(out / "checkpoints"))  # SIGTERM / SIGUSR1: last.ckpt, stop
         cbs += _best_checkpoint(cfg, lit, ema_ok, out)
     if t.progress_bar:
         from unipred.callbacks import progress_bar
