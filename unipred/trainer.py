@@ -74,9 +74,11 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     t, plan, out = cfg.trainer, lit.plan, Path(cfg.run_dir)
     from unipred.data.accounting import lightning_callback as bad_sample_logger
 
-    # bad samples skipped/converted by any reader are logged (summed over ranks) every epoch
+    # bad samples skipped/converted by any reader: logged (summed over workers and ranks)
+    # and written to RUN_DIR/data_report.json every epoch
+    report = None if t.fast_dev_run else out / "data_report.json"  # counts + names per epoch
     cbs = [NonFiniteLossStop(t.log_every_n_steps), Throughput(plan["global_batch"]),
-           bad_sample_logger(), *callbacks]  # fmt: skip
+           bad_sample_logger(report=report), *callbacks]  # fmt: skip
     ema_ok = cfg.ema.enabled and t.strategy != "fsdp"
     if cfg.ema.enabled and not ema_ok:
         warnings.warn(
