@@ -230,15 +230,39 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, schema, path)) from None
     except (TypeError, ValueError) as e:  # a value OmegaConf accepted but a field refuses
-        raise ConfigError(
-            f"invalid config{f' in {path}' if path else ''}: {_one_line(e)}"
-        ) from None
+        where = f" in {path}" if path else ""
+        key = _culprit(schema, raw) or "?"
+        raise ConfigError(f"invalid value for config key '{key}'{where}: {_one_line(e)}") from None
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.task)
     _check_choices(cfg)
     if check_paths:
         check_data_paths(cfg)
     return cfg
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _culprit(schema, raw) -> str | None:
+    """The first key of ``raw`` that the schema refuses on its own (for error messages)."""
+    try:
+        plain = OmegaConf.to_container(raw, resolve=False)
+    except Exception:
+        return None
+    for key, value in _leaves(plain):
+        one = OmegaConf.create()
+        try:
+            OmegaConf.update(one, key, value, force_add=True)
+            OmegaConf.to_object(OmegaConf.merge(schema, one))
+        except Exception:
+            return key
+    return None
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
