@@ -28,8 +28,9 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 # order matters: it indexes the columns of the shared tensor
-SKIP_REASONS = ("corrupt", "truncated", "tiny", "read_error", "too_large")
-CONVERT_REASONS = ("gray", "cmyk", "high_bit_depth", "palette_or_alpha", "other_mode")
+SKIP_REASONS = ("corrupt", "truncated", "tiny", "read_error", "too_large", "empty")
+CONVERT_REASONS = ("gray", "cmyk", "high_bit_depth", "palette_or_alpha", "other_mode",
+                   "resampled", "silent", "wrong_extension")  # fmt: skip
 KEYS = tuple(f"skipped/{r}" for r in SKIP_REASONS) + tuple(
     f"converted/{r}" for r in CONVERT_REASONS
 )
@@ -112,6 +113,20 @@ class BadSampleCounter:
 
     def __getstate__(self):
         return {"_t": self._t, "_names": self._names, "_n_names": self._n_names, "_warned": 0}
+
+
+class SkipSample(ValueError):
+    """Raised by a decoder for a sample that must be skipped, with the reason to count it
+    under (a key of ``SKIP_REASONS``); any other decoder error counts as ``corrupt``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def reason_of(err: BaseException) -> str:
+    """The skip reason a decoder error is counted under."""
+    return err.reason if isinstance(err, SkipSample) else "corrupt"
 
 
 def _full_key(reason: str) -> str:
