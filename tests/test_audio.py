@@ -205,7 +205,9 @@ def test_decode_cache_serves_the_same_clips_and_redecodes_edited_files(tmp_path,
     (tmp_path / "dog" / "broken.wav").write_bytes(b"RIFF not really a wav file")
     decoded = []
     real = A.decode_audio
-    monkeypatch.setattr(A, "decode_audio", lambda src, sr: decoded.append(src) or real(src, sr))
+    monkeypatch.setattr(
+        A, "decode_audio", lambda src, sr, *a: decoded.append(src) or real(src, sr, *a)
+    )
     tf = A.ClipTransform(SR, 0.8, 0.5)
     plain = A.audio_dataset(str(tmp_path), tf, counter=BadSampleCounter())
     want = [plain[i][0] for i in range(len(plain))]

@@ -263,10 +263,13 @@ def test_more_readers_than_shards_split_samples(tmp_path, shards):
 def test_resume_skips_what_was_consumed(shards):
     ds = _stream(shards, seed=5, shuffle_buffer=4)
     ds.set_epoch(2)
+    ds.resume(0, 2)
     full = _ids(ds)
     ds.set_epoch(2)
-    ds.resume(10)
+    ds.resume(5, 2)  # five batches of two
     assert _ids(ds) == full[10:]
+    ds.set_epoch(3)  # the skip belonged to epoch 2 only
+    assert len(_ids(ds)) == len(full)
 
 
 def test_pipe_and_http_urls_and_read_errors_are_counted(shards):

@@ -78,6 +78,9 @@ def test_pretrain_on_an_image_folder_logs_bad_samples_per_epoch(pretrained):
     assert float(m["data/converted/cmyk"]) == 1 and float(m["data/converted/gray"]) == 1
     assert np.isfinite(float(m["train/loss"]))
     assert COUNTER.snapshot()["skipped/total"] == 0  # reset after logging
+    report = json.loads((run / "data_report.json").read_text())  # counts + names per epoch
+    assert report["epochs"][0]["counts"]["skipped/truncated"] == 1
+    assert any(b["file"].endswith("cut.jpg") for b in report["epochs"][0]["bad_files"])
 
 
 def _classify(data, run, *over):

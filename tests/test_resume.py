@@ -106,76 +106,7 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path):
     assert find_resume_checkpoint(tmp_path / "empty") is None
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Reference streaming dataset for exact resumption (see unipred/loader.py): shard order is
-    a function of (seed, epoch); ``resume`` makes every worker skip what it had delivered."""
-
-    def __init__(self, n_shards=6, shard_size=8, size=16, seed=0):
-        from unipred.tasks.image.debug import ShapesDataset
-
-        self.images = ShapesDataset(size, n_shards * shard_size, seed)
-        self.n_shards, self.shard_size, self.seed = n_shards, shard_size, seed
-        self.epoch, self.skip = 0, (0, 1)
-
-    def __len__(self):
-        return self.n_shards * self.shard_size
-
-    def set_epoch(self, epoch):
-        if epoch != self.epoch:
-            self.epoch, self.skip = epoch, (0, 1)
-
-    def resume(self, batches, batch_size):
-        self.skip = (batches, batch_size)
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        w, W = (info.id, info.num_workers) if info else (0, 1)
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        shards = torch.randperm(self.n_shards, generator=g).tolist()[w::W]
-        batches, bs = self.skip
-        todo = len(range(w, batches, W)) * bs  # samples this worker already delivered
-        for s in shards:
-            if todo >= self.shard_size:  # a whole shard already consumed: never reopened
-                todo -= self.shard_size
-                continue
-            for j in range(todo, self.shard_size):
-                i = s * self.shard_size + j
-                yield self.images[i][0], i
-            todo = 0
-
-
-@pytest.mark.slow  # about a minute on a loaded 2-core box: three more tiny runs
-def test_streaming_resume_neither_repeats_nor_skips(tmp_path):
-    from unipred.tasks.image.debug import DebugImagePretrain
-
-    class StreamTask(DebugImagePretrain):
-        def build_dataset(self, split):
-            return ShardStream() if split == "train" else None
-
-    class Ids(L.Callback):
-        def __init__(self):
-            self.ids = {}
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.ids[trainer.global_step] = batch[1].tolist()
-
-    over = ["model.predictor.drop_path=0"]
-    full = Ids()
-    cfg = cfg_for(tmp_path / "full", *over)
-    fit(cfg, callbacks=[full], task=StreamTask(cfg))
-    first, second = Ids(), Ids()
-    cfg = cfg_for(tmp_path / "cut", *over)
-    with pytest.raises(RuntimeError, match="killed"):
-        fit(cfg, callbacks=[first, Kill(9)], task=StreamTask(cfg))
-    cfg = cfg_for(tmp_path / "cut", "resume=auto", *over)
-    fit(cfg, callbacks=[second], task=StreamTask(cfg))
-    merged = {**{k: v for k, v in first.ids.items() if k <= 8}, **second.ids}
-    assert merged == full.ids
-    epoch2 = [i for step in range(7, 13) for i in merged[step]]
-    assert sorted(epoch2) == list(range(48))  # every sample once: no shard repeated or skipped
-    _, sd_a, _ = _final(tmp_path / "full")
-    _, sd_b, _ = _final(tmp_path / "cut")
-    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+# streaming resume with the project's shard readers: tests/test_stream_resume.py
 
 
 def test_resume_on_another_world_size_skips_the_same_samples():

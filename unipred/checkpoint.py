@@ -1,14 +1,23 @@
-"""Checkpoints: atomic writes, periodic + last.ckpt saving, resume=auto, strict key checks.
+"""Checkpoints: atomic writes, periodic + last.ckpt saving, resume=auto, strict key checks,
+and safe loading.
 
 A checkpoint is Lightning's dict plus ``ema_state_dict`` (the EMA weights), ``unipred_config``
 (the run config) and ``rng`` (torch/python RNG states, so a resumed run repeats the uninterrupted
 one exactly). Files are written to a temporary name in the same folder, fsynced and renamed, so
 a crash mid-write never leaves a truncated ``last.ckpt``.
+
+Every checkpoint unipred reads (``model.init=ckpt:/pretrain:``, ``eval ckpt=``, resume, hub
+``.bin`` files, visualize, Lightning's own restore through :class:`AtomicCheckpointIO`) goes
+through :func:`safe_load`: ``torch.load(weights_only=True)``, which rebuilds tensors, numbers,
+strings and containers only and refuses any other object a pickle names, so a checkpoint
+carrying code is refused (:class:`UnsafeCheckpointError`, one line naming the file and the
+object) before anything in it runs.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -25,10 +34,64 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the first bad key."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle names objects outside the allow-list (it could run code)."""
+
+
+# Objects beyond torch's weights-only defaults (tensors, dtypes, numbers, strings, None and
+# containers) that unipred's own checkpoints hold. Empty: Lightning's loop/callback states,
+# optimizer and LambdaLR states, EMA weights, the run config (plain dicts), the recipe and the
+# torch/python RNG states are all plain data (tests/test_faults.py loads the checkpoints of
+# pretraining and classification runs this way). Add a type here only if a checkpoint of
+# ours needs it, never a callable.
+SAFE_GLOBALS: list = []
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU (memory-mapped when the format allows);
+    raises :class:`UnsafeCheckpointError` for a pickle naming anything outside the allow-list
+    and :class:`CheckpointError` for an unreadable file, each one line naming ``path``."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:  # a legacy (non-zip) file cannot be memory-mapped
+                if not mmap or "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg or "WeightsUnpickler" in msg:
+            m = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+            n = re.search(r"Unsupported operand (\S+)", msg)
+            what = (f"the object {m.group(1)}" if m else
+                    f"pickle opcode {n.group(1)}" if n else "objects other than tensors")  # fmt: skip
+            raise UnsafeCheckpointError(
+                f"{path}: refused: its pickle asks for {what}, which is not plain weights or "
+                "data (loading it could run code; nothing in it was run)"
+            ) from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint (UnpicklingError: {_one_line(e)})"
+        ) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as e:  # truncated/corrupt files raise many different errors
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {_one_line(e)})"
+        ) from None
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to ``path`` via a temporary file + fsync + os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -47,20 +110,37 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         pass
 
 
+def _remove_dead_temporaries(path: Path) -> None:
+    """Delete ``.NAME.tmp-PID`` files of ``path`` left by writers that were killed mid-write
+    (SIGKILL skips the cleanup); a temporary of a live process is left alone."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            if pid != os.getpid():
+                os.kill(pid, 0)  # raises if no such process
+                continue
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):
+            continue  # not ours, or a process we may not signal (alive)
+        tmp.unlink(missing_ok=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO whose saves are atomic."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         atomic_torch_save(checkpoint, path)
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        """Lightning's restore (``trainer.fit(ckpt_path=...)``): always weights-only."""
+        return safe_load(path)
+
 
 def read_checkpoint(path: str | os.PathLike, require_training_state: bool = False) -> dict:
     """Load a checkpoint on CPU; raise CheckpointError naming the file when it is unusable."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated/corrupt files raise many different errors
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint dict (got {type(ckpt).__name__})")
     need = REQUIRED if require_training_state else ("state_dict",)
@@ -103,6 +183,8 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     for p in cands:
         try:
             ckpt = read_checkpoint(p, require_training_state=True)
+        except UnsafeCheckpointError:
+            raise  # planted, not damaged: stop rather than resume around it
         except CheckpointError as e:
             warnings.warn(f"resume=auto skips {e}", stacklevel=2)
             continue
@@ -144,6 +226,56 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._save(trainer, step_file=False)
+
+
+class Preemption(Callback):
+    """SIGTERM or SIGUSR1 (what SLURM sends before the time limit) -> ``last.ckpt``, then stop.
+
+    SIGTERM is Lightning's: its handler marks the trainer, and its loops raise
+    ``SIGTERMException`` on every rank together (after a broadcast under DDP) once the current
+    batch has completed. Here ``on_exception`` then writes ``last.ckpt`` (all ranks take part,
+    as any save) before the process exits. SIGUSR1 is turned into that same path; under a
+    SLURM job with auto-requeue Lightning keeps SIGUSR1 for itself (``hpc_ckpt_N.ckpt`` plus
+    ``scontrol requeue``; ``resume=auto`` also finds those files)."""
+
+    def __init__(self, dirpath: str | os.PathLike):
+        self.dir = Path(dirpath)
+        self.stopped_at: int | None = None
+        self._previous = None
+
+    def setup(self, trainer, pl_module, stage):
+        import signal
+
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        slurm = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        if stage != "fit" or slurm or not hasattr(signal, "SIGUSR1"):
+            return
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGUSR1, _sigusr1_to_sigterm)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def on_exception(self, trainer, pl_module, exception):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.dir / "last.ckpt", weights_only=False)
+            self.stopped_at = trainer.global_step
+
+
+def _sigusr1_to_sigterm(signum, frame):
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM handling takes it from here
 
 
 # ------------------------------------------------------------------------ loading weights

@@ -61,6 +61,8 @@ def cmd_fit(argv: list[str]) -> int:
     if printing:
         print(to_yaml(cfg) + explain(cfg), end="")
         return 0
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from unipred.callbacks import NonFiniteLossError
     from unipred.engine import fit
 
@@ -69,6 +71,13 @@ def cmd_fit(argv: list[str]) -> int:
     except NonFiniteLossError as e:
         print(f"unipred fit: stopped: {e}", file=sys.stderr)
         return 1
+    except SIGTERMException:  # SIGTERM / SIGUSR1: checkpoint.Preemption wrote last.ckpt
+        print(
+            f"unipred fit: stopped by a signal; {cfg.run_dir}/checkpoints/last.ckpt holds the "
+            "run: continue it with resume=auto",
+            file=sys.stderr,
+        )
+        return 143  # 128 + SIGTERM: interrupted, resumable (0 means the run finished)
     return 0
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from unipred.predictor import PredictorConfig
@@ -159,11 +159,21 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    cfg = OmegaConf.load(path)
-    bases = cfg.pop("_base_", None)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax, bad characters, undecodable bytes, duplicate keys
+        raise ConfigError(f"{path}: not a valid YAML config ({_one_line(e)})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a config file must map keys to values, not a list")
+    try:
+        bases = cfg.pop("_base_", None)
+    except Exception as e:
+        raise ConfigError(f"{path}: _base_: {_one_line(e)}") from None
     if bases is None:
         return cfg
-    bases = [bases] if isinstance(bases, str) else list(bases)
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, (list, ListConfig)) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
     merged = OmegaConf.create()
     for b in bases:
         merged = OmegaConf.merge(merged, read_yaml(path.parent / b))
@@ -200,24 +210,85 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     ``path`` is a file or the name of a packaged recipe (see :func:`find_config`)."""
     path = find_config(path) if path else None
     raw = read_yaml(path) if path else OmegaConf.create()
+    for item in overrides:
+        key, eq, value = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {_short(item)}: expected key=value")
+        try:
+            cli = OmegaConf.from_dotlist([str(item)])
+            raw = OmegaConf.merge(raw, cli)
+        except Exception as e:  # OmegaConf or YAML errors: the value cannot be read or merged
+            raise ConfigError(f"{key}: cannot use the override value {_short(value)} "
+                              f"({_one_line(e)})") from None  # fmt: skip
     try:
-        cli = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"bad override in {list(overrides)}: {e}") from None
-    raw = OmegaConf.merge(raw, cli)
-    task = raw.get("task", RunConfig.task)
+        task = raw.get("task", RunConfig.task)
+    except Exception as e:  # e.g. an interpolation that does not resolve
+        raise ConfigError(f"task: {_one_line(e)}") from None
+    if not isinstance(task, str) or not task:
+        raise ConfigError(f"task: expected the name of a task, got {_short(task)}")
     schema = OmegaConf.structured(schema_for(task))
     try:
         merged = OmegaConf.merge(schema, raw)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, schema, path)) from None
+    except (TypeError, ValueError) as e:  # a value OmegaConf accepted but a field refuses
+        where = f" in {path}" if path else ""
+        key = _culprit(schema, raw) or "?"
+        raise ConfigError(f"invalid value for config key '{key}'{where}: {_one_line(e)}") from None
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.task)
     _check_choices(cfg)
     if check_paths:
         check_data_paths(cfg)
     return cfg
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _culprit(schema, raw) -> str | None:
+    """The first key of ``raw`` that the schema refuses on its own (for error messages)."""
+    try:
+        plain = OmegaConf.to_container(raw, resolve=False)
+    except Exception:
+        return None
+    for key, value in _leaves(plain):
+        one = OmegaConf.create()
+        try:
+            OmegaConf.update(one, key, value, force_add=True)
+            OmegaConf.to_object(OmegaConf.merge(schema, one))
+        except Exception:
+            return key
+    return None
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _clip(path: str, limit: int = 300) -> str:
+    """A path as written (repr only when it holds control characters), clipped when absurd."""
+    text = repr(path) if any(ord(ch) < 32 for ch in path) else path
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _exists(p: str) -> bool:
+    try:
+        return Path(p).exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte: no such file either way
+        return False
 
 
 def _check_choices(cfg) -> None:
@@ -244,8 +315,8 @@ def _explain(e: OmegaConfBaseException, schema: DictConfig, path) -> str:
         close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
         return f"unknown config key '{key}'{where}{hint} (valid: {', '.join(valid)})"
-    msg = str(e).splitlines()[0]
-    return f"invalid value for config key '{key}'{where}: {msg}"
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"invalid value for config key '{key}'{where}: {_one_line(msg)}"
 
 
 def _is_remote(p: str) -> bool:
@@ -264,16 +335,16 @@ def check_data_paths(cfg) -> None:
         v = getattr(data, f.name)
         if not isinstance(v, str) or not v or _is_remote(v):
             continue
-        if f.name.endswith(INPUT_SUFFIXES) and not Path(v).exists():
-            raise ConfigError(f"data.{f.name}: path does not exist: {v}")
+        if f.name.endswith(INPUT_SUFFIXES) and not _exists(v):
+            raise ConfigError(f"data.{f.name}: path does not exist: {_clip(v)}")
     for key, spec in (("model.init", cfg.model.init), ("ckpt", cfg.ckpt)):
         p = spec.split(":", 1)[1] if ":" in spec and key == "model.init" else spec
         if key == "model.init" and spec.startswith("pretrain:") and p.endswith(":ema"):
             p = p[: -len(":ema")]
-        if p and not Path(p).exists():
-            raise ConfigError(f"{key}: path does not exist: {p}")
-    if cfg.resume not in ("", "auto") and not Path(cfg.resume).exists():
-        raise ConfigError(f"resume: checkpoint does not exist: {cfg.resume}")
+        if p and not _exists(p):
+            raise ConfigError(f"{key}: path does not exist: {_clip(p)}")
+    if cfg.resume not in ("", "auto") and not _exists(cfg.resume):
+        raise ConfigError(f"resume: checkpoint does not exist: {_clip(cfg.resume)}")
 
 
 _ZERO_MEANS_OFF = ("layerscale", "rope_shift", "rope_jitter", "rope_rescale")

@@ -201,7 +201,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(p))
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        from unipred.checkpoint import CheckpointError, safe_load
+
+        obj = safe_load(p)
+    except CheckpointError:
+        raise  # one line naming the file (refused or unreadable)
     except Exception as e:  # corrupt or truncated files
         raise ValueError(f"{p}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
     return obj.get("state_dict", obj) if isinstance(obj, dict) else obj

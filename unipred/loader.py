@@ -4,16 +4,12 @@ Map-style data: ``EpochSampler`` shards one seeded permutation per epoch over th
 same permutation for any world size, so 1 x 8 and 2 x 4 see the same global batches) and can
 skip the samples a resumed run has already consumed.
 
-Streaming data (``IterableDataset``): the engine calls ``dataset.set_epoch(epoch)`` at every
-epoch start when the dataset has it, and on resume ``dataset.resume(batches, batch_size)`` with
-the number of batches this rank had consumed in the epoch. A streaming dataset that wants exact
-resumption implements both: shard order a function of (seed, epoch) only, and ``resume``
-making each DataLoader worker w (of W; the loader takes batches from the workers round-robin)
-skip the ``len(range(w, batches, W))`` batches it had already delivered, i.e. whole shards
-first, then samples. Then a resumed run neither repeats nor skips a shard within the epoch
-(tests/test_resume.py has a reference implementation). Without ``resume`` the loader warns and
-the epoch's stream restarts. Workers of streaming loaders are not persistent, so the epoch and
-resume position reach them at every epoch start.
+Streaming data (``IterableDataset``): exact resumption is the :class:`ResumableStream`
+contract below, which every streaming reader the project ships implements
+(``unipred.tasks.image.data.ShardDataset`` and its audio, video and segmentation subclasses). A
+stream without it still trains, but a resumed epoch restarts its stream (the loader warns).
+Workers of streaming loaders are not persistent, so the epoch and resume position reach them
+at every epoch start.
 
 ``ResumableLoader`` implements Lightning's ``state_dict``/``load_state_dict`` loader protocol,
 so its position is stored in every checkpoint.
@@ -22,9 +18,33 @@ so its position is stored in every checkpoint.
 from __future__ import annotations
 
 import warnings
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+
+@runtime_checkable
+class ResumableStream(Protocol):
+    """What a streaming (``IterableDataset``) training set implements to resume exactly.
+
+    * ``set_epoch(epoch)``: the engine calls it at every epoch start, before the DataLoader
+      starts its workers. What each (epoch, rank, worker) yields must be a function of the
+      seed and ``epoch`` only (shard order, shuffle buffer, skipped bad samples).
+    * ``resume(batches, batch_size)``: the loader calls it with ``batches=0`` when it is
+      built (telling the batch size) and, on a restart, after ``set_epoch(epoch)`` with the
+      number of batches this rank had consumed in that epoch. The DataLoader takes batch i
+      from worker ``i % W``, so every worker w must deliver whole batches and, on resume,
+      skip the ``len(range(w, batches, W))`` batches it had delivered, counting only the
+      samples it had actually yielded (bad ones it dropped do not count). The skip applies
+      to that epoch only.
+
+    Then a resumed run neither repeats nor skips a sample within the epoch.
+    """
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def resume(self, batches: int, batch_size: int) -> None: ...
 
 
 class EpochSampler(Sampler[int]):
@@ -107,13 +127,21 @@ class ResumableLoader(DataLoader):
                     "position is approximate",
                     stacklevel=2,
                 )
-            if hasattr(self.dataset, "resume"):
-                if hasattr(self.dataset, "set_epoch"):
-                    self.dataset.set_epoch(self.epoch)
-                self.dataset.resume(self.consumed, int(self.batch_size or 1))
+            if isinstance(self.dataset, ResumableStream):
+                epoch, consumed = self.epoch, self.consumed
+                try:
+                    per_epoch = len(self)
+                except TypeError:  # a stream of unknown length
+                    per_epoch = 0
+                if per_epoch and consumed >= per_epoch:
+                    # saved at the end of the epoch: Lightning's first iterator (made before
+                    # on_train_epoch_start) already belongs to the next one
+                    epoch, consumed = epoch + 1, 0
+                self.dataset.set_epoch(epoch)
+                self.dataset.resume(consumed, int(self.batch_size or 1))
             elif self.consumed:
                 warnings.warn(
-                    f"{type(self.dataset).__name__} has no resume(); the resumed epoch restarts "
+                    f"{type(self.dataset).__name__} is no ResumableStream; the resumed epoch restarts "
                     "its stream (some samples repeat)",
                     stacklevel=2,
                 )
@@ -142,6 +170,8 @@ def build_loader(
     )  # keeps the global RNG untouched
     if isinstance(dataset, IterableDataset):
         common["persistent_workers"] = False  # workers must see set_epoch / resume
+        if train and isinstance(dataset, ResumableStream):
+            dataset.resume(0, batch_size)  # whole batches per worker from the first epoch
         return ResumableLoader(dataset, drop_last=train, world=world, **common)
     n = len(dataset)
     per_rank = n // world

@@ -66,17 +66,21 @@ def _loggers(cfg, out: Path):
 
 def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
     """A Lightning Trainer realising the recipe of ``cfg`` for ``lit``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from unipred.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
-    from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint
+    from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint, Preemption
     from unipred.quiet import PlainProgress, quiet_third_party, use_tqdm
 
     quiet_third_party()
     t, plan, out = cfg.trainer, lit.plan, Path(cfg.run_dir)
     from unipred.data.accounting import lightning_callback as bad_sample_logger
 
-    # bad samples skipped/converted by any reader are logged (summed over ranks) every epoch
+    # bad samples skipped/converted by any reader: logged (summed over workers and ranks)
+    # and written to RUN_DIR/data_report.json every epoch
+    report = None if t.fast_dev_run else out / "data_report.json"  # counts + names per epoch
     cbs = [NonFiniteLossStop(t.log_every_n_steps), Throughput(plan["global_batch"]),
-           bad_sample_logger(), *callbacks]  # fmt: skip
+           bad_sample_logger(report=report), *callbacks]  # fmt: skip
     ema_ok = cfg.ema.enabled and t.strategy != "fsdp"
     if cfg.ema.enabled and not ema_ok:
         warnings.warn(
@@ -89,6 +93,7 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
         cbs.append(CollapseMonitor(t.collapse_every_n_steps, getattr(dim, "dim", 1)))
     if not t.fast_dev_run:
         cbs.append(PeriodicCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_ckpts))
+        cbs.append(Preemption(out / "checkpoints"))  # SIGTERM / SIGUSR1: last.ckpt, stop
         cbs += _best_checkpoint(cfg, lit, ema_ok, out)
     tqdm = t.progress_bar and use_tqdm()  # a file or a pipe gets plain lines, no escape codes
     if tqdm:
@@ -115,7 +120,9 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
         log_every_n_steps=t.log_every_n_steps,
         callbacks=cbs,
         logger=False if t.fast_dev_run else _loggers(cfg, out),
-        enable_checkpointing=not t.fast_dev_run,
+        # our checkpoints are PeriodicCheckpoint's (and the best-model ModelCheckpoint's);
+        # without one of its own Lightning would add a second, full-size copy of each
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in cbs),
         enable_progress_bar=tqdm,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,

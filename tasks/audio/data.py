@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from unipred.tasks.image.data import ShardDataset, is_shard_spec
+from unipred.tasks.image.data import _SILENT, ShardDataset, is_shard_spec
 
-from unipred.data.accounting import COUNTER, BadSampleCounter
+from unipred.data.accounting import COUNTER, BadSampleCounter, SkipSample, reason_of
 from unipred.extras import require
 
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
@@ -41,18 +41,62 @@ SKIP_DIRS = ("_background_noise_",)  # Speech Commands' noise folder is not a cl
 log = logging.getLogger(__name__)
 
 
-def decode_audio(source, sample_rate: int) -> torch.Tensor:
+# codec names (torchcodec metadata) each file extension should hold
+_EXT_CODECS = {".wav": ("pcm_",), ".flac": ("flac",), ".mp3": ("mp3",),
+               ".ogg": ("vorbis", "opus", "flac"), ".opus": ("opus",), ".m4a": ("aac", "alac")}  # fmt: skip
+
+
+def _wav_truncated(data: bytes) -> bool:
+    """A RIFF/WAVE file whose ``data`` chunk claims more bytes than the file holds (FFmpeg
+    decodes what is there without complaint)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return False
+    pos = 12
+    while pos + 8 <= len(data):
+        kind, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if kind == b"data":
+            return pos + 8 + size > len(data)
+        pos += 8 + size + (size & 1)
+    return True  # no data chunk before the end of the file
+
+
+def decode_audio(
+    source, sample_rate: int, notes: list | None = None, ext: str = ""
+) -> torch.Tensor:
     """A file path or encoded bytes -> mono float32 waveform (S,) at ``sample_rate``.
 
-    Raises on anything unreadable or empty; callers count and skip.
+    Raises on anything unreadable (``SkipSample`` with its reason for an empty or truncated
+    file); callers count and skip. With ``notes`` (a list), usable oddities are appended as
+    conversion reasons: ``resampled`` (a source rate below ``sample_rate``, which lacks the
+    upper band, or above 48 kHz; 44.1/48 kHz -> 16 kHz is routine and not noted), ``silent``
+    (all zero) and ``wrong_extension`` (the codec is not what ``ext`` says).
     """
     decoders = require("torchcodec.decoders", "audio", "decoding audio")  # needs FFmpeg's libs
-    samples = decoders.AudioDecoder(source).get_all_samples()
+    data = source
+    if not isinstance(source, (bytes, bytearray)):
+        ext = ext or Path(source).suffix
+        data = Path(source).read_bytes()
+    ext = ext.lower() if not ext or ext.startswith(".") else "." + ext.lower()
+    if len(data) == 0:
+        raise SkipSample("empty", "zero-length file")
+    if _wav_truncated(bytes(data)):
+        raise SkipSample("truncated", "WAV data chunk longer than the file")
+    dec = decoders.AudioDecoder(bytes(data))
+    samples = dec.get_all_samples()
     wave = samples.data.float().mean(dim=0)  # (C, S) -> (S,): downmix to mono
     if wave.numel() == 0:
-        raise ValueError("no audio samples")
+        raise SkipSample("empty", "no audio samples")
     if not bool(torch.isfinite(wave).all()):
         raise ValueError("non-finite audio samples")
+    if notes is not None:
+        rate, codec = int(samples.sample_rate), str(getattr(dec.metadata, "codec", "") or "")
+        if rate < sample_rate or rate > 48000:
+            notes.append("resampled")
+        if not bool(wave.abs().max() > 0):
+            notes.append("silent")
+        want = _EXT_CODECS.get(ext)
+        if want and codec and not codec.startswith(want):
+            notes.append("wrong_extension")
     return resample(wave, samples.sample_rate, sample_rate)
 
 
@@ -239,12 +283,20 @@ class AudioFolder(Dataset):
             raise IndexError(i)  # also ends plain `for x in dataset` loops
         for k in range(min(self.max_retries, len(self.items))):
             path, label = self.items[(i + k) % len(self.items)]
+            # a substitute is counted when its own index comes up, so each file counts once
+            counter = self.counter if k == 0 else _SILENT
+            notes: list = []
             try:
                 rate = self.transform.sample_rate
-                wave = self.cache.get(path, rate) if self.cache else decode_audio(str(path), rate)
+                if self.cache:  # (conversions are noted when a clip is decoded, not on hits)
+                    wave = self.cache.get(path, rate)
+                else:
+                    wave = decode_audio(str(path), rate, notes)
             except Exception as err:  # any decoder failure: skip the file, never the epoch
-                self.counter.count("corrupt", str(path), err)
+                counter.count(reason_of(err), str(path), err)
                 continue
+            for note in notes:
+                counter.count(note, str(path))
             return self.transform(wave), label
         raise RuntimeError(
             f"{self.max_retries} clips in a row from index {i} failed to decode; see warnings"
@@ -265,14 +317,17 @@ class AudioShardDataset(ShardDataset):
     def decode(self, sample: dict):
         """A raw sample dict -> (wave, label), or None (counted) when it cannot be read."""
         what = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        notes: list = []
         try:
-            data = next((sample[e[1:]] for e in AUDIO_EXTS if e[1:] in sample), None)
-            if data is None:
+            ext = next((e for e in AUDIO_EXTS if e[1:] in sample), None)
+            if ext is None:
                 raise ValueError(f"no audio in sample (keys {sorted(sample)})")
-            wave = decode_audio(data, self.transform.sample_rate)
+            wave = decode_audio(sample[ext[1:]], self.transform.sample_rate, notes, ext)
         except Exception as err:  # any decoder failure: drop the sample, never the epoch
-            self.counter.count("corrupt", what, err)
+            self.counter.count(reason_of(err), what, err)
             return None
+        for note in notes:
+            self.counter.count(note, what)
         label = int(sample["cls"]) if "cls" in sample else -1
         return self.transform(wave), label
 

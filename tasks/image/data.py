@@ -244,10 +244,15 @@ class ShardDataset(IterableDataset):
       itself when nobody calls ``set_epoch`` and stays exact when the engine does.
     * With ``num_samples`` known (given, or the packer's meta.json), training yields
       exactly ``num_samples // world_size`` samples per rank per epoch (re-reading its
-      shards if needed), so distributed ranks never run out of step.
-    * ``resume(n)`` skips the first ``n`` samples of this rank's current epoch (the engine
-      calls it after a restart); the stream of each (epoch, rank, worker) is deterministic,
-      so the skip lands where the interrupted run stopped, to within a few bad samples.
+      shards if needed), so distributed ranks never run out of step; once the loader has
+      told the batch size (``resume(0, batch_size)``), each worker's share is a whole
+      number of batches, so the DataLoader's round-robin over workers never breaks.
+    * It implements :class:`unipred.loader.ResumableStream`: ``resume(batches, batch_size)``
+      makes worker w skip the good samples of the batches it had delivered (batch i of an
+      epoch comes from worker ``i % W``). The stream of each (epoch, rank, worker) is a
+      function of the seed only and a skipped sample is decoded (silently) only to learn
+      whether it was good, so the resumed epoch continues exactly where the interrupted
+      one stopped: no sample repeated, none lost.
     """
 
     def __init__(
@@ -270,9 +275,8 @@ class ShardDataset(IterableDataset):
         self.counter = counter or COUNTER
         # shared memory: set_epoch/resume in the main process must reach persistent workers,
         # and the per-worker pass counts must survive non-persistent workers being re-forked
-        self._state = torch.tensor(
-            [0, -1, 0], dtype=torch.int64
-        ).share_memory_()  # base, skip epoch, skip n
+        # [epoch base, epoch to skip in, batches to skip, batch size (0: not told)]
+        self._state = torch.tensor([0, -1, 0, 0], dtype=torch.int64).share_memory_()
         self._passes = torch.zeros(129, dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
@@ -280,10 +284,15 @@ class ShardDataset(IterableDataset):
         self._state[0] = int(epoch)
         self._passes.zero_()
 
-    def resume(self, consumed: int) -> None:
-        """Skip the ``consumed`` samples this rank already delivered in the current epoch."""
-        self._state[1] = int(self._state[0]) + int(self._passes.max())
-        self._state[2] = int(consumed)
+    def resume(self, batches: int, batch_size: int) -> None:
+        """This rank's loader had consumed ``batches`` batches of ``batch_size`` in the
+        current epoch (``set_epoch``'s): skip them. ``resume(0, batch_size)`` only tells the
+        batch size, so that every worker delivers whole batches."""
+        if batch_size < 1 or batches < 0:
+            raise ValueError(f"resume: batches={batches}, batch_size={batch_size}")
+        self._state[1] = int(self._state[0])
+        self._state[2] = int(batches)
+        self._state[3] = int(batch_size)
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -303,14 +312,15 @@ class ShardDataset(IterableDataset):
         if self.training:
             random.Random(self.seed + epoch).shuffle(urls)
         total, me = world * workers, rank * workers + worker
+        bs = max(1, int(self._state[3]))
         quota = None
         if self.training and self.num_samples:
-            per_rank = self.num_samples // world
-            quota = per_rank // workers + (worker < per_rank % workers)
+            # whole batches per worker: the loader takes batch i from worker i % workers
+            batches = self.num_samples // world // bs
+            quota = (batches // workers + (worker < batches % workers)) * bs
         skip = 0
-        if int(self._state[1]) == epoch:  # the DataLoader takes batches round-robin
-            n = int(self._state[2])
-            skip = n // workers + (worker < n % workers)
+        if int(self._state[1]) == epoch:
+            skip = len(range(worker, int(self._state[2]), workers)) * bs
         if len(urls) >= total:
             return urls[me::total], 1, 0, quota, skip
         return urls, total, me, quota, skip
@@ -341,18 +351,28 @@ class ShardDataset(IterableDataset):
             return None
         return (self.transform(img) if self.transform is not None else img), label
 
+    def _good(self, raw: dict) -> bool:
+        """Whether ``raw`` decodes (for skipping on resume; counted in the first run only)."""
+        counter, self.counter = self.counter, _SILENT
+        try:
+            return self.decode(raw) is not None
+        finally:
+            self.counter = counter
+
     def __iter__(self):
         info = pytorch_worker_info()
         epoch = self._next_epoch(info[2])
         urls, stride, offset, quota, skip = self._assign(epoch)
+        if quota is not None and skip >= quota:
+            return  # this worker had delivered all of its share before the restart
         rng = random.Random(hash((self.seed, epoch, info)))  # ints only: stable across runs
-        produced, passes = skip, 0
+        produced, passes = 0, 0
         while quota is None or produced < quota:
             got = 0
             for raw in self._raw(urls, stride, offset, rng):
                 got += 1
-                if skip:  # resumed: these were delivered before the restart
-                    skip -= 1
+                if produced < skip:  # resumed: delivered before the restart
+                    produced += self._good(raw)
                     continue
                 out = self.decode(raw)
                 if out is None:

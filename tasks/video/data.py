@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
-from unipred.tasks.image.data import ShardDataset, is_shard_spec
+from unipred.tasks.image.data import _SILENT, ShardDataset, is_shard_spec
 
-from unipred.data.accounting import COUNTER, BadSampleCounter
+from unipred.data.accounting import COUNTER, BadSampleCounter, SkipSample
 from unipred.extras import require
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -52,6 +52,13 @@ def _require_decoder():
 
 def decode_video(source, num_frames: int, stride: int, train: bool, rng=random) -> torch.Tensor:
     """A video file path or its bytes -> uint8 frames (T, C, H, W) sampled as configured."""
+    empty = (
+        len(source) == 0
+        if isinstance(source, (bytes, bytearray))
+        else not Path(source).stat().st_size
+    )
+    if empty:
+        raise SkipSample("empty", "zero-length file")
     dec = _require_decoder().VideoDecoder(source, seek_mode="exact")
     total = dec.metadata.num_frames or len(dec)
     return dec.get_frames_at(frame_indices(total, num_frames, stride, train, rng)).data
@@ -186,7 +193,8 @@ class VideoFolder(Dataset):
             try:
                 clip = load_clip(path, self.num_frames, self.stride, self.transform.train)
             except Exception as err:  # any decoder failure: skip the file, never the epoch
-                self.counter.count("corrupt", str(path), err)
+                # a substitute is counted when its own index comes up: each file counts once
+                (self.counter if k == 0 else _SILENT).count(_video_reason(err), str(path), err)
                 continue
             return self.transform(clip), label
         raise RuntimeError(
@@ -226,10 +234,21 @@ class VideoShardDataset(ShardDataset):
                     raise ValueError(f"no video or frames in sample (keys {sorted(sample)})")
                 clip = decode_frames(frames, self.num_frames, self.stride, train)
         except Exception as err:  # any decoder failure: drop the sample, never the epoch
-            self.counter.count("corrupt", what, err)
+            self.counter.count(_video_reason(err), what, err)
             return None
         label = int(sample["cls"]) if "cls" in sample else -1
         return self.transform(clip), label
+
+
+def _video_reason(err: BaseException) -> str:
+    """``empty`` for a video with nothing to decode (zero bytes, zero frames, no video
+    stream: an audio-only file), ``corrupt`` for any other decoder failure."""
+    msg = str(err)
+    if isinstance(err, SkipSample):
+        return err.reason
+    if "no frames" in msg or "best video stream is unknown" in msg or "no video" in msg:
+        return "empty"
+    return "corrupt"
 
 
 def video_dataset(

@@ -28,13 +28,19 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 # order matters: it indexes the columns of the shared tensor
-SKIP_REASONS = ("corrupt", "truncated", "tiny", "read_error")
-CONVERT_REASONS = ("gray", "cmyk", "high_bit_depth", "palette_or_alpha", "other_mode")
+SKIP_REASONS = ("corrupt", "truncated", "tiny", "read_error", "too_large", "empty")
+CONVERT_REASONS = ("gray", "cmyk", "high_bit_depth", "palette_or_alpha", "other_mode",
+                   "resampled", "silent", "wrong_extension")  # fmt: skip
 KEYS = tuple(f"skipped/{r}" for r in SKIP_REASONS) + tuple(
     f"converted/{r}" for r in CONVERT_REASONS
 )
 _MAX_SLOTS = 129  # main process + up to 128 DataLoader workers (more wrap around)
 _WARN_FIRST = 20  # log the first few bad files of each process by name, then only count
+# images whose header claims more pixels than this are skipped before decoding (a
+# decompression bomb: a few bytes that would decode to gigabytes); PIL's own check only warns
+# below twice its limit, this one refuses at its limit
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_NAMES, _NAME_BYTES = 8, 256  # the first bad files of each process slot, kept by name
 
 
 class BadSampleCounter:
@@ -48,6 +54,10 @@ class BadSampleCounter:
 
     def __init__(self):
         self._t = torch.zeros(_MAX_SLOTS, len(KEYS), dtype=torch.int64).share_memory_()
+        # "reason<TAB>file" of the first bad files of each slot (UTF-8, zero padded)
+        self._names = torch.zeros(_MAX_SLOTS, _NAMES, _NAME_BYTES, dtype=torch.uint8)
+        self._names.share_memory_()
+        self._n_names = torch.zeros(_MAX_SLOTS, dtype=torch.int64).share_memory_()
         self._warned = 0
 
     @staticmethod
@@ -58,7 +68,13 @@ class BadSampleCounter:
     def count(self, reason: str, what: str = "", exc: BaseException | None = None) -> None:
         """Record one sample: ``reason`` is a key of ``KEYS`` or its short form."""
         key = reason if "/" in reason else _full_key(reason)
-        self._t[self._slot(), KEYS.index(key)] += 1
+        slot = self._slot()
+        self._t[slot, KEYS.index(key)] += 1
+        n = int(self._n_names[slot])
+        if n < _NAMES:
+            raw = f"{key}\t{what or '?'}".encode("utf-8", "replace")[:_NAME_BYTES]
+            self._names[slot, n, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            self._n_names[slot] = n + 1
         if key.startswith("skipped/") and self._warned < _WARN_FIRST:
             self._warned += 1
             detail = f": {exc!r}" if exc is not None else ""
@@ -72,9 +88,22 @@ class BadSampleCounter:
         out["converted/total"] = sum(out[f"converted/{r}"] for r in CONVERT_REASONS)
         return out
 
+    def bad_files(self) -> list[dict[str, str]]:
+        """``[{"reason": "skipped/truncated", "file": ...}, ...]``: the first few bad files
+        of every process since the last ``reset()`` (up to 8 per process)."""
+        out = []
+        for slot in range(_MAX_SLOTS):
+            for i in range(int(self._n_names[slot])):
+                raw = bytes(self._names[slot, i].tolist()).rstrip(b"\0")
+                reason, _, name = raw.decode("utf-8", "replace").partition("\t")
+                out.append({"reason": reason, "file": name})
+        return out
+
     def reset(self) -> None:
         """Zero every count (call at the start of each epoch, after logging)."""
         self._t.zero_()
+        self._names.zero_()
+        self._n_names.zero_()
 
     def handler(self, exn: BaseException) -> bool:
         """A webdataset exception handler: count the error as a skipped sample, go on."""
@@ -83,7 +112,21 @@ class BadSampleCounter:
         return True
 
     def __getstate__(self):
-        return {"_t": self._t, "_warned": 0}
+        return {"_t": self._t, "_names": self._names, "_n_names": self._n_names, "_warned": 0}
+
+
+class SkipSample(ValueError):
+    """Raised by a decoder for a sample that must be skipped, with the reason to count it
+    under (a key of ``SKIP_REASONS``); any other decoder error counts as ``corrupt``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def reason_of(err: BaseException) -> str:
+    """The skip reason a decoder error is counted under."""
+    return err.reason if isinstance(err, SkipSample) else "corrupt"
 
 
 def _full_key(reason: str) -> str:
@@ -111,7 +154,8 @@ def decode_image(
 ) -> Image.Image | None:
     """Bytes -> an 8-bit RGB PIL image, or None if the sample must be skipped.
 
-    Skipped (and counted): not an image, truncated data, either side < ``min_size`` px.
+    Skipped (and counted): not an image, truncated data, either side < ``min_size`` px, a
+    header claiming more than ``MAX_PIXELS`` pixels (judged before decoding).
     Converted (and counted): grayscale, CMYK, 16-bit / float, palette or alpha images.
     Truncated files are never padded with grey (PIL's LOAD_TRUNCATED_IMAGES stays off).
     """
@@ -119,8 +163,15 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", palette transparency
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                counter.count("too_large", what, ValueError(f"header claims {w}x{h} pixels"))
+                return None
             img.load()
+    except Image.DecompressionBombError as e:  # PIL refuses > 2 x its limit while opening
+        counter.count("too_large", what, e)
+        return None
     except UnidentifiedImageError as e:
         counter.count("corrupt", what, e)
         return None
@@ -192,19 +243,71 @@ def epoch_logs(counter: BadSampleCounter | None = None, reset: bool = True) -> d
     return {f"data/{k}": v for k, v in snap.items()}
 
 
-def lightning_callback(counter: BadSampleCounter | None = None):
-    """A Lightning callback that logs the bad-sample counts (summed over ranks) at the end
-    of every training epoch and resets them; for ``engine.fit(cfg, callbacks=[...])``."""
+def lightning_callback(counter: BadSampleCounter | None = None, report=None):
+    """A Lightning callback that logs the bad-sample counts at the end of every training
+    epoch, summed over DataLoader workers (shared memory) and ranks (Lightning's
+    ``sync_dist`` sum), then resets them. With ``report`` (a path, e.g.
+    ``RUN_DIR/data_report.json``) global rank 0 also writes the summed counts and the first
+    names of bad files of every rank there, one entry per epoch."""
     import lightning as L
 
     class BadSampleLogger(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
-            logs = epoch_logs(counter)
-            t = torch.tensor(list(logs.values()), dtype=torch.float64, device=pl_module.device)
-            t = trainer.strategy.reduce(t, reduce_op="sum")
-            for k, v in zip(logs, t.tolist()):
-                pl_module.log(k, float(v), rank_zero_only=True)
-            if trainer.is_global_zero and logs["data/skipped/total"] + logs["data/converted/total"]:
-                log.info("epoch %d bad samples (this rank): %s", trainer.current_epoch, logs)
+            c = counter or COUNTER
+            snap, names = c.snapshot(), c.bad_files()
+            c.reset()
+            for k, v in snap.items():  # this rank's counts; Lightning sums them over ranks
+                pl_module.log(f"data/{k}", float(v), sync_dist=True, reduce_fx="sum")
+            if report is None:
+                return
+            t = torch.tensor(list(snap.values()), dtype=torch.float64, device=pl_module.device)
+            total = dict(
+                zip(snap, (int(v) for v in trainer.strategy.reduce(t, reduce_op="sum").tolist()))
+            )
+            names = _gather(names, trainer.world_size)
+            if trainer.is_global_zero:
+                write_report(report, trainer.current_epoch, trainer.global_step, total, names)
+                if total["skipped/total"] + total["converted/total"]:
+                    log.info("epoch %d bad samples (all ranks): %s; names in %s",
+                             trainer.current_epoch, {k: v for k, v in total.items() if v}, report)  # fmt: skip
 
     return BadSampleLogger()
+
+
+def _gather(names: list, world: int) -> list:
+    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return names
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, names)
+    return [n for part in parts for n in part]
+
+
+_REPORT_NAMES = 100  # bad files listed per epoch in the report
+
+
+def write_report(path, epoch: int, step: int, counts: dict, names: list) -> None:
+    """Add (or replace) the entry of ``epoch`` in the JSON report at ``path``, atomically."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    data = {"epochs": []}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged report is rewritten
+    seen, first = set(), []
+    for n in names:
+        if (n["reason"], n["file"]) not in seen and len(first) < _REPORT_NAMES:
+            seen.add((n["reason"], n["file"]))
+            first.append(n)
+    entry = {"epoch": epoch, "global_step": step,
+             "counts": {k: v for k, v in counts.items()}, "bad_files": first}  # fmt: skip
+    data["epochs"] = [e for e in data.get("epochs", []) if e.get("epoch") != epoch] + [entry]
+    data["total"] = {k: sum(e["counts"].get(k, 0) for e in data["epochs"]) for k in counts}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

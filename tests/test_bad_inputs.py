@@ -1,0 +1,183 @@
+"""A corpus of broken inputs mixed into real data: every file is counted under the right
+reason, training goes on, nothing hangs, and the counts (summed over DataLoader workers and
+DDP ranks) and the names of the bad files reach RUN_DIR/data_report.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from unipred.tasks.image.data import ImageFolderDataset, ShardDataset
+
+from unipred.config import load_config
+from unipred.data.accounting import BadSampleCounter
+from unipred.engine import fit
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR claiming width x height RGB, with a few bytes of data."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))  # fmt: skip
+
+
+# file name -> the reason it must be counted under (None: a good image)
+BAD_IMAGES = {
+    "truncated.jpg": "skipped/truncated",
+    "zero.jpg": "skipped/corrupt",
+    "text.jpg": "skipped/corrupt",
+    "tiny_3x2.png": "skipped/tiny",
+    "bomb_60000.png": "skipped/too_large",  # header 60000 x 60000: refused by PIL while opening
+    "bomb_12000.png": "skipped/too_large",  # 144 MPixel: PIL would only warn and decode it
+    "cmyk.jpg": "converted/cmyk",
+    "sixteen_bit.png": "converted/high_bit_depth",
+    "palette.png": "converted/palette_or_alpha",
+    "alpha.png": "converted/palette_or_alpha",
+}
+
+
+def image_corpus(root: Path, n_good: int = 14) -> dict[str, str | None]:
+    """root/c0, root/c1: n_good noise JPEGs plus every file of BAD_IMAGES, spread over both
+    class folders. Returns {relative path: expected reason or None}."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for c in (0, 1):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(n_good):
+        rel = f"c{i % 2}/good{i:02d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (24, 28, 3), dtype=np.uint8)).save(root / rel)
+        out[rel] = None
+    good = (root / "c0/good00.jpg").read_bytes()
+    src = Image.open(root / "c0/good00.jpg")
+    writers = {
+        "truncated.jpg": lambda p: p.write_bytes(good[: len(good) // 2]),
+        "zero.jpg": lambda p: p.write_bytes(b""),
+        "text.jpg": lambda p: p.write_text("this is not an image\n" * 20),
+        "tiny_3x2.png": lambda p: Image.new("RGB", (3, 2), (9, 9, 9)).save(p),
+        "bomb_60000.png": lambda p: p.write_bytes(_png_header_only(60000, 60000)),
+        "bomb_12000.png": lambda p: p.write_bytes(_png_header_only(12000, 12000)),
+        "cmyk.jpg": lambda p: src.convert("CMYK").save(p),
+        "sixteen_bit.png": lambda p: Image.fromarray(
+            rng.integers(0, 65535, (24, 28), dtype=np.uint16)
+        ).save(p),
+        "palette.png": lambda p: src.convert("P").save(p),
+        "alpha.png": lambda p: src.convert("RGBA").save(p),
+    }
+    for i, (name, reason) in enumerate(BAD_IMAGES.items()):
+        rel = f"c{i % 2}/{name}"
+        writers[name](root / rel)
+        out[rel] = reason
+    return out
+
+
+def expected_counts(corpus, epochs=1) -> dict[str, int]:
+    c = Counter(r for r in corpus.values() if r)
+    return {k: v * epochs for k, v in c.items()}
+
+
+def _nonzero(snap):
+    return {k: v for k, v in snap.items() if v and not k.endswith("/total")}
+
+
+def test_image_corpus_in_a_folder_through_dataloader_workers(tmp_path):
+    corpus = image_corpus(tmp_path / "tree")
+    counter = BadSampleCounter()
+    ds = ImageFolderDataset(str(tmp_path / "tree"), transform=lambda im: np.asarray(im).shape,
+                            counter=counter)  # fmt: skip
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, timeout=120)
+    n = sum(len(labels) for _, labels in dl)
+    assert n == len(corpus)  # bad files replaced by good ones: batches stay full
+    assert _nonzero(counter.snapshot()) == expected_counts(corpus)
+    named = {(b["reason"], os.path.basename(b["file"])) for b in counter.bad_files()}
+    assert named == {(r, Path(p).name) for p, r in corpus.items() if r}
+
+
+def test_image_corpus_in_shards_through_dataloader_workers(tmp_path):
+    from unipred.data.cli import main
+
+    corpus = image_corpus(tmp_path / "tree")
+    # --no-verify: the packer keeps every file, so the broken ones reach the shard reader
+    assert main(["pack-images", str(tmp_path / "tree"), str(tmp_path / "shards"),
+                 "--workers", "1", "--no-verify", "--max-per-shard", "5"]) == 0  # fmt: skip
+    counter = BadSampleCounter()
+    ds = ShardDataset(str(tmp_path / "shards"), transform=lambda im: im.size, training=False,
+                      counter=counter)  # fmt: skip
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, timeout=120)
+    good = list(dl)
+    n_skipped = sum(1 for r in corpus.values() if r and r.startswith("skipped/"))
+    assert len(good) == len(corpus) - n_skipped
+    assert _nonzero(counter.snapshot()) == expected_counts(corpus)
+
+
+def _report(run_dir):
+    return json.loads((Path(run_dir) / "data_report.json").read_text())
+
+
+PRE = ["task=image_pretrain", "model.name=nepa_debug", "trainer.progress_bar=false",
+       "trainer.loggers=[]", "trainer.accelerator=cpu", "data.aug.img_size=16",
+       "trainer.global_batch=8", "trainer.max_epochs=2", "data.num_workers=2",
+       "ema.enabled=false", "trainer.collapse_every_n_steps=0"]  # fmt: skip
+
+
+@pytest.mark.slow  # two epochs with two workers: ~19 s on a loaded 2-core box
+def test_pretraining_on_the_corpus_writes_a_data_report(tmp_path):
+    corpus = image_corpus(tmp_path / "tree")  # 24 files: 3 global batches per epoch
+    trainer = fit(load_config(None, [*PRE, f"data.root={tmp_path / 'tree'}",
+                                     f"run_dir={tmp_path / 'run'}"]))  # fmt: skip
+    assert trainer.global_step == 6
+    rep = _report(tmp_path / "run")
+    assert [e["epoch"] for e in rep["epochs"]] == [0, 1]
+    for e in rep["epochs"]:
+        assert {k: v for k, v in e["counts"].items() if v and "total" not in k} == (
+            expected_counts(corpus)
+        )
+        assert {(b["reason"], Path(b["file"]).name) for b in e["bad_files"]} == {
+            (r, Path(p).name) for p, r in corpus.items() if r
+        }
+    assert rep["total"]["skipped/too_large"] == 4  # two bombs, two epochs
+    assert float(trainer.callback_metrics["data/converted/cmyk"]) == 1
+
+
+@pytest.mark.slow  # a 2-process DDP run (gloo): ~40 s on a loaded 2-core box
+def test_counts_are_summed_over_ranks_without_sync_warnings(tmp_path):
+    from unipred.loader import EpochSampler
+
+    corpus = image_corpus(tmp_path / "tree")
+    # rank 1 reads bad files in both epochs, so rank 0's counts alone would fall short
+    files = sorted(corpus)  # ImageFolder order: class folder, then file name
+    for epoch in (0, 1):
+        sampler = EpochSampler(len(files), 2, 1, 12, seed=1337)
+        sampler.set_epoch(epoch)
+        assert any(corpus[files[i]] for i in sampler)
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "unipred.cli", "fit", *PRE, f"data.root={tmp_path / 'tree'}",
+           f"run_dir={tmp_path / 'run'}", "trainer.devices=2", "trainer.strategy=ddp",
+           "seed=1337"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sync_dist" not in proc.stderr and "sync_dist" not in proc.stdout
+    rep = _report(tmp_path / "run")
+    assert [e["epoch"] for e in rep["epochs"]] == [0, 1]
+    for e in rep["epochs"]:
+        assert {k: v for k, v in e["counts"].items() if v and "total" not in k} == (
+            expected_counts(corpus)
+        )
+        assert {Path(b["file"]).name for b in e["bad_files"]} == {
+            Path(p).name for p, r in corpus.items() if r
+        }
