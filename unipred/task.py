@@ -162,6 +162,9 @@ class PretrainTask(Task):
         if self.want_stats:
             stats = collapse_stats(out.predictions, out.valid)
             logs.update({f"collapse/{k}": v for k, v in stats.items()})
+            # the targets: without stop-gradient these are what collapses first
+            stats = collapse_stats(out.targets, out.valid)
+            logs.update({f"collapse/target_{k}": v for k, v in stats.items()})
         return out.loss, logs
 
     def validation_step(self, model, batch, metrics):
