@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from unipred.heads import ClassifierHead, LinearProbeHead
 from unipred import objectives
+from unipred.heads import ClassifierHead, LinearProbeHead
 from unipred.objectives import Objective, ObjectiveConfig
 from unipred.predictor import Predictor, PredictorConfig, PredictorOutput, init_weights
 from unipred.registry import MODELS, TOKENIZERS
