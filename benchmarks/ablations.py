@@ -52,7 +52,9 @@ def _parser():
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--data", default="", help="Fashion-MNIST IDX folder; default: Debian's")
     p.add_argument("--only", default="", help="comma-separated setting names (default: all)")
-    p.add_argument("--steps", type=int, default=300, help="pretraining steps (batch 256)")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    p.add_argument("--batch", type=int, default=256, help="pretraining batch; the demo's lr "
+                   "(3e-3 at 256) is scaled by sqrt(batch / 256)")  # fmt: skip
     p.add_argument("--train-images", type=int, default=20_000, help="pretraining/probe images")
     p.add_argument("--test-images", type=int, default=2_000)
     p.add_argument("--probe-epochs", type=int, default=10)
@@ -97,6 +99,7 @@ class Runner:
         if name != "random_init":
             m, mon, run = self.fit("fmnist_pretrain.yaml", f"{name}/pretrain", [
                 f"trainer.max_steps={a.steps}", f"data.train_samples={a.train_images}",
+                f"trainer.global_batch={a.batch}", f"optim.lr={3e-3 * (a.batch / 256) ** 0.5:.4g}",
                 f"trainer.collapse_every_n_steps={a.collapse_every}", *arch, *pre])  # fmt: skip
             row.update(_collapse_row(run, m, mon))
             init = [f"model.init=pretrain:{run / 'checkpoints' / 'last.ckpt'}"]
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
     for n in names:
         rows.append(runner.setting(n))
     text = table(rows) + (
-        f"\n\n{args.steps} pretraining steps x 256 of {args.train_images:,} images; probe "
+        f"\n\n{args.steps} pretraining steps x {args.batch} of {args.train_images:,} images; probe "
         f"{args.probe_epochs} epochs; fine-tune {args.finetune_steps} steps x 100 (1,000 "
         f"labels); {args.test_images:,} test images. Total {(time.time() - t0) / 60:.1f} min."
     )
