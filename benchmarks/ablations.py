@@ -132,6 +132,11 @@ def _collapse_row(run: Path, metrics: dict, mon) -> dict:
         "erank_target": last.get("target_erank", nan),
         "erank_target_start": first.get("target_erank", nan),
         "std_target": last.get("target_std_mean", nan),
+        "spread_pred": last.get("spread", nan),
+        "spread_target": last.get("target_spread", nan),
+        "min_spread": min(
+            (min(h.get("spread", 1), h.get("target_spread", 1)) for h in hist), default=nan
+        ),  # fmt: skip
         "warned_at": None if mon is None else mon.first_step,
         "warnings": 0 if mon is None else mon.warned,
         "history": hist,
@@ -143,18 +148,18 @@ def _rounded(row: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("setting", "pretrain loss", "erank pred", "erank target (start -> end)",
-            "target std", "monitor warned at step", "probe top-1", "fine-tune top-1 (1,000 labels)")  # fmt: skip
+    head = ("setting", "pretrain loss", "erank pred / target", "spread pred / target (min)",
+            "monitor warned at step", "probe top-1", "fine-tune top-1 (1,000 labels)")  # fmt: skip
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         what = SETTINGS[r["name"]][0] if r["name"] in SETTINGS else "random init, no pretraining"
         if "loss" in r:
             w = "never" if r["warned_at"] is None else f"{r['warned_at']} ({r['warnings']}x)"
-            cells = [f"{r['loss']:.4f}", f"{r['erank_pred']:.1f}",
-                     f"{r['erank_target_start']:.1f} -> {r['erank_target']:.1f}",
-                     f"{r['std_target']:.2e}", w]  # fmt: skip
+            cells = [f"{r['loss']:.4f}", f"{r['erank_pred']:.1f} / {r['erank_target']:.1f}",
+                     f"{r['spread_pred']:.2f} / {r['spread_target']:.2f} ({r['min_spread']:.2f})",
+                     w]  # fmt: skip
         else:
-            cells = ["-"] * 5
+            cells = ["-"] * 4
         cells += [f"{r['probe']:.1%}", f"{r['finetune']:.1%}"]
         out.append(f"| {what} (`{r['name']}`) | " + " | ".join(cells) + " |")
     return "\n".join(out)
