@@ -347,3 +347,19 @@ def test_stop_on_collapse_ends_the_run_naming_the_step():
                     mon.on_train_batch_end(tr, _Lit, logs, None, 0)
         assert mon.first_step == 20 and len(mon.history) == 3
         assert tr.should_stop == stop and mon.stopped_step == (20 if stop else None)
+
+
+def test_spread_sees_rows_shrinking_to_one_vector_that_the_rank_misses():
+    from unipred.task import collapse_stats
+
+    torch.manual_seed(0)
+    healthy = collapse_stats(torch.randn(4, 32, 64))
+    # what the no-stop-gradient run does: every row near one vector, isotropic residue
+    shrunk = collapse_stats(torch.randn(64) * 5 + 0.01 * torch.randn(4, 32, 64))
+    assert healthy["spread"] > 0.9 and shrunk["spread"] < 0.01
+    assert shrunk["erank"] > 20  # the effective rank alone would call this healthy
+    mon = CollapseMonitor(1, dim=64)
+    with pytest.warns(UserWarning, match="spread 0.00"):
+        mon.on_train_batch_end(
+            _Trainer(), _Lit, {"logs": {f"collapse/{k}": v for k, v in shrunk.items()}}, None, 0
+        )

@@ -74,10 +74,10 @@ class NEPA(nn.Module):
             self.objective = Objective(cfg.objective, pc.dim, tdim)
         init_weights(self, cfg.init_std)
         nn.init.trunc_normal_(self.cls_token, std=cfg.init_std)
-        for extra in ("register_tokens", "objective.mask_token"):
-            p = self.get_parameter(extra) if _has_param(self, extra) else None
-            if p is not None:
-                nn.init.trunc_normal_(p, std=cfg.init_std)
+        if cfg.registers:
+            nn.init.trunc_normal_(self.register_tokens, std=cfg.init_std)
+        if cfg.head is None and self.objective.mask_token is not None:
+            nn.init.trunc_normal_(self.objective.mask_token, std=cfg.init_std)
         if cfg.head in ("mean", "last") and cfg.num_classes:
             # the release zeroes the classifier of a freshly converted model
             nn.init.zeros_(self.head.classifier.weight)
@@ -144,10 +144,6 @@ class NEPA(nn.Module):
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
-
-
-def _has_param(module: nn.Module, name: str) -> bool:
-    return any(n == name for n, _ in module.named_parameters())
 
 
 def _build_head(cfg: ModelConfig) -> nn.Module | None:
