@@ -162,8 +162,23 @@ class AudioSpectrogramTokenizer(nn.Module):
     def example_input(self, batch_size: int = 2) -> dict:
         return example_clips(batch_size, self.sample_rate)
 
-    def forward(self, x) -> Tokens:
-        wave, lengths = waves_at_rate(x, self.sample_rate)
+    @property
+    def patch_dim(self) -> int:
+        """Values per raw patch (``patches``): time frames x mel bins."""
+        return self.patch_t * self.patch_f
+
+    def patches(self, x) -> torch.Tensor:
+        """Any accepted input -> normalised log-mel patches (B, N, pt*pf) in token order
+        (time-major; within a patch, frames then mel bins)."""
+        wave, _ = waves_at_rate(x, self.sample_rate)
+        spec = self._patched_spectrogram(wave)  # (B, n_t*pt, n_mels)
+        B, pt, pf = spec.shape[0], self.patch_t, self.patch_f
+        n_t, n_f = spec.shape[1] // pt, self.n_mels // pf
+        spec = spec.reshape(B, n_t, pt, n_f, pf).permute(0, 1, 3, 2, 4)  # (B, n_t, n_f, pt, pf)
+        return spec.reshape(B, n_t * n_f, pt * pf)
+
+    def _patched_spectrogram(self, wave: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> (B, n_t * pt, n_mels): the log-mel frames that make whole patches."""
         n_t = int(self.n_frames(wave.shape[1])) // self.patch_t
         if n_t < 1:
             need = self.win + (self.patch_t - 1) * self.hop
@@ -171,7 +186,12 @@ class AudioSpectrogramTokenizer(nn.Module):
                 f"audio of {wave.shape[1]} samples is shorter than one patch ({need} samples "
                 f"at {self.sample_rate} Hz); pad clips to at least that length"
             )
-        spec = self.spectrogram(wave)[:, : n_t * self.patch_t]  # drop a partial last patch
+        return self.spectrogram(wave)[:, : n_t * self.patch_t]  # drop a partial last patch
+
+    def forward(self, x) -> Tokens:
+        wave, lengths = waves_at_rate(x, self.sample_rate)
+        spec = self._patched_spectrogram(wave)
+        n_t = spec.shape[1] // self.patch_t
         t = self.proj(spec.unsqueeze(1).to(self.proj.weight.dtype))  # (B, D, n_t, n_f)
         n_f = t.shape[-1]
         t = t.flatten(2).transpose(1, 2)  # (B, n_t*n_f, D), time-major
@@ -217,8 +237,19 @@ class AudioFrameTokenizer(nn.Module):
     def example_input(self, batch_size: int = 2) -> dict:
         return example_clips(batch_size, self.sample_rate)
 
-    def forward(self, x) -> Tokens:
+    @property
+    def patch_dim(self) -> int:
+        """Values per raw frame (``patches``): samples per frame."""
+        return self.frame
+
+    def patches(self, x) -> torch.Tensor:
+        """Any accepted input -> the (normalised) waveform frames (B, N, frame), in order."""
         wave, lengths = waves_at_rate(x, self.sample_rate)
+        wave = self._frames(wave, lengths)
+        return wave.reshape(wave.shape[0], -1, self.frame)
+
+    def _frames(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> (B, n * frame): whole frames, normalised over the real samples."""
         n = wave.shape[1] // self.frame
         if n < 1:
             raise ValueError(
@@ -232,6 +263,12 @@ class AudioFrameTokenizer(nn.Module):
             mu = (wave * w).sum(1, keepdim=True) / cnt
             var = (((wave - mu) * w) ** 2).sum(1, keepdim=True) / cnt
             wave = (wave - mu) / (var + 1e-7).sqrt() * w  # padding stays exactly zero
+        return wave
+
+    def forward(self, x) -> Tokens:
+        wave, lengths = waves_at_rate(x, self.sample_rate)
+        wave = self._frames(wave, lengths)
+        n = wave.shape[1] // self.frame
         t = self.proj(wave.unsqueeze(1).to(self.proj.weight.dtype))  # (B, D, n)
         t = t.transpose(1, 2)  # (B, n, D)
         valid = torch.arange(n, device=wave.device)[None, :] < (lengths // self.frame)[:, None]

@@ -47,11 +47,27 @@ class ImageTokenizer(nn.Module):
         """A small valid input (a 2x2 patch grid), for tests and smoke runs."""
         return torch.randn(batch_size, self.in_chans, 2 * self.patch_size, 2 * self.patch_size)
 
-    def forward(self, x: torch.Tensor) -> Tokens:
+    @property
+    def patch_dim(self) -> int:
+        """Values per raw patch (``patches``): in_chans * patch_size**2."""
+        return self.in_chans * self.patch_size**2
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> raw pixel patches (B, N, p*p*C) in token order, (y, x, channel)."""
+        self._check(x)
+        n_h, n_w = self.grid(x.shape[2], x.shape[3])
+        B, C, p = x.shape[0], self.in_chans, self.patch_size
+        x = x.reshape(B, C, n_h, p, n_w, p).permute(0, 2, 4, 3, 5, 1)  # (B, n_h, n_w, p, p, C)
+        return x.reshape(B, n_h * n_w, p * p * C)
+
+    def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"ImageTokenizer expects (B, {self.in_chans}, H, W) images, got {tuple(x.shape)}"
             )
+
+    def forward(self, x: torch.Tensor) -> Tokens:
+        self._check(x)
         n_h, n_w = self.grid(x.shape[2], x.shape[3])
         t = self.proj(x)  # (B, D, n_h, n_w)
         t = t.flatten(2).transpose(1, 2)  # (B, N, D), rows top to bottom, columns left to right

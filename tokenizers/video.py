@@ -134,13 +134,30 @@ class VideoTokenizer(nn.Module):
         t, p = self.tubelet_size, self.patch_size
         return torch.randn(batch_size, self.in_chans, 2 * t, 2 * p, 2 * p)
 
-    def forward(self, x: torch.Tensor) -> Tokens:
+    def _clip(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and x.shape[1] == self.in_chans:  # image -> static clip
             x = x.unsqueeze(2).expand(-1, -1, self.tubelet_size, -1, -1)
         if x.dim() != 5 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"VideoTokenizer expects (B, {self.in_chans}, T, H, W) clips, got {tuple(x.shape)}"
             )
+        return x
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per raw tubelet (``patches``): in_chans * tubelet_size * patch_size**2."""
+        return self.in_chans * self.tubelet_size * self.patch_size**2
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> raw voxel tubelets (B, N, t*p*p*C) in token order."""
+        x = self._clip(x)
+        n_t, n_h, n_w = self.grid(*x.shape[2:])
+        B, C, t, p = x.shape[0], self.in_chans, self.tubelet_size, self.patch_size
+        x = x.reshape(B, C, n_t, t, n_h, p, n_w, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+        return x.reshape(B, n_t * n_h * n_w, t * p * p * C)
+
+    def forward(self, x: torch.Tensor) -> Tokens:
+        x = self._clip(x)
         n_t, n_h, n_w = self.grid(*x.shape[2:])
         t = self.proj(x)  # (B, D, n_t, n_h, n_w)
         t = t.flatten(2).transpose(1, 2)  # (B, N, D), time-major, then rows, then columns

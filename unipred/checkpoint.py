@@ -304,7 +304,8 @@ def load_backbone(model, sd: dict, source) -> None:
     """The release's pretrain -> classifier conversion: copy every backbone tensor; new QK-norm
     weights start at 1 (bias 0), the classifier is zeroed, fc_norm keeps its init."""
     want = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    # pretraining-only parameters (model.objective: mask token, predictor heads) are dropped
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "objective."))}
     for k, v in sd.items():
         if k not in want:
             raise CheckpointError(f"{source}: unexpected key '{k}' (not in the model)")

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from unipred.objectives import ObjectiveConfig
 from unipred.predictor import PredictorConfig
 from unipred.registry import TASKS
 
@@ -40,6 +41,7 @@ def _overrides_of(cls: type) -> type:
 
 
 PredictorOverrides = _overrides_of(PredictorConfig)
+ObjectiveOverrides = _overrides_of(ObjectiveConfig)
 
 
 @dataclass
@@ -53,6 +55,9 @@ class ModelSection:
     head: str | None = None  # None = the task's/size's default; "none" forces no head
     num_classes: int | None = None
     init_std: float | None = None
+    registers: int | None = None  # register tokens after cls (never targets, never pooled)
+    # variants of the pretraining objective (docs/objectives.md); unset = the release's
+    objective: ObjectiveOverrides = field(default_factory=ObjectiveOverrides)
     # "" | "official:PATH" (released NEPA weights) | "ckpt:PATH" (our checkpoint, weights only)
     # | "pretrain:PATH[:ema]" (pretraining ckpt -> classifier: backbone copied, classifier zeroed)
     init: str = ""
@@ -107,6 +112,7 @@ class TrainerConfig:
     keep_ckpts: int = 2  # step checkpoints kept (newest), besides last.ckpt and best
     log_every_n_steps: int = 10
     collapse_every_n_steps: int = 100  # collapse monitor period (pretraining); 0 = off
+    stop_on_collapse: bool = False  # end the run (naming the step) when the monitor fires
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # + "wandb"
     wandb_project: str = "unipred"
     progress_bar: bool = True
@@ -301,6 +307,18 @@ def _check_choices(cfg) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    try:
+        ObjectiveConfig(**_set_fields(cfg.model.objective))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.registers is not None and cfg.model.registers < 0:
+        raise ConfigError(f"model.registers must be >= 0, got {cfg.model.registers}")
+
+
+def _set_fields(section) -> dict:
+    """The fields of an overrides dataclass that a config sets (not None)."""
+    out = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig, path) -> str:
@@ -355,7 +373,7 @@ def build_model_config(section: ModelSection, **defaults):
     from unipred.model import model_config
 
     over: dict[str, Any] = {k: v for k, v in defaults.items() if v is not None}
-    for k in ("head", "num_classes", "init_std", "tokenizer"):
+    for k in ("head", "num_classes", "init_std", "tokenizer", "registers"):
         v = getattr(section, k)
         if v is not None:
             over[k] = v
@@ -372,6 +390,7 @@ def build_model_config(section: ModelSection, **defaults):
         if pover.get(k) == 0:
             pover[k] = None
     mc.predictor = dataclasses.replace(mc.predictor, **pover)
+    mc.objective = dataclasses.replace(mc.objective, **_set_fields(section.objective))
     return mc
 
 

@@ -31,3 +31,42 @@ def next_embedding_loss(
         )
     pair = (valid[:, :-1] & valid[:, 1:]).float()
     return -(cos * pair).sum() / pair.sum().clamp_min(1.0)
+
+
+LOSSES = ("cosine", "mse", "smooth_l1", "infonce")
+
+
+def pair_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    pair: torch.Tensor | None = None,
+    kind: str = "cosine",
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Mean loss between aligned predictions and targets (B, L, P) over pairs (B, L) | None.
+
+    cosine: negative cosine (the release; same operations as ``next_embedding_loss``);
+    mse / smooth_l1: per-pair mean over the P values; infonce: cross-entropy of picking the
+    pair's own target among all (valid) targets of the same sample, cosine / temperature.
+    The caller aligns: pred[:, i] predicts target[:, i]. Computed in float32.
+    """
+    p, t = pred.float(), target.float()
+    if kind == "cosine":
+        per = -F.cosine_similarity(p, t, dim=-1)
+    elif kind == "mse":
+        per = (p - t).pow(2).mean(dim=-1)
+    elif kind == "smooth_l1":
+        per = F.smooth_l1_loss(p, t, reduction="none").mean(dim=-1)
+    elif kind == "infonce":
+        logits = F.normalize(p, dim=-1) @ F.normalize(t, dim=-1).transpose(1, 2) / temperature
+        if pair is not None:  # padded targets are no candidates
+            logits = logits.masked_fill(~pair[:, None, :], float("-inf"))
+        per = logits.logsumexp(dim=-1) - logits.diagonal(dim1=1, dim2=2)
+        if pair is not None:  # a padded row's own target is masked too: -inf - -inf = nan
+            per = per.masked_fill(~pair, 0.0)
+    else:
+        raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
+    if pair is None:
+        return per.mean()
+    w = pair.float()
+    return (per * w).sum() / w.sum().clamp_min(1.0)

@@ -1,7 +1,9 @@
 """NEPA = tokenizer + prefix (cls) token + predictor (+ a head).
 
-Pretraining: the loss compares the predictor output at t with the raw input token at t+1.
+Pretraining: the loss compares the predictor output at t with the raw input token at t+1
+(the release's objective; ``model.objective`` selects variants, see unipred/objectives.py).
 Downstream: the same backbone, usually bidirectional, with a head on the pooled output.
+Optional register tokens sit after cls: prefix tokens, never targets, never pooled.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from unipred import objectives
 from unipred.heads import ClassifierHead, LinearProbeHead
-from unipred.loss import next_embedding_loss
+from unipred.objectives import Objective, ObjectiveConfig
 from unipred.predictor import Predictor, PredictorConfig, PredictorOutput, init_weights
 from unipred.registry import MODELS, TOKENIZERS
 
@@ -27,13 +30,16 @@ class ModelConfig:
     head: str | None = None  # None (pretraining) | "mean" | "last" | "probe"
     num_classes: int = 0
     init_std: float = 0.02
+    registers: int = 0  # learned tokens after cls: no coordinates, never targets or pooled
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # pretraining only
 
 
 @dataclass
 class PretrainOutput:
     loss: torch.Tensor  # scalar next-embedding loss
     predictions: torch.Tensor  # (B, T, D) predictor output after the final norm
-    targets: torch.Tensor  # (B, T, D) raw input tokens (cls + tokenizer output)
+    targets: torch.Tensor  # (B, T, D) raw input tokens (cls + tokenizer output); with
+    #                        model.objective.target != "embedding", what the loss compared with
     valid: torch.Tensor | None  # (B, T) or None
 
 
@@ -45,7 +51,7 @@ class ClassifierOutput:
 
 
 class NEPA(nn.Module):
-    n_prefix = 1  # the cls token
+    n_prefix = 1  # the cls token (+ model.registers)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -56,10 +62,22 @@ class NEPA(nn.Module):
             pc = dataclasses.replace(pc, coord_dims=self.tokenizer.coord_dims)
             cfg.predictor = pc
         self.cls_token = nn.Parameter(torch.zeros(1, 1, pc.dim))
+        if cfg.registers < 0:
+            raise ValueError(f"model.registers must be >= 0, got {cfg.registers}")
+        if cfg.registers:
+            self.n_prefix = 1 + cfg.registers
+            self.register_tokens = nn.Parameter(torch.zeros(1, cfg.registers, pc.dim))
         self.predictor = Predictor(pc)
         self.head = _build_head(cfg)
+        if cfg.head is None:  # pretraining: the objective's own parameters (none by default)
+            tdim = objectives.target_dim(self.tokenizer, cfg.objective, pc.dim)
+            self.objective = Objective(cfg.objective, pc.dim, tdim)
         init_weights(self, cfg.init_std)
         nn.init.trunc_normal_(self.cls_token, std=cfg.init_std)
+        if cfg.registers:
+            nn.init.trunc_normal_(self.register_tokens, std=cfg.init_std)
+        if cfg.head is None and self.objective.mask_token is not None:
+            nn.init.trunc_normal_(self.objective.mask_token, std=cfg.init_std)
         if cfg.head in ("mean", "last") and cfg.num_classes:
             # the release zeroes the classifier of a freshly converted model
             nn.init.zeros_(self.head.classifier.weight)
@@ -74,15 +92,22 @@ class NEPA(nn.Module):
         return cls(model_config(name, **overrides))
 
     def embed(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Raw batch -> input sequence (B, T, D) = [cls, tokens], coords, valid (B, T) | None."""
+        """Raw batch -> input sequence (B, T, D) = [cls, registers, tokens], coords, valid."""
         tk = self.tokenizer(x)
-        B = tk.tokens.shape[0]
-        seq = torch.cat([self.cls_token.expand(B, -1, -1).to(tk.tokens.dtype), tk.tokens], dim=1)
-        valid = None
-        if tk.valid is not None:
-            pre = torch.ones(B, self.n_prefix, dtype=torch.bool, device=tk.valid.device)
-            valid = torch.cat([pre, tk.valid.bool()], dim=1)
+        seq, valid = self.with_prefix(tk.tokens, tk.valid)
         return seq, tk.coords, valid
+
+    def with_prefix(self, tokens, valid=None):
+        """Tokens (B, N, D), valid (B, N) | None -> [cls, registers, tokens], valid (B, T)."""
+        B = tokens.shape[0]
+        pre = [self.cls_token.expand(B, -1, -1).to(tokens.dtype)]
+        if self.n_prefix > 1:
+            pre.append(self.register_tokens.expand(B, -1, -1).to(tokens.dtype))
+        seq = torch.cat([*pre, tokens], dim=1)
+        if valid is not None:
+            ones = torch.ones(B, self.n_prefix, dtype=torch.bool, device=valid.device)
+            valid = torch.cat([ones, valid.bool()], dim=1)
+        return seq, valid
 
     def forward_features(self, x, layers=(), return_attn=False, causal=None) -> PredictorOutput:
         seq, coords, valid = self.embed(x)
@@ -91,12 +116,31 @@ class NEPA(nn.Module):
         return out
 
     def forward(self, x, causal=None):
+        if self.head is None:
+            return self.pretrain(x, causal)
         seq, coords, valid = self.embed(x)
         hidden = self.predictor(seq, coords, valid, causal)
-        if self.head is None:
-            return PretrainOutput(next_embedding_loss(hidden, seq, valid), hidden, seq, valid)
         logits, feats = self.head(hidden, self.n_prefix, valid)
         return ClassifierOutput(logits, hidden, feats)
+
+    def pretrain(self, x, causal=None) -> PretrainOutput:
+        """The next-embedding objective of ``cfg.objective`` (the release's by default)."""
+        obj, ocfg = self.objective, self.cfg.objective
+        tokens, coords, tvalid = self.tokenizer(x)
+        patches = objectives.patch_targets(self.tokenizer, x) if ocfg.target == "patch" else None
+        tokens, coords, tvalid, patches = obj.order(tokens, coords, tvalid, patches)
+        seq, valid = self.with_prefix(obj.mask_inputs(tokens), tvalid)
+        layers = (ocfg.target_layer,) if ocfg.target == "layer" else ()
+        out = self.predictor.forward_features(seq, coords, valid, causal, layers)
+        if ocfg.target == "embedding":  # the unmasked input sequence
+            target = seq if obj.mask_token is None else self.with_prefix(tokens)[0]
+        elif ocfg.target == "layer":
+            target = objectives.layer_target(out, len(self.predictor.blocks), ocfg.target_layer)
+        else:  # prefix rows are never targets: zeros keep the positions aligned
+            target = torch.cat([patches.new_zeros(patches.shape[0], self.n_prefix,
+                                                  patches.shape[2]), patches], 1)  # fmt: skip
+        loss = obj.loss(out.hidden, target, valid, self.n_prefix)
+        return PretrainOutput(loss, out.hidden, target, valid)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}

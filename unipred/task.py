@@ -129,7 +129,11 @@ class Task:
 # ----------------------------------------------------------------------------------- bases
 def collapse_stats(x: torch.Tensor, valid: torch.Tensor | None = None, max_rows: int = 4096):
     """Collapse indicators of embeddings x (..., D): per-dimension std (mean and min over
-    dimensions) and the effective rank exp(H(singular values / sum)) of the centred rows."""
+    dimensions), the effective rank exp(H(singular values / sum)) of the centred rows, and
+    ``spread`` = sqrt(total variance / mean squared norm): the fraction of the rows' size that
+    differs between rows, 1 for zero-mean rows, 0 when every row is the same vector. Unlike the
+    std it does not depend on the scale, and unlike the effective rank it sees rows that
+    shrink towards one vector (the residual differences can stay isotropic)."""
     x = x.detach().float().reshape(-1, x.shape[-1])
     if valid is not None:
         x = x[valid.reshape(-1).bool()]
@@ -139,7 +143,8 @@ def collapse_stats(x: torch.Tensor, valid: torch.Tensor | None = None, max_rows:
     s = torch.linalg.svdvals(x - x.mean(dim=0, keepdim=True))
     p = s / s.sum().clamp_min(1e-12)
     erank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-    return {"std_mean": std.mean(), "std_min": std.min(), "erank": erank}
+    spread = (std.pow(2).sum() / x.pow(2).sum(-1).mean().clamp_min(1e-24)).sqrt()
+    return {"std_mean": std.mean(), "std_min": std.min(), "erank": erank, "spread": spread}
 
 
 class PretrainTask(Task):
@@ -162,6 +167,9 @@ class PretrainTask(Task):
         if self.want_stats:
             stats = collapse_stats(out.predictions, out.valid)
             logs.update({f"collapse/{k}": v for k, v in stats.items()})
+            # the targets: without stop-gradient these are what collapses first
+            stats = collapse_stats(out.targets, out.valid)
+            logs.update({f"collapse/target_{k}": v for k, v in stats.items()})
         return out.loss, logs
 
     def validation_step(self, model, batch, metrics):

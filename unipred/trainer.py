@@ -90,7 +90,11 @@ def build_trainer(cfg, lit, callbacks=()) -> L.Trainer:
         cbs.append(EMA(cfg.ema.decay, cfg.ema.every_n_steps))
     if t.collapse_every_n_steps > 0 and hasattr(lit.task, "want_stats"):
         dim = getattr(getattr(lit.model, "cfg", None), "predictor", None)
-        cbs.append(CollapseMonitor(t.collapse_every_n_steps, getattr(dim, "dim", 1)))
+        cbs.append(
+            CollapseMonitor(
+                t.collapse_every_n_steps, getattr(dim, "dim", 1), stop=t.stop_on_collapse
+            )
+        )
     if not t.fast_dev_run:
         cbs.append(PeriodicCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_ckpts))
         cbs.append(Preemption(out / "checkpoints"))  # SIGTERM / SIGUSR1: last.ckpt, stop

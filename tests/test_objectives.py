@@ -1,0 +1,365 @@
+"""The objective switches (model.objective, model.registers): each changes what it should and
+nothing else, for every modality; the default is the release's loss, bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unipred.callbacks import CollapseMonitor
+from unipred.config import ConfigError, build_model_config, load_config
+from unipred.loss import next_embedding_loss, pair_loss
+from unipred.model import NEPA, model_config
+from unipred.objectives import ObjectiveConfig, order_keys, permutation, permute
+from unipred.registry import TOKENIZERS
+
+SR = 16000
+MODALITIES = {
+    "image": {"tokenizer_args": {"patch_size": 4, "in_chans": 3}},
+    "video": {"tokenizer": "video", "tokenizer_args": {"patch_size": 4, "tubelet_size": 2}},
+    "audio": {"tokenizer": "audio", "tokenizer_args": {"n_mels": 32, "patch_size": 8}},
+    "audio_frames": {"tokenizer": "audio_frames", "tokenizer_args": {"frame_ms": 50.0}},
+}
+
+
+def _model(modality="image", seed=0, cls_head=None, registers=0, causal=True, **objective):
+    kw = dict(MODALITIES[modality])
+    cfg = model_config("nepa_debug", causal=causal, head=cls_head, registers=registers, **kw)
+    cfg.objective = ObjectiveConfig(**objective)
+    if cls_head:
+        cfg.num_classes = 3
+    torch.manual_seed(seed)
+    return NEPA(cfg)
+
+
+def _input(modality, B=3):
+    torch.manual_seed(1)
+    if modality == "image":
+        return torch.randn(B, 3, 16, 16)
+    if modality == "video":
+        return torch.randn(B, 3, 4, 8, 8)
+    lengths = torch.tensor([SR // 2] + [SR // 4] * (B - 1))  # padded clips: valid masks
+    return {"wave": 0.1 * torch.randn(B, SR // 2), "lengths": lengths}
+
+
+def _reference_loss(m, x):
+    """The release's objective computed from the model's parts, as before the switches."""
+    seq, coords, valid = m.embed(x)
+    hidden = m.predictor(seq, coords, valid)
+    return next_embedding_loss(hidden, seq, valid)
+
+
+# ------------------------------------------------------------------------------- defaults
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_default_objective_is_the_release_loss_exactly(modality):
+    m, x = _model(modality), _input(modality)
+    assert not any(k.startswith("objective.") for k in m.state_dict())  # no new parameters
+    torch.manual_seed(5)
+    got = m(x).loss
+    torch.manual_seed(5)  # the same RoPE augmentation draw
+    assert torch.equal(got, _reference_loss(m, x))
+
+
+def test_horizon_one_equals_default_and_k_averages_the_heads():
+    x = _input("image")
+    m1, m2 = _model(), _model(horizon=2)
+    # the trunk is identical (same seed, the extra head is built after it)
+    sd = {k: v for k, v in m2.state_dict().items() if not k.startswith("objective.")}
+    assert sd.keys() == m1.state_dict().keys()
+    m1.load_state_dict(sd)
+    m1.eval(), m2.eval()
+    k1 = m1(x).loss
+    assert torch.equal(_model(horizon=1).eval()(x).loss, _model().eval()(x).loss)
+    out = m2(x)
+    hidden, target = out.predictions, out.targets.detach()
+    step2 = -F.cosine_similarity(m2.objective.heads[1](hidden[:, :-2]), target[:, 2:], dim=-1)
+    torch.testing.assert_close(out.loss, (k1 + step2.mean()) / 2, rtol=0, atol=1e-6)
+    assert isinstance(m2.objective.heads[1], torch.nn.Linear)
+
+
+# ----------------------------------------------------------------------------- token order
+def test_identity_permutation_equals_default():
+    m, x = _model().eval(), _input("image")
+    tokens, coords, valid = m.tokenizer(x)
+    ident = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+    t2, c2, v2, _ = permute(ident, tokens, coords, valid)
+    assert c2.shape == (3, tokens.shape[1], 2)  # coordinates became per sample
+    seq, _ = m.with_prefix(t2)
+    hidden = m.predictor(seq, c2)
+    assert torch.equal(next_embedding_loss(hidden, seq), m(x).loss)
+
+
+@pytest.mark.parametrize("order", ["reverse", "random_fixed", "random"])
+def test_coordinates_travel_with_the_tokens(order):
+    """Bidirectional attention with RoPE is permutation-equivariant when coordinates move with
+    their tokens: the permuted run's outputs are the original outputs, permuted."""
+    m, x = _model(causal=False, order=order).eval(), _input("image")
+    tokens, coords, valid = m.tokenizer(x)
+    t2, c2, _, _ = m.objective.order(tokens, coords, valid, None)
+    assert not torch.equal(t2, tokens)
+    base = m.predictor(m.with_prefix(tokens)[0], coords)[:, 1:]
+    moved = m.predictor(m.with_prefix(t2)[0], c2)[:, 1:]
+    # where each moved token came from, read from the values themselves
+    idx = (tokens[..., :1] == t2[..., :1].transpose(1, 2)).float().argmax(1)  # (B, N)
+    torch.testing.assert_close(moved, base.gather(1, idx[..., None].expand_as(base)))
+
+
+def test_order_kinds():
+    n = 6
+    assert order_keys("tokenizer", n, 2, 0, "cpu") is None
+    rev = permutation(order_keys("reverse", n, 2, 0, "cpu"), None, 2)
+    assert rev.tolist() == [[5, 4, 3, 2, 1, 0]] * 2
+    fixed = [permutation(order_keys("random_fixed", n, 2, 7, "cpu"), None, 2) for _ in range(2)]
+    assert torch.equal(fixed[0], fixed[1]) and sorted(fixed[0][0].tolist()) == list(range(n))
+    torch.manual_seed(0)
+    per = permutation(order_keys("random", 50, 2, 0, "cpu"), None, 2)
+    assert per.shape == (2, 50) and not torch.equal(per[0], per[1])
+    # padded tokens go last; the real ones take the chosen order among themselves
+    valid = torch.tensor([[True, True, True, True, False, False]])
+    p = permutation(order_keys("reverse", n, 1, 0, "cpu"), valid, 1)
+    assert p.tolist() == [[3, 2, 1, 0, 5, 4]]
+
+
+# ------------------------------------------------------------------------- prefix tokens
+def test_registers_never_reach_the_loss_nor_the_pool():
+    m = _model(registers=3).eval()
+    assert m.n_prefix == 4 and m.register_tokens.shape == (1, 3, 64)
+    x = _input("image")
+    out = m(x)
+    hidden = out.predictions.detach().requires_grad_(True)
+    target = out.targets.detach().clone()
+    loss = m.objective.loss(hidden, target, None, m.n_prefix)
+    (g,) = torch.autograd.grad(loss, hidden)
+    # only the last prefix position (it predicts the first token) and the tokens feed the loss
+    assert g[:, :3].abs().sum() == 0 and g[:, 3:-1].abs().sum() > 0
+    target[:, :4] = torch.randn_like(target[:, :4])  # prefix rows are never targets
+    assert torch.equal(m.objective.loss(hidden, target, None, m.n_prefix), loss)
+    c = _model(registers=3, cls_head="mean", causal=False).eval()
+    o = c(x)
+    feats = c.head.fc_norm(o.hidden[:, 4:].mean(1))
+    torch.testing.assert_close(o.features, feats)  # registers are not pooled
+
+
+# ----------------------------------------------------------------------- shift, stop-grad
+def test_no_shift_pairs_each_output_with_its_own_input():
+    h = torch.randn(2, 7, 16)
+    for shift, expect in ((False, -1.0), (True, None)):
+        obj = _model(shift=shift).objective
+        loss = obj.loss(h, h.clone(), None, 1)
+        if expect is None:
+            assert loss > -0.9
+        else:
+            assert loss.item() == pytest.approx(expect, abs=1e-6)
+    assert ObjectiveConfig(shift=False, horizon=2).offsets == [0, 1]
+
+
+def test_stop_gradient_switch_controls_the_target_gradient():
+    x = _input("image")
+    grads = {}
+    for stop in (True, False):
+        m = _model(stop_grad=stop).eval()
+        w = m.tokenizer.proj.weight
+        (grads[stop],) = torch.autograd.grad(m(x).loss, w)
+        seq, coords, _ = m.embed(x)  # the same loss written out, target kept or detached
+        hidden = m.predictor(seq, coords)
+        target = seq[:, 1:].detach() if stop else seq[:, 1:]
+        ref = -F.cosine_similarity(hidden[:, :-1], target, dim=-1).mean()
+        (g_ref,) = torch.autograd.grad(ref, w)
+        torch.testing.assert_close(grads[stop], g_ref)
+    assert not torch.allclose(grads[True], grads[False])  # the target side now learns too
+
+
+# ----------------------------------------------------------------------------- masking
+def test_input_masking_replaces_inputs_not_targets():
+    m, x = _model(mask_ratio=0.5).eval(), _input("image")
+    tokens = m.tokenizer(x).tokens
+    masked = m.objective.mask_inputs(tokens)
+    hit = (masked == m.objective.mask_token).all(-1)
+    assert (hit.sum(1) == 8).all()  # round(0.5 * 16) per sample
+    assert torch.equal(masked[~hit], tokens[~hit])
+    out = m(x)
+    assert torch.equal(out.targets, m.embed(x)[0])  # targets: the unmasked embeddings
+    assert "objective.mask_token" in m.state_dict()
+
+
+# ------------------------------------------------------------------------------- losses
+def test_loss_kinds():
+    torch.manual_seed(0)
+    t = torch.randn(2, 5, 8)
+    for kind in ("cosine", "mse", "smooth_l1", "infonce"):
+        perfect = pair_loss(t * (1 if kind in ("mse", "smooth_l1") else 3), t, None, kind)
+        wrong = pair_loss(torch.randn(2, 5, 8), t, None, kind)
+        assert perfect < wrong, kind
+    assert pair_loss(t, t, None, "mse") == 0 and pair_loss(t, t, None, "smooth_l1") == 0
+    # infonce: the positive among the sample's 5 targets, temperature 0.1
+    p = F.normalize(t, dim=-1)
+    logits = p @ p.transpose(1, 2) / 0.1
+    ref = F.cross_entropy(logits.reshape(-1, 5), torch.arange(5).repeat(2))
+    torch.testing.assert_close(pair_loss(t, t, None, "infonce"), ref)
+    # padded pairs: no NaN, and padded targets are no candidates
+    pair = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    lp = pair_loss(t, t, pair, "infonce")
+    assert torch.isfinite(lp)
+    with pytest.raises(ValueError, match="unknown loss 'l3'"):
+        pair_loss(t, t, None, "l3")
+
+
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1", "infonce"])
+def test_loss_switch_changes_only_the_comparison(kind):
+    x = _input("image")
+    m0, m1 = _model().eval(), _model(loss=kind).eval()
+    o0, o1 = m0(x), m1(x)
+    assert torch.equal(o0.predictions, o1.predictions) and torch.equal(o0.targets, o1.targets)
+    ref = pair_loss(o0.predictions[:, :-1], o0.targets[:, 1:], None, kind)
+    assert torch.equal(o1.loss, ref) and not torch.equal(o1.loss, o0.loss)
+
+
+# ------------------------------------------------------------------------------ targets
+def test_layer_target_is_that_blocks_output():
+    m, x = _model(target="layer", target_layer=0).eval(), _input("image")
+    out = m(x)
+    feats = m.forward_features(x, layers=(0,))
+    assert torch.equal(out.targets, feats.layers[0])
+    assert torch.equal(out.predictions, feats.hidden)
+    with pytest.raises(ValueError, match="target_layer 5"):
+        _model(target="layer", target_layer=5)(x)
+
+
+def _conv_of_patches(tk, patches):
+    """What the tokenizer's patch embedding computes from its raw patches, if the patches are
+    in token order and laid out as the kernel expects."""
+    w = tk.proj.weight  # (D, C, *kernel)
+    dims = list(range(2, w.dim())) + [1]  # kernel (time/freq/y/x) first, channels last
+    return patches @ w.permute(0, *dims).reshape(w.shape[0], -1).T + tk.proj.bias
+
+
+@pytest.mark.parametrize("modality", list(MODALITIES))
+def test_patches_are_the_tokenizers_raw_input_in_token_order(modality):
+    kw = MODALITIES[modality]
+    tk = TOKENIZERS.get(kw.get("tokenizer", "image"))(dim=16, **kw["tokenizer_args"])
+    x = _input(modality, B=2)
+    p, tokens = tk.patches(x), tk(x).tokens
+    assert p.shape == (*tokens.shape[:2], tk.patch_dim)
+    if modality == "audio_frames":  # Conv1d kernel (D, 1, frame)
+        ref = p @ tk.proj.weight[:, 0].T + tk.proj.bias
+    else:
+        ref = _conv_of_patches(tk, p)
+    torch.testing.assert_close(ref, tokens, rtol=1e-4, atol=1e-4)
+
+
+def test_pixel_target_is_normalised_patches_never_the_prefix():
+    m, x = _model(target="patch").eval(), _input("image")
+    out = m(x)
+    assert out.targets.shape == (3, 17, 48) and torch.equal(out.targets[:, 0], torch.zeros(3, 48))
+    pix = m.tokenizer.patches(x)
+    norm = (pix - pix.mean(-1, keepdim=True)) / (
+        pix.var(-1, unbiased=False, keepdim=True) + 1e-6
+    ).sqrt()
+    torch.testing.assert_close(out.targets[:, 1:], norm)
+    assert m.objective.heads[0].out_features == 48
+
+
+# ---------------------------------------------------------------- every switch, every modality
+SWITCHES = [
+    {"shift": False}, {"stop_grad": False}, {"mask_ratio": 0.3}, {"loss": "mse"},
+    {"loss": "smooth_l1"}, {"loss": "infonce"}, {"target": "layer", "target_layer": -1},
+    {"target": "patch"}, {"horizon": 3}, {"order": "reverse"}, {"order": "random_fixed"},
+    {"order": "random"}, {"head": "mlp"}, {"registers": 2},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio", "audio_frames"])
+def test_every_switch_trains_on_every_modality(modality):
+    x = _input(modality)
+    for sw in SWITCHES:
+        sw = dict(sw)
+        m = _model(modality, registers=sw.pop("registers", 0), **sw)
+        loss = m(x).loss
+        loss.backward()
+        assert torch.isfinite(loss), (modality, sw)
+        assert m.tokenizer.proj.weight.grad.abs().sum() > 0, (modality, sw)
+
+
+def test_causal_switch_is_the_predictor_flag():
+    x = _input("image")
+    a, b = _model(causal=True).eval(), _model(causal=False).eval()
+    assert not torch.equal(a(x).loss, b(x).loss)
+
+
+# ------------------------------------------------------------------------------- config
+def test_config_keys_and_errors(tmp_path):
+    cfg = load_config(
+        "configs/debug/image_nepa_tiny.yaml",
+        ["model.objective.loss=infonce", "model.objective.horizon=2", "model.registers=2",
+         f"run_dir={tmp_path}"],
+    )  # fmt: skip
+    mc = build_model_config(cfg.model)
+    assert mc.registers == 2 and mc.objective.loss == "infonce" and mc.objective.horizon == 2
+    assert dataclasses.replace(mc.objective, loss="cosine", horizon=1) == ObjectiveConfig()
+    with pytest.raises(ConfigError, match=r"model.objective.loss: 'l3' is not one of"):
+        load_config("configs/debug/image_nepa_tiny.yaml", ["model.objective.loss=l3"])
+    with pytest.raises(ConfigError, match=r"model.objective.horizon must be >= 1"):
+        load_config("configs/debug/image_nepa_tiny.yaml", ["model.objective.horizon=0"])
+    with pytest.raises(ConfigError, match=r"model.objective.ordr"):
+        load_config("configs/debug/image_nepa_tiny.yaml", ["model.objective.ordr=reverse"])
+
+
+def test_pretrained_objective_parameters_are_dropped_for_finetuning(tmp_path):
+    from unipred.checkpoint import load_backbone
+
+    src = _model(mask_ratio=0.2, horizon=2, registers=2)
+    dst = _model(registers=2, cls_head="mean", causal=False, seed=3)
+    load_backbone(dst, src.state_dict(), "test")
+    assert torch.equal(dst.register_tokens, src.register_tokens)
+
+
+# ---------------------------------------------------------------------- collapse monitor
+class _Trainer:
+    global_step = 0
+    should_stop = False
+
+
+class _Lit:
+    class task:
+        want_stats = False
+
+
+def test_stop_on_collapse_ends_the_run_naming_the_step():
+    healthy = {"erank": 20.0, "std_mean": 0.3, "target_erank": 15.0, "target_std_mean": 0.3}
+    collapsed = dict(healthy, target_erank=1.1)
+    for stop in (False, True):
+        mon, tr = CollapseMonitor(10, dim=64, stop=stop), _Trainer()
+        for step, stats in ((0, healthy), (10, healthy), (20, collapsed)):
+            tr.global_step = step
+            mon.on_train_batch_start(tr, _Lit, None, 0)
+            logs = {"logs": {f"collapse/{k}": torch.tensor(v) for k, v in stats.items()}}
+            tr.global_step = step + 1
+            if stats is collapsed:
+                with pytest.warns(UserWarning, match=r"step 20: .*targets: effective rank 1.10"):
+                    mon.on_train_batch_end(tr, _Lit, logs, None, 0)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    mon.on_train_batch_end(tr, _Lit, logs, None, 0)
+        assert mon.first_step == 20 and len(mon.history) == 3
+        assert tr.should_stop == stop and mon.stopped_step == (20 if stop else None)
+
+
+def test_spread_sees_rows_shrinking_to_one_vector_that_the_rank_misses():
+    from unipred.task import collapse_stats
+
+    torch.manual_seed(0)
+    healthy = collapse_stats(torch.randn(4, 32, 64))
+    # what the no-stop-gradient run does: every row near one vector, isotropic residue
+    shrunk = collapse_stats(torch.randn(64) * 5 + 0.01 * torch.randn(4, 32, 64))
+    assert healthy["spread"] > 0.9 and shrunk["spread"] < 0.01
+    assert shrunk["erank"] > 20  # the effective rank alone would call this healthy
+    mon = CollapseMonitor(1, dim=64)
+    with pytest.warns(UserWarning, match="spread 0.00"):
+        mon.on_train_batch_end(
+            _Trainer(), _Lit, {"logs": {f"collapse/{k}": v for k, v in shrunk.items()}}, None, 0
+        )
