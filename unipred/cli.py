@@ -1,12 +1,15 @@
 """The ``unipred`` command.
 
     unipred fit CONFIG [key=value ...] [--print-config]
-    unipred eval CONFIG ckpt=PATH [key=value ...]
+    unipred eval CONFIG ckpt=PATH [protocol=knn|linear|attentive|layers|finetune] [ema=both]
+    unipred evaluate-suite CONFIG ckpt=PATH [protocols=knn,linear,...] [out=DIR]
+    unipred export CKPT OUT [--ema] [--push REPO_ID]
     unipred list
     unipred data ... | demo NAME ... | visualize ... | convert ...
 
-``data``, ``demo``, ``visualize`` and ``convert`` are dispatched lazily to
-``unipred.data.cli``, ``unipred.demos.NAME``, ``unipred.visualize`` and ``unipred.hub``
+``data``, ``demo``, ``visualize``, ``convert`` and ``export`` are dispatched lazily to
+``unipred.data.cli``, ``unipred.demos.NAME``, ``unipred.visualize``, ``unipred.hub`` and
+``unipred.pretrained``
 (each a ``main(argv) -> int``), so a missing or broken one never affects the others.
 """
 
@@ -19,7 +22,12 @@ USAGE = """usage: unipred COMMAND ...
 
 commands:
   fit CONFIG [key=value ...] [--print-config]   train (resume=auto continues a run)
-  eval CONFIG ckpt=PATH [key=value ...]         validate a checkpoint (raw and EMA weights)
+  eval CONFIG ckpt=PATH [key=value ...]         validate a checkpoint (raw and EMA weights);
+        protocol=knn|linear|attentive|layers|finetune ema=true|false|both
+                                                other protocols (docs/evaluation.md)
+  evaluate-suite CONFIG ckpt=PATH [protocols=knn,linear,attentive,layers] [out=DIR]
+                                                every protocol; results.md/.json in the run folder
+  export CKPT OUT [--ema] [--push REPO_ID]      checkpoint -> save_pretrained folder (docs/hub.md)
   list                                          registered tokenizers, tasks and model sizes
   data SUBCOMMAND ...                           data preparation (unipred data --help)
   demo NAME ...                                 runnable demos
@@ -27,7 +35,12 @@ commands:
   convert ...                                   official NEPA checkpoints <-> ours
 """
 
-LAZY = {"data": "unipred.data.cli", "visualize": "unipred.visualize", "convert": "unipred.hub"}
+LAZY = {
+    "data": "unipred.data.cli",
+    "visualize": "unipred.visualize",
+    "convert": "unipred.hub",
+    "export": "unipred.pretrained",
+}
 
 
 def _split(argv: list[str]):
@@ -71,19 +84,53 @@ def cmd_fit(argv: list[str]) -> int:
     return 0
 
 
+def _eval_settings(argv: list[str]):
+    from unipred.protocols import parse_eval_settings, split_eval_args
+
+    config, overrides, flags = _split(argv)
+    mine, rest = split_eval_args(overrides)
+    settings = parse_eval_settings(mine)
+    return settings, [config, *rest, *flags] if config else [*rest, *flags], config
+
+
 def cmd_eval(argv: list[str]) -> int:
     from unipred.config import to_yaml
 
+    settings, argv, _ = _eval_settings(argv)
     cfg, printing = _load(argv)
     if printing:
         print(to_yaml(cfg), end="")
         return 0
     if not cfg.ckpt and not cfg.model.init:
         raise SystemExit("unipred eval: give ckpt=PATH (or model.init=...) to evaluate")
+    if settings.protocol == "finetune":
+        from unipred.protocols import run_finetune
+
+        run_finetune(cfg, settings)
+        return 0
+    if settings.protocol:
+        from unipred.protocols import run_protocols
+
+        run_protocols(cfg, settings, [settings.protocol])
+        return 0
     from unipred.engine import evaluate
 
     for k, v in sorted(evaluate(cfg).items()):
         print(f"{k}: {v:.6g}")
+    return 0
+
+
+def cmd_suite(argv: list[str]) -> int:
+    from unipred.protocols import evaluate_suite
+
+    settings, argv, config = _eval_settings(argv)
+    cfg, printing = _load(argv)
+    if printing:
+        from unipred.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
+    evaluate_suite(cfg, settings, config_name=str(config or ""))
     return 0
 
 
@@ -121,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     from unipred.checkpoint import CheckpointError
     from unipred.config import ConfigError, RecipeError
+    from unipred.protocols import ProtocolError
 
     try:
         if cmd == "fit":
             return cmd_fit(rest)
         if cmd == "eval":
             return cmd_eval(rest)
+        if cmd == "evaluate-suite":
+            return cmd_suite(rest)
         if cmd == "list":
             return cmd_list(rest)
         if cmd in LAZY:
@@ -136,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("usage: unipred demo NAME [...]", file=sys.stderr)
                 return 2
             return _lazy(f"unipred.demos.{rest[0]}", rest[1:])
-    except (ConfigError, CheckpointError, RecipeError) as e:
+    except (ConfigError, CheckpointError, RecipeError, ProtocolError) as e:
         print(f"unipred {cmd}: error: {e}", file=sys.stderr)
         return 2
     print(f"unipred: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")

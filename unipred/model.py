@@ -16,6 +16,7 @@ from torch import nn
 from unipred.heads import ClassifierHead, LinearProbeHead
 from unipred.loss import next_embedding_loss
 from unipred.predictor import Predictor, PredictorConfig, PredictorOutput, init_weights
+from unipred.pretrained import PretrainedMixin
 from unipred.registry import MODELS, TOKENIZERS
 
 
@@ -44,7 +45,10 @@ class ClassifierOutput:
     features: torch.Tensor  # (B, D) the head's input after pooling (and fc_norm)
 
 
-class NEPA(nn.Module):
+class NEPA(PretrainedMixin, nn.Module):
+    """A NEPA model. ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub``: see
+    unipred/pretrained.py."""
+
     n_prefix = 1  # the cls token
 
     def __init__(self, cfg: ModelConfig):
