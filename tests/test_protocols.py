@@ -133,6 +133,15 @@ def test_eval_settings_are_checked():
         parse_eval_settings(["ema=maybe"])
 
 
+def test_cli_names_a_bad_eval_setting(capsys):
+    from unipred.cli import main
+
+    rc = main(["eval", "configs/demo/fmnist_probe.yaml", "ckpt=x.ckpt", "protocol=knn", "knn.kk=3"])
+    assert rc == 2 and "knn.kk" in capsys.readouterr().err
+    rc = main(["evaluate-suite", "configs/demo/fmnist_probe.yaml", "protocols=knn,probe"])
+    assert rc == 2 and "'probe' is not one of" in capsys.readouterr().err
+
+
 TINY = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2",
         "data.root=''", "data.generated_samples=48", "trainer.progress_bar=false",
         "trainer.precision=32-true"]  # fmt: skip
@@ -150,6 +159,7 @@ def tiny_ckpt(tmp_path_factory):
     return run / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow  # a 3-step pretraining run, then every protocol on raw and EMA (~25 s)
 def test_evaluate_suite_writes_the_table(tiny_ckpt, capsys):
     from unipred.cli import main
 
@@ -166,8 +176,20 @@ def test_evaluate_suite_writes_the_table(tiny_ckpt, capsys):
     assert "| knn | raw |" in md and "Per-layer probe (ema weights)" in md
     out = capsys.readouterr().out
     assert "<- best" in out and "final norm" in out
+    # the export's model card carries this table (EMA rows for the EMA weights)
+    from unipred.checkpoint import read_checkpoint
+    from unipred.model import NEPA
+
+    assert main(["export", str(tiny_ckpt), str(folder / "hf"), "--ema"]) == 0
+    card = (folder / "hf" / "README.md").read_text()
+    assert "| knn | ema |" in card and "| knn | raw |" not in card
+    assert "task: fmnist_pretrain" in card and "| total_steps | 3 |" in card
+    ema = read_checkpoint(tiny_ckpt)["ema_state_dict"]
+    back = NEPA.from_pretrained(folder / "hf")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ema.items())
 
 
+@pytest.mark.slow
 def test_eval_protocol_and_ema_switch(tiny_ckpt, capsys):
     from unipred.cli import main
 
