@@ -196,3 +196,24 @@ def test_torch_hub_load_from_the_source_tree(tmp_path):
                                                  back.state_dict().values()))  # fmt: skip
     fresh = torch.hub.load(str(ROOT), "nepa", source="local", name="nepa_debug", depth=3)
     assert len(fresh.predictor.blocks) == 3
+
+
+@pytest.mark.slow  # a fresh interpreter on a copy of the source tree
+def test_torch_hub_load_from_a_bare_source_tree(tmp_path):
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    for f in [*files.stdout.split(), "hubconf.py"]:
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / f, src / f)
+    code = (
+        "import sys\n"  # hide the installed (editable) unipred: only the copy can be found
+        "sys.meta_path = [f for f in sys.meta_path if 'ditable' not in repr(f)]\n"
+        f"import torch; m = torch.hub.load({str(src)!r}, 'nepa', source='local', "
+        "name='nepa_audio_debug')\n"
+        "import unipred.tokenizers.audio as a; print(a.__file__, type(m.tokenizer).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(src / "tokenizers" / "audio.py"), "AudioSpectrogramTokenizer"]
