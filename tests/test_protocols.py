@@ -197,6 +197,12 @@ def test_eval_protocol_and_ema_switch(tiny_ckpt, capsys):
                "protocol=knn", "ema=false"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0 and "knn        raw" in out and " ema " not in out
-    rc = main(["eval", "configs/demo/fmnist_probe.yaml", f"ckpt={tiny_ckpt}", *TINY,
-               "protocol=knn", "knn.kk=3"])  # fmt: skip
-    assert rc == 2 and "knn.kk" in capsys.readouterr().err
+    # fine-tuning "as today": the config's training run from the EMA backbone
+    run = tiny_ckpt.parent.parent / "ft"
+    rc = main(["eval", "configs/demo/fmnist_finetune.yaml", f"ckpt={tiny_ckpt}", *TINY,
+               "protocol=finetune", "ema=true", f"run_dir={run}", "data.labels_per_class=2",
+               "data.repeat=1", "trainer.global_batch=4", "trainer.max_steps=2",
+               "trainer.loggers=[]"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "finetune   ema  top-1" in out and "nan" not in out
+    assert (run / "finetune_ema" / "checkpoints" / "last.ckpt").exists()

@@ -678,6 +678,8 @@ def run_finetune(cfg, settings: EvalSettings, log=print) -> dict:
         run.ckpt = ""
         t0 = time.perf_counter()
         trainer = fit(run)
+        if "val/acc1" not in trainer.callback_metrics:  # stopped by max_steps before validating
+            trainer.validate(trainer.lightning_module, verbose=False)
         m = trainer.callback_metrics
         r = {"protocol": "finetune", "weights": name,
              "top1": float(m.get("val/acc1", float("nan"))),
