@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipred.heads import pool_tokens
+from unipred.heads import LinearProbeHead, pool_tokens
 
 FROZEN = ("knn", "linear", "attentive", "layers")
 PROTOCOLS = (*FROZEN, "finetune")
@@ -254,6 +254,11 @@ def extract_features(
     pooled, labels, per_layer, toks, valid = [], [], [], [], []
     n = 0
     for batch in batches:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ProtocolError(
+                "the data carry no labels (batches are not (input, label, ...)): give a "
+                "classification config (e.g. a *_probe / *_classify / *_finetune recipe)"
+            )
         x = _to(inputs(batch), device)
         y = _labels(batch[1])
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
@@ -331,18 +336,12 @@ def knn_classify(
     return torch.cat(out)
 
 
-class LinearProbe(nn.Module):
-    """MAE's probe: BatchNorm1d without affine, then a linear layer (weights N(0, 0.01))."""
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.fc = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+class LinearProbe(LinearProbeHead):
+    """MAE's probe, the model's ``head: probe`` (BatchNorm1d without affine, then a linear
+    layer initialised N(0, 0.01)), applied to features that are already pooled."""
 
     def forward(self, x):
-        return self.fc(self.bn(x))
+        return self.classifier(self.bn(x))
 
 
 class LayerProbes(nn.Module):
