@@ -120,7 +120,7 @@ class Runner:
 
 
 def _collapse_row(run: Path, metrics: dict, mon) -> dict:
-    from unipred.demos.image_plots import read_metrics
+    from unipred.tasks.image.demo_plots import read_metrics
 
     losses = [r["train/loss"] for r in read_metrics(run) if "train/loss" in r]
     hist = mon.history if mon is not None else []
@@ -168,7 +168,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from unipred.demos import set_threads
-    from unipred.demos.image import _quiet, data_root
+    from unipred.tasks.image.demo import _quiet, data_root
 
     _quiet()
     names = [n for n in args.only.split(",") if n] or list(SETTINGS)

@@ -1,14 +1,17 @@
 """The ``unipred`` command.
 
     unipred fit CONFIG [key=value ...] [--print-config]
-    unipred eval CONFIG ckpt=PATH [key=value ...]
+    unipred eval CONFIG ckpt=PATH [protocol=knn|linear|attentive|layers|finetune] [ema=both]
+    unipred evaluate-suite CONFIG ckpt=PATH [protocols=knn,linear,...] [out=DIR]
+    unipred export CKPT OUT [--ema] [--push REPO_ID]
     unipred list
     unipred data ... | demo NAME ... | visualize ... | convert ...
 
-``data``, ``demo``, ``visualize`` and ``convert`` are dispatched lazily: ``data`` to
-``unipred.data.cli``, ``convert`` to ``unipred.hub``, and ``demo NAME`` / ``visualize`` to the
-module a modality registered for them (``COMMANDS`` in ``unipred.registry``; each a
-``main(argv) -> int``), so a missing or broken one never affects the others.
+``data``, ``demo``, ``visualize``, ``convert`` and ``export`` are dispatched lazily: ``data`` to
+``unipred.data.cli``, ``convert`` to ``unipred.hub``, ``export`` to ``unipred.pretrained``, and
+``demo NAME`` / ``visualize`` to the module a modality registered for them (``COMMANDS`` in
+``unipred.registry``; each a ``main(argv) -> int``), so a missing or broken one never affects
+the others.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ USAGE = """usage: unipred COMMAND ...
 
 commands:
   fit CONFIG [key=value ...] [--print-config]   train (resume=auto continues a run)
-  eval CONFIG ckpt=PATH [key=value ...]         validate a checkpoint (raw and EMA weights)
+  eval CONFIG ckpt=PATH [key=value ...]         validate a checkpoint (raw and EMA weights);
+        protocol=knn|linear|attentive|layers|finetune ema=true|false|both
+                                                other protocols (docs/evaluation.md)
+  evaluate-suite CONFIG ckpt=PATH [protocols=knn,linear,attentive,layers] [out=DIR]
+                                                every protocol; results.md/.json in the run folder
+  export CKPT OUT [--ema] [--push REPO_ID]      checkpoint -> save_pretrained folder (docs/hub.md)
   list                                          registered tokenizers, tasks and model sizes
   data SUBCOMMAND ...                           data preparation (unipred data --help)
   demo NAME ...                                 runnable demos
@@ -28,7 +36,7 @@ commands:
   convert ...                                   official NEPA checkpoints <-> ours
 """
 
-LAZY = {"data": "unipred.data.cli", "convert": "unipred.hub"}
+LAZY = {"data": "unipred.data.cli", "convert": "unipred.hub", "export": "unipred.pretrained"}
 
 
 def _split(argv: list[str]):
@@ -81,19 +89,53 @@ def cmd_fit(argv: list[str]) -> int:
     return 0
 
 
+def _eval_settings(argv: list[str]):
+    from unipred.protocols import parse_eval_settings, split_eval_args
+
+    config, overrides, flags = _split(argv)
+    mine, rest = split_eval_args(overrides)
+    settings = parse_eval_settings(mine)
+    return settings, [config, *rest, *flags] if config else [*rest, *flags], config
+
+
 def cmd_eval(argv: list[str]) -> int:
     from unipred.config import to_yaml
 
+    settings, argv, _ = _eval_settings(argv)
     cfg, printing = _load(argv)
     if printing:
         print(to_yaml(cfg), end="")
         return 0
     if not cfg.ckpt and not cfg.model.init:
         raise SystemExit("unipred eval: give ckpt=PATH (or model.init=...) to evaluate")
+    if settings.protocol == "finetune":
+        from unipred.protocols import run_finetune
+
+        run_finetune(cfg, settings)
+        return 0
+    if settings.protocol:
+        from unipred.protocols import run_protocols
+
+        run_protocols(cfg, settings, [settings.protocol])
+        return 0
     from unipred.engine import evaluate
 
     for k, v in sorted(evaluate(cfg).items()):
         print(f"{k}: {v:.6g}")
+    return 0
+
+
+def cmd_suite(argv: list[str]) -> int:
+    from unipred.protocols import evaluate_suite
+
+    settings, argv, config = _eval_settings(argv)
+    cfg, printing = _load(argv)
+    if printing:
+        from unipred.config import to_yaml
+
+        print(to_yaml(cfg), end="")
+        return 0
+    evaluate_suite(cfg, settings, config_name=str(config or ""))
     return 0
 
 
@@ -153,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     from unipred.checkpoint import CheckpointError
     from unipred.config import ConfigError, RecipeError
     from unipred.extras import MissingExtra
+    from unipred.protocols import ProtocolError
 
     try:
         if cmd == "fit":
             return cmd_fit(rest)
         if cmd == "eval":
             return cmd_eval(rest)
+        if cmd == "evaluate-suite":
+            return cmd_suite(rest)
         if cmd == "list":
             return cmd_list(rest)
         if cmd in LAZY:
@@ -170,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             return _registered(f"demo {rest[0]}", rest[1:])
         if cmd == "visualize":
             return _registered("visualize", rest)
-    except (ConfigError, CheckpointError, RecipeError, MissingExtra) as e:
+    except (ConfigError, CheckpointError, RecipeError, MissingExtra, ProtocolError) as e:
         print(f"unipred {cmd}: error: {e}", file=sys.stderr)
         return 2
     print(f"unipred: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")

@@ -236,9 +236,13 @@ def load_official_nepa(path: str | Path, *, weights: str | None = None, **overri
 
 
 def save_official_nepa(model: NEPA, path: str | Path, image_size: int = 224) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` in the official layout (atomically)."""
+    """Write ``config.json`` + ``model.safetensors`` in the official layout (atomically).
+
+    Refuses (ValueError naming why) a model the layout cannot represent: another tokenizer
+    than the image one (audio, video), tokenizer options or a head it has no field for."""
     from safetensors.torch import save_file
 
+    check_official_layout(model)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     sd = ours_to_official(model.state_dict(), model.cfg)
@@ -273,3 +277,166 @@ def main(argv: list[str]) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} -> {args.dst} ({n:,} parameters, head={model.cfg.head})")
     return 0
+
+
+# ------------------------------------------------------------------- what a layout can hold
+def official_layout_problems(model: NEPA) -> list[str]:
+    """Why ``model`` cannot be written in the official ViTNepa layout (empty list: it can)."""
+    from unipred.registry import TOKENIZERS
+
+    cfg, out = model.cfg, []
+    if not isinstance(model.tokenizer, TOKENIZERS.get("image")):
+        out.append(
+            f"its tokenizer is {cfg.tokenizer!r} ({type(model.tokenizer).__name__}); the official "
+            "layout holds only a Conv2d patch embedding over pixels with 2-D RoPE"
+        )
+    extra = sorted(set(cfg.tokenizer_args) - {"patch_size", "in_chans"})
+    if extra:
+        out.append(f"tokenizer_args {extra} have no official config.json field")
+    if cfg.head not in (None, "mean", "last"):
+        out.append(f"head {cfg.head!r} has no official equivalent (only mean / last classifiers)")
+    if cfg.predictor.qk_norm and cfg.predictor.qk_norm_affine is None:
+        out.append("qk_norm_affine must be true or false")
+    return out
+
+
+def check_official_layout(model: NEPA) -> None:
+    problems = official_layout_problems(model)
+    if problems:
+        raise ValueError(
+            "cannot export to the official NEPA layout: "
+            + "; ".join(problems)
+            + ". Use model.save_pretrained(folder) (any modality) instead."
+        )
+
+
+# ------------------------------------------------------------------------------- timm
+TIMM_ARCH = "vit_base_patch16_dinov3"  # timm's Eva class, DINOv3 flavour: the same RoPE as NEPA
+
+
+def timm_problems(model: NEPA, bidirectional: bool = False) -> list[str]:
+    """Why ``model`` does not map exactly onto timm's ViT (Eva with DINOv3 RoPE)."""
+    pc, out = model.cfg.predictor, official_layout_problems(model)
+    if pc.causal and not bidirectional:
+        out.append(
+            "its attention is causal and timm's ViT has no causal mode (pass "
+            "bidirectional=True to export its bidirectional forward, as fine-tuning reads it)"
+        )
+    if pc.mlp not in ("gelu", "swiglu"):
+        out.append(f"mlp {pc.mlp!r}: timm's Eva blocks have GELU or SwiGLU MLPs only")
+    if pc.mlp_hidden != int(pc.dim * pc.mlp_ratio):
+        out.append(f"mlp width {pc.mlp_hidden} is not int(dim * mlp_ratio) as timm computes it")
+    if pc.coord_dims != 2:
+        out.append(f"{pc.coord_dims}-D RoPE (timm's ViT has 2-D RoPE)")
+    if pc.head_dim % 4:
+        out.append(f"head dim {pc.head_dim} is not a multiple of 4 (2-D RoPE in timm needs it)")
+    if model.cfg.head == "last":
+        out.append("head 'last' (last-token pooling): timm pools the first token or the mean")
+    return out
+
+
+def timm_kwargs(model: NEPA, bidirectional: bool = False) -> dict:
+    """``timm.create_model(TIMM_ARCH, **kwargs)`` arguments that rebuild ``model``'s network."""
+    problems = timm_problems(model, bidirectional)
+    if problems:
+        raise ValueError("cannot export to timm: " + "; ".join(problems))
+    from functools import partial
+
+    from unipred.extras import require
+
+    layers = require("timm.layers", "vision", "exporting to timm")
+    pc, cfg = model.cfg.predictor, model.cfg
+    return dict(
+        pretrained=False,
+        patch_size=cfg.tokenizer_args.get("patch_size", 14),
+        in_chans=cfg.tokenizer_args.get("in_chans", 3),
+        img_size=224,
+        dynamic_img_size=True,  # any size divisible by the patch, as ours
+        embed_dim=pc.dim,
+        depth=pc.depth,
+        num_heads=pc.heads,
+        qkv_bias=pc.qkv_bias,
+        qkv_fused=True,
+        attn_type="rope",  # timm's AttentionRope keeps the key bias (Eva's own drops it)
+        qk_norm=pc.qk_norm,
+        mlp_ratio=pc.mlp_ratio,
+        swiglu_mlp=pc.mlp == "swiglu",
+        # timm drops None arguments: without LayerScale, gammas of 1 (exact: x * 1 == x)
+        init_values=pc.layerscale if pc.layerscale is not None else 1.0,
+        drop_path_rate=pc.drop_path,
+        norm_layer=partial(layers.LayerNorm, eps=pc.norm_eps),
+        class_token=True,
+        num_reg_tokens=0,
+        use_abs_pos_emb=False,
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        rope_temperature=pc.rope_theta,
+        rope_rotate_half=True,
+        num_classes=cfg.num_classes if cfg.head else 0,
+        global_pool="avg",
+        use_fc_norm=cfg.head == "mean",
+        use_post_transformer_norm=True,  # ours has the final norm and then fc_norm
+    )
+
+
+def timm_state_dict(model: NEPA) -> dict[str, torch.Tensor]:
+    """Our state dict renamed (and completed) for the timm model of :func:`timm_kwargs`."""
+    pc = model.cfg.predictor
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "cls_token":
+            out[k] = v
+        elif k.startswith("tokenizer.proj."):
+            out["patch_embed.proj." + k.split(".")[-1]] = v
+        elif k.startswith("predictor.blocks."):
+            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            rest = {"ls1.gamma": "gamma_1", "ls2.gamma": "gamma_2"}.get(rest, rest)
+            out[f"blocks.{i}.{rest}"] = v
+        elif k.startswith("predictor.norm."):
+            out["norm." + k.split(".")[-1]] = v
+        elif k.startswith("head.fc_norm."):
+            out["fc_norm." + k.split(".")[-1]] = v
+        elif k.startswith("head.classifier."):
+            out["head." + k.split(".")[-1]] = v
+        else:
+            raise ValueError(f"no timm name for {k!r}")
+    if pc.layerscale is None:
+        for i in range(pc.depth):
+            out[f"blocks.{i}.gamma_1"] = torch.ones(pc.dim)
+            out[f"blocks.{i}.gamma_2"] = torch.ones(pc.dim)
+    if pc.qk_norm:  # ours has no bias (and, without affine, no weight): the identity values
+        for i in range(pc.depth):
+            for n in ("q_norm", "k_norm"):
+                w = f"blocks.{i}.attn.{n}.weight"
+                out.setdefault(w, torch.ones(pc.head_dim))
+                out[f"blocks.{i}.attn.{n}.bias"] = torch.zeros(pc.head_dim)
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def to_timm(model: NEPA, bidirectional: bool = False):
+    """A timm model (``timm.create_model``) with ``model``'s weights, in eval mode."""
+    from unipred.extras import require
+
+    timm = require("timm", "vision", "exporting to timm")
+    kw = timm_kwargs(model, bidirectional)
+    net = timm.create_model(TIMM_ARCH, **kw)
+    net.load_state_dict(timm_state_dict(model), strict=True)
+    return net.eval()
+
+
+def export_timm(model: NEPA, folder: str | Path, bidirectional: bool = False) -> Path:
+    """Write ``timm_model.safetensors`` (timm's key names) and ``timm_config.json`` (the
+    ``timm.create_model`` arguments; ``norm_eps`` stands for the LayerNorm partial)."""
+    from safetensors.torch import save_file
+
+    kw = timm_kwargs(model, bidirectional)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in timm_state_dict(model).items()}
+    _atomic(
+        folder / "timm_model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"})
+    )
+    js = {k: v for k, v in kw.items() if k != "norm_layer"}
+    js.update(architecture=TIMM_ARCH, norm_eps=model.cfg.predictor.norm_eps)
+    _atomic(folder / "timm_config.json", lambda f: Path(f).write_text(json.dumps(js, indent=2)))
+    return folder

@@ -19,6 +19,7 @@ from unipred import objectives
 from unipred.heads import ClassifierHead, LinearProbeHead
 from unipred.objectives import Objective, ObjectiveConfig
 from unipred.predictor import Predictor, PredictorConfig, PredictorOutput, init_weights
+from unipred.pretrained import PretrainedMixin
 from unipred.registry import MODELS, TOKENIZERS
 
 
@@ -50,7 +51,10 @@ class ClassifierOutput:
     features: torch.Tensor  # (B, D) the head's input after pooling (and fc_norm)
 
 
-class NEPA(nn.Module):
+class NEPA(PretrainedMixin, nn.Module):
+    """A NEPA model. ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub``: see
+    unipred/pretrained.py."""
+
     n_prefix = 1  # the cls token (+ model.registers)
 
     def __init__(self, cfg: ModelConfig):

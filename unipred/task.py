@@ -80,6 +80,13 @@ class Task:
         """Optional batch collation (e.g. Mixup/CutMix, padding); None = default collate."""
         return None
 
+    def feature_dataset(self, split: str):
+        """``(dataset, collate_fn)`` of ``split`` as the frozen-feature protocols read it (kNN,
+        probes; unipred/protocols.py): labelled, with evaluation-time processing (no
+        augmentation, one pass). The default is ``build_dataset(split)`` with the val collate;
+        a task whose training split augments inside its dataset overrides this."""
+        return self.build_dataset(split), self.collate_fn("val")
+
     def build_metrics(self) -> dict[str, Any]:
         """torchmetrics objects updated by ``validation_step``; the engine logs and resets them."""
         return {}

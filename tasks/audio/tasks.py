@@ -129,11 +129,13 @@ def _limit_per_class(items: list, n: int, seed: int) -> list:
     return sorted(kept)
 
 
-def build_audio_dataset(cfg, split: str):
-    """The train or val dataset of an audio task config (synthesised digits when root is "")."""
+def build_audio_dataset(cfg, split: str, augment: bool | None = None):
+    """The train or val dataset of an audio task config (synthesised digits when root is "").
+    ``augment`` (default: the split is "train") turns the random crop and gain on or off."""
     d: AudioData = cfg.data
     train = split == "train"
-    tf = ClipTransform(d.sample_rate, d.max_seconds, d.min_seconds, train, d.gain_db)
+    aug = train if augment is None else augment
+    tf = ClipTransform(d.sample_rate, d.max_seconds, d.min_seconds, aug, d.gain_db)
     if not d.root:
         n = (d.train_per_class if train else d.val_per_class) * len(DIGITS)
         if n <= 0:
@@ -190,6 +192,9 @@ class AudioPretrain(PretrainTask):
     def build_dataset(self, split):
         return build_audio_dataset(self.cfg, split)
 
+    def feature_dataset(self, split):
+        return build_audio_dataset(self.cfg, split, augment=False), pad_collate
+
     def collate_fn(self, split):
         return pad_collate
 
@@ -222,6 +227,9 @@ class AudioClassify(ClassifyTask):
 
     def build_dataset(self, split):
         return build_audio_dataset(self.cfg, split)
+
+    def feature_dataset(self, split):
+        return build_audio_dataset(self.cfg, split, augment=False), pad_collate
 
     def collate_fn(self, split):
         return pad_collate

@@ -216,6 +216,13 @@ class FMNISTClassify(ImageClassify):
             self._n_train = len(ds.images)
         return ds
 
+    def feature_dataset(self, split):
+        d = self.cfg.data
+        if split != "train" and not d.validate:
+            return None, None
+        x, y = load_arrays(d, split, self.cfg.seed)
+        return ArrayImages(x, y), Collate(d, train=False)
+
     def collate_fn(self, split):
         # the probe's features are those of the plain images (MAE probes without mixing)
         return Collate(self.cfg.data, split == "train" and self.mode == "finetune")

@@ -78,11 +78,13 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), y
 
 
-def _build(task, split: str, num_classes: int):
-    """The dataset of ``split`` for either image task (None when the split is absent)."""
+def _build(task, split: str, num_classes: int, augment: bool | None = None):
+    """The dataset of ``split`` for either image task (None when the split is absent);
+    ``augment`` (default: the split is "train") picks the training or the eval transform."""
     d, train = task.cfg.data, split == "train"
-    tf = train_transform(d.aug) if train else eval_transform(d.aug)
-    if train and d.decode_on_device:
+    aug = train if augment is None else augment
+    tf = train_transform(d.aug) if aug else eval_transform(d.aug)
+    if aug and d.decode_on_device:
         tf = DeviceDecodeTransform.from_aug(d.aug)
     spec = d.root if train else d.val_root
     if not d.root and not d.val_root:
@@ -186,6 +188,9 @@ class ImageClassify(ClassifyTask):
         if split == "train" and self.mode == "eval":
             return None
         return _build(self, split, self.num_classes())
+
+    def feature_dataset(self, split):
+        return _build(self, split, self.num_classes(), augment=False), None
 
     def collate_fn(self, split):
         aug = self.cfg.data.aug

@@ -136,10 +136,12 @@ def _transform(d: VideoData, train: bool) -> ClipTransform:
     return ClipTransform(d.image_size, train, d.resize_scale, d.hflip, tuple(d.mean), tuple(d.std))
 
 
-def build_video_dataset(cfg, split: str):
-    """The train or val dataset of a video task config (generated when data.root is "")."""
+def build_video_dataset(cfg, split: str, augment: bool | None = None):
+    """The train or val dataset of a video task config (generated when data.root is "").
+    ``augment`` (default: the split is "train") picks random or centred sampling and crops."""
     d: VideoData = cfg.data
     train = split == "train"
+    aug = train if augment is None else augment
     root = d.root if train else d.val_root
     if not d.root:  # generated data; different seeds per split so val clips are unseen
         n = d.train_samples if train else d.val_samples
@@ -150,7 +152,7 @@ def build_video_dataset(cfg, split: str):
                             _transform(d, False), seed)  # fmt: skip
     if not root:
         return None
-    return video_dataset(root, d.num_frames, d.frame_stride, _transform(d, train),
+    return video_dataset(root, d.num_frames, d.frame_stride, _transform(d, aug),
                          d.shuffle_buffer, cfg.seed)  # fmt: skip
 
 
@@ -167,6 +169,9 @@ class VideoPretrain(PretrainTask):
 
     def build_dataset(self, split):
         return build_video_dataset(self.cfg, split)
+
+    def feature_dataset(self, split):
+        return build_video_dataset(self.cfg, split, augment=False), None
 
     @classmethod
     def smoke_config(cls):
@@ -190,6 +195,9 @@ class VideoClassify(_ClassifyTask):
 
     def build_dataset(self, split):
         return build_video_dataset(self.cfg, split)
+
+    def feature_dataset(self, split):
+        return build_video_dataset(self.cfg, split, augment=False), None
 
     @classmethod
     def smoke_config(cls):

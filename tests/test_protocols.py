@@ -1,0 +1,208 @@
+"""Evaluation protocols (unipred/protocols.py): kNN, linear, attentive, per-layer; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unipred.heads import pool_tokens
+from unipred.model import NEPA
+from unipred.protocols import (
+    AttentiveProbe,
+    AttentiveSettings,
+    Features,
+    KNNSettings,
+    ProbeSettings,
+    ProtocolError,
+    extract_features,
+    knn_classify,
+    parse_eval_settings,
+    run_attentive,
+    run_knn,
+    run_layers,
+    run_linear,
+    split_eval_args,
+)
+
+
+def _clusters(n, d=16, c=4, noise=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=g) * 2
+    y = torch.arange(n) % c
+    return centres[y] + noise * torch.randn(n, d, generator=g), y
+
+
+def test_knn_matches_a_per_sample_computation():
+    g = torch.Generator().manual_seed(1)
+    tr, ty = torch.randn(50, 8, generator=g), torch.randint(0, 3, (50,), generator=g)
+    te = torch.randn(7, 8, generator=g)
+    scores = knn_classify(tr, ty, te, 3, k=5, temperature=0.1, chunk=3)
+    for i in range(7):  # cosine to every training sample, five nearest vote exp(sim / T)
+        sims = torch.stack([torch.cosine_similarity(te[i], t, dim=0) for t in tr])
+        top = sims.argsort(descending=True)[:5]
+        want = torch.zeros(3)
+        for j in top:
+            want[ty[j]] += torch.exp(sims[j] / 0.1)
+        assert torch.allclose(scores[i], want, rtol=1e-4), i
+
+
+def test_knn_separates_clusters_and_not_noise():
+    x, y = _clusters(400)
+    tr, va = Features(x[:300], y[:300]), Features(x[300:], y[300:])
+    assert run_knn(tr, va, 4, KNNSettings())["top1"] == 1.0
+    shuffled = Features(x[:300], y[:300][torch.randperm(300)])
+    assert run_knn(shuffled, va, 4, KNNSettings())["top1"] < 0.5
+
+
+def test_linear_probe_learns_a_linear_rule():
+    x, y = _clusters(600, noise=1.0)
+    tr, va = Features(x[:500], y[:500]), Features(x[500:], y[500:])
+    r = run_linear(tr, va, 4, ProbeSettings(epochs=15, batch=100))
+    assert r["top1"] > 0.9
+    bad = run_linear(Features(x[:500], y[:500][torch.randperm(500)]), va, 4,
+                     ProbeSettings(epochs=15, batch=100))  # fmt: skip
+    assert bad["top1"] < 0.5
+
+
+def test_layer_sweep_names_the_informative_layer():
+    x, y = _clusters(600, noise=0.5)
+    layers = torch.randn(4, 600, 16)
+    layers[2] = x  # only block 2 carries the class
+    tr = Features(x[:500], y[:500], layers=layers[:, :500])
+    va = Features(x[500:], y[500:], layers=layers[:, 500:])
+    r = run_layers(tr, va, 4, ProbeSettings(epochs=20, batch=100))
+    assert r["best_layer"] == "block 2" and r["top1"] > 0.9
+    assert list(r["per_layer"]) == ["block 0", "block 1", "block 2", "final norm"]
+    assert all(v["top1"] < 0.5 for k, v in r["per_layer"].items() if k != "block 2")
+
+
+def test_attentive_probe_ignores_padding_and_learns():
+    torch.manual_seed(0)
+    p = AttentiveProbe(16, 3, heads=4).eval()
+    t = torch.randn(2, 5, 16)
+    padded = torch.cat([t, 100 * torch.randn(2, 3, 16)], dim=1)
+    valid = torch.tensor([[True] * 5 + [False] * 3] * 2)
+    assert torch.allclose(p(t), p(padded, valid), atol=1e-5)
+    # the class sits in one token among noise tokens, at a random position
+    n, y = 600, torch.arange(600) % 3
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randn(n, 6, 16, generator=g)
+    pos = torch.randint(0, 6, (n,), generator=g)
+    toks[torch.arange(n), pos] = 4 * torch.nn.functional.one_hot(y, 16).float() + 2.0
+    tr = Features(toks[:500].mean(1), y[:500], tokens=toks[:500])
+    va = Features(toks[500:].mean(1), y[500:], tokens=toks[500:])
+    r = run_attentive(tr, va, 3, AttentiveSettings(epochs=15, batch=50, lr=3e-3), heads=4)
+    assert r["top1"] > 0.9
+
+
+def test_features_are_the_frozen_backbones_in_eval_mode():
+    torch.manual_seed(0)
+    model = NEPA.from_name(
+        "nepa_debug", drop_path=0.5, tokenizer_args={"patch_size": 4, "in_chans": 1}
+    )
+    model.train()
+    x, y = torch.randn(6, 1, 16, 16), torch.arange(6) % 2
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    f = extract_features(model, batches, layers=True, tokens=True)
+    assert not model.training
+    with torch.no_grad():
+        out = model.forward_features(x, layers=(0, 1))
+    want = pool_tokens(out.hidden, 1, None, "mean")
+    assert torch.allclose(f.pooled, want, atol=1e-5) and torch.equal(f.labels, y)
+    assert f.layers.shape == (3, 6, 64)  # two blocks + final norm
+    assert torch.allclose(f.layers[0], pool_tokens(out.layers[0], 1, None, "mean"), atol=1e-5)
+    assert torch.allclose(f.layers[-1], f.pooled)
+    assert f.tokens.shape == (6, 16, 64) and f.valid is None  # 16 patches, cls dropped
+    again = extract_features(model, batches)
+    assert torch.equal(again.pooled, f.pooled)  # deterministic: no drop path, no RoPE jitter
+
+
+def test_eval_settings_are_checked():
+    mine, rest = split_eval_args(["protocol=knn", "ema=both", "ema.enabled=false", "knn.k=5",
+                                  "model.name=x", "protocols=knn,layers"])  # fmt: skip
+    assert rest == ["ema.enabled=false", "model.name=x"]
+    s = parse_eval_settings(mine)
+    assert (s.protocol, s.ema, s.knn.k, s.protocols) == ("knn", "both", 5, ["knn", "layers"])
+    with pytest.raises(ProtocolError, match="knn.kk"):
+        parse_eval_settings(["knn.kk=3"])
+    with pytest.raises(ProtocolError, match="'probe' is not one of"):
+        parse_eval_settings(["protocol=probe"])
+    with pytest.raises(ProtocolError, match="ema='maybe'"):
+        parse_eval_settings(["ema=maybe"])
+
+
+def test_cli_names_a_bad_eval_setting(capsys):
+    from unipred.cli import main
+
+    rc = main(["eval", "configs/demo/fmnist_probe.yaml", "ckpt=x.ckpt", "protocol=knn", "knn.kk=3"])
+    assert rc == 2 and "knn.kk" in capsys.readouterr().err
+    rc = main(["evaluate-suite", "configs/demo/fmnist_probe.yaml", "protocols=knn,probe"])
+    assert rc == 2 and "'probe' is not one of" in capsys.readouterr().err
+
+
+TINY = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2",
+        "data.root=''", "data.generated_samples=48", "trainer.progress_bar=false",
+        "trainer.precision=32-true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from unipred.cli import main
+
+    run = tmp_path_factory.mktemp("pre")
+    rc = main(["fit", "configs/demo/fmnist_pretrain.yaml", f"run_dir={run}", *TINY,
+               "trainer.max_steps=3", "trainer.global_batch=16", "ema.enabled=true",
+               "trainer.loggers=[]"])  # fmt: skip
+    assert rc == 0
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow  # a 3-step pretraining run, then every protocol on raw and EMA (~25 s)
+def test_evaluate_suite_writes_the_table(tiny_ckpt, capsys):
+    from unipred.cli import main
+
+    rc = main(["evaluate-suite", "configs/demo/fmnist_probe.yaml", f"ckpt={tiny_ckpt}", *TINY,
+               "linear.epochs=2", "attentive.epochs=1", "layers.epochs=2"])  # fmt: skip
+    assert rc == 0
+    folder = tiny_ckpt.parent.parent / "eval"
+    res = json.loads((folder / "results.json").read_text())
+    got = [(r["protocol"], r["weights"]) for r in res["rows"]]
+    want = [(p, w) for w in ("raw", "ema") for p in ("knn", "linear", "attentive", "layers")]
+    assert got == want
+    assert all(0.0 <= r["top1"] <= r["top5"] <= 1.0 for r in res["rows"])
+    md = (folder / "results.md").read_text()
+    assert "| knn | raw |" in md and "Per-layer probe (ema weights)" in md
+    out = capsys.readouterr().out
+    assert "<- best" in out and "final norm" in out
+    # the export's model card carries this table (EMA rows for the EMA weights)
+    from unipred.checkpoint import read_checkpoint
+    from unipred.model import NEPA
+
+    assert main(["export", str(tiny_ckpt), str(folder / "hf"), "--ema"]) == 0
+    card = (folder / "hf" / "README.md").read_text()
+    assert "| knn | ema |" in card and "| knn | raw |" not in card
+    assert "task: fmnist_pretrain" in card and "| total_steps | 3 |" in card
+    ema = read_checkpoint(tiny_ckpt)["ema_state_dict"]
+    back = NEPA.from_pretrained(folder / "hf")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ema.items())
+
+
+@pytest.mark.slow
+def test_eval_protocol_and_ema_switch(tiny_ckpt, capsys):
+    from unipred.cli import main
+
+    rc = main(["eval", "configs/demo/fmnist_probe.yaml", f"ckpt={tiny_ckpt}", *TINY,
+               "protocol=knn", "ema=false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "knn        raw" in out and " ema " not in out
+    # fine-tuning "as today": the config's training run from the EMA backbone
+    run = tiny_ckpt.parent.parent / "ft"
+    rc = main(["eval", "configs/demo/fmnist_finetune.yaml", f"ckpt={tiny_ckpt}", *TINY,
+               "protocol=finetune", "ema=true", f"run_dir={run}", "data.labels_per_class=2",
+               "data.repeat=1", "trainer.global_batch=4", "trainer.max_steps=2",
+               "trainer.loggers=[]"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "finetune   ema  top-1" in out and "nan" not in out
+    assert (run / "finetune_ema" / "checkpoints" / "last.ckpt").exists()
