@@ -88,13 +88,17 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_list(argv: list[str]) -> int:
-    from unipred.registry import MODELS, TASKS, TOKENIZERS
+    from unipred.registry import MODELS, PLUGIN_ERRORS, TASKS, TOKENIZERS
 
     for title, reg in (("tokenizers", TOKENIZERS), ("tasks", TASKS), ("model sizes", MODELS)):
         print(f"{title}:")
         for name in reg.names():
             doc = (reg.get(name).__doc__ or "").strip().splitlines()
             print(f"  {name:<28} {doc[0] if doc else ''}")
+    if PLUGIN_ERRORS:  # what they registered is missing above; using it names the error
+        print("plugins that failed to load:")
+        for module, err in sorted(PLUGIN_ERRORS.items()):
+            print(f"  {module:<28} {err}")
     return 0
 
 
