@@ -108,7 +108,7 @@ def test_a_broken_plugin_leaves_the_registry_consistent(monkeypatch):
     monkeypatch.setattr(registry, "plugin_modules", lambda: ["unipred_no_such_plugin.mod", *real()])
     assert "image" in registry.TOKENIZERS.names()  # the others still loaded
     with pytest.raises(KeyError) as e:
-        registry.TASKS.get("timeseries_pretrain")
+        registry.TASKS.get("task_of_the_missing_plugin")  # a name nobody registers
     assert "unipred_no_such_plugin.mod failed to load: ModuleNotFoundError" in str(e.value)
     assert "image_pretrain" in registry.TASKS.names()
 

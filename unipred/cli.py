@@ -155,8 +155,10 @@ def cmd_list(argv: list[str]) -> int:
     print(f"recipes (unipred fit NAME; files in {root}):")
     for path in sorted(root.glob("*/*.yaml")):
         print(f"  {path.relative_to(root).with_suffix('')}")
-    for module, err in PLUGIN_ERRORS.items():
-        print(f"plugin {module} failed to load: {err}", file=sys.stderr)
+    if PLUGIN_ERRORS:  # what they registered is missing above; using it names the error
+        print("plugins that failed to load:")
+        for module, err in sorted(PLUGIN_ERRORS.items()):
+            print(f"  {module:<28} {err}")
     return 0
 
 

@@ -61,8 +61,8 @@ class NEPA(PretrainedMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         pc = cfg.predictor
-        self.tokenizer = TOKENIZERS.get(cfg.tokenizer)(dim=pc.dim, **cfg.tokenizer_args)
-        if getattr(self.tokenizer, "coord_dims", pc.coord_dims) != pc.coord_dims:
+        self.tokenizer = build_tokenizer(cfg.tokenizer, pc.dim, cfg.tokenizer_args)
+        if self.tokenizer.coord_dims != pc.coord_dims:
             pc = dataclasses.replace(pc, coord_dims=self.tokenizer.coord_dims)
             cfg.predictor = pc
         self.cls_token = nn.Parameter(torch.zeros(1, 1, pc.dim))
@@ -150,6 +150,22 @@ class NEPA(PretrainedMixin, nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
 
 
+def build_tokenizer(name: str, dim: int, args: dict[str, Any]) -> nn.Module:
+    """``TOKENIZERS[name](dim=dim, **args)``, with one-line errors for a broken contract."""
+    cls = TOKENIZERS.get(name)
+    try:
+        tok = cls(dim=dim, **args)
+    except TypeError as e:  # an argument the tokenizer does not take (or lacks)
+        raise TypeError(f"tokenizer {name!r} with model.tokenizer_args={dict(args)}: {e}") from None
+    if not isinstance(getattr(tok, "coord_dims", None), int):
+        raise TypeError(
+            f"tokenizer {name!r} ({cls.__module__}.{cls.__qualname__}) has no integer "
+            f"'coord_dims' attribute (the number of coordinate axes of its tokens: 1 for a "
+            f"sequence, 2 for an image grid)"
+        )
+    return tok
+
+
 def _build_head(cfg: ModelConfig) -> nn.Module | None:
     if cfg.head is None:
         return None
@@ -174,7 +190,14 @@ def model_config(name: str, **overrides) -> ModelConfig:
         raise TypeError(f"unknown model option(s) {sorted(unknown)} for {name!r}")
     if "predictor" in mover and isinstance(mover["predictor"], PredictorConfig):
         cfg.predictor = mover.pop("predictor")
+    if mover.get("tokenizer", cfg.tokenizer) != cfg.tokenizer and "tokenizer_args" not in mover:
+        # the size's tokenizer arguments belong to its own tokenizer, not to the new one
+        mover["tokenizer_args"] = {}
     cfg = dataclasses.replace(cfg, **mover)
+    # RoPE's axis count is the tokenizer's (a class attribute), known before anything is built
+    coord_dims = getattr(TOKENIZERS.get(cfg.tokenizer), "coord_dims", None)
+    if isinstance(coord_dims, int):
+        pover["coord_dims"] = coord_dims
     cfg.predictor = dataclasses.replace(cfg.predictor, **pover)
     return cfg
 

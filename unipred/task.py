@@ -199,12 +199,23 @@ class ClassifyTask(Task):
     data_config: ClassVar[type[DataConfig]] = ClassifyData
     monitor: ClassVar[str | None] = "val/acc1"
     monitor_mode: ClassVar[str] = "max"
-    default_num_classes: ClassVar[int] = 1000
+    default_num_classes: ClassVar[int] = 0  # 0 = none: the config must give the class count
     default_head: ClassVar[str] = "mean"
 
     def num_classes(self) -> int:
+        """``data.num_classes``, else ``model.num_classes``, else ``default_num_classes``;
+        override it to derive the count from the data."""
         n = getattr(self.cfg.data, "num_classes", 0) or self.cfg.model.num_classes
-        return int(n or self.default_num_classes)
+        n = int(n or self.default_num_classes)
+        if n < 1:
+            from unipred.config import ConfigError
+
+            raise ConfigError(
+                f"task {self.cfg.task!r} does not know its number of classes: set "
+                f"data.num_classes (or give {type(self).__name__} a default_num_classes or a "
+                f"num_classes() method)"
+            )
+        return n
 
     def build_model(self) -> nn.Module:
         from unipred.model import NEPA

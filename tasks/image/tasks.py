@@ -159,6 +159,7 @@ class ImageClassify(ClassifyTask):
     """Fine-tuning, linear probing or evaluation of an image classifier (``data.mode``)."""
 
     data_config = ImageClassifyData
+    default_num_classes = 1000  # ImageNet-1k
 
     def __init__(self, cfg):
         super().__init__(cfg)

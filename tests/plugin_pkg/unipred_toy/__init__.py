@@ -1,0 +1,88 @@
+"""A toy modality: noisy sine waves, cut into 1-D patches (tokenizer, task and size)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from unipred import (
+    MODELS,
+    TASKS,
+    TOKENIZERS,
+    DataConfig,
+    ModelConfig,
+    PredictorConfig,
+    PretrainTask,
+    Tokens,
+)
+
+
+@TOKENIZERS.register("toy_wave")
+class ToyWaveTokenizer(nn.Module):
+    """(B, L) waves -> Tokens((B, L/p, D), (L/p, 1) time coords, None)."""
+
+    coord_dims = 1
+
+    def __init__(self, dim: int, patch_size: int = 8):
+        super().__init__()
+        self.dim, self.patch_size = dim, patch_size
+        self.proj = nn.Linear(patch_size, dim)
+
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        return torch.randn(batch_size, 4 * self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> Tokens:
+        n = x.shape[1] // self.patch_size
+        tokens = self.proj(x[:, : n * self.patch_size].reshape(x.shape[0], n, self.patch_size))
+        coords = torch.linspace(-1, 1, n, device=x.device).unsqueeze(-1)
+        return Tokens(tokens, coords, None)
+
+
+@MODELS.register("nepa_toy")
+def nepa_toy() -> ModelConfig:
+    """Toy waves: dim 32, depth 2."""
+    return ModelConfig(
+        tokenizer="toy_wave",
+        tokenizer_args={"patch_size": 8},
+        predictor=PredictorConfig(dim=32, depth=2, heads=2, coord_dims=1),
+    )
+
+
+@dataclass
+class ToyData(DataConfig):
+    length: int = 64  # samples per wave
+    train_samples: int = 64
+    val_samples: int = 16
+    num_workers: int = 0
+
+
+class Waves(torch.utils.data.Dataset):
+    def __init__(self, n: int, length: int, seed: int):
+        self.n, self.length, self.seed = n, length, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        freq, phase = 1 + 4 * torch.rand((), generator=g), 6.3 * torch.rand((), generator=g)
+        t = torch.linspace(0, 1, self.length)
+        return torch.sin(6.2832 * freq * t + phase) + 0.1 * torch.randn(self.length, generator=g)
+
+
+@TASKS.register("toy_pretrain")
+class ToyPretrain(PretrainTask):
+    """Next-embedding pretraining on generated sine waves."""
+
+    data_config = ToyData
+
+    def build_dataset(self, split):
+        d = self.cfg.data
+        n = d.train_samples if split == "train" else d.val_samples
+        return Waves(n, d.length, self.cfg.seed + (0 if split == "train" else 7919)) if n else None
+
+    @classmethod
+    def smoke_config(cls):
+        return {"model.name": "nepa_toy", "trainer.global_batch": 4, "data.train_samples": 8}

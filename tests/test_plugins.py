@@ -1,0 +1,133 @@
+"""External plugins: a package that declares a ``unipred.plugins`` entry point is found by
+``unipred list`` and trained by ``unipred fit``; a plugin that fails to import breaks nothing
+until it is used, and then fails in one line naming it.
+
+The toy plugin package (tests/plugin_pkg: a tokenizer, a task and a model size, plus a second
+entry point to a module that raises on import) is pip-installed into a throwaway environment
+that reuses this environment's packages, so this environment is never changed."""
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = Path(__file__).resolve().parent / "plugin_pkg"
+
+
+def _site_packages() -> Path:
+    return next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+
+
+def plugin_env(tmp_path: Path) -> Path:
+    """A fresh venv seeing this environment's packages (unipred included, editable or not),
+    with the toy plugin installed into it alone. Returns its python."""
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    py = env_dir / "bin" / "python"
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    # site.addsitedir also runs the folder's .pth files (an editable unipred's finder among them)
+    Path(purelib, "deps.pth").write_text(
+        f"import site; site.addsitedir({str(_site_packages())!r})\n"
+    )
+    src = tmp_path / "plugin_src"  # a copy: the build must not litter tests/ with build files
+    shutil.copytree(PKG, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    r = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
+         str(src)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return py
+
+
+def _unipred(py: Path, args: list[str], cwd: Path):
+    code = "import sys; from unipred.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [str(py), "-c", code, *args], cwd=cwd, env={**env, "PYTHONSAFEPATH": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_when_used(
+    tmp_path,
+):
+    py = plugin_env(tmp_path)
+    work = tmp_path / "work"  # an unrelated folder: nothing is found through the cwd
+    work.mkdir()
+
+    # 1. `unipred list` shows the plugin's registrations next to the built-in ones, and names
+    #    the broken plugin without failing
+    out = _unipred(py, ["list"], work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("toy_wave", "toy_pretrain", "nepa_toy", "image_pretrain", "nepa_debug"):
+        assert f"  {name} " in out.stdout, (name, out.stdout)
+    assert "unipred_toy.broken" in out.stdout and "RuntimeError" in out.stdout, out.stdout
+
+    # 2. `unipred fit` trains it end to end from its own config: 4 optimizer steps + validation
+    run = work / "run"
+    cfg = PKG / "configs" / "toy_pretrain.yaml"
+    fit = _unipred(py, ["fit", str(cfg), f"run_dir={run}", "seed=3"], work)
+    assert fit.returncode == 0, (fit.stdout + fit.stderr)[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    rows = list(csv.DictReader(open(next(run.glob("logs/version_*/metrics.csv")))))
+    train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(train) == 4 and val and all(math.isfinite(x) for x in train + val), rows
+
+    # 3. what only the broken plugin could provide fails in one line that names it
+    bad = _unipred(py, ["fit", str(cfg), "task=toy_broken_task", f"run_dir={work / 'bad'}"], work)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert "unknown task 'toy_broken_task'" in lines[0]
+    assert (
+        "plugin unipred_toy.broken failed to load: RuntimeError: the toy broken plugin"
+        in (lines[0])
+    )
+
+
+def test_a_size_used_with_another_tokenizer_takes_that_tokenizers_coord_dims_and_no_args():
+    """``nepa_debug`` (an image size, patch_size 4) with a 1-D tokenizer: the printed config
+    says coord_dims 1 and passes none of the image tokenizer's arguments to the new one."""
+    from unipred.config import build_model_config, explain, load_config
+
+    cfg = load_config(None, ["task=debug_image_pretrain", "model.tokenizer=audio_frames"])
+    mc = build_model_config(cfg.model)
+    assert mc.tokenizer == "audio_frames" and mc.tokenizer_args == {}
+    assert mc.predictor.coord_dims == 1
+    assert "#   coord_dims: 1" in explain(cfg)
+    # the size's own tokenizer keeps its arguments
+    mc = build_model_config(load_config(None, []).model)
+    assert mc.tokenizer_args == {"patch_size": 4} and mc.predictor.coord_dims == 2
+
+
+def test_tokenizer_contract_errors_are_one_line():
+    from unipred.model import build_tokenizer
+
+    with pytest.raises(TypeError, match=r"tokenizer 'image' with model.tokenizer_args=\{'n_mels'"):
+        build_tokenizer("image", 32, {"n_mels": 64})
+
+
+def test_a_classify_task_without_a_class_count_fails_naming_the_key():
+    from unipred import ClassifyTask
+    from unipred.config import ConfigError, load_config
+
+    cfg = load_config(None, ["task=debug_image_classify", "data.num_classes=0"])
+
+    class NoCount(ClassifyTask):  # the shipped base class, as a plugin would subclass it
+        pass
+
+    with pytest.raises(ConfigError, match="set data.num_classes"):
+        NoCount(cfg).num_classes()
+    cfg.data.num_classes = 7
+    assert NoCount(cfg).num_classes() == 7
