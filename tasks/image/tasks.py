@@ -16,12 +16,23 @@ with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from unipred.tasks.image.checks import (
+    ToChannels,
+    channel_stats,
+    check_channels,
+    check_patch,
+    check_tokenizer,
+    classes_in,
+    model_shape,
+)
 from unipred.tasks.image.data import ShardDataset, image_dataset
 from unipred.tasks.image.device_decode import DeviceDecodeTransform
 from unipred.tasks.image.transforms import (
@@ -78,10 +89,48 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), y
 
 
+def check_image_config(cfg, classify: bool) -> None:
+    """Shape mistakes of an image task config, one line each (see tasks/image/checks.py)."""
+    d = cfg.data
+    tokenizer, patch, chans = model_shape(cfg)
+    check_tokenizer(tokenizer, "image", cfg.model.name)
+    if tokenizer != "image":
+        return  # a plugin tokenizer: its own shapes
+    check_patch(d.aug.img_size, patch, "data.aug.img_size")
+    if chans not in (1, 3):
+        raise ValueError(f"model.tokenizer_args.in_chans={chans}: image data has 1 or 3 channels")
+    channel_stats(d.aug.mean, chans, "data.aug.mean")
+    channel_stats(d.aug.std, chans, "data.aug.std")
+    if chans == 1 and d.decode_on_device:
+        raise ValueError("data.decode_on_device decodes to RGB: use it with in_chans=3")
+    check_channels(d.root, chans, "data.root")
+    check_channels(d.val_root, chans, "data.val_root")
+    if classify and d.root:
+        found = classes_in(d.root, d.label_file, d.classes_file)
+        n = d.num_classes or cfg.model.num_classes
+        if found and n and found > n:
+            raise ValueError(
+                f"data.root holds {found} classes but data.num_classes={n}: set "
+                f"data.num_classes={found} (or 0 to take it from the data)"
+            )
+
+
+def _aug(task):
+    """The config's augmentation with mean/std for the model's channel count."""
+    aug, chans = task.cfg.data.aug, model_shape(task.cfg)[2]
+    mean, std = (
+        channel_stats(aug.mean, chans, "data.aug.mean"),
+        channel_stats(aug.std, chans, "data.aug.std"),
+    )
+    return dataclasses.replace(aug, mean=mean, std=std), chans
+
+
 def _build(task, split: str, num_classes: int):
     """The dataset of ``split`` for either image task (None when the split is absent)."""
     d, train = task.cfg.data, split == "train"
-    tf = train_transform(d.aug) if train else eval_transform(d.aug)
+    aug, chans = _aug(task)
+    tf = train_transform(aug) if train else eval_transform(aug)
+    tf = T.Compose([ToChannels(chans), tf])
     if train and d.decode_on_device:
         tf = DeviceDecodeTransform.from_aug(d.aug)
     spec = d.root if train else d.val_root
@@ -129,6 +178,10 @@ class ImagePretrain(PretrainTask):
 
     data_config = ImageData
 
+    @classmethod
+    def check_config(cls, cfg):
+        check_image_config(cfg, classify=False)
+
     def build_dataset(self, split):
         return _build(self, split, 1)
 
@@ -166,6 +219,18 @@ class ImageClassify(ClassifyTask):
             raise ValueError("data.decode_on_device is for image_pretrain only: fine-tuning's "
                              "RandAugment, erasing and Mixup/CutMix run on the CPU workers")  # fmt: skip
 
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        check_image_config(cfg, classify=True)
+
+    def num_classes(self) -> int:
+        d = self.cfg.data
+        n = d.num_classes or self.cfg.model.num_classes
+        if not n and d.root:  # unset: as many as the training data has
+            n = classes_in(d.root, d.label_file, d.classes_file)
+        return int(n or self.default_num_classes)
+
     @property
     def mode(self) -> str:
         return self.cfg.data.mode
@@ -185,7 +250,7 @@ class ImageClassify(ClassifyTask):
     def build_dataset(self, split):
         if split == "train" and self.mode == "eval":
             return None
-        return _build(self, split, self.num_classes())
+        return self.label_budget(_build(self, split, self.num_classes()), split)
 
     def collate_fn(self, split):
         aug = self.cfg.data.aug
