@@ -62,12 +62,30 @@ def _type_name(tp) -> str:
     return name or str(tp).replace("typing.", "")
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its trailing ``# comment``} from the source of a config dataclass (and bases)."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+): [^\n#]+#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def _walk_keys(cls, value, prefix: str):
-    """(dotted key, type, default, value in the config) for every leaf of a config dataclass."""
+    """(dotted key, type, default, value in the config, comment) for every leaf of a config
+    dataclass."""
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(cls)
+    notes = _field_comments(cls)
     for f in dataclasses.fields(cls):
         tp, key = hints[f.name], prefix + f.name
         cur = getattr(value, f.name, None) if value is not None else None
@@ -80,7 +98,7 @@ def _walk_keys(cls, value, prefix: str):
             default = f.default_factory()
         else:
             default = None
-        yield key, _type_name(tp), default, cur
+        yield key, _type_name(tp), default, cur, notes.get(f.name, "")
 
 
 def config_keys_help(config: str, overrides: list[str] = ()) -> str:
@@ -91,9 +109,11 @@ def config_keys_help(config: str, overrides: list[str] = ()) -> str:
     lines = [f"keys of {config} (task {cfg.task}); set any with key=value:"]
     rows = list(_walk_keys(schema_for(cfg.task), cfg, ""))
     width = max(len(k) for k, *_ in rows)
-    for key, tp, default, cur in rows:
+    for key, tp, default, cur, comment in rows:
         note = f"   (this recipe: {cur!r})" if cur != default else ""
         lines.append(f"  {key:<{width}}  {tp} = {default!r}{note}")
+        if comment:
+            lines.append(f"  {'':<{width}}    # {comment}")
     return "\n".join(lines) + "\n"
 
 

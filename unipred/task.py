@@ -227,13 +227,11 @@ class PretrainTask(Task):
 class ClassifyData(DataConfig):
     num_classes: int = 0  # 0 = the task's default
     label_smoothing: float = 0.0  # for hard labels; Mixup applies its own to soft labels
-    # label budget: keep this many training samples per class (0 = all). The subset depends on
-    # subset_seed and the data only (not the run seed), so NEPA and scratch see the same one
-    labels_per_class: int = 0
-    subset_seed: int = 0
-    # one training epoch = this many passes over the (sub)set, each freshly augmented: a few
-    # hundred labelled images then give epochs long enough to validate once per epoch
-    repeat: int = 1
+    # label budgets: the subset depends on subset_seed and the data only, never on the run
+    # seed, so NEPA and scratch runs of a comparison see the same images
+    labels_per_class: int = 0  # keep this many training samples per class (0 = all)
+    subset_seed: int = 0  # picks the labels_per_class subset
+    repeat: int = 1  # one training epoch = this many passes over the (sub)set, freshly augmented
 
 
 def per_class_indices(labels, k: int, seed: int, what: str = "data") -> list[int]:
