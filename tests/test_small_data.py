@@ -193,6 +193,13 @@ def test_shape_mistake_exits_2_in_one_line_before_any_folder(tmp_path, capsys):
         assert not run.exists()
 
 
+def test_a_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "a" / "x.wav").write_bytes(b"RIFF")
+    with pytest.raises(ConfigError, match="holds no image files"):
+        load_config("small/pretrain", [f"data.root={tmp_path / 'd'}"])
+
+
 def test_other_tasks_check_their_shapes():
     with pytest.raises(ConfigError, match="not a multiple of the patch size 4"):
         load_config(None, ["task=video_pretrain", "model.name=nepa_video_debug",

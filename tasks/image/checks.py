@@ -93,11 +93,20 @@ def is_grey(img: Image.Image) -> bool:
 
 
 def check_channels(spec: str, channels: int, key: str = "data.root") -> None:
-    """A colour image in the data of a one-channel model is a mistake (checks one file)."""
-    if channels != 1:
-        return
+    """A local folder without images, or a colour image in the data of a one-channel model,
+    is a mistake (one file is opened)."""
     found = first_image(spec)
     if found is None:
+        local = bool(spec) and os.path.isdir(spec)
+        if local and not any(f.endswith(".tar") for f in os.listdir(spec)):
+            from unipred.tasks.image.data import IMAGE_EXTENSIONS
+
+            raise ValueError(
+                f"{key}: {spec} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                "is it the right folder (audio and video have their own tasks)?"
+            )
+        return
+    if channels != 1:
         return
     name, data = found
     try:
