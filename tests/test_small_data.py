@@ -158,7 +158,7 @@ def test_grey_shards_with_in_chans_1(tmp_path):
             ["model.tokenizer_args.patch_size=6"],
             r"img_size=20 is not a multiple of the patch size 6",
         ),
-        (["data.num_classes=2"], r"holds 3 classes but data.num_classes=2"),
+        (["data.num_classes=2"], r"data.root holds 3 classes but the model has 2 outputs"),
         (["model.name=nepa_audio_debug"], r"'audio' tokenizer"),
         (["data.aug.mean=[0.4,0.5,0.6]"], r"data.aug.mean has 3 values .* in_chans=1"),
         (["model.tokenizer_args.in_chans=2"], r"in_chans=2"),
@@ -214,6 +214,13 @@ def test_other_tasks_check_their_shapes():
                            "model.tokenizer_args.n_mels=30"])  # fmt: skip
     with pytest.raises(ConfigError, match="Fashion-MNIST images are grey"):
         load_config(None, ["task=fmnist_classify", "model.tokenizer_args.patch_size=7"])
+
+
+def test_val_folder_with_more_classes_than_the_model_is_refused(tmp_path):
+    root = _grey_folder(tmp_path / "d", classes=2)
+    val = _grey_folder(tmp_path / "v", classes=3)
+    with pytest.raises(ConfigError, match="data.val_root holds 3 classes but the model has 2"):
+        load_config("small/finetune", [f"data.root={root}", f"data.val_root={val}"])
 
 
 def test_num_classes_comes_from_the_class_folders(tmp_path):

@@ -105,13 +105,22 @@ def check_image_config(cfg, classify: bool) -> None:
         raise ValueError("data.decode_on_device decodes to RGB: use it with in_chans=3")
     check_channels(d.root, chans, "data.root")
     check_channels(d.val_root, chans, "data.val_root")
-    if classify and d.root:
-        found = classes_in(d.root, d.label_file, d.classes_file)
-        n = d.num_classes or cfg.model.num_classes
+    if not classify:
+        return
+    n = (
+        d.num_classes
+        or cfg.model.num_classes
+        or (0 if d.root else ImageClassify.default_num_classes)
+    )
+    if not n:
+        n = classes_in(d.root, d.label_file, d.classes_file) or 0
+    for key, spec, labels in (("data.root", d.root, d.label_file),
+                              ("data.val_root", d.val_root, d.val_label_file)):  # fmt: skip
+        found = classes_in(spec, labels, d.classes_file) if spec else None
         if found and n and found > n:
             raise ValueError(
-                f"data.root holds {found} classes but data.num_classes={n}: set "
-                f"data.num_classes={found} (or 0 to take it from the data)"
+                f"{key} holds {found} classes but the model has {n} outputs (data.num_classes): "
+                f"set data.num_classes={found}"
             )
 
 
