@@ -319,6 +319,8 @@ def load_backbone(model, sd: dict, source) -> None:
     if bad:
         raise CheckpointError(f"{source}: missing key '{bad[0]}' (the model expects it)")
     model.load_state_dict(sd, strict=False)
+    new = ", ".join(sorted({k.rsplit(".", 1)[0] + ".*" for k in missing})) or "none"
+    print(f"model.init: loaded {source}: {len(sd)} tensors matched, {len(missing)} new ({new})")
     with torch.no_grad():
         for k in missing:
             t = model.get_parameter(k) if k in dict(model.named_parameters()) else None
@@ -335,6 +337,7 @@ def apply_init(model, spec: str) -> None:
     kind, _, path = spec.partition(":")
     if kind == "ckpt":
         load_weights(model, path)
+        print(f"model.init: loaded {path}: all {len(model.state_dict())} tensors matched, 0 new")
     elif kind == "official":
         from unipred.hub import load_official_nepa
 
@@ -343,6 +346,7 @@ def apply_init(model, spec: str) -> None:
         mine = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("head.")}
         if head and head == mine:  # a released classifier evaluates with its own head
             model.load_state_dict(src, strict=True)
+            print(f"model.init: loaded {path}: all {len(src)} tensors matched, 0 new")
         else:
             load_backbone(model, src, path)
     elif kind == "pretrain":

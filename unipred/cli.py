@@ -52,7 +52,10 @@ def _load(argv: list[str]):
 
     config, overrides, flags = _split(argv)
     if "--help" in flags or "-h" in argv:
-        print(USAGE + "\nkeys: see `unipred fit CONFIG --print-config` (every key, with its value)")
+        if config:  # the keys of this config's task, with types, defaults and the recipe's values
+            print(config_keys_help(config, overrides), end="")
+        else:
+            print(USAGE + "\nkeys: `unipred fit CONFIG --help` lists the task's keys")
         raise SystemExit(0)
     unknown = [f for f in flags if f not in ("--print-config",)]
     if unknown:
@@ -60,6 +63,66 @@ def _load(argv: list[str]):
     printing = "--print-config" in flags
     cfg = load_config(config, overrides, check_paths=not printing)
     return cfg, printing
+
+
+def _type_name(tp) -> str:
+    name = getattr(tp, "__name__", None) if not getattr(tp, "__args__", None) else None
+    return name or str(tp).replace("typing.", "")
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its trailing ``# comment``} from the source of a config dataclass (and bases)."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+): [^\n#]+#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _walk_keys(cls, value, prefix: str):
+    """(dotted key, type, default, value in the config, comment) for every leaf of a config
+    dataclass."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    notes = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        cur = getattr(value, f.name, None) if value is not None else None
+        if dataclasses.is_dataclass(cur) and not isinstance(cur, type):
+            yield from _walk_keys(type(cur), cur, key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        yield key, _type_name(tp), default, cur, notes.get(f.name, "")
+
+
+def config_keys_help(config: str, overrides: list[str] = ()) -> str:
+    """Every key of CONFIG's task: type, default, and this recipe's value where it differs."""
+    from unipred.config import load_config, schema_for
+
+    cfg = load_config(config, list(overrides), check_paths=False)
+    lines = [f"keys of {config} (task {cfg.task}); set any with key=value:"]
+    rows = list(_walk_keys(schema_for(cfg.task), cfg, ""))
+    width = max(len(k) for k, *_ in rows)
+    for key, tp, default, cur, comment in rows:
+        note = f"   (this recipe: {cur!r})" if cur != default else ""
+        lines.append(f"  {key:<{width}}  {tp} = {default!r}{note}")
+        if comment:
+            lines.append(f"  {'':<{width}}    # {comment}")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_fit(argv: list[str]) -> int:

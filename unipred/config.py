@@ -247,6 +247,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     _check_choices(cfg)
     if check_paths:
         check_data_paths(cfg)
+    check_task(cfg)
     return cfg
 
 
@@ -295,6 +296,18 @@ def _exists(p: str) -> bool:
         return Path(p).exists()
     except (OSError, ValueError):  # a name too long, a NUL byte: no such file either way
         return False
+
+
+def check_task(cfg) -> None:
+    """The task's own config checks (``Task.check_config``: patch vs input size, channels,
+    tokenizer, classes vs the data), as one-line ``ConfigError``s before anything is built."""
+    try:
+        TASKS.get(cfg.task).check_config(cfg)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        raise ConfigError(msg.splitlines()[0] if msg else type(e).__name__) from None
 
 
 def _check_choices(cfg) -> None:

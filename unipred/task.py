@@ -39,6 +39,7 @@ Writing a task (see tasks/image/debug.py for a complete example)::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,6 +68,13 @@ class Task:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg  # the full, validated run config (cfg.model, cfg.data, cfg.optim, ...)
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Catch shape mistakes before anything is built (``unipred.config.load_config`` calls
+        it, also under ``--print-config``): patch vs input size, channels vs the data, the
+        tokenizer vs the task, classes vs the labels found. Raise ``ValueError`` with one line
+        naming the keys; peek at data on disk only where the path exists. Default: no check."""
 
     # -- building ---------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -133,6 +141,53 @@ class Task:
         return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
+# ------------------------------------------------------------- config-time shape checks
+# helpers for Task.check_config: each raises one ValueError line naming the keys to change
+def model_tokenizer(cfg) -> tuple[str, dict]:
+    """(tokenizer name, tokenizer args) of the config's model (size + overrides)."""
+    from unipred.config import build_model_config
+
+    try:
+        mc = build_model_config(cfg.model)
+    except KeyError as e:
+        raise ValueError(f"model.name: {e.args[0]}") from None
+    except TypeError as e:
+        raise ValueError(f"model: {e}") from None
+    return mc.tokenizer, dict(mc.tokenizer_args)
+
+
+def model_shape(cfg) -> tuple[str, Any, int]:
+    """(tokenizer name, patch size, in_chans) of the config's model (image/video tokenizers'
+    defaults where the args leave them out)."""
+    name, args = model_tokenizer(cfg)
+    default_patch = 16 if name == "video" else 14
+    return name, args.get("patch_size", default_patch), int(args.get("in_chans", 3))
+
+
+def check_tokenizer(tokenizer: str, want: str, model_name: str) -> None:
+    """The task's modality vs the model's tokenizer (only the three known kinds are judged)."""
+    known = ("image", "audio", "video")
+    if tokenizer in known and tokenizer != want:
+        raise ValueError(
+            f"model.name={model_name!r} uses the {tokenizer!r} tokenizer but this task reads "
+            f"{want} data; pick an {want} model (`unipred list`) or set model.tokenizer={want}"
+        )
+
+
+def check_patch(size: int, patch, size_key: str) -> None:
+    """``size`` must be a multiple of the (square) patch size."""
+    p = patch if isinstance(patch, int) else patch[0]
+    if size < p or size % p:
+        fits = [str(q) for q in range(2, min(size, 16) + 1) if size % q == 0]
+        patches = f"a patch of {', '.join(fits[:-1])} or {fits[-1]}, or " if len(fits) > 1 else ""
+        near = sorted({max(p, size // p * p), (size // p + 1) * p})
+        raise ValueError(
+            f"{size_key}={size} is not a multiple of the patch size {p} "
+            f"(model.tokenizer_args.patch_size): use {patches}a size of "
+            f"{' or '.join(map(str, near))}"
+        )
+
+
 # ----------------------------------------------------------------------------------- bases
 def collapse_stats(x: torch.Tensor, valid: torch.Tensor | None = None, max_rows: int = 4096):
     """Collapse indicators of embeddings x (..., D): per-dimension std (mean and min over
@@ -187,6 +242,42 @@ class PretrainTask(Task):
 class ClassifyData(DataConfig):
     num_classes: int = 0  # 0 = the task's default
     label_smoothing: float = 0.0  # for hard labels; Mixup applies its own to soft labels
+    # label budgets: the subset depends on subset_seed and the data only, never on the run
+    # seed, so NEPA and scratch runs of a comparison see the same images
+    labels_per_class: int = 0  # keep this many training samples per class (0 = all)
+    subset_seed: int = 0  # picks the labels_per_class subset
+    repeat: int = 1  # one training epoch = this many passes over the (sub)set, freshly augmented
+
+
+def per_class_indices(labels, k: int, seed: int, what: str = "data") -> list[int]:
+    """Sorted indices of ``k`` samples of every class in ``labels`` (ints), chosen by ``seed``
+    alone; ValueError naming the class if one has fewer than ``k``."""
+    y = torch.as_tensor([int(v) for v in labels], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed + 1)
+    keep = []
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero().flatten()
+        if len(idx) < k:
+            raise ValueError(
+                f"data.labels_per_class={k}: class {c} of {what} has only {len(idx)} "
+                "training samples"
+            )
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(keep).sort().values.tolist() if keep else []
+
+
+def dataset_labels(ds) -> list[int]:
+    """The label of every sample of a map-style dataset: from ``samples`` / ``items``
+    ((x, label) pairs), ``labels`` / ``targets``, else by reading each item (generated sets)."""
+    for attr in ("samples", "items"):
+        rows = getattr(ds, attr, None)
+        if isinstance(rows, list) and rows and isinstance(rows[0], (tuple, list)):
+            return [int(r[1]) for r in rows]
+    for attr in ("labels", "targets"):
+        v = getattr(ds, attr, None)
+        if v is not None and len(v) == len(ds):
+            return [int(t) for t in v]
+    return [int(ds[i][1]) for i in range(len(ds))]
 
 
 class ClassifyTask(Task):
@@ -216,6 +307,38 @@ class ClassifyTask(Task):
                 f"num_classes() method)"
             )
         return n
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        k = getattr(cfg.data, "labels_per_class", 0)
+        if k < 0:
+            raise ValueError(f"data.labels_per_class={k} must be >= 0 (0 = every label)")
+        if getattr(cfg.data, "repeat", 1) < 1:
+            raise ValueError(f"data.repeat={cfg.data.repeat} must be >= 1")
+
+    def label_budget(self, ds, split: str):
+        """The training set cut to ``data.labels_per_class`` samples per class (seeded by
+        ``data.subset_seed`` alone) and repeated ``data.repeat`` times per epoch; other
+        splits, and a budget of 0 with repeat 1, pass through unchanged."""
+        k, rep = getattr(self.cfg.data, "labels_per_class", 0), getattr(self.cfg.data, "repeat", 1)
+        if ds is None or split != "train" or (k <= 0 and rep <= 1):
+            return ds
+        if isinstance(ds, torch.utils.data.IterableDataset):
+            raise ValueError(
+                f"data.labels_per_class={k} / data.repeat={rep} need a map-style training set "
+                f"(a folder or a CSV); {self.cfg.data.root!r} is streamed: pack the subset instead"
+            )
+        idx = list(range(len(ds)))
+        if k > 0:
+            what = self.cfg.data.root or "the generated data"
+            idx = per_class_indices(dataset_labels(ds), k, self.cfg.data.subset_seed, what)
+            logging.getLogger(__name__).info(
+                "data.labels_per_class=%d: %d of %d training samples", k, len(idx), len(ds)
+            )
+        sub = torch.utils.data.Subset(ds, idx * max(rep, 1))
+        if hasattr(ds, "classes"):  # what callers read from the full set stays readable
+            sub.classes = ds.classes
+        return sub
 
     def build_model(self) -> nn.Module:
         from unipred.model import NEPA

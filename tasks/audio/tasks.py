@@ -29,7 +29,14 @@ from unipred.tasks.audio.spoken_digits import DIGITS, available_engines, synthes
 
 from unipred.model import ModelConfig, model_config
 from unipred.registry import MODELS, TASKS
-from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask
+from unipred.task import (
+    ClassifyData,
+    ClassifyTask,
+    DataConfig,
+    PretrainTask,
+    check_tokenizer,
+    model_tokenizer,
+)
 
 
 # ------------------------------------------------------------------------------ model sizes
@@ -162,6 +169,29 @@ def build_audio_dataset(cfg, split: str, augment: bool | None = None):
     return ds
 
 
+def check_audio_config(cfg) -> None:
+    """Shape mistakes of an audio config: tokenizer kind, mel bins vs the frequency patch,
+    the tokenizer's sample rate vs data.sample_rate (one line each, before anything is built)."""
+    name, args = model_tokenizer(cfg)
+    check_tokenizer(name, "audio", cfg.model.name)
+    if name != "audio":
+        return
+    patch = args.get("patch_size", 16)
+    pf = patch if isinstance(patch, int) else patch[-1]
+    mels = int(args.get("n_mels", 128))
+    if mels % pf:
+        raise ValueError(
+            f"model.tokenizer_args.n_mels={mels} is not a multiple of the frequency patch "
+            f"size {pf} (model.tokenizer_args.patch_size)"
+        )
+    given = cfg.model.tokenizer_args.get("sample_rate")
+    if given is not None and int(given) != cfg.data.sample_rate:
+        raise ValueError(
+            f"model.tokenizer_args.sample_rate={given} but data.sample_rate="
+            f"{cfg.data.sample_rate}: leave the tokenizer's unset (it follows the data)"
+        )
+
+
 def _check_rate(task, mc: ModelConfig) -> ModelConfig:
     """The tokenizer's sample rate follows data.sample_rate (a conflicting setting is an error)."""
     rate = task.cfg.data.sample_rate
@@ -183,6 +213,10 @@ class AudioPretrain(PretrainTask):
     """Next-embedding pretraining on log-mel patches (time-major order, 2-D RoPE)."""
 
     data_config = AudioData
+
+    @classmethod
+    def check_config(cls, cfg):
+        check_audio_config(cfg)
 
     def build_model(self):
         from unipred.model import NEPA
@@ -210,6 +244,11 @@ class AudioClassify(ClassifyTask):
 
     data_config = AudioClassifyData
 
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        check_audio_config(cfg)
+
     def num_classes(self) -> int:
         d = self.cfg.data
         n = d.num_classes or self.cfg.model.num_classes
@@ -226,7 +265,7 @@ class AudioClassify(ClassifyTask):
         return NEPA(_check_rate(self, mc))
 
     def build_dataset(self, split):
-        return build_audio_dataset(self.cfg, split)
+        return self.label_budget(build_audio_dataset(self.cfg, split), split)
 
     def feature_dataset(self, split):
         return build_audio_dataset(self.cfg, split, augment=False), pad_collate

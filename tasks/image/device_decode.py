@@ -96,8 +96,7 @@ class DeviceDecodeTransform:
             if min(head.size) < min_size:
                 counter.count("tiny", what)
                 return None
-            if head.mode == "L":
-                counter.count("gray", what)  # as the CPU path counts it; RGB on the device
+            # a grey JPEG becomes RGB on the device, uncounted as on the CPU path (lossless)
             box, flip = self._params(head)
             return EncodedImage(box, flip, data=torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                 what=what)  # fmt: skip

@@ -27,11 +27,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+from unipred.tasks.image.checks import check_patch, check_tokenizer, model_shape
 from unipred.tasks.image.fmnist_data import CLASSES, read_split
 from unipred.tasks.image.tasks import ImageClassify
 
 from unipred.registry import TASKS
-from unipred.task import ClassifyData, DataConfig, PretrainTask
+from unipred.task import (
+    ClassifyData,
+    ClassifyTask,
+    DataConfig,
+    PretrainTask,
+    per_class_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,6 @@ class FMNISTData(DataConfig):
 @dataclass
 class FMNISTClassifyData(FMNISTData, ClassifyData):
     mode: str = "finetune"  # finetune | probe | eval
-    labels_per_class: int = 0  # labelled subset: this many training images per class (0 = all)
     cache_features: bool = True  # probe mode: compute each frozen training feature once
 
 
@@ -148,18 +154,23 @@ def load_arrays(data, split: str, seed: int):
 
 
 def per_class_subset(x, y, k: int, seed: int):
-    """``k`` images of every class, chosen by ``seed`` alone (ValueError if a class has fewer)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    keep = []
-    for c in torch.unique(y).tolist():
-        idx = (y == c).nonzero().flatten()
-        if len(idx) < k:
-            raise ValueError(
-                f"data.labels_per_class={k}: class {c} has only {len(idx)} training images"
-            )
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    keep = torch.cat(keep).sort().values
+    """``k`` images of every class, chosen by ``seed`` alone (ValueError if a class has fewer);
+    the same rule as every classify dataset's (unipred.task.per_class_indices)."""
+    keep = torch.tensor(per_class_indices(y.tolist(), k, seed), dtype=torch.long)
     return x[keep], y[keep]
+
+
+def check_fmnist_config(cfg) -> None:
+    """28x28 grey images: the patch must divide 28 and the model must take one channel."""
+    tokenizer, patch, chans = model_shape(cfg)
+    check_tokenizer(tokenizer, "image", cfg.model.name)
+    if tokenizer != "image":
+        return
+    check_patch(28, patch, "the Fashion-MNIST image size")
+    if chans != 1:
+        raise ValueError(
+            f"model.tokenizer_args.in_chans={chans}: Fashion-MNIST images are grey; set it to 1"
+        )
 
 
 def _dataset(task, split: str, with_index: bool = False):
@@ -185,6 +196,10 @@ class FMNISTPretrain(PretrainTask):
 
     data_config = FMNISTData
 
+    @classmethod
+    def check_config(cls, cfg):
+        check_fmnist_config(cfg)
+
     def build_dataset(self, split):
         return _dataset(self, split)
 
@@ -206,6 +221,15 @@ class FMNISTClassify(ImageClassify):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._feats, self._have, self._n_train = None, None, 0
+
+    @classmethod
+    def check_config(cls, cfg):
+        ClassifyTask.check_config.__func__(cls, cfg)
+        check_fmnist_config(cfg)
+
+    def num_classes(self) -> int:
+        n = self.cfg.data.num_classes or self.cfg.model.num_classes
+        return int(n or self.default_num_classes)
 
     def build_dataset(self, split):
         if split == "train" and self.mode == "eval":

@@ -16,12 +16,23 @@ with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from unipred.tasks.image.checks import (
+    ToChannels,
+    channel_stats,
+    check_channels,
+    check_patch,
+    check_tokenizer,
+    classes_in,
+    model_shape,
+)
 from unipred.tasks.image.data import ShardDataset, image_dataset
 from unipred.tasks.image.device_decode import DeviceDecodeTransform
 from unipred.tasks.image.transforms import (
@@ -78,13 +89,60 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), y
 
 
+def check_image_config(cfg, classify: bool) -> None:
+    """Shape mistakes of an image task config, one line each (see tasks/image/checks.py)."""
+    d = cfg.data
+    tokenizer, patch, chans = model_shape(cfg)
+    check_tokenizer(tokenizer, "image", cfg.model.name)
+    if tokenizer != "image":
+        return  # a plugin tokenizer: its own shapes
+    check_patch(d.aug.img_size, patch, "data.aug.img_size")
+    if chans not in (1, 3):
+        raise ValueError(f"model.tokenizer_args.in_chans={chans}: image data has 1 or 3 channels")
+    channel_stats(d.aug.mean, chans, "data.aug.mean")
+    channel_stats(d.aug.std, chans, "data.aug.std")
+    if chans == 1 and d.decode_on_device:
+        raise ValueError("data.decode_on_device decodes to RGB: use it with in_chans=3")
+    check_channels(d.root, chans, "data.root")
+    check_channels(d.val_root, chans, "data.val_root")
+    if not classify:
+        return
+    n = (
+        d.num_classes
+        or cfg.model.num_classes
+        or (0 if d.root else ImageClassify.default_num_classes)
+    )
+    if not n:
+        n = classes_in(d.root, d.label_file, d.classes_file) or 0
+    for key, spec, labels in (("data.root", d.root, d.label_file),
+                              ("data.val_root", d.val_root, d.val_label_file)):  # fmt: skip
+        found = classes_in(spec, labels, d.classes_file) if spec else None
+        if found and n and found > n:
+            raise ValueError(
+                f"{key} holds {found} classes but the model has {n} outputs (data.num_classes): "
+                f"set data.num_classes={found}"
+            )
+
+
+def _aug(task):
+    """The config's augmentation with mean/std for the model's channel count."""
+    aug, chans = task.cfg.data.aug, model_shape(task.cfg)[2]
+    mean, std = (
+        channel_stats(aug.mean, chans, "data.aug.mean"),
+        channel_stats(aug.std, chans, "data.aug.std"),
+    )
+    return dataclasses.replace(aug, mean=mean, std=std), chans
+
+
 def _build(task, split: str, num_classes: int, augment: bool | None = None):
     """The dataset of ``split`` for either image task (None when the split is absent);
     ``augment`` (default: the split is "train") picks the training or the eval transform."""
     d, train = task.cfg.data, split == "train"
-    aug = train if augment is None else augment
-    tf = train_transform(d.aug) if aug else eval_transform(d.aug)
-    if aug and d.decode_on_device:
+    augment = train if augment is None else augment
+    aug, chans = _aug(task)
+    tf = train_transform(aug) if augment else eval_transform(aug)
+    tf = T.Compose([ToChannels(chans), tf])
+    if augment and d.decode_on_device:
         tf = DeviceDecodeTransform.from_aug(d.aug)
     spec = d.root if train else d.val_root
     if not d.root and not d.val_root:
@@ -131,6 +189,10 @@ class ImagePretrain(PretrainTask):
 
     data_config = ImageData
 
+    @classmethod
+    def check_config(cls, cfg):
+        check_image_config(cfg, classify=False)
+
     def build_dataset(self, split):
         return _build(self, split, 1)
 
@@ -169,6 +231,18 @@ class ImageClassify(ClassifyTask):
             raise ValueError("data.decode_on_device is for image_pretrain only: fine-tuning's "
                              "RandAugment, erasing and Mixup/CutMix run on the CPU workers")  # fmt: skip
 
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        check_image_config(cfg, classify=True)
+
+    def num_classes(self) -> int:
+        d = self.cfg.data
+        n = d.num_classes or self.cfg.model.num_classes
+        if not n and d.root:  # unset: as many as the training data has
+            n = classes_in(d.root, d.label_file, d.classes_file)
+        return int(n or self.default_num_classes)
+
     @property
     def mode(self) -> str:
         return self.cfg.data.mode
@@ -188,7 +262,7 @@ class ImageClassify(ClassifyTask):
     def build_dataset(self, split):
         if split == "train" and self.mode == "eval":
             return None
-        return _build(self, split, self.num_classes())
+        return self.label_budget(_build(self, split, self.num_classes()), split)
 
     def feature_dataset(self, split):
         return _build(self, split, self.num_classes(), augment=False), None

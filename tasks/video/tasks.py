@@ -19,7 +19,14 @@ from unipred.tasks.video.data import ClipTransform, video_dataset
 
 from unipred.model import ModelConfig, model_config
 from unipred.registry import MODELS, TASKS
-from unipred.task import ClassifyData, DataConfig, PretrainTask
+from unipred.task import (
+    ClassifyData,
+    DataConfig,
+    PretrainTask,
+    check_patch,
+    check_tokenizer,
+    model_tokenizer,
+)
 from unipred.task import ClassifyTask as _ClassifyTask
 
 DIRECTIONS = ("right", "left", "down", "up", "down-right", "up-left", "down-left", "up-right")
@@ -136,6 +143,30 @@ def _transform(d: VideoData, train: bool) -> ClipTransform:
     return ClipTransform(d.image_size, train, d.resize_scale, d.hflip, tuple(d.mean), tuple(d.std))
 
 
+def check_video_config(cfg) -> None:
+    """Shape mistakes of a video config: tokenizer kind, crop vs patch, frames vs tubelet,
+    normalisation vs channels (one line each, before anything is built)."""
+    d = cfg.data
+    name, args = model_tokenizer(cfg)
+    check_tokenizer(name, "video", cfg.model.name)
+    if name != "video":
+        return
+    check_patch(d.image_size, args.get("patch_size", 16), "data.image_size")
+    tube = int(args.get("tubelet_size", 2))
+    if d.num_frames < tube or d.num_frames % tube:
+        raise ValueError(
+            f"data.num_frames={d.num_frames} is not a multiple of the tubelet size {tube} "
+            "(model.tokenizer_args.tubelet_size)"
+        )
+    chans = int(args.get("in_chans", 3))
+    for key in ("mean", "std"):
+        if len(getattr(d, key)) != chans:
+            raise ValueError(
+                f"data.{key} has {len(getattr(d, key))} values but the model takes "
+                f"in_chans={chans} (model.tokenizer_args.in_chans)"
+            )
+
+
 def build_video_dataset(cfg, split: str, augment: bool | None = None):
     """The train or val dataset of a video task config (generated when data.root is "").
     ``augment`` (default: the split is "train") picks random or centred sampling and crops."""
@@ -167,6 +198,10 @@ class VideoPretrain(PretrainTask):
 
     data_config = VideoData
 
+    @classmethod
+    def check_config(cls, cfg):
+        check_video_config(cfg)
+
     def build_dataset(self, split):
         return build_video_dataset(self.cfg, split)
 
@@ -184,6 +219,11 @@ class VideoClassify(_ClassifyTask):
 
     data_config = VideoClassifyData
 
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        check_video_config(cfg)
+
     def num_classes(self) -> int:
         d = self.cfg.data
         if not d.root and not d.num_classes and not self.cfg.model.num_classes:
@@ -194,7 +234,7 @@ class VideoClassify(_ClassifyTask):
         return int(n)
 
     def build_dataset(self, split):
-        return build_video_dataset(self.cfg, split)
+        return self.label_budget(build_video_dataset(self.cfg, split), split)
 
     def feature_dataset(self, split):
         return build_video_dataset(self.cfg, split, augment=False), None

@@ -2,8 +2,11 @@
 
 Nothing here is ever fatal and nothing is silent. A sample that cannot be used (not an
 image, truncated, too small, unreadable shard member) is *skipped*; a usable image in an
-unusual format (grayscale, CMYK, 16-bit, palette/alpha) is *converted* to 8-bit RGB. Both
-are counted in a :class:`BadSampleCounter`.
+unusual format (CMYK, 16-bit, palette/alpha) is *converted* to 8-bit RGB. Both are counted
+in a :class:`BadSampleCounter`. Only conversions that change the content count: a grey image
+given to an RGB model is replicated into three equal channels, uncounted; a colour image
+given to a one-channel model (``in_chans: 1``) loses its colour and counts as
+``converted/color_to_gray``.
 
 The counts live in a small shared-memory tensor, one row per DataLoader worker, so the
 numbers that workers record are visible in the main process (where the engine logs them)
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # order matters: it indexes the columns of the shared tensor
 SKIP_REASONS = ("corrupt", "truncated", "tiny", "read_error", "too_large", "empty")
-CONVERT_REASONS = ("gray", "cmyk", "high_bit_depth", "palette_or_alpha", "other_mode",
+CONVERT_REASONS = ("color_to_gray", "cmyk", "high_bit_depth", "palette_or_alpha", "other_mode",
                    "resampled", "silent", "wrong_extension")  # fmt: skip
 KEYS = tuple(f"skipped/{r}" for r in SKIP_REASONS) + tuple(
     f"converted/{r}" for r in CONVERT_REASONS
@@ -156,7 +159,8 @@ def decode_image(
 
     Skipped (and counted): not an image, truncated data, either side < ``min_size`` px, a
     header claiming more than ``MAX_PIXELS`` pixels (judged before decoding).
-    Converted (and counted): grayscale, CMYK, 16-bit / float, palette or alpha images.
+    Converted (and counted): CMYK, 16-bit / float, palette or alpha images. Grayscale is
+    replicated to RGB without being counted (nothing about the image changes).
     Truncated files are never padded with grey (PIL's LOAD_TRUNCATED_IMAGES stays off).
     """
     counter = counter or COUNTER
@@ -189,13 +193,12 @@ def decode_image(
 
 
 def to_rgb(img: Image.Image, what: str = "", counter: BadSampleCounter | None = None):
-    """Convert any PIL mode to 8-bit RGB, counting the conversion by kind."""
+    """Convert any PIL mode to 8-bit RGB, counting the conversions that change the content."""
     counter = counter or COUNTER
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("L", "1"):
-        counter.count("gray", what)
+    if mode in ("L", "1"):  # lossless: three equal channels, not a "problem"
         return img.convert("RGB")
     if mode == "CMYK":
         counter.count("cmyk", what)

@@ -1,0 +1,166 @@
+"""Config-time checks of the image tasks: shape mistakes fail before anything is built.
+
+``check_image_config`` is what ``ImagePretrain.check_config`` / ``ImageClassify.check_config``
+run (``unipred.config.load_config`` calls them, also under ``--print-config``). It checks the
+tokenizer kind, image size vs patch size, ``in_chans`` vs the normalisation and vs the data
+(one file is opened), and the number of classes vs the classes found in the data. Each problem
+is one ``ValueError`` line naming the keys to change.
+
+``ToChannels`` gives the model the channels it takes: grey images stay grey for ``in_chans: 1``
+(a colour image is greyed and counted as ``converted/color_to_gray``), and anything reaches an
+RGB model as RGB (grey replicated, not counted: nothing about the image changed).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from unipred.data.accounting import COUNTER
+from unipred.task import check_patch, check_tokenizer, model_shape  # noqa: F401 (re-exported)
+
+GREY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "LA", "La")
+
+
+def channel_stats(values: list[float], channels: int, key: str) -> list[float]:
+    """Per-channel mean/std for ``channels``: 3 equal values serve a grey model, 1 value an
+    RGB model; anything else of the wrong length is an error naming the key."""
+    if len(values) == channels:
+        return list(values)
+    if len(values) == 1:
+        return list(values) * channels
+    if channels == 1 and len(set(values)) == 1:
+        return [values[0]]
+    raise ValueError(
+        f"{key} has {len(values)} values but the model takes in_chans={channels} "
+        f"(model.tokenizer_args.in_chans); give {channels} value(s)"
+    )
+
+
+# ------------------------------------------------------------------------- data peeks
+def _is_image(name: str) -> bool:
+    from unipred.tasks.image.data import is_image_file
+
+    return is_image_file(name)
+
+
+def first_image(spec: str) -> tuple[str, bytes] | None:
+    """(name, bytes) of one image of a local folder tree, flat folder or tar shards; None
+    when the data is remote, absent or holds no image where it was looked for."""
+    if not spec or spec.startswith(("pipe:", "http://", "https://", "gs://", "s3://")):
+        return None
+    tar = None
+    if spec.endswith(".tar") and os.path.isfile(spec):
+        tar = spec
+    elif os.path.isdir(spec):
+        tars = sorted(f for f in os.listdir(spec) if f.endswith(".tar"))
+        tar = os.path.join(spec, tars[0]) if tars else None
+        if tar is None:
+            for dirpath, dirs, files in os.walk(spec, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for f in sorted(files):
+                    if _is_image(f):
+                        path = os.path.join(dirpath, f)
+                        with open(path, "rb") as fh:
+                            return path, fh.read()
+            return None
+    if tar is None:
+        return None
+    try:
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                if m.isfile() and _is_image(m.name):
+                    return f"{tar}:{m.name}", tf.extractfile(m).read()
+    except (OSError, tarfile.TarError):
+        return None  # the reader names and counts unreadable shards
+    return None
+
+
+def is_grey(img: Image.Image) -> bool:
+    """True for single-channel modes and for RGB images whose three channels are equal."""
+    if img.mode in GREY_MODES:
+        return True
+    if img.mode != "RGB":
+        return False
+    a = np.asarray(img)
+    return bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+
+
+def check_channels(spec: str, channels: int, key: str = "data.root") -> None:
+    """A local folder without images, or a colour image in the data of a one-channel model,
+    is a mistake (one file is opened)."""
+    found = first_image(spec)
+    if found is None:
+        local = bool(spec) and os.path.isdir(spec)
+        if local and not any(f.endswith(".tar") for f in os.listdir(spec)):
+            from unipred.tasks.image.data import IMAGE_EXTENSIONS
+
+            raise ValueError(
+                f"{key}: {spec} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                "is it the right folder (audio and video have their own tasks)?"
+            )
+        return
+    if channels != 1:
+        return
+    name, data = found
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception:
+        return  # a bad file is the reader's business (skipped and counted)
+    if not is_grey(img):
+        raise ValueError(
+            f"{key}: {name} is a colour ({img.mode}) image but the model takes in_chans=1; "
+            "set model.tokenizer_args.in_chans=3, or convert the data to grey"
+        )
+
+
+@lru_cache(maxsize=16)
+def classes_in(spec: str, label_file: str = "", classes_file: str = "") -> int | None:
+    """Number of classes a local training set holds (class folders, the shards' meta.json,
+    a classes file or the labels of a label file); None when it cannot be told cheaply."""
+    if classes_file and os.path.isfile(classes_file):
+        with open(classes_file) as f:
+            return sum(1 for ln in f if ln.strip())
+    if label_file and os.path.isfile(label_file):
+        from unipred.tasks.image.data import read_label_file
+
+        labels = set(read_label_file(label_file).values())
+        ints = [int(v) for v in labels if v.isdigit()]
+        return max(ints) + 1 if ints and len(ints) == len(labels) else len(labels)
+    if not spec or not os.path.isdir(spec):
+        return None
+    if any(f.endswith(".tar") for f in os.listdir(spec)):
+        meta = os.path.join(spec, "meta.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                return len(json.load(f).get("classes", [])) or None
+        return None
+    n = sum(1 for e in os.scandir(spec) if e.is_dir() and not e.name.startswith("."))
+    return n or None
+
+
+# --------------------------------------------------------------------------- channels
+class ToChannels:
+    """PIL image (RGB from the reader) -> the mode a ``channels``-input model takes."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.channels == 3:
+            return img if img.mode == "RGB" else img.convert("RGB")
+        if img.mode == "L":
+            return img
+        if not is_grey(img):
+            COUNTER.count("color_to_gray")  # the colour is lost: the content changed
+        return img.convert("L")
+
+    def __repr__(self) -> str:
+        return f"ToChannels({self.channels})"

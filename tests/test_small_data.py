@@ -1,0 +1,273 @@
+"""A researcher's own small images: label budgets, grey images, config-time shape checks,
+the small-image recipes, ``fit CONFIG --help`` and the ``model.init`` report (issue 14)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unipred.cli import main
+from unipred.config import ConfigError, load_config
+from unipred.data.accounting import COUNTER, BadSampleCounter, decode_image
+from unipred.registry import TASKS
+from unipred.task import dataset_labels, per_class_indices
+
+
+def _grey_folder(root, classes=3, per_class=6, size=12, colour_file=False):
+    """class folders of grey PNGs (mode L); optionally one colour JPEG in the first class."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            a = (rng.random((size, size)) * 60 + 60 * c).astype(np.uint8)
+            Image.fromarray(a, mode="L").save(root / f"c{c}" / f"{i:02d}.png")
+    if colour_file:
+        a = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(a, mode="RGB").save(root / "c0" / "zz_colour.png")
+    return root
+
+
+def _pack(src, out):
+    import argparse
+
+    from unipred.tasks.image.pack import add_arguments, pack
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return pack(p.parse_args([str(src), str(out), "--workers", "1"]))
+
+
+def _task(overrides, config="small/finetune"):
+    """The recipe with every label and no repeats unless ``overrides`` say otherwise."""
+    cfg = load_config(config, ["data.labels_per_class=0", "data.repeat=1", *overrides])
+    return TASKS.get(cfg.task)(cfg), cfg
+
+
+# ---------------------------------------------------------------------------- label budgets
+def test_per_class_indices_seeded_balanced_and_named_error():
+    y = [0] * 10 + [1] * 7 + [2] * 12
+    a = per_class_indices(y, 5, seed=0)
+    assert len(a) == 15 and a == sorted(a)
+    assert sorted(np.bincount(np.array(y)[a]).tolist()) == [5, 5, 5]
+    assert per_class_indices(y, 5, seed=0) == a  # the same subset every time
+    assert per_class_indices(y, 5, seed=1) != a
+    with pytest.raises(ValueError, match="class 1 of .* has only 7"):
+        per_class_indices(y, 8, seed=0)
+
+
+def test_image_folder_label_budget_is_the_same_for_nepa_and_scratch(tmp_path):
+    root = _grey_folder(tmp_path / "d", per_class=6)
+    base = [f"data.root={root}", "data.labels_per_class=2", "data.repeat=3"]
+    scratch, _ = _task(base + ["seed=1"])
+    nepa, _ = _task(base + ["seed=2", "model.predictor.causal=true"])
+    a, b = scratch.build_dataset("train"), nepa.build_dataset("train")
+    assert len(a) == 3 * 2 * 3  # 3 classes x 2 labels x 3 repeats
+    assert a.indices == b.indices  # the run seed does not move the subset
+    assert sorted(np.bincount(dataset_labels(a)).tolist()) == [6, 6, 6]
+    other, _ = _task(base + ["data.subset_seed=5"])
+    assert other.build_dataset("train").indices != a.indices
+    assert a.classes == ["c0", "c1", "c2"]
+    x, y = a[0]
+    assert x.shape == (1, 20, 20)  # grey, resized to the recipe's 20 px
+    with pytest.raises(ValueError, match="labels_per_class=7: class 0"):
+        _task([f"data.root={root}", "data.labels_per_class=7"])[0].build_dataset("train")
+
+
+@pytest.mark.parametrize("task_name", ["video_classify", "audio_classify", "image_classify"])
+def test_label_budget_on_every_classify_task(task_name):
+    smoke = TASKS.get(task_name).smoke_config()
+    over = [f"task={task_name}", "data.labels_per_class=1", *(f"{k}={v}" for k, v in smoke.items())]
+    task = TASKS.get(task_name)(load_config(None, over))
+    labels = dataset_labels(task.build_dataset("train"))
+    assert sorted(labels) == list(range(task.num_classes()))  # exactly one per class
+
+
+def test_label_budget_refuses_streamed_shards(tmp_path):
+    src = _grey_folder(tmp_path / "src", per_class=4)
+    _pack(src, tmp_path / "sh")
+    task, _ = _task([f"data.root={tmp_path / 'sh'}", "data.labels_per_class=2"])
+    with pytest.raises(ValueError, match="streamed"):
+        task.build_dataset("train")
+
+
+# ------------------------------------------------------------------------------ grey images
+def test_grey_to_rgb_is_not_counted_but_lossy_conversions_are():
+    counter = BadSampleCounter()
+    grey = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), mode="L")
+    buf = io.BytesIO()
+    grey.save(buf, format="PNG")
+    img = decode_image(buf.getvalue(), "g.png", counter=counter)
+    a = np.asarray(img)
+    assert img.mode == "RGB" and (a[..., 0] == a[..., 2]).all()
+    snap = counter.snapshot()
+    assert snap["converted/total"] == 0 and "converted/gray" not in snap
+    cmyk = io.BytesIO()
+    grey.convert("CMYK").save(cmyk, format="JPEG")
+    decode_image(cmyk.getvalue(), "c.jpg", counter=counter)
+    assert counter.snapshot()["converted/cmyk"] == 1
+
+
+def test_in_chans_1_reads_grey_and_counts_only_colour_files(tmp_path):
+    root = _grey_folder(tmp_path / "d", per_class=2)
+    COUNTER.reset()
+    task, _ = _task([f"data.root={root}", f"data.val_root={root}"])
+    for split in ("train", "val"):
+        ds = task.build_dataset(split)
+        xs = [ds[i][0] for i in range(len(ds))]
+        assert all(x.shape == (1, 20, 20) for x in xs), split
+    assert COUNTER.snapshot()["converted/total"] == 0
+    # a colour file among grey ones (the check peeks at one file only) is greyed and counted
+    (root / "c1" / "00.png").unlink()
+    a = np.random.default_rng(1).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(a, mode="RGB").save(root / "c1" / "00.png")
+    ds = _task([f"data.root={root}", "data.repeat=1"])[0].build_dataset("train")
+    COUNTER.reset()
+    xs = [ds[i][0] for i in range(len(ds))]
+    assert all(x.shape == (1, 20, 20) for x in xs)
+    assert COUNTER.snapshot()["converted/color_to_gray"] == 1
+    COUNTER.reset()
+
+
+def test_grey_images_to_an_rgb_model_are_three_equal_channels_uncounted(tmp_path):
+    root = _grey_folder(tmp_path / "d", per_class=2)
+    COUNTER.reset()
+    task, _ = _task([f"data.root={root}", "model.tokenizer_args.in_chans=3"])
+    x = task.build_dataset("train")[0][0]
+    assert x.shape == (3, 20, 20) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    assert COUNTER.snapshot()["converted/total"] == 0
+
+
+def test_grey_shards_with_in_chans_1(tmp_path):
+    src = _grey_folder(tmp_path / "src", per_class=4)
+    _pack(src, tmp_path / "sh")
+    cfg = load_config("small/pretrain", [f"data.root={tmp_path / 'sh'}", "data.num_workers=0"])
+    ds = TASKS.get(cfg.task)(cfg).build_dataset("train")
+    x, y = next(iter(ds))
+    assert x.shape == (1, 20, 20) and 0 <= y < 3
+
+
+# ------------------------------------------------------------------- config-time shape checks
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["model.tokenizer_args.patch_size=6"],
+            r"img_size=20 is not a multiple of the patch size 6",
+        ),
+        (["data.num_classes=2"], r"data.root holds 3 classes but the model has 2 outputs"),
+        (["model.name=nepa_audio_debug"], r"'audio' tokenizer"),
+        (["data.aug.mean=[0.4,0.5,0.6]"], r"data.aug.mean has 3 values .* in_chans=1"),
+        (["model.tokenizer_args.in_chans=2"], r"in_chans=2"),
+        (["data.labels_per_class=-1"], r"labels_per_class=-1"),
+    ],
+)
+def test_shape_mistakes_fail_at_config_time(tmp_path, overrides, match):
+    root = _grey_folder(tmp_path / "d")
+    with pytest.raises(ConfigError, match=match):
+        load_config("small/finetune", [f"data.root={root}", *overrides])
+
+
+def test_colour_data_with_in_chans_1_is_refused(tmp_path):
+    root = _grey_folder(tmp_path / "d", colour_file=True)
+    (root / "c0" / "00.png").unlink()  # so the colour file is the first one looked at
+    for n in range(1, 6):
+        (root / "c0" / f"{n:02d}.png").unlink()
+    with pytest.raises(ConfigError, match=r"zz_colour.png is a colour \(RGB\) image"):
+        load_config("small/pretrain", [f"data.root={root}"])
+    load_config("small/pretrain", [f"data.root={root}", "model.tokenizer_args.in_chans=3",
+                                   "data.aug.mean=[0.5]", "data.aug.std=[0.5]"])  # fmt: skip
+
+
+def test_shape_mistake_exits_2_in_one_line_before_any_folder(tmp_path, capsys):
+    root = _grey_folder(tmp_path / "d")
+    run = tmp_path / "run"
+    for extra in ([], ["--print-config"]):
+        rc = main(["fit", "small/pretrain", f"data.root={root}", f"run_dir={run}",
+                   "model.tokenizer_args.patch_size=3", *extra])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "patch size 3" in err
+        assert not run.exists()
+
+
+def test_a_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "a" / "x.wav").write_bytes(b"RIFF")
+    with pytest.raises(ConfigError, match="holds no image files"):
+        load_config("small/pretrain", [f"data.root={tmp_path / 'd'}"])
+
+
+def test_other_tasks_check_their_shapes():
+    with pytest.raises(ConfigError, match="not a multiple of the patch size 4"):
+        load_config(None, ["task=video_pretrain", "model.name=nepa_video_debug",
+                           "data.image_size=10"])  # fmt: skip
+    with pytest.raises(ConfigError, match="num_frames=5 is not a multiple of the tubelet"):
+        load_config(None, ["task=video_pretrain", "model.name=nepa_video_debug",
+                           "data.image_size=8", "data.num_frames=5"])  # fmt: skip
+    with pytest.raises(ConfigError, match="'image' tokenizer but this task reads audio"):
+        load_config(None, ["task=audio_pretrain", "model.name=nepa_debug"])
+    with pytest.raises(ConfigError, match="n_mels=30 is not a multiple"):
+        load_config(None, ["task=audio_pretrain", "model.name=nepa_audio_debug",
+                           "model.tokenizer_args.n_mels=30"])  # fmt: skip
+    with pytest.raises(ConfigError, match="Fashion-MNIST images are grey"):
+        load_config(None, ["task=fmnist_classify", "model.tokenizer_args.patch_size=7"])
+
+
+def test_val_folder_with_more_classes_than_the_model_is_refused(tmp_path):
+    root = _grey_folder(tmp_path / "d", classes=2)
+    val = _grey_folder(tmp_path / "v", classes=3)
+    with pytest.raises(ConfigError, match="data.val_root holds 3 classes but the model has 2"):
+        load_config("small/finetune", [f"data.root={root}", f"data.val_root={val}"])
+
+
+def test_num_classes_comes_from_the_class_folders(tmp_path):
+    root = _grey_folder(tmp_path / "d", classes=4)
+    task, cfg = _task([f"data.root={root}"])
+    assert cfg.data.num_classes == 0 and task.num_classes() == 4
+    assert task.build_model().head.classifier.out_features == 4
+
+
+def test_small_recipes_load_with_their_documented_shapes():
+    for name in ("small/pretrain", "small/finetune", "small/probe"):
+        cfg = load_config(name, check_paths=False)
+        assert cfg.data.aug.img_size % cfg.model.tokenizer_args["patch_size"] == 0
+        assert cfg.model.tokenizer_args["in_chans"] == 1 and cfg.data.aug.mean == [0.5]
+        assert cfg.data.aug.auto_augment is None and cfg.data.aug.reprob == 0
+        assert cfg.data.aug.eval_crop_pct == 1.0
+    ft = load_config("small/finetune", check_paths=False)
+    assert ft.optim.freeze == [] and ft.data.aug.mixup == 0 and ft.data.aug.cutmix == 0
+
+
+# ------------------------------------------------------------------ --help and model.init
+def test_fit_config_help_lists_the_task_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "small/finetune", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "task image_classify" in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
+    assert (
+        "int = 224" in lines["data.aug.img_size"]
+        and "this recipe: 20" in lines["data.aug.img_size"]
+    )
+    assert "int = 0" in lines["data.labels_per_class"]
+    assert "str = 'finetune'" in lines["data.mode"] and "trainer.threads" in lines
+    with pytest.raises(SystemExit):
+        main(["eval", "small/probe", "--help"])
+    assert "data.mode" in capsys.readouterr().out
+
+
+def test_model_init_reports_what_it_loaded(tmp_path, capsys):
+    from unipred.checkpoint import load_backbone
+    from unipred.model import NEPA, model_config
+
+    src = NEPA(model_config("nepa_debug", head=None)).state_dict()
+    model = NEPA(model_config("nepa_debug", head="mean", num_classes=3))
+    load_backbone(model, src, "pre.ckpt")
+    out = capsys.readouterr().out
+    n_new = sum(1 for k in model.state_dict() if k not in src)
+    assert f"model.init: loaded pre.ckpt: {len(src)} tensors matched, {n_new} new" in out
+    assert "head.classifier.*" in out
