@@ -19,10 +19,11 @@ from unipred.tasks.image.data import (
     read_label_file,
     resolve_shards,
 )
+from unipred.tasks.image.decode import decode_image
 from unipred.tasks.image.pack import add_arguments, pack
 
 from unipred.data import cli as data_cli
-from unipred.data.accounting import BadSampleCounter, decode_image
+from unipred.data.accounting import BadSampleCounter
 
 RNG = np.random.default_rng(0)
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from unipred.tasks.image.decode import decode_image
 
 from unipred.cli import main
 from unipred.config import ConfigError, load_config
-from unipred.data.accounting import COUNTER, BadSampleCounter, decode_image
+from unipred.data.accounting import COUNTER, BadSampleCounter
 from unipred.registry import TASKS
 from unipred.task import dataset_labels, per_class_indices
 

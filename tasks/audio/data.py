@@ -33,8 +33,17 @@ import torch
 from torch.utils.data import Dataset
 from unipred.tasks.image.data import _SILENT, ShardDataset, is_shard_spec
 
-from unipred.data.accounting import COUNTER, BadSampleCounter, SkipSample, reason_of
+from unipred.data.accounting import (
+    COUNTER,
+    BadSampleCounter,
+    SkipSample,
+    reason_of,
+    register_reasons,
+)
 from unipred.extras import require
+
+# conversions only audio makes (the skip reasons are the core's)
+register_reasons(converted=("resampled", "silent", "wrong_extension"))
 
 AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
 SKIP_DIRS = ("_background_noise_",)  # Speech Commands' noise folder is not a class

@@ -9,7 +9,7 @@
   ``pipe:`` command or a URL (``https://...``, ``gs://...`` via webdataset's ``gopen``)
   -> :class:`ShardDataset` (iterable, streaming).
 
-Every image goes through :func:`unipred.data.accounting.decode_image`, so bad files are
+Every image goes through :func:`unipred.tasks.image.decode.decode_image`, so bad files are
 skipped or converted and counted, never fatal.
 """
 
@@ -24,9 +24,10 @@ import random
 import torch
 import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
+from unipred.tasks.image.decode import decode_image
 from webdataset.utils import pytorch_worker_info
 
-from unipred.data.accounting import COUNTER, BadSampleCounter, decode_image
+from unipred.data.accounting import COUNTER, BadSampleCounter
 
 log = logging.getLogger(__name__)
 

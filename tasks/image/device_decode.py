@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
+from unipred.tasks.image.decode import decode_image
 
-from unipred.data.accounting import COUNTER, BadSampleCounter, decode_image
+from unipred.data.accounting import COUNTER, BadSampleCounter
 
 _MODES = ("bilinear", "bicubic")  # interpolations F.interpolate shares with PIL
 

@@ -28,8 +28,7 @@ from collections import Counter
 import webdataset as wds
 from PIL import Image
 from unipred.tasks.image.data import read_classes, scan_flat_folder, scan_image_folder
-
-from unipred.data.accounting import decode_image
+from unipred.tasks.image.decode import decode_image
 
 _FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 _FORMAT_KEYS.update({"GIF": "gif", "PPM": "ppm", "MPO": "jpg"})  # MPO: multi-picture JPEG

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 from unipred.tasks.image.data import ShardDataset, is_shard_spec
+from unipred.tasks.image.decode import decode_image
 from unipred.tasks.image.seg_transforms import reduce_zero_label
-
-from unipred.data.accounting import decode_image
 
 log = logging.getLogger(__name__)
 
