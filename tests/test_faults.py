@@ -19,6 +19,7 @@ import torch
 
 import unipred.checkpoint as ckpt_mod
 from unipred.checkpoint import (
+    CheckpointError,
     UnsafeCheckpointError,
     apply_init,
     atomic_torch_save,
@@ -98,10 +99,13 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere(run, tmp_path, legacy,
         lambda: apply_init(cls_model, f"pretrain:{bad}:ema"),
         lambda: ckpt_mod.AtomicCheckpointIO().load_checkpoint(bad),  # Lightning's restore
     ):
-        with pytest.raises(UnsafeCheckpointError) as e:
+        # zip format: refused for naming `exec`; legacy protocol-4 stream: refused by torch's
+        # safe reader at its first frame opcode. Either way one line, nothing run.
+        with pytest.raises(CheckpointError) as e:
             load()
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(str(bad)) and "refused" in msg
+        assert isinstance(e.value, UnsafeCheckpointError) == (not legacy)
     from unipred.cli import main
 
     # eval ckpt=PATH: one line on stderr naming the file, exit code 2
@@ -115,7 +119,7 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere(run, tmp_path, legacy,
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "pytorch_model.bin").write_bytes(bad.read_bytes())
-    with pytest.raises(UnsafeCheckpointError, match="pytorch_model.bin: refused"):
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: .*refused"):
         read_state_dict(hub)
     # visualize --ckpt
     from unipred.visualize import main as vis_main
