@@ -181,3 +181,124 @@ def test_counts_are_summed_over_ranks_without_sync_warnings(tmp_path):
         assert {Path(b["file"]).name for b in e["bad_files"]} == {
             Path(p).name for p, r in corpus.items() if r
         }
+
+
+# --------------------------------------------------------------------------------- audio
+def audio_corpus(root: Path, n_good: int = 6) -> dict[str, str | None]:
+    """root/{a,b}/: good 16 kHz tones plus broken or odd clips -> {relative path: reason}."""
+    from torchcodec.encoders import AudioEncoder
+
+    from unipred.data.spoken_digits import write_wav
+
+    def tone(rate, seconds=0.5, amp=0.3):
+        t = torch.arange(int(rate * seconds)) / rate
+        return amp * torch.sin(2 * torch.pi * 440 * t)
+
+    out = {}
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(n_good):
+        rel = f"{'ab'[i % 2]}/good{i}.wav"
+        write_wav(root / rel, tone(16000))
+        out[rel] = None
+    good = (root / "a/good0.wav").read_bytes()
+    bad = {
+        "a/truncated.wav": ("skipped/truncated", lambda p: p.write_bytes(good[: len(good) // 2])),
+        "b/zero.wav": ("skipped/empty", lambda p: p.write_bytes(b"")),
+        "a/text.wav": ("skipped/corrupt", lambda p: p.write_text("not audio\n" * 50)),
+        # a WAV header declaring 0 channels
+        "b/zero_channels.wav": ("skipped/corrupt", lambda p: p.write_bytes(
+            good[:22] + (0).to_bytes(2, "little") + good[24:])),
+        "a/flac_named.wav": ("converted/wrong_extension", lambda p: AudioEncoder(
+            tone(16000)[None], sample_rate=16000).to_file(str(p.with_suffix(".flac")))
+            or p.with_suffix(".flac").rename(p)),
+        "b/rate_8k.wav": ("converted/resampled", lambda p: write_wav(p, tone(8000), 8000)),
+        "a/rate_96k.wav": ("converted/resampled", lambda p: write_wav(p, tone(96000), 96000)),
+        "b/silence.wav": ("converted/silent", lambda p: write_wav(p, torch.zeros(8000))),
+    }  # fmt: skip
+    for rel, (reason, make) in bad.items():
+        make(root / rel)
+        out[rel] = reason
+    return out
+
+
+def test_audio_corpus_in_a_folder_and_in_shards(tmp_path):
+    pytest.importorskip("torchcodec")
+    import argparse
+
+    from unipred.data.audio import AudioShardDataset, ClipTransform, audio_dataset, pad_collate
+    from unipred.data.audio_pack import add_arguments, pack_audio
+
+    corpus = audio_corpus(tmp_path / "src")
+    tf = ClipTransform(16000, 0.5, 0.5)
+    counter = BadSampleCounter()
+    ds = audio_dataset(str(tmp_path / "src"), tf, counter=counter)
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=pad_collate,
+                                     timeout=120)  # fmt: skip
+    assert sum(len(labels) for _, labels in dl) == len(corpus)  # substitutes keep batches full
+    assert _nonzero(counter.snapshot()) == expected_counts(corpus)
+    assert {(b["reason"], Path(b["file"]).name) for b in counter.bad_files()} == {
+        (r, Path(p).name) for p, r in corpus.items() if r
+    }
+    # shards keeping the original bytes: the same files reach the shard reader
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(tmp_path / "src"), str(tmp_path / "shards"), "--keep-original",
+                         "--shard-size", "4", "--stats-clips", "0"])  # fmt: skip
+    meta = pack_audio(args)
+    packed = {Path(s.split(": ")[0]).name for s in meta["skipped"]}
+    counter = BadSampleCounter()
+    sds = AudioShardDataset(str(tmp_path / "shards"), ClipTransform(16000, 0.5, 0.5, False),
+                            counter=counter)  # fmt: skip
+    list(torch.utils.data.DataLoader(sds, batch_size=None, num_workers=2, timeout=120))
+    want = {k: v for k, v in expected_counts(
+        {p_: r for p_, r in corpus.items() if not any(p_.endswith(n) for n in packed)}).items()}  # fmt: skip
+    got = _nonzero(counter.snapshot())
+    # the packer decodes every clip and leaves out the undecodable ones (listed in meta.json);
+    # of the rest, each is counted by the reader under its reason
+    assert got == want, (got, want, packed)
+
+
+# --------------------------------------------------------------------------------- video
+def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
+    pytest.importorskip("torchcodec")
+    from torchcodec.encoders import AudioEncoder
+
+    from unipred.data.video import ClipTransform, VideoFolder, VideoShardDataset, write_video
+    from unipred.data.video_pack import pack_videos
+
+    root = tmp_path / "src"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    corpus = {}
+    for i in range(4):
+        rel = f"{'ab'[i % 2]}/good{i}.mp4"
+        write_video(root / rel, torch.full((8, 3, 16, 16), 30 * i, dtype=torch.uint8))
+        corpus[rel] = None
+    good = (root / "a/good0.mp4").read_bytes()
+    (root / "a/truncated.mp4").write_bytes(good[: len(good) // 2])
+    corpus["a/truncated.mp4"] = "skipped/corrupt"  # its index (moov) is cut off: unreadable
+    (root / "b/zero.mp4").write_bytes(b"")
+    corpus["b/zero.mp4"] = "skipped/empty"
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "color=c=black:s=16x16:r=8", "-frames:v", "0", "-c:v", "libx264",
+                    str(root / "a/zero_frames.mp4")], check=True, timeout=60)  # fmt: skip
+    # a video stream without a frame: FFmpeg cannot index it, exactly as a file cut before its
+    # index; the decoder tells the two apart by no other sign, so both count as corrupt
+    corpus["a/zero_frames.mp4"] = "skipped/corrupt"
+    AudioEncoder(torch.zeros(1, 8000), sample_rate=16000).to_file(str(root / "b/audio_only.mp4"))
+    corpus["b/audio_only.mp4"] = "skipped/empty"  # no video stream
+    counter = BadSampleCounter()
+    ds = VideoFolder(root, 4, 1, ClipTransform(size=8, scale=1.0), counter=counter)
+    assert len(ds) == len(corpus)
+    dl = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, timeout=120)
+    assert sum(len(labels) for _, labels in dl) == len(corpus)
+    assert _nonzero(counter.snapshot()) == expected_counts(corpus)
+    # packed without checking, every file reaches the shard reader
+    pack_videos(root, tmp_path / "shards", shard_size=3, check=False)
+    counter = BadSampleCounter()
+    sds = VideoShardDataset(str(tmp_path / "shards"), 4, 1, ClipTransform(size=8, scale=1.0),
+                            counter=counter)  # fmt: skip
+    got = list(torch.utils.data.DataLoader(sds, batch_size=None, num_workers=2, timeout=120))
+    assert len(got) == 4
+    assert _nonzero(counter.snapshot()) == expected_counts(corpus)

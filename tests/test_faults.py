@@ -19,6 +19,7 @@ import torch
 
 import unipred.checkpoint as ckpt_mod
 from unipred.checkpoint import (
+    CheckpointError,
     UnsafeCheckpointError,
     apply_init,
     atomic_torch_save,
@@ -74,7 +75,12 @@ def test_our_checkpoints_load_weights_only(run):
     """Every file our runs write loads with torch's weights-only unpickler, allow-list empty."""
     assert ckpt_mod.SAFE_GLOBALS == []
     files = sorted((run / "checkpoints").glob("*.ckpt"))
-    assert len(files) == 3
+    # and nothing else: Lightning's default ModelCheckpoint wrote a second full-size copy
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*.ckpt")) == [
+        "checkpoints/last.ckpt",
+        "checkpoints/step00000002.ckpt",
+        "checkpoints/step00000004.ckpt",
+    ]
     for p in files:
         ck = torch.load(p, map_location="cpu", weights_only=True)
         assert {"state_dict", "ema_state_dict", "rng", "unipred_config", "loops"} <= set(ck)
@@ -98,10 +104,13 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere(run, tmp_path, legacy,
         lambda: apply_init(cls_model, f"pretrain:{bad}:ema"),
         lambda: ckpt_mod.AtomicCheckpointIO().load_checkpoint(bad),  # Lightning's restore
     ):
-        with pytest.raises(UnsafeCheckpointError) as e:
+        # zip format: refused for naming `exec`; legacy protocol-4 stream: refused by torch's
+        # safe reader at its first frame opcode. Either way one line, nothing run.
+        with pytest.raises(CheckpointError) as e:
             load()
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(str(bad)) and "refused" in msg
+        assert isinstance(e.value, UnsafeCheckpointError) == (not legacy)
     from unipred.cli import main
 
     # eval ckpt=PATH: one line on stderr naming the file, exit code 2
@@ -115,7 +124,7 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere(run, tmp_path, legacy,
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "pytorch_model.bin").write_bytes(bad.read_bytes())
-    with pytest.raises(UnsafeCheckpointError, match="pytorch_model.bin: refused"):
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: .*refused"):
         read_state_dict(hub)
     # visualize --ckpt
     from unipred.tasks.image.visualize import main as vis_main
@@ -152,14 +161,14 @@ def test_enospc_mid_write_keeps_the_last_checkpoint_and_resume_works(tmp_path, m
 
     monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
     with pytest.raises(OSError, match="No space left"):
-        fit(tiny(tmp_path, "trainer.ckpt_every_n_steps=2", "trainer.max_epochs=2"))
+        fit(tiny(tmp_path, "trainer.ckpt_every_n_steps=2", "trainer.max_epochs=1"))
     monkeypatch.undo()
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step00000002.ckpt"]
     assert read_checkpoint(folder / "last.ckpt", require_training_state=True)["global_step"] == 2
-    trainer = fit(tiny(tmp_path, "trainer.ckpt_every_n_steps=2", "trainer.max_epochs=2",
+    trainer = fit(tiny(tmp_path, "trainer.ckpt_every_n_steps=2", "trainer.max_epochs=1",
                        "resume=auto"))  # fmt: skip
-    assert trainer.global_step == 8
+    assert trainer.global_step == 4
 
 
 KILLER = r"""

@@ -67,14 +67,17 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "Weights only load failed" in msg or "WeightsUnpickler" in msg:
-            m = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-            n = re.search(r"Unsupported operand (\S+)", msg)
-            what = (f"the object {m.group(1)}" if m else
-                    f"pickle opcode {n.group(1)}" if n else "objects other than tensors")  # fmt: skip
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        if m:  # the pickle names a function or class: refuse, whatever it is
             raise UnsafeCheckpointError(
-                f"{path}: refused: its pickle asks for {what}, which is not plain weights or "
-                "data (loading it could run code; nothing in it was run)"
+                f"{path}: refused: its pickle asks for the object {m.group(1)}, which is not "
+                "plain weights or data (loading it could run code; nothing in it was run)"
+            ) from None
+        n = re.search(r"Unsupported operand (\S+)", msg)
+        if n:  # garbage, or a pickle stream torch's safe reader does not take
+            raise CheckpointError(
+                f"{path}: unreadable checkpoint (not a torch checkpoint of plain data: "
+                f"pickle opcode {n.group(1)} refused; nothing in it was run)"
             ) from None
         raise CheckpointError(
             f"{path}: unreadable checkpoint (UnpicklingError: {_one_line(e)})"

@@ -196,13 +196,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             )
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
+    from unipred.checkpoint import CheckpointError, safe_load
+
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(p))
-        from unipred.checkpoint import CheckpointError, safe_load
-
         obj = safe_load(p)
     except CheckpointError:
         raise  # one line naming the file (refused or unreadable)
