@@ -26,11 +26,10 @@ def test_reasons_are_registered_by_their_modality():
 
 
 def test_a_pickled_counter_keeps_its_columns_whatever_the_worker_registered_first(monkeypatch):
-    import unipred.tasks.image.decode  # noqa: F401
-
     from multiprocessing.reduction import ForkingPickler  # how DataLoader workers get it
 
     import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions)
+    import unipred.tasks.image.decode  # noqa: F401
 
     c = BadSampleCounter()
     blob = bytes(ForkingPickler.dumps(c))

@@ -187,8 +187,7 @@ def test_counts_are_summed_over_ranks_without_sync_warnings(tmp_path):
 def audio_corpus(root: Path, n_good: int = 6) -> dict[str, str | None]:
     """root/{a,b}/: good 16 kHz tones plus broken or odd clips -> {relative path: reason}."""
     from torchcodec.encoders import AudioEncoder
-
-    from unipred.data.spoken_digits import write_wav
+    from unipred.tasks.audio.spoken_digits import write_wav
 
     def tone(rate, seconds=0.5, amp=0.3):
         t = torch.arange(int(rate * seconds)) / rate
@@ -226,8 +225,13 @@ def test_audio_corpus_in_a_folder_and_in_shards(tmp_path):
     pytest.importorskip("torchcodec")
     import argparse
 
-    from unipred.data.audio import AudioShardDataset, ClipTransform, audio_dataset, pad_collate
-    from unipred.data.audio_pack import add_arguments, pack_audio
+    from unipred.tasks.audio.data import (
+        AudioShardDataset,
+        ClipTransform,
+        audio_dataset,
+        pad_collate,
+    )
+    from unipred.tasks.audio.pack import add_arguments, pack_audio
 
     corpus = audio_corpus(tmp_path / "src")
     tf = ClipTransform(16000, 0.5, 0.5)
@@ -263,9 +267,8 @@ def test_audio_corpus_in_a_folder_and_in_shards(tmp_path):
 def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
     pytest.importorskip("torchcodec")
     from torchcodec.encoders import AudioEncoder
-
-    from unipred.data.video import ClipTransform, VideoFolder, VideoShardDataset, write_video
-    from unipred.data.video_pack import pack_videos
+    from unipred.tasks.video.data import ClipTransform, VideoFolder, VideoShardDataset, write_video
+    from unipred.tasks.video.pack import pack_videos
 
     root = tmp_path / "src"
     for c in ("a", "b"):

@@ -101,7 +101,8 @@ def _image_shards(tmp_path, n):
 def test_loader_resumes_a_shard_stream_mid_epoch(tmp_path):
     """The loader and the shard reader alone (no trainer): 3 workers, 12 shards; 4 of 6
     batches consumed, the position saved, a new loader resumes: every sample once."""
-    from unipred.data.images import ShardDataset
+    from unipred.tasks.image.data import ShardDataset
+
     from unipred.loader import build_loader
 
     shards = _image_shards(tmp_path, 48)
