@@ -28,7 +28,8 @@ for arm in arms:
     for path in sorted(glob.glob(f"runs/{name}/{arm}_s*/logs/version_*/metrics.csv")):
         seed = int(re.search(r"_s(\d+)/", path).group(1))
         rows = [r for r in csv.DictReader(open(path)) if r.get("val/acc1")]
-        acc.setdefault(arm, {})[seed] = 100 * float(rows[-1]["val/acc1"])
+        if rows:  # a run still in progress has none yet
+            acc.setdefault(arm, {})[seed] = 100 * float(rows[-1]["val/acc1"])
 seeds = sorted(set.intersection(*(set(v) for v in acc.values())))
 print(f"| {name} | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd |")
 print("|---" * (len(seeds) + 3) + "|")
