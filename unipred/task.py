@@ -156,18 +156,10 @@ def model_tokenizer(cfg) -> tuple[str, dict]:
     return mc.tokenizer, dict(mc.tokenizer_args)
 
 
-def model_shape(cfg) -> tuple[str, Any, int]:
-    """(tokenizer name, patch size, in_chans) of the config's model (image/video tokenizers'
-    defaults where the args leave them out)."""
-    name, args = model_tokenizer(cfg)
-    default_patch = 16 if name == "video" else 14
-    return name, args.get("patch_size", default_patch), int(args.get("in_chans", 3))
-
-
-def check_tokenizer(tokenizer: str, want: str, model_name: str) -> None:
-    """The task's modality vs the model's tokenizer (only the three known kinds are judged)."""
-    known = ("image", "audio", "video")
-    if tokenizer in known and tokenizer != want:
+def check_tokenizer(tokenizer: str, want: str, model_name: str, judged=()) -> None:
+    """The model's tokenizer vs the one the task reads (tokenizers outside ``judged``, e.g. a
+    plugin's, are not judged)."""
+    if tokenizer in judged and tokenizer != want:
         raise ValueError(
             f"model.name={model_name!r} uses the {tokenizer!r} tokenizer but this task reads "
             f"{want} data; pick an {want} model (`unipred list`) or set model.tokenizer={want}"

@@ -169,11 +169,14 @@ def build_audio_dataset(cfg, split: str, augment: bool | None = None):
     return ds
 
 
+KNOWN_TOKENIZERS = ("image", "audio", "video")  # a plugin's tokenizer is not judged
+
+
 def check_audio_config(cfg) -> None:
     """Shape mistakes of an audio config: tokenizer kind, mel bins vs the frequency patch,
     the tokenizer's sample rate vs data.sample_rate (one line each, before anything is built)."""
     name, args = model_tokenizer(cfg)
-    check_tokenizer(name, "audio", cfg.model.name)
+    check_tokenizer(name, "audio", cfg.model.name, KNOWN_TOKENIZERS)
     if name != "audio":
         return
     patch = args.get("patch_size", 16)

@@ -23,7 +23,26 @@ import numpy as np
 from PIL import Image
 
 from unipred.data.accounting import COUNTER
-from unipred.task import check_patch, check_tokenizer, model_shape  # noqa: F401 (re-exported)
+from unipred.task import check_patch, model_tokenizer
+from unipred.task import check_tokenizer as _check_tokenizer
+
+# the tokenizers of the three modality folders; a plugin's tokenizer is not judged
+KNOWN_TOKENIZERS = ("image", "audio", "video")
+
+
+def check_tokenizer(tokenizer: str, want: str, model_name: str) -> None:
+    """The task's modality vs the model's tokenizer (only the three known kinds are judged)."""
+    _check_tokenizer(tokenizer, want, model_name, KNOWN_TOKENIZERS)
+
+
+def model_shape(cfg) -> tuple[str, object, int]:
+    """(tokenizer name, patch size, in_chans) of the config's model (the image tokenizer's
+    defaults where the args leave them out)."""
+    name, args = model_tokenizer(cfg)
+    return name, args.get("patch_size", 14), int(args.get("in_chans", 3))
+
+
+__all__ = ["check_patch", "check_tokenizer", "model_shape"]
 
 GREY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "LA", "La")
 

@@ -143,12 +143,15 @@ def _transform(d: VideoData, train: bool) -> ClipTransform:
     return ClipTransform(d.image_size, train, d.resize_scale, d.hflip, tuple(d.mean), tuple(d.std))
 
 
+KNOWN_TOKENIZERS = ("image", "audio", "video")  # a plugin's tokenizer is not judged
+
+
 def check_video_config(cfg) -> None:
     """Shape mistakes of a video config: tokenizer kind, crop vs patch, frames vs tubelet,
     normalisation vs channels (one line each, before anything is built)."""
     d = cfg.data
     name, args = model_tokenizer(cfg)
-    check_tokenizer(name, "video", cfg.model.name)
+    check_tokenizer(name, "video", cfg.model.name, KNOWN_TOKENIZERS)
     if name != "video":
         return
     check_patch(d.image_size, args.get("patch_size", 16), "data.image_size")
