@@ -128,3 +128,26 @@ def test_resume_on_another_world_size_skips_the_same_samples():
         ld.sampler.set_epoch(2)
         rest += list(ld.sampler)
     assert sorted(seen + rest) == data
+
+
+def test_resume_refuses_a_changed_recipe_and_never_overwrites_the_original(tmp_path):
+    import json
+
+    from unipred.config import RecipeError
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(cfg_for(run, "trainer.max_epochs=1"), callbacks=[Kill(3)])
+    original = (run / "config.yaml").read_text()
+    with pytest.raises(RecipeError) as e:
+        fit(cfg_for(run, "trainer.max_epochs=2", "optim.blr=0.1", "resume=auto"))
+    msg = str(e.value)
+    assert "trainer.max_epochs: 1 -> 2" in msg and "optim.blr: 0.03 -> 0.1" in msg
+    assert "resume_allow_changes=true" in msg and "\n" not in msg
+    # hardware and logging may change freely; a recipe change only when allowed
+    fit(cfg_for(run, "trainer.max_epochs=2", "resume=auto", "resume_allow_changes=true",
+                "data.num_workers=0", "trainer.log_every_n_steps=3"))  # fmt: skip
+    assert (run / "config.yaml").read_text() == original
+    records = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["recipe_changes"] == ["trainer.max_epochs: 1 -> 2"]
+    assert records[0]["resumed_from"].endswith(".ckpt")

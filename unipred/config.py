@@ -143,6 +143,9 @@ class RunConfig:
     run_dir: str = ""  # "" = runs/<task>
     seed: int = 1337
     resume: str = ""  # "" | "auto" (newest valid ckpt in run_dir) | a checkpoint path
+    # a resume that changes the recipe (length, batch, lr, schedule, model, ...) is refused
+    # with the differences listed, unless this is true
+    resume_allow_changes: bool = False
     ckpt: str = ""  # weights for `unipred eval`
 
 
@@ -454,3 +457,33 @@ def to_yaml(cfg) -> str:
 
 def to_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+# what a resumed run may not change silently: everything that defines the recipe. Hardware,
+# data locations, workers, logging and checkpoint cadence may change between restarts.
+RECIPE_KEYS = ("task", "seed", "model", "optim", "ema.enabled", "ema.decay", "trainer.global_batch",
+               "trainer.max_steps", "trainer.max_epochs", "trainer.limit_train_batches",
+               "trainer.precision")  # fmt: skip
+
+
+def _flat(d, prefix=""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _flat(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], d
+
+
+def recipe_changes(saved: dict, cfg) -> list[str]:
+    """``["trainer.max_steps: 1500 -> 1000", ...]``: the recipe keys where ``cfg`` differs
+    from the config a checkpoint was saved with."""
+    now = dict(_flat(to_dict(cfg)))
+    before = dict(_flat(saved))
+    out = []
+    for key in sorted(set(now) | set(before)):
+        if not any(key == r or key.startswith(r + ".") for r in RECIPE_KEYS):
+            continue
+        a, b = before.get(key, "<absent>"), now.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: {_short(a)} -> {_short(b)}")
+    return out

@@ -17,7 +17,7 @@ from torch import nn
 
 from unipred import optim
 from unipred.callbacks import EMA
-from unipred.config import RecipeError, batch_plan, to_dict  # noqa: F401  (re-exported)
+from unipred.config import RecipeError, batch_plan, recipe_changes, to_dict  # noqa: F401
 from unipred.loader import build_loader
 from unipred.registry import TASKS
 from unipred.threads import threads_for_run
@@ -240,6 +240,18 @@ def _threads(cfg) -> None:
         print(f"[unipred] {line}", flush=True)
 
 
+def _append_resume_record(out: Path, ckpt, changes: list[str], cfg) -> None:
+    import json
+    import time
+
+    from unipred.config import to_yaml
+
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from": str(ckpt),
+              "recipe_changes": changes, "config": to_yaml(cfg)}  # fmt: skip
+    with open(out / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def fit(cfg, callbacks=(), task=None) -> L.Trainer:
     """Train ``cfg`` (a validated RunConfig); resumes per ``cfg.resume``. ``task`` may be a
     ready Task instance (benchmarks, notebooks); by default ``cfg.task`` is built."""
@@ -255,8 +267,15 @@ def fit(cfg, callbacks=(), task=None) -> L.Trainer:
         ckpt = find_resume_checkpoint(cfg.run_dir)
     elif cfg.resume:
         ckpt = Path(cfg.resume)
+    changes = []
     if ckpt is not None:
-        validate_resume(ckpt, lit)
+        saved = validate_resume(ckpt, lit).get("unipred_config")
+        changes = recipe_changes(saved, cfg) if saved else []
+        if changes and not cfg.resume_allow_changes:
+            raise RecipeError(
+                f"resuming {ckpt} would change the recipe: {'; '.join(changes)} "
+                "(set resume_allow_changes=true to accept, or use a new run_dir)"
+            )
     out = run_dir(cfg)
 
     class _Recipe(L.Callback):
@@ -264,15 +283,18 @@ def fit(cfg, callbacks=(), task=None) -> L.Trainer:
             if trainer.is_global_zero:
                 r = {**pl_module.recipe, "resumed_from": str(ckpt) if ckpt else None}
                 print(format_recipe(r), flush=True)
-                if not cfg.trainer.fast_dev_run:
-                    save_recipe(r, out / "recipe.json")
+                if not cfg.trainer.fast_dev_run and not (ckpt and (out / "recipe.json").exists()):
+                    save_recipe(r, out / "recipe.json")  # the original is never overwritten
 
     trainer = build_trainer(cfg, lit, [*callbacks, _Recipe()])
     # model init is identical on every rank; the training randomness differs per rank
     L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        if ckpt is None or not (out / "config.yaml").exists():
+            (out / "config.yaml").write_text(to_yaml(cfg))
+        if ckpt is not None:  # a resumed run appends a record; the original files stay
+            _append_resume_record(out, ckpt, changes, cfg)
     trainer.fit(lit, ckpt_path=str(ckpt) if ckpt else None)
     return trainer
 
