@@ -95,7 +95,7 @@ class EvalSettings:
     knn: KNNSettings = field(default_factory=KNNSettings)
     linear: ProbeSettings = field(default_factory=ProbeSettings)
     attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
-    layers: ProbeSettings = field(default_factory=lambda: ProbeSettings(epochs=30))
+    layers: ProbeSettings = field(default_factory=ProbeSettings)  # the linear probe's recipe
     features: FeatureSettings = field(default_factory=FeatureSettings)
 
 
