@@ -157,6 +157,8 @@ def model_card(model, cfg: dict, training_config=None, recipe=None, evaluation=N
         "",
     ]
     if evaluation and evaluation.get("rows"):
+        from unipred.protocols import row_details
+
         lines += [
             "Frozen-backbone protocols of `unipred evaluate-suite` on this checkpoint "
             f"({evaluation.get('meta', {}).get('config', '')}):",
@@ -165,11 +167,7 @@ def model_card(model, cfg: dict, training_config=None, recipe=None, evaluation=N
             "|---|---|---|---|---|",
         ]
         for r in evaluation["rows"]:
-            det = (
-                r.get("best_layer")
-                and f"best layer: {r['best_layer']}"
-                or (f"k={r['k']}, T={r['temperature']}" if r["protocol"] == "knn" else "")
-            )
+            det = row_details(r)
             lines.append(f"| {r['protocol']} | {r['weights']} | {100 * r['top1']:.2f} % | "
                          f"{100 * r['top5']:.2f} % | {det} |")  # fmt: skip
     else:

@@ -95,7 +95,7 @@ class EvalSettings:
     knn: KNNSettings = field(default_factory=KNNSettings)
     linear: ProbeSettings = field(default_factory=ProbeSettings)
     attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
-    layers: ProbeSettings = field(default_factory=lambda: ProbeSettings(epochs=30))
+    layers: ProbeSettings = field(default_factory=ProbeSettings)  # the linear probe's recipe
     features: FeatureSettings = field(default_factory=FeatureSettings)
 
 
@@ -700,6 +700,17 @@ def format_row(r: dict) -> str:
             f"top-5 {100 * r['top5']:6.2f} %  ({r['seconds']:.1f} s){extra}")  # fmt: skip
 
 
+def row_details(r: dict) -> str:
+    """The "details" cell of a results row."""
+    if r["protocol"] == "knn":
+        return f"k={r['k']}, T={r['temperature']}"
+    if r["protocol"] == "layers":
+        return f"best: {r['best_layer']}"
+    if r["protocol"] in ("linear", "attentive"):
+        return f"{r['epochs']} epochs, lr {r['lr']}"
+    return r.get("run_dir", "")
+
+
 def results_markdown(results: dict) -> str:
     m = results.get("meta", {})
     lines = [
@@ -713,14 +724,7 @@ def results_markdown(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
-        if r["protocol"] == "knn":
-            det = f"k={r['k']}, T={r['temperature']}"
-        elif r["protocol"] == "layers":
-            det = f"best: {r['best_layer']}"
-        elif r["protocol"] in ("linear", "attentive"):
-            det = f"{r['epochs']} epochs, lr {r['lr']}"
-        else:
-            det = r.get("run_dir", "")
+        det = row_details(r)
         lines.append(f"| {r['protocol']} | {r['weights']} | {100 * r['top1']:.2f} % | "
                      f"{100 * r['top5']:.2f} % | {det} | {r['seconds']:.1f} |")  # fmt: skip
     for r in results["rows"]:
