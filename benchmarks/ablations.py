@@ -167,7 +167,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from unipred.demos import set_threads
+    from unipred.threads import set_threads
     from unipred.tasks.image.demo import _quiet, data_root
 
     _quiet()
