@@ -167,8 +167,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from unipred.threads import set_threads
     from unipred.tasks.image.demo import _quiet, data_root
+
+    from unipred.threads import set_threads
 
     _quiet()
     names = [n for n in args.only.split(",") if n] or list(SETTINGS)

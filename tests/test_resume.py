@@ -151,3 +151,18 @@ def test_resume_refuses_a_changed_recipe_and_never_overwrites_the_original(tmp_p
     records = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["recipe_changes"] == ["trainer.max_epochs: 1 -> 2"]
     assert records[0]["resumed_from"].endswith(".ckpt")
+
+
+def test_eval_writes_beside_the_checkpoint_not_into_the_yaml_run_dir(tmp_path, capsys):
+    from unipred.cli import main
+
+    run = tmp_path / "train"
+    fit(cfg_for(run, "trainer.max_epochs=1"))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    other = tmp_path / "someone_elses_run"
+    args = [f"run_dir={other}", "data.image_size=16", "data.val_samples=8",
+            "trainer.loggers=[csv]", "trainer.progress_bar=false"]  # fmt: skip
+    assert main(["eval", str(TINY), f"ckpt={ckpt}", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"logs in {run / 'eval'}" in out and "val/loss:" in out
+    assert not other.exists() and (run / "eval").is_dir()

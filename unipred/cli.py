@@ -182,7 +182,12 @@ def cmd_eval(argv: list[str]) -> int:
         run_protocols(cfg, settings, [settings.protocol])
         return 0
     from unipred.engine import evaluate
+    from unipred.protocols import suite_folder
 
+    # logs go beside the checkpoint (its run folder's eval/), never into the run_dir of the
+    # YAML, which is usually someone's training run
+    cfg.run_dir = str(suite_folder(cfg.ckpt or cfg.model.init.split(":", 1)[-1], settings.out))
+    print(f"unipred eval: logs in {cfg.run_dir}", flush=True)
     for k, v in sorted(evaluate(cfg).items()):
         print(f"{k}: {v:.6g}")
     return 0
