@@ -363,3 +363,24 @@ def test_spread_sees_rows_shrinking_to_one_vector_that_the_rank_misses():
         mon.on_train_batch_end(
             _Trainer(), _Lit, {"logs": {f"collapse/{k}": v for k, v in shrunk.items()}}, None, 0
         )
+
+
+def test_ablation_settings_are_valid_configs_and_the_table_prints():
+    """Every setting of benchmarks/ablations.py loads as a config and builds its model."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
+    spec = importlib.util.spec_from_file_location("ablations", path)
+    abl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(abl)
+    for name, (_, arch, pre) in abl.SETTINGS.items():
+        cfg = load_config("configs/demo/fmnist_pretrain.yaml", [*arch, *pre], check_paths=False)
+        NEPA(build_model_config(cfg.model, head=None))  # builds: the keys are real switches
+        assert arch or pre or name == "default"
+    row = {"name": "no_shift", "loss": -0.99, "erank_pred": 10.0, "erank_target": 5.0,
+           "spread_pred": 0.8, "spread_target": 0.7, "min_spread": 0.6, "warned_at": 30,
+           "warnings": 2, "probe": 0.36, "finetune": 0.19}  # fmt: skip
+    text = abl.table([row, {"name": "random_init", "probe": 0.5, "finetune": 0.3}])
+    assert "| no shift (`no_shift`) | -0.9900 |" in text and "30 (2x)" in text
+    assert "| random init, no pretraining (`random_init`) | - |" in text
