@@ -166,3 +166,15 @@ def test_eval_writes_beside_the_checkpoint_not_into_the_yaml_run_dir(tmp_path, c
     out = capsys.readouterr().out
     assert f"logs in {run / 'eval'}" in out and "val/loss:" in out
     assert not other.exists() and (run / "eval").is_dir()
+
+
+def test_collapse_metrics_are_logged_at_their_own_period_once_each(tmp_path):
+    import csv
+
+    # 6 steps per epoch, logging every 25 steps, collapse statistics every 4
+    run = tmp_path / "run"
+    fit(cfg_for(run, "trainer.loggers=[csv]", "trainer.log_every_n_steps=25",
+                "trainer.collapse_every_n_steps=4"))  # fmt: skip
+    rows = list(csv.DictReader(open(next(run.glob("logs/version_*/metrics.csv")))))
+    steps = [int(r["step"]) for r in rows if r.get("train/collapse/erank")]
+    assert steps == [0, 4, 8], steps  # 12 optimizer steps: checked at 0, 4, 8, each once

@@ -239,7 +239,18 @@ class CollapseMonitor(Callback):
         self.first_step: int | None = None  # optimizer step of the first warning
         self.stopped_step: int | None = None
         self.history: list[dict] = []  # every check: step and the statistics seen
-        self._step = 0
+        self._step, self._logged = 0, None
+
+    def _log(self, trainer, logs: dict) -> None:
+        """Straight to the loggers, once per checked step: Lightning's own ``log`` would keep
+        them only on steps that fall on ``trainer.log_every_n_steps`` (none at all when an
+        epoch is shorter than that interval)."""
+        if not trainer.is_global_zero or self._logged == self._step:
+            return
+        self._logged = self._step
+        metrics = {f"train/{k}": float(v) for k, v in logs.items() if k.startswith("collapse/")}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if hasattr(pl_module.task, "want_stats"):
@@ -263,6 +274,7 @@ class CollapseMonitor(Callback):
                 )
         if len(seen) > 1:
             self.history.append(seen)
+            self._log(trainer, logs)
         if not bad:
             return
         step = self._step

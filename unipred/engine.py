@@ -80,7 +80,8 @@ class LitTask(L.LightningModule):
         loss, logs = self.task.training_step(self.model, batch)
         bs = self.task.batch_size(batch)
         for k, v in logs.items():
-            self.log(f"train/{k}", v, batch_size=bs)  # shown by callbacks.progress_bar
+            if not k.startswith("collapse/"):  # CollapseMonitor logs those at its own period
+                self.log(f"train/{k}", v, batch_size=bs)  # shown by callbacks.progress_bar
         self.log("lr", max(g["lr"] for g in self.trainer.optimizers[0].param_groups), batch_size=bs)
         return {"loss": loss, "logs": logs}
 
