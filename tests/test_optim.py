@@ -1,5 +1,5 @@
 """Optimizer groups, weight-decay rules, LLRD exponents, freezing and per-group lr schedules,
-checked against the formulas of shared/reference/nepa-recipe.md sections 8 and 10."""
+checked against the formulas of the official release's pretraining and fine-tuning scripts."""
 
 import math
 

@@ -1,6 +1,6 @@
 """AdamW / LARS parameter groups, layer-wise lr decay (LLRD), freezing and lr schedules.
 
-Follows the official NEPA release (shared/reference/nepa-recipe.md sections 8 and 10):
+Follows the official NEPA release (SihanXU/nepa: run_nepa.py and its fine-tuning script):
 
 * no weight decay for biases, every norm (incl. QK-norm, fc_norm) and LayerScale, i.e. every
   parameter with ndim <= 1 or owned by a norm layer; the 3-D ``cls_token`` is decayed;
