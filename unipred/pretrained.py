@@ -77,6 +77,14 @@ def config_from_dict(d: dict, source: str = CONFIG):
     unknown = sorted(set(pred) - pfields)
     if unknown:
         raise PretrainedError(f"{source}: unknown predictor key(s) {unknown} (newer unipred?)")
+    if isinstance(body.get("objective"), dict):  # the pretraining objective's switches
+        from unipred.objectives import ObjectiveConfig
+
+        ofields = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+        bad = sorted(set(body["objective"]) - ofields)
+        if bad:
+            raise PretrainedError(f"{source}: unknown objective key(s) {bad} (newer unipred?)")
+        body["objective"] = ObjectiveConfig(**body["objective"])
     return ModelConfig(**{**body, "predictor": PredictorConfig(**pred)})
 
 
