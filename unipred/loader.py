@@ -6,7 +6,7 @@ skip the samples a resumed run has already consumed.
 
 Streaming data (``IterableDataset``): exact resumption is the :class:`ResumableStream`
 contract below, which every streaming reader the project ships implements
-(``unipred.tasks.image.data.ShardDataset`` and its audio, video and segmentation subclasses). A
+(``unipred.data.shards.ShardReader``: the image, audio, video and segmentation shard readers). A
 stream without it still trains, but a resumed epoch restarts its stream (the loader warns).
 Workers of streaming loaders are not persistent, so the epoch and resume position reach them
 at every epoch start.

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from unipred.tasks.image.data import _SILENT, ShardDataset, is_shard_spec
 
 from unipred.data.accounting import (
     COUNTER,
@@ -40,6 +39,7 @@ from unipred.data.accounting import (
     reason_of,
     register_reasons,
 )
+from unipred.data.shards import _SILENT, ShardReader, is_shard_spec
 from unipred.extras import require
 
 # conversions only audio makes (the skip reasons are the core's)
@@ -312,11 +312,11 @@ class AudioFolder(Dataset):
         )
 
 
-class AudioShardDataset(ShardDataset):
+class AudioShardDataset(ShardReader):
     """Streaming clips from webdataset shards (pattern, folder, ``pipe:`` or URL).
 
     Shard splitting, per-epoch reshuffling and the per-rank quota are the image reader's
-    (:class:`unipred.tasks.image.data.ShardDataset`); only decoding differs.
+    (:class:`unipred.data.shards.ShardReader`); only decoding differs.
     """
 
     def __init__(self, spec: str, transform: ClipTransform, shuffle_buffer: int = 1000,

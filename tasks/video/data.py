@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
-from unipred.tasks.image.data import _SILENT, ShardDataset, is_shard_spec
 
 from unipred.data.accounting import COUNTER, BadSampleCounter, SkipSample
+from unipred.data.shards import _SILENT, ShardReader, is_shard_spec
 from unipred.extras import require
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -202,11 +202,11 @@ class VideoFolder(Dataset):
         )
 
 
-class VideoShardDataset(ShardDataset):
+class VideoShardDataset(ShardReader):
     """Streaming clips from webdataset shards (local pattern, folder, ``pipe:`` or URL).
 
     Shard splitting over ranks and workers, per-epoch reshuffling and the per-rank sample
-    quota are the image reader's (:class:`unipred.tasks.image.data.ShardDataset`); only the
+    quota are the image reader's (:class:`unipred.data.shards.ShardReader`); only the
     decoding differs. Items are (clip (C, T, H, W), label) with label -1 when absent.
     """
 
