@@ -135,7 +135,7 @@ def _check_outputs(out: Path) -> dict:
     return info
 
 
-def test_demo_tiny_end_to_end(tmp_path):
+def test_demo_tiny_end_to_end(tmp_path, capsys):
     """The whole demo (all five engine runs, table, plots) on generated data, tiny plan."""
     from unipred.tasks.image.demo import main
 
@@ -143,8 +143,10 @@ def test_demo_tiny_end_to_end(tmp_path):
             "--train-images", "1024", "--test-images", "64", "--labels-per-class", "5",
             "--finetune-steps", "1", "--probe-epochs", "1"]  # fmt: skip
     assert main(argv) == 0
+    assert capsys.readouterr().out.count("effective recipe:") == 1  # not once per stage
     info = _check_outputs(tmp_path)
     assert info["plan"]["pretrain_steps"] == 2 and info["data"] == "generated"
+    assert all((tmp_path / s / "recipe.json").is_file() for s in ("pretrain", "probe_nepa"))
 
 
 def test_demo_missing_data_message(tmp_path, capsys):

@@ -253,9 +253,11 @@ def _append_resume_record(out: Path, ckpt, changes: list[str], cfg) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def fit(cfg, callbacks=(), task=None) -> L.Trainer:
+def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
     """Train ``cfg`` (a validated RunConfig); resumes per ``cfg.resume``. ``task`` may be a
-    ready Task instance (benchmarks, notebooks); by default ``cfg.task`` is built."""
+    ready Task instance (benchmarks, notebooks); by default ``cfg.task`` is built. The
+    effective recipe is printed unless ``show_recipe`` is False (a demo's later stages) and
+    always saved to ``run_dir/recipe.json``."""
     from unipred.callbacks import format_recipe, save_recipe
     from unipred.checkpoint import find_resume_checkpoint, validate_resume
     from unipred.config import to_yaml
@@ -283,7 +285,8 @@ def fit(cfg, callbacks=(), task=None) -> L.Trainer:
         def on_train_start(self, trainer, pl_module):
             if trainer.is_global_zero:
                 r = {**pl_module.recipe, "resumed_from": str(ckpt) if ckpt else None}
-                print(format_recipe(r), flush=True)
+                if show_recipe:
+                    print(format_recipe(r), flush=True)
                 if not cfg.trainer.fast_dev_run and not (ckpt and (out / "recipe.json").exists()):
                     save_recipe(r, out / "recipe.json")  # the original is never overwritten
 

@@ -58,7 +58,7 @@ def _fit(config: str, overrides: list[str]) -> dict[str, float]:
     from unipred.engine import fit
 
     cfg = load_config(CONFIGS / config, overrides)
-    trainer = fit(cfg)
+    trainer = fit(cfg, show_recipe="pretrain" in config)  # the others: recipe.json
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 

@@ -110,7 +110,7 @@ class Demo:
             shutil.rmtree(run)
         cfg = load_config(CONFIGS / config, [*self.common, f"run_dir={run}", *overrides])
         t0, c0 = time.time(), time.process_time()
-        trainer = fit(cfg)
+        trainer = fit(cfg, show_recipe=name == "pretrain")  # the others: recipe.json
         self.times[name], self.cpu[name] = time.time() - t0, time.process_time() - c0
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         self.speed[name] = _mean_speed(run)
