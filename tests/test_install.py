@@ -176,3 +176,16 @@ def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path):
         pytest.skip("Debian's dataset-fashion-mnist is not installed (make test installs it)")
     assert demo.returncode == 0, (demo.stdout + demo.stderr)[-3000:]
     assert (work / "demo" / "results.md").is_file()
+
+
+def test_every_recipe_folder_ships_in_the_wheel():
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]
+    folders = sorted(
+        p.name for p in (ROOT / "configs").iterdir() if p.is_dir() and p.name[0] != "_"
+    )
+    missing = [f for f in folders if f"unipred.configs.{f}" not in packages]
+    assert not missing, f"add unipred.configs.<folder> to pyproject's packages: {missing}"
