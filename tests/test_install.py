@@ -43,33 +43,20 @@ EXTRA_FILES = ("torchaudio", "torchcodec", "matplotlib", "mpl_toolkits", "pylab"
                "scikit_video")  # fmt: skip
 
 
-def _site_packages() -> Path:
-    return next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
-
-
-def env_without_extras(tmp_path: Path) -> Path:
+def env_without_extras(tmp_path: Path, throwaway_env) -> Path:
     """A fresh interpreter whose packages are this environment's minus the optional extras (as
     if installed without them), unipred included as installed here. Returns its python."""
     filtered = tmp_path / "site"
     filtered.mkdir()
-    for entry in _site_packages().iterdir():
+    for entry in throwaway_env.site_packages.iterdir():
         if not entry.name.startswith(EXTRA_FILES):
             (filtered / entry.name).symlink_to(entry)
-    env_dir = tmp_path / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
-    py = env_dir / "bin" / "python"
-    purelib = subprocess.run(
-        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    # a .pth line that imports site.addsitedir runs the folder's own .pth files (the editable
-    # install's finder among them)
-    Path(purelib, "deps.pth").write_text(f"import site; site.addsitedir({str(filtered)!r})\n")
-    return py
+    # addsitedir runs the folder's own .pth files (the editable install's finder among them)
+    return throwaway_env(f"import site; site.addsitedir({str(filtered)!r})")
 
 
-def test_image_path_works_without_audio_video_or_plot_libraries(tmp_path):
-    py = env_without_extras(tmp_path)
+def test_image_path_works_without_audio_video_or_plot_libraries(tmp_path, throwaway_env):
+    py = env_without_extras(tmp_path, throwaway_env)
     code = f"""
     import sys
     import unipred, unipred.hub
@@ -126,7 +113,7 @@ def test_packaged_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatc
         find_config("demo/fmnist_pretrian")
 
 
-def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path):
+def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path, throwaway_env):
     """Build the wheel, install it (not editable) into a throwaway environment that reuses the
     installed dependencies, and run the commands a newcomer runs, from an empty folder."""
     dist = tmp_path / "dist"
@@ -142,16 +129,10 @@ def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path):
     assert "unipred/py.typed" in names and any(n.endswith("licenses/LICENSE") for n in names)
     assert not any(n.startswith(("tokenizers/", "tasks/", "configs/")) for n in names)
 
-    env_dir = tmp_path / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
-    py = env_dir / "bin" / "python"
-    site = subprocess.run(
-        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
     # the dependencies come from this environment's site-packages; a plain path entry does not
     # run that folder's .pth files, so the editable unipred of the checkout stays invisible
-    Path(site, "deps.pth").write_text(f"{_site_packages()}\n")
+    py = throwaway_env(str(throwaway_env.site_packages))
+    env_dir = py.parent.parent
     subprocess.run(
         [str(py), "-m", "pip", "install", "-q", "--no-index", str(wheel)],
         check=True, capture_output=True, timeout=300,

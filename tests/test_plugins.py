@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,24 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = Path(__file__).resolve().parent / "plugin_pkg"
 
 
-def _site_packages() -> Path:
-    return next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
-
-
-def plugin_env(tmp_path: Path) -> Path:
+def plugin_env(tmp_path: Path, throwaway_env) -> Path:
     """A fresh venv seeing this environment's packages (unipred included, editable or not),
     with the toy plugin installed into it alone. Returns its python."""
-    env_dir = tmp_path / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
-    py = env_dir / "bin" / "python"
-    purelib = subprocess.run(
-        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    # site.addsitedir also runs the folder's .pth files (an editable unipred's finder among them)
-    Path(purelib, "deps.pth").write_text(
-        f"import site; site.addsitedir({str(_site_packages())!r})\n"
-    )
+    py = throwaway_env(f"import site; site.addsitedir({str(throwaway_env.site_packages)!r})")
     src = tmp_path / "plugin_src"  # a copy: the build must not litter tests/ with build files
     shutil.copytree(PKG, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     r = subprocess.run(
@@ -59,9 +44,9 @@ def _unipred(py: Path, args: list[str], cwd: Path):
 
 
 def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_when_used(
-    tmp_path,
+    tmp_path, throwaway_env
 ):
-    py = plugin_env(tmp_path)
+    py = plugin_env(tmp_path, throwaway_env)
     work = tmp_path / "work"  # an unrelated folder: nothing is found through the cwd
     work.mkdir()
 
