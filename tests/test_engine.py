@@ -116,8 +116,8 @@ def test_collapse_stats_and_warning():
     assert healthy["erank"] > 20 and collapsed["erank"] < 1.5
     mon = CollapseMonitor(10, dim=32)
 
-    class T:
-        global_step = 10
+    class T:  # the parts of a Lightning Trainer the monitor reads
+        global_step, is_global_zero, loggers = 10, True, []
 
     with pytest.warns(UserWarning, match="collapsing"):
         mon.on_train_batch_end(

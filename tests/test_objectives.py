@@ -318,9 +318,11 @@ def test_pretrained_objective_parameters_are_dropped_for_finetuning(tmp_path):
 
 
 # ---------------------------------------------------------------------- collapse monitor
-class _Trainer:
+class _Trainer:  # the parts of a Lightning Trainer the monitor reads
     global_step = 0
     should_stop = False
+    is_global_zero = True
+    loggers: list = []
 
 
 class _Lit:

@@ -245,12 +245,11 @@ class CollapseMonitor(Callback):
         """Straight to the loggers, once per checked step: Lightning's own ``log`` would keep
         them only on steps that fall on ``trainer.log_every_n_steps`` (none at all when an
         epoch is shorter than that interval)."""
-        loggers = getattr(trainer, "loggers", None) or []
-        if not loggers or not trainer.is_global_zero or self._logged == self._step:
+        if not trainer.is_global_zero or self._logged == self._step:
             return
         self._logged = self._step
         metrics = {f"train/{k}": float(v) for k, v in logs.items() if k.startswith("collapse/")}
-        for logger in loggers:
+        for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

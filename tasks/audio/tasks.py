@@ -211,8 +211,23 @@ _SMOKE = {"model.name": "nepa_audio_debug", "trainer.global_batch": 4, "data.num
           "data.digits_dir": str(Path(tempfile.gettempdir()) / "unipred-audio-smoke")}  # fmt: skip
 
 
+class _AudioClips:
+    """What both audio tasks share: padded clip batches, unaugmented features for the
+    evaluation protocols, the smoke-test overrides."""
+
+    def feature_dataset(self, split):
+        return build_audio_dataset(self.cfg, split, augment=False), pad_collate
+
+    def collate_fn(self, split):
+        return pad_collate
+
+    @classmethod
+    def smoke_config(cls):
+        return dict(_SMOKE)
+
+
 @TASKS.register("audio_pretrain")
-class AudioPretrain(PretrainTask):
+class AudioPretrain(_AudioClips, PretrainTask):
     """Next-embedding pretraining on log-mel patches (time-major order, 2-D RoPE)."""
 
     data_config = AudioData
@@ -229,19 +244,9 @@ class AudioPretrain(PretrainTask):
     def build_dataset(self, split):
         return build_audio_dataset(self.cfg, split)
 
-    def feature_dataset(self, split):
-        return build_audio_dataset(self.cfg, split, augment=False), pad_collate
-
-    def collate_fn(self, split):
-        return pad_collate
-
-    @classmethod
-    def smoke_config(cls):
-        return dict(_SMOKE)
-
 
 @TASKS.register("audio_classify")
-class AudioClassify(ClassifyTask):
+class AudioClassify(_AudioClips, ClassifyTask):
     """Clip classification: mean-pooled head (fine-tune), or ``model.head=probe`` with the
     backbone frozen by ``optim.freeze`` (linear probe; see configs/audio/*probe*.yaml)."""
 
@@ -269,13 +274,3 @@ class AudioClassify(ClassifyTask):
 
     def build_dataset(self, split):
         return self.label_budget(build_audio_dataset(self.cfg, split), split)
-
-    def feature_dataset(self, split):
-        return build_audio_dataset(self.cfg, split, augment=False), pad_collate
-
-    def collate_fn(self, split):
-        return pad_collate
-
-    @classmethod
-    def smoke_config(cls):
-        return dict(_SMOKE)
