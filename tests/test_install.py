@@ -116,10 +116,17 @@ def test_packaged_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatc
 def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path, throwaway_env):
     """Build the wheel, install it (not editable) into a throwaway environment that reuses the
     installed dependencies, and run the commands a newcomer runs, from an empty folder."""
-    dist = tmp_path / "dist"
+    # build from a copy without build/: setuptools reuses a checkout's build/lib, and a stale
+    # one (modules since moved or deleted) would land in the wheel
+    import shutil
+
+    src, dist = tmp_path / "src", tmp_path / "dist"
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info",
+                                  "__pycache__", ".pytest_cache", ".ruff_cache", "examples")  # fmt: skip
+    shutil.copytree(ROOT, src, ignore=skip)
     subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist)],
-        cwd=ROOT, check=True, capture_output=True, timeout=300,
+        cwd=src, check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     wheel = next(dist.glob("unipred-*.whl"))
     import zipfile
