@@ -26,6 +26,11 @@ def test_audio_demo_tiny_plan_writes_paired_table(tmp_path, monkeypatch):
     for kind in ("scratch", "nepa"):  # both seeds ran, as separate runs
         assert (tmp_path / f"finetune1_{kind}_seed2").is_dir()
     assert (tmp_path / "pretrain" / "checkpoints" / "last.ckpt").is_file()
+    # the frozen protocols, NEPA vs random init, every training clip labelled
+    assert "| protocol | NEPA | random init |" in table
+    for label in ("kNN (k=20, T=0.07)", "linear probe", "attentive probe", "per-layer probe"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
+        assert row.count("%") == 2, row
 
 
 def test_table_reports_mean_sd_and_paired_differences():

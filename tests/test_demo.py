@@ -120,16 +120,25 @@ def test_labelled_subset_and_val_root():
 
 def _check_outputs(out: Path) -> dict:
     info = json.loads((out / "results.json").read_text())
+    frozen = {
+        f"{p}_{m}" for p in ("knn", "linear", "attentive", "layers") for m in ("nepa", "random")
+    }
     assert set(info["accuracy"]) == {"finetune_nepa", "finetune_scratch", "probe_nepa",
-                                     "probe_random"}  # fmt: skip
+                                     "probe_random"} | frozen  # fmt: skip
     assert all(0.0 <= a <= 1.0 for a in info["accuracy"].values())
+    # the linear probe is the protocols' one (unipred.protocols), on both backbones
+    assert info["accuracy"]["probe_nepa"] == info["accuracy"]["linear_nepa"]
+    assert [r["weights"] for r in info["frozen"]["random init"]] == ["random"] * 4
     table = (out / "results.md").read_text()
-    assert table.count("| NEPA-pretrained") == 2 and "random init, frozen" in table
+    assert table.count("| NEPA-pretrained") == 1 and "| protocol | NEPA | random init |" in table
+    for row in ("| kNN (k=20, T=0.07) |", "| linear probe |", "| attentive probe |",
+                "| per-layer probe, best layer |"):  # fmt: skip
+        assert row in table
     for name in ("loss_curves", "accuracy", "prediction_maps"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 5000
     assert len(list((out / "plots" / "maps").glob("*.png"))) == 6
     # every stage is a plain engine run whose config can be rerun with `unipred fit`
-    for stage in ("pretrain", "finetune_nepa", "probe_random"):
+    for stage in ("pretrain", "finetune_nepa", "finetune_scratch"):
         assert (out / stage / "config.yaml").is_file()
     assert (out / "pretrain" / "checkpoints" / "last.ckpt").is_file()
     return info
@@ -146,7 +155,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out.count("effective recipe:") == 1  # not once per stage
     info = _check_outputs(tmp_path)
     assert info["plan"]["pretrain_steps"] == 2 and info["data"] == "generated"
-    assert all((tmp_path / s / "recipe.json").is_file() for s in ("pretrain", "probe_nepa"))
+    assert all((tmp_path / s / "recipe.json").is_file() for s in ("pretrain", "finetune_nepa"))
 
 
 def test_demo_missing_data_message(tmp_path, capsys):
@@ -170,7 +179,7 @@ def test_demo_quick_real(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
 def test_demo_full(tmp_path):
-    """The full `make demo` (12 min 22 s on 2 idle cores): the linear probe of the NEPA
+    """The full `make demo`: the linear probe of the NEPA
     features beats the frozen random-init model by a wide margin, and NEPA initialisation
     beats scratch fine-tuning by 3 points."""
     from unipred.tasks.image.demo import main

@@ -14,3 +14,8 @@ def test_video_demo_quick_end_to_end(tmp_path, capsys):
     row = next(line for line in table.splitlines() if "motion direction" in line)
     accs = [float(c.strip().rstrip("%")) for c in row.strip("|").split("|")[-2:]]
     assert all(0.0 <= a <= 100.0 for a in accs), row
+    # the frozen protocols on the same task, NEPA vs random init
+    assert "Frozen backbone, motion direction" in table
+    for label in ("kNN (k=20, T=0.07)", "linear probe", "attentive probe", "per-layer probe"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
+        assert row.count("%") == 2, row

@@ -206,3 +206,28 @@ def test_eval_protocol_and_ema_switch(tiny_ckpt, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "finetune   ema  top-1" in out and "nan" not in out
     assert (run / "finetune_ema" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_random_init_baseline_is_the_seeded_untrained_model(tmp_path, capsys):
+    """ckpt=random: the config's model at its init, the same for the same seed, no load."""
+    from unipred.cli import main
+    from unipred.config import load_config
+    from unipred.protocols import frozen_eval, weight_sets
+
+    assert weight_sets("random", "both") == [("random", None)]
+    with pytest.raises(ProtocolError, match="no EMA"):
+        weight_sets("random", "true")
+    cfg_args = [*TINY, "trainer.accelerator=cpu"]
+    runs = [frozen_eval("configs/demo/fmnist_probe.yaml", [*cfg_args, f"seed={s}"], "random",
+                        ("knn", "linear"), ["linear.epochs=2"], log=lambda *_: None)
+            for s in (0, 0, 1)]  # fmt: skip
+    assert [r["weights"] for r in runs[0]] == ["random", "random"]
+    assert runs[0] == [dict(r, seconds=a["seconds"]) for r, a in zip(runs[1], runs[0])]
+    assert runs[2][0]["top1"] != runs[0][0]["top1"] or runs[2][1]["top1"] != runs[0][1]["top1"]
+    # the config check accepts it; evaluate-suite needs a folder for the results
+    assert load_config("configs/demo/fmnist_probe.yaml", [*TINY, "ckpt=random"]).ckpt == "random"
+    rc = main(["evaluate-suite", "configs/demo/fmnist_probe.yaml", "ckpt=random", *TINY])
+    assert rc == 2 and "give out=DIR" in capsys.readouterr().err
+    rc = main(["evaluate-suite", "configs/demo/fmnist_probe.yaml", "ckpt=random", *TINY,
+               "protocols=knn", f"out={tmp_path}"])  # fmt: skip
+    assert rc == 0 and "| knn | random |" in (tmp_path / "results.md").read_text()

@@ -146,7 +146,7 @@ class RunConfig:
     # a resume that changes the recipe (length, batch, lr, schedule, model, ...) is refused
     # with the differences listed, unless this is true
     resume_allow_changes: bool = False
-    ckpt: str = ""  # weights for `unipred eval`
+    ckpt: str = ""  # weights for `unipred eval` ("random": the config's model at its init)
 
 
 def schema_for(task: str) -> type:
@@ -375,6 +375,8 @@ def check_data_paths(cfg) -> None:
         p = spec.split(":", 1)[1] if ":" in spec and key == "model.init" else spec
         if key == "model.init" and spec.startswith("pretrain:") and p.endswith(":ema"):
             p = p[: -len(":ema")]
+        if key == "ckpt" and p == "random":  # the protocols' random-init baseline
+            continue
         if p and not _exists(p):
             raise ConfigError(f"{key}: path does not exist: {_clip(p)}")
     if cfg.resume not in ("", "auto") and not _exists(cfg.resume):

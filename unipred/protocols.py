@@ -42,6 +42,9 @@ FROZEN = ("knn", "linear", "attentive", "layers")
 PROTOCOLS = (*FROZEN, "finetune")
 
 
+RANDOM = "random"  # ckpt=random: the random-init baseline
+
+
 class ProtocolError(ValueError):
     """Bad protocol settings or data; the message names the key or the problem."""
 
@@ -156,7 +159,13 @@ def weight_sets(path: str, ema: str) -> list[tuple[str, dict]]:
     Our training checkpoints hold raw weights (``state_dict``) and, when EMA ran,
     ``ema_state_dict``; ``ema=both`` evaluates both (only raw when there is no EMA), ``true``
     requires the EMA weights. A folder written by ``save_pretrained`` (or an official NEPA
-    folder) holds one weight set, reported as "raw"."""
+    folder) holds one weight set, reported as "raw". ``path="random"`` is the baseline every
+    SSL table needs: the config's model at its random init (seeded by the run's ``seed``),
+    reported as "random", with no weights to load (None)."""
+    if path == RANDOM:
+        if ema == "true":
+            raise ProtocolError("ema=true: ckpt=random has no EMA weights")
+        return [(RANDOM, None)]
     p = Path(path)
     if p.is_dir():
         if ema == "true":
@@ -579,6 +588,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     if not cfg.ckpt:
         raise ProtocolError("give ckpt=PATH (a checkpoint or a save_pretrained folder)")
     task = TASKS.get(cfg.task)(cfg)
+    torch.manual_seed(cfg.seed)  # the random-init baseline is the same model every time
     model = task.build_model()
     device, autocast = _device(cfg), _autocast(cfg)
     fs = settings.features
@@ -586,7 +596,8 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     rows, meta = [], {"feature_seconds": {}}
     want_layers, want_tokens = "layers" in protocols, "attentive" in protocols
     for name, sd in weight_sets(cfg.ckpt, settings.ema):
-        load_backbone_weights(model, sd, cfg.ckpt)
+        if sd is not None:
+            load_backbone_weights(model, sd, cfg.ckpt)
         model.to(device)
         t0 = time.perf_counter()
         feats = {}
@@ -671,8 +682,8 @@ def run_finetune(cfg, settings: EvalSettings, log=print) -> dict:
     rows = []
     for name in names:
         run = dataclasses.replace(cfg)
-        run.model = dataclasses.replace(cfg.model, init=f"pretrain:{cfg.ckpt}" +
-                                        (":ema" if name == "ema" else ""))  # fmt: skip
+        init = "" if name == RANDOM else f"pretrain:{cfg.ckpt}" + (":ema" if name == "ema" else "")
+        run.model = dataclasses.replace(cfg.model, init=init)  # random: from scratch
         run.run_dir = str(Path(cfg.run_dir) / f"finetune_{name}")
         run.ckpt = ""
         t0 = time.perf_counter()
@@ -741,6 +752,8 @@ def suite_folder(ckpt: str, out: str = "") -> Path:
     """Where ``evaluate-suite`` writes: ``out``, else ``<run folder of the checkpoint>/eval``."""
     if out:
         return Path(out)
+    if ckpt == RANDOM:
+        raise ProtocolError("ckpt=random has no run folder: give out=DIR for the results")
     p = Path(ckpt)
     if p.is_dir():
         return p / "eval"
@@ -774,3 +787,36 @@ def evaluate_suite(cfg, settings: EvalSettings, config_name: str = "", log=print
 
 def settings_dict(s: EvalSettings) -> dict[str, Any]:
     return dataclasses.asdict(s)
+
+
+# ------------------------------------------------------------------------ demo tables
+LABELS = {"knn": "kNN (k=20, T=0.07)", "linear": "linear probe", "attentive": "attentive probe",
+          "layers": "per-layer probe, best layer"}  # fmt: skip
+
+
+def frozen_eval(config, overrides: list[str], ckpt: str, protocols=FROZEN, settings=(),
+                log=print) -> list[dict]:  # fmt: skip
+    """The frozen protocols on one checkpoint (or ``"random"``) of ``config`` with ``overrides``:
+    the rows of the demos' tables (raw weights only). ``settings`` are eval keys such as
+    ``"linear.epochs=50"``."""
+    from unipred.config import load_config
+
+    s = parse_eval_settings([*settings, "ema=false"])
+    cfg = load_config(config, [*overrides, f"ckpt={ckpt}"])
+    return run_protocols(cfg, s, protocols, log)["rows"]
+
+
+def comparison_markdown(columns: dict[str, list[dict]]) -> str:
+    """One row per protocol, one column per backbone (e.g. NEPA vs random init): top-1, with
+    the best layer named for the per-layer sweep."""
+    names = list(columns)
+    protos = [r["protocol"] for r in columns[names[0]]]
+    lines = ["| protocol | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for p in protos:
+        cells = []
+        for n in names:
+            r = next(r for r in columns[n] if r["protocol"] == p)
+            best = f" ({r['best_layer']})" if p == "layers" else ""
+            cells.append(f"{100 * r['top1']:.1f} %{best}")
+        lines.append(f"| {LABELS.get(p, p)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -9,6 +9,9 @@
    digit, from scratch and from the pretrained checkpoint, same recipe and steps, repeated for
    several seeds (each seed draws the labelled clips, the init and the order for both runs, so
    the comparison is paired); accuracy on the held-out voices, mean ± sd over the seeds.
+4. The frozen-feature protocols of ``unipred.protocols`` (kNN, linear, attentive, per-layer)
+   with every training clip labelled (configs/audio/digits_linprobe.yaml), on the NEPA
+   backbone and on the same backbone at random init.
 Everything runs through the engine (``unipred.engine.fit``). ``--quick`` is a smoke run.
 """
 
@@ -34,9 +37,12 @@ class Plan:
     finetune_epochs: int = 30
     labels: tuple[int, ...] = (10,)  # labelled clips per digit for the fine-tuning rows
     seeds: int = 5  # fine-tuning seeds per row (labelled subset, init, order): mean +- spread
+    probe_epochs: int = 100  # linear and per-layer probes (cached features)
+    attentive_epochs: int = 20
 
 
-PLANS = {"full": Plan(), "quick": Plan(40, 10, 2, 4, (5,), 1)}
+PLANS = {"full": Plan(), "quick": Plan(40, 10, 2, 4, (5,), 1, 2, 1)}
+PROTOCOLS = ("knn", "linear", "attentive", "layers")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = out / "pretrain" / "checkpoints" / "last.ckpt"
     print(f"[audio demo] pretrained -> {ckpt}  [{time.time() - t0:.0f}s]", flush=True)
     rows = [_finetune_row(out, plan, common, n, ckpt, args.seed, t0) for n in plan.labels]
-    table = _table(rows, plan, n_te, time.time() - t0)
+    frozen = {col: frozen_rows(out, plan, common, c, args.seed)
+              for col, c in (("NEPA", str(ckpt)), ("random init", "random"))}  # fmt: skip
+    table = _table(rows, plan, n_te, time.time() - t0, frozen)
     print(table)
     (out / "results.md").write_text(table + "\n")
     return 0
@@ -133,6 +141,22 @@ def _finetune_row(out: Path, plan: Plan, common: list[str], n: int, ckpt: Path, 
     return n, accs["scratch"], accs["nepa"]
 
 
+def frozen_rows(out: Path, plan: Plan, common: list[str], ckpt: str, seed: int) -> list[dict]:
+    """kNN, linear, attentive and per-layer probes of the frozen backbone ``ckpt`` (or
+    "random") with every training clip labelled; one feature pass."""
+    from unipred.protocols import frozen_eval
+
+    name = "frozen_random" if ckpt == "random" else "frozen_nepa"
+    return frozen_eval(
+        CONFIGS / "digits_linprobe.yaml",
+        [*common, f"seed={seed}", f"run_dir={out / name}", "data.max_per_class=0"],
+        ckpt, PROTOCOLS,
+        [f"linear.epochs={plan.probe_epochs}", f"layers.epochs={plan.probe_epochs}",
+         f"attentive.epochs={plan.attentive_epochs}", "linear.batch=256", "layers.batch=256"],
+        log=lambda line: print(f"[audio demo] {name}: {line}", flush=True),
+    )  # fmt: skip
+
+
 def _mean_sd(xs: list[float]) -> str:
     m = sum(xs) / len(xs)
     if len(xs) < 2:
@@ -141,7 +165,7 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{m:.1%} ± {100 * sd:.1f}"
 
 
-def _table(rows, plan: Plan, n_test: int, seconds: float) -> str:
+def _table(rows, plan: Plan, n_test: int, seconds: float, frozen: dict | None = None) -> str:
     """Markdown: per label count, mean ± sd over seeds and the paired per-seed differences."""
     head = ("setting", "labelled train clips", "held-out-voice test clips",
             "from scratch", "NEPA-pretrained", "NEPA − scratch, per seed")  # fmt: skip
@@ -154,6 +178,12 @@ def _table(rows, plan: Plan, n_test: int, seconds: float) -> str:
               f"fine-tuning seed(s) (labelled subset, init, order; paired); {plan.finetune_epochs} "
               f"fine-tuning epochs; NEPA pretraining: {plan.pretrain_epochs} epochs on "
               f"{plan.train_per_class * 10} unlabelled clips; total {seconds / 60:.1f} min"]  # fmt: skip
+    if frozen:
+        from unipred.protocols import comparison_markdown
+
+        lines += ["", f"Frozen backbone, all {plan.train_per_class * 10} training clips labelled, "
+                  f"test on the held-out voices (linear / per-layer {plan.probe_epochs} epochs, "
+                  f"attentive {plan.attentive_epochs}):", "", comparison_markdown(frozen)]  # fmt: skip
     return "\n".join(lines)
 
 

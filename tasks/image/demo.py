@@ -1,13 +1,15 @@
 """`unipred demo image`: NEPA on Fashion-MNIST, pretraining to fine-tuning and linear probing.
 
 1. ``fmnist_pretrain`` (configs/demo/fmnist_pretrain.yaml): next-embedding pretraining of a
-   small ViT (dim 128, depth 6, 16 patches of 7x7 px; 4,000 steps of 256) on the 60,000
+   small ViT (dim 128, depth 6, 16 patches of 7x7 px; 4,000 steps of 128) on the 60,000
    training images, no labels.
 2. (a) ``fmnist_classify`` fine-tuning with 1,000 labels (100 per class;
    configs/demo/fmnist_finetune.yaml), from the NEPA checkpoint (patch embedding frozen) and
    from scratch with the same recipe;
-   (b) linear probe with all 60,000 labels (configs/demo/fmnist_probe.yaml) of the frozen
-   NEPA backbone and of the same backbone at random init.
+   (b) the frozen-feature protocols of ``unipred.protocols`` with all 60,000 labels
+   (configs/demo/fmnist_probe.yaml): kNN, linear probe, attentive probe and the per-layer
+   probe sweep, on the NEPA backbone and on the same backbone at random init; one feature
+   pass per backbone (what ``unipred evaluate-suite`` runs).
 3. Top-1 accuracy on the 10,000 test images: printed, and written to OUT/results.md and
    OUT/results.json with the wall time of each stage; plots in OUT/plots/ (loss curves,
    accuracy bars, next-embedding prediction maps).
@@ -37,15 +39,19 @@ CONFIGS = packaged_configs() / "demo"
 
 @dataclass
 class Plan:
-    pretrain_steps: int = 4000  # batch 256
+    pretrain_steps: int = 4000
+    pretrain_batch: int = 128
     train_images: int = 0  # pretraining / probe images (0 = all 60,000)
     test_images: int = 0  # evaluation images (0 = all 10,000)
     labels_per_class: int = 100  # fine-tuning labels per class
     finetune_steps: int = 600  # batch 100
-    probe_epochs: int = 100  # over the frozen (cached) features: later epochs are cheap
+    probe_epochs: int = 100  # linear probe epochs over the frozen (cached) features
+    attentive_epochs: int = 10  # attentive probe epochs (over cached tokens)
+    layers_epochs: int = 30  # per-layer probe sweep epochs
 
 
-PLANS = {"full": Plan(), "quick": Plan(100, 10_000, 2_000, 100, 100, 3)}
+PLANS = {"full": Plan(), "quick": Plan(100, 128, 10_000, 2_000, 100, 100, 3, 1, 1)}
+PROTOCOLS = ("knn", "linear", "attentive", "layers")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,7 +126,8 @@ class Demo:
     def pretrain(self) -> Path:
         p = self.plan
         self.fit("fmnist_pretrain.yaml", "pretrain",
-                 [f"trainer.max_steps={p.pretrain_steps}", f"data.train_samples={p.train_images}"])  # fmt: skip
+                 [f"trainer.max_steps={p.pretrain_steps}", f"data.train_samples={p.train_images}",
+                  f"trainer.global_batch={p.pretrain_batch}"])  # fmt: skip
         return self.out / "pretrain" / "checkpoints" / "last.ckpt"
 
     def finetune(self, name: str, init: Path | None) -> float:
@@ -133,13 +140,23 @@ class Demo:
             ov += [f"model.init=pretrain:{init}", "optim.freeze=[tokenizer.*]"]
         return self.fit("fmnist_finetune.yaml", name, ov)["val/acc1"]
 
-    def probe(self, name: str, init: Path | None) -> float:
+    def frozen(self, name: str, ckpt: Path | str) -> list[dict]:
+        """kNN, linear, attentive and per-layer probes of a frozen backbone (``ckpt`` or
+        "random"), one feature pass; rows as ``unipred.protocols.run_protocols`` gives them."""
+        from unipred.protocols import frozen_eval
+
         p = self.plan
-        ov = [f"data.train_samples={p.train_images}", f"trainer.max_epochs={p.probe_epochs}",
-              f"trainer.val_every_n_epochs={p.probe_epochs}"]  # fmt: skip
-        if init is not None:
-            ov.append(f"model.init=pretrain:{init}")
-        return self.fit("fmnist_probe.yaml", name, ov)["val/acc1"]
+        t0, c0 = time.time(), time.process_time()
+        rows = frozen_eval(
+            CONFIGS / "fmnist_probe.yaml",
+            [*self.common, f"data.train_samples={p.train_images}", f"run_dir={self.out / name}"],
+            str(ckpt), PROTOCOLS,
+            [f"linear.epochs={p.probe_epochs}", f"attentive.epochs={p.attentive_epochs}",
+             f"layers.epochs={p.layers_epochs}", f"seed={self.seed}"],
+            log=lambda line: print(f"[image demo] {name}: {line}", flush=True),
+        )  # fmt: skip
+        self.times[name], self.cpu[name] = time.time() - t0, time.process_time() - c0
+        return rows
 
 
 def _fmt(m: dict) -> str:
@@ -179,21 +196,27 @@ def main(argv: list[str] | None = None) -> int:
     acc = {
         "finetune_nepa": demo.finetune("finetune_nepa", ckpt),
         "finetune_scratch": demo.finetune("finetune_scratch", None),
-        "probe_nepa": demo.probe("probe_nepa", ckpt),
-        "probe_random": demo.probe("probe_random", None),
     }
+    frozen = {
+        "NEPA": demo.frozen("frozen_nepa", ckpt),
+        "random init": demo.frozen("frozen_random", "random"),
+    }
+    for key, col in (("nepa", "NEPA"), ("random", "random init")):
+        for r in frozen[col]:
+            acc[f"{r['protocol']}_{key}"] = r["top1"]
+    acc["probe_nepa"], acc["probe_random"] = acc["linear_nepa"], acc["linear_random"]
     from unipred.tasks.image import demo_plots as image_plots
 
     plots = image_plots.write_all(out, acc, demo, root)
     seconds, load1 = time.time() - t0, os.getloadavg()
-    table = results_table(acc, plan, demo, seconds, (load0[0], load1[0]), bool(root))
+    table = results_table(acc, frozen, plan, demo, seconds, (load0[0], load1[0]), bool(root))
     table += f" Threads: {threads}."
     print(table, flush=True)
     (out / "results.md").write_text(table + "\n")
     info = {"accuracy": acc, "plan": asdict(plan), "seconds": demo.times,
             "cpu_seconds": demo.cpu, "samples_per_s": demo.speed, "total_seconds": seconds, "data": root or "generated",
             "load_average": [load0[0], load1[0]], "cpus": os.cpu_count(), "threads": threads,
-            "plots": plots}  # fmt: skip
+            "frozen": frozen, "plots": plots}  # fmt: skip
     (out / "results.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"[image demo] results: {out / 'results.md'}; plots: {out / 'plots'}", flush=True)
     return 0
@@ -207,26 +230,33 @@ def _quiet() -> None:
         warnings.filterwarnings("ignore", message=msg)
 
 
-def results_table(acc: dict, plan: Plan, demo: Demo, seconds: float, load, real=True) -> str:
-    """The results as a markdown table plus a line on the budget actually used."""
+def results_table(acc: dict, frozen: dict, plan: Plan, demo: Demo, seconds: float, load,
+                  real=True) -> str:  # fmt: skip
+    """The results as markdown tables (fine-tuning; frozen protocols) plus a line on the budget
+    actually used."""
+    from unipred.protocols import comparison_markdown
+
     n_lab, n_train = 10 * plan.labels_per_class, plan.train_images or 60_000
     rows = [
-        ("NEPA-pretrained", "fine-tune", n_lab, "finetune_nepa"),
-        ("from scratch (same recipe)", "fine-tune", n_lab, "finetune_scratch"),
-        ("NEPA-pretrained, frozen", "linear probe", n_train, "probe_nepa"),
-        ("random init, frozen", "linear probe", n_train, "probe_random"),
+        ("NEPA-pretrained", "finetune_nepa"),
+        ("from scratch (same recipe)", "finetune_scratch"),
     ]
-    lines = ["| model | protocol | labels | test top-1 | stage wall / CPU time |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {m} | {p} | {n:,} | {acc[k]:.1%} | {demo.times[k]:.0f} s / {demo.cpu[k]:.0f} s |"
-              for m, p, n, k in rows]  # fmt: skip
+    lines = [f"Fine-tuning with {n_lab:,} labels:", "",
+             "| model | test top-1 | stage wall / CPU time |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {m} | {acc[k]:.1%} | {demo.times[k]:.0f} s / {demo.cpu[k]:.0f} s |"
+              for m, k in rows]  # fmt: skip
+    lines += ["", f"Frozen backbone, all {n_train:,} training labels (unipred.protocols; "
+              f"features of each backbone: {demo.times['frozen_nepa']:.0f} s / "
+              f"{demo.times['frozen_random']:.0f} s wall for all four protocols):", "",
+              comparison_markdown(frozen)]  # fmt: skip
     lines.append(
         f"\n{'Fashion-MNIST' if real else 'Generated stand-in data'}, "
         f"{plan.test_images or 10_000:,} test images. Pretraining: "
-        f"{plan.pretrain_steps} steps x 256 images ({demo.times['pretrain']:.0f} s wall, "
+        f"{plan.pretrain_steps} steps x {plan.pretrain_batch} images ({demo.times['pretrain']:.0f} s wall, "
         f"{demo.cpu['pretrain']:.0f} s CPU, "
         f"{demo.speed['pretrain']:.0f} img/s); fine-tuning {plan.finetune_steps} steps x 100; "
-        f"probe {plan.probe_epochs} epochs. Total {seconds / 60:.1f} min on {os.cpu_count()} "
+        f"probes: linear {plan.probe_epochs}, attentive {plan.attentive_epochs}, per-layer "
+        f"{plan.layers_epochs} epochs. Total {seconds / 60:.1f} min on {os.cpu_count()} "
         f"CPUs, load average {load[0]:.1f} at the start, {load[1]:.1f} at the end."
     )
     return "\n".join(lines)

@@ -11,6 +11,8 @@
    scratch and once from the pretrained checkpoint. Tasks: the direction of motion of the
    generated clips, and on the real clips the source video (an easy task: it shows the real
    decoding path end to end, on frames never seen in training).
+4. The frozen-feature protocols of ``unipred.protocols`` (kNN, linear, attentive, per-layer)
+   on each task, NEPA backbone (with its causal pretraining attention) vs random init.
 Everything runs through the engine (``unipred.engine.fit``). ``--quick`` is a smoke run.
 """
 
@@ -38,9 +40,12 @@ class Plan:
     val_per_class: int = 64
     pretrain_epochs: int = 20
     finetune_epochs: int = 40
+    probe_epochs: int = 100  # linear and per-layer probes (cached features)
+    attentive_epochs: int = 50
 
 
-PLANS = {"full": Plan(), "quick": Plan(128, 8, 16, 2, 3)}
+PLANS = {"full": Plan(), "quick": Plan(128, 8, 16, 2, 3, 2, 1)}
+PROTOCOLS = ("knn", "linear", "attentive", "layers")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         sc = data / "scenes"
         tasks.append((f"source video ({len(real)} real videos, unseen frames)", sc / "train",
                       sc / "val", len(real)))  # fmt: skip
-    rows = []
+    rows, frozen = [], []
     for i, (label, train, val, n_cls) in enumerate(tasks):
         accs = [classify(out, f"cls{i}_{kind}", train, val, n_cls, plan, init, args.seed)
                 for kind, init in (("scratch", None), ("nepa", ckpt))]  # fmt: skip
@@ -191,17 +196,43 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, n_tr, n_va, *accs))
         print(f"[video demo] {label}: scratch {accs[0]:.3f}, NEPA {accs[1]:.3f}  "
               f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
-    table = _table(rows, plan, time.time() - t0)
+        cols = {col: frozen_rows(out, f"cls{i}_frozen_{tag}", train, val, n_cls, plan, c, args.seed)
+                for col, tag, c in (("NEPA", "nepa", str(ckpt)), ("random init", "random", "random"))}  # fmt: skip
+        frozen.append((label, cols))
+    table = _table(rows, plan, time.time() - t0, frozen)
     print(table)
     (out / "results.md").write_text(table + "\n")
     return 0
 
 
-def _table(rows, plan: Plan, seconds: float) -> str:
+def frozen_rows(out: Path, name: str, train: Path, val: Path, n_cls: int, plan: Plan,
+                ckpt: str, seed: int) -> list[dict]:  # fmt: skip
+    """kNN, linear, attentive and per-layer probes of the frozen backbone ``ckpt`` (or
+    "random"), run with the causal attention it was pretrained with; one feature pass."""
+    from unipred.protocols import frozen_eval
+
+    ov = [*_common(out, name, 1, seed), f"data.root={train}", f"data.val_root={val}",
+          f"data.num_classes={n_cls}", "model.predictor.causal=true"]  # fmt: skip
+    return frozen_eval(
+        CONFIGS / "demo_classify.yaml", ov, ckpt, PROTOCOLS,
+        [f"linear.epochs={plan.probe_epochs}", f"layers.epochs={plan.probe_epochs}",
+         f"attentive.epochs={plan.attentive_epochs}", "linear.batch=64", "layers.batch=64",
+         "attentive.batch=64"],
+        log=lambda line: print(f"[video demo] {name}: {line}", flush=True),
+    )  # fmt: skip
+
+
+def _table(rows, plan: Plan, seconds: float, frozen=()) -> str:
+    from unipred.protocols import comparison_markdown
+
     footer = (f"validation top-1 after {plan.finetune_epochs} fine-tuning epochs; "
               f"pretraining: {plan.pretrain_epochs} epochs; total {seconds / 60:.1f} min")  # fmt: skip
     header = ("task", "train clips", "val clips", "from scratch", "NEPA-pretrained")
-    return results_table(header, rows, footer)
+    text = results_table(header, rows, footer)
+    for label, cols in frozen:
+        text += (f"\n\nFrozen backbone, {label} (linear / per-layer {plan.probe_epochs} epochs, "
+                 f"attentive {plan.attentive_epochs}):\n\n" + comparison_markdown(cols))  # fmt: skip
+    return text
 
 
 if __name__ == "__main__":
