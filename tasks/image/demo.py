@@ -243,11 +243,11 @@ def results_table(acc: dict, frozen: dict, plan: Plan, demo: Demo, seconds: floa
     ]
     lines = [f"Fine-tuning with {n_lab:,} labels:", "",
              "| model | test top-1 | stage wall / CPU time |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {m} | {acc[k]:.1%} | {demo.times[k]:.0f} s / {demo.cpu[k]:.0f} s |"
+    lines += [f"| {m} | {100 * acc[k]:.1f} % | {demo.times[k]:.0f} s / {demo.cpu[k]:.0f} s |"
               for m, k in rows]  # fmt: skip
-    lines += ["", f"Frozen backbone, all {n_train:,} training labels (unipred.protocols; "
-              f"features of each backbone: {demo.times['frozen_nepa']:.0f} s / "
-              f"{demo.times['frozen_random']:.0f} s wall for all four protocols):", "",
+    lines += ["", f"Frozen backbone, all {n_train:,} training labels (unipred.protocols; one "
+              f"feature pass and all four protocols took {demo.times['frozen_nepa']:.0f} s for "
+              f"NEPA, {demo.times['frozen_random']:.0f} s for the random init):", "",
               comparison_markdown(frozen)]  # fmt: skip
     lines.append(
         f"\n{'Fashion-MNIST' if real else 'Generated stand-in data'}, "
