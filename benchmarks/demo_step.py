@@ -33,6 +33,7 @@ def write_config(path: str) -> None:
 
 def build(path: str):
     import unipred.tokenizers.image  # noqa: F401  (registers the image tokenizer)
+
     from unipred.model import NEPA, ModelConfig
     from unipred.objectives import ObjectiveConfig
     from unipred.predictor import PredictorConfig
