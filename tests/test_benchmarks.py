@@ -68,3 +68,20 @@ def test_video_loader_dry_run(layout):
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["layout"] == layout and r["clips"] == 4 and r["clips_per_s"] > 0
+
+
+def test_demo_step_writes_the_demo_model_and_times_it(tmp_path):
+    """benchmarks/demo_step.py: the JSON of the demo's model config rebuilds the same model."""
+    cfg = tmp_path / "m.json"
+    run = [sys.executable, "-P", str(ROOT / "benchmarks/demo_step.py")]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([*run, "--write-config", str(cfg)], capture_output=True, text=True,
+                       timeout=300, env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    d = json.loads(cfg.read_text())
+    assert d["tokenizer_args"] == {"patch_size": 7, "in_chans": 1} and d["predictor"]["dim"] == 128
+    p = subprocess.run([*run, "--config", str(cfg), "--batch", "4", "--steps", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads(p.stdout.strip().splitlines()[-1])
+    assert rec["batch"] == 4 and rec["ms_per_step"] > 0 and rec["precision"] == "bf16"
