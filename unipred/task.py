@@ -526,7 +526,9 @@ class ClassifyTask(Task):
             if self._streamed:  # no sample index to key a cache on: features recomputed
                 logging.getLogger(__name__).info(
                     "data.cache_features: %r is streamed; frozen features are recomputed every "
-                    "step (un-augmented)", self.cfg.data.root)
+                    "step (un-augmented)",
+                    self.cfg.data.root,
+                )
             else:
                 ds = Indexed(ds)
         return ds

@@ -216,7 +216,9 @@ class AudioClips(DataSource):
         rate = self.cfg.data.sample_rate
         given = self.cfg.model.tokenizer_args.get("sample_rate")
         if given is not None and int(given) != rate:
-            raise ValueError(f"model.tokenizer_args.sample_rate={given} but data.sample_rate={rate}")
+            raise ValueError(
+                f"model.tokenizer_args.sample_rate={given} but data.sample_rate={rate}"
+            )
         mc.tokenizer_args = {**mc.tokenizer_args, "sample_rate": rate}
         return mc
 

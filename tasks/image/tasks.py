@@ -102,11 +102,7 @@ def check_image_config(cfg, classify: bool) -> None:
     check_channels(d.val_root, chans, "data.val_root")
     if not classify:
         return
-    n = (
-        d.num_classes
-        or cfg.model.num_classes
-        or (0 if d.root else IMAGENET_CLASSES)
-    )
+    n = d.num_classes or cfg.model.num_classes or (0 if d.root else IMAGENET_CLASSES)
     if not n:
         n = classes_in(d.root, d.label_file, d.classes_file) or 0
     for key, spec, labels in (("data.root", d.root, d.label_file),
