@@ -141,7 +141,8 @@ class LitTask(L.LightningModule):
             "precision": self.cfg.trainer.precision,
             "strategy": self.cfg.trainer.strategy,
             "param_groups": len(groups),
-            "frozen": len(self.frozen),
+            # parameter tensors that do not train (optim.freeze, a probe's backbone)
+            "frozen": sum(1 for p in self.model.parameters() if not p.requires_grad),
             "ema_decay": self.cfg.ema.decay if self.cfg.ema.enabled else None,
         }
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
