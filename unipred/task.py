@@ -127,6 +127,7 @@ class Task:
     data_config: ClassVar[type[DataConfig]] = DataConfig
     data_class: ClassVar[type[DataSource] | None] = None
     objective: ClassVar[str] = "task"
+    summary: ClassVar[str] = "A task"  # `unipred list` shows "<summary> on the 'x' data source."
     # the metric the engine monitors for "best" checkpoints, and its mode
     monitor: ClassVar[str | None] = None
     monitor_mode: ClassVar[str] = "max"
@@ -136,14 +137,12 @@ class Task:
         self.source = self.data_class(cfg, self.objective) if self.data_class else None
 
     @classmethod
-    def on(cls, source: type[DataSource], name: str) -> type[Task]:
-        """This objective on ``source``: a task class named after both."""
+    def on(cls, source: type[DataSource], name: str, data: str) -> type[Task]:
+        """This objective on ``source`` (registered as ``data``): the task class ``name``."""
         camel = "".join(w[:1].upper() + w[1:] for w in name.split("_"))
-        doc = (source.__doc__ or name).strip().splitlines()[0]
         attrs = {"data_class": source, "data_config": cls.config_for(source.config),
                  "__module__": source.__module__,
-                 "__doc__": f"{(cls.__doc__ or cls.objective).strip().splitlines()[0]} "
-                            f"Data: {doc}"}  # fmt: skip
+                 "__doc__": f"{cls.summary} on the {data!r} data source."}  # fmt: skip
         return type(camel, (cls,), attrs)
 
     @classmethod
@@ -297,6 +296,7 @@ class PretrainTask(Task):
     """
 
     objective: ClassVar[str] = "pretrain"
+    summary: ClassVar[str] = "Next-embedding pretraining"
     want_stats: bool = False
 
     def build_model(self) -> nn.Module:
@@ -424,6 +424,7 @@ class ClassifyTask(Task):
     """
 
     objective: ClassVar[str] = "classify"
+    summary: ClassVar[str] = "Classification (data.mode: finetune | probe | eval)"
     data_config: ClassVar[type[DataConfig]] = ClassifyData
     monitor: ClassVar[str | None] = "val/acc1"
     monitor_mode: ClassVar[str] = "max"
@@ -609,6 +610,8 @@ class ClassifyTask(Task):
 
 
 # ------------------------------------------------------------------------------ registration
+
+
 OBJECTIVES: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": ClassifyTask}
 
 
@@ -628,7 +631,7 @@ def register_data(name: str, objectives=("pretrain", "classify"), tasks: dict | 
                 raise KeyError(f"data {name!r}: unknown objective {obj!r}; known: "
                                f"{sorted(OBJECTIVES)}")  # fmt: skip
             task_name = (tasks or {}).get(obj, f"{name}_{obj}")
-            cls = OBJECTIVES[obj].on(source, task_name)
+            cls = OBJECTIVES[obj].on(source, task_name, name)
             TASKS.register(task_name)(cls)
             made[obj] = cls
             module = sys.modules.get(source.__module__)  # importable by name (pickling)

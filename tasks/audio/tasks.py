@@ -192,8 +192,9 @@ _SMOKE = {"model.name": "nepa_audio_debug", "trainer.global_batch": 4, "data.num
 
 @register_data("audio")
 class AudioClips(DataSource):
-    """Audio clips (log-mel patches): shards, class folders or a CSV; synthesised spoken
-    digits when data.root is empty."""
+    """Audio clips from shards, class folders or a CSV (synthesised spoken digits if no root).
+
+    The tokenizer's sample rate follows data.sample_rate."""
 
     config = AudioData
     smoke = _SMOKE

@@ -161,8 +161,7 @@ def check_fmnist_config(cfg) -> None:
 
 @register_data("fmnist")
 class FashionMNIST(DataSource):
-    """Fashion-MNIST (28x28 grey, 10 classes) from its IDX files; generated stripes when
-    data.root is empty."""
+    """Fashion-MNIST (28x28 grey, 10 classes) from its IDX files (generated if no root)."""
 
     config = FMNISTData
     applies_label_budget = True  # load_arrays cuts the subset, ArrayImages repeats it

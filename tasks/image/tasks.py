@@ -175,8 +175,9 @@ def _data_logs() -> dict:
 
 @register_data("image")
 class ImageFolders(DataSource):
-    """Images: a class-folder tree, a flat folder with a label file, or webdataset shards
-    (ImageNet-style); synthetic images when data.root and data.val_root are both empty."""
+    """ImageNet-style images: class folders, a flat folder + labels, or webdataset shards.
+
+    Synthetic images when data.root and data.val_root are both empty."""
 
     config = ImageData
     smoke = {

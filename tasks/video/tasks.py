@@ -192,8 +192,7 @@ _SMOKE = {"model.name": "nepa_video_debug", "trainer.global_batch": 4, "data.ima
 
 @register_data("video")
 class VideoClips(DataSource):
-    """Video clips (tubelets): shards, class folders or a CSV; generated moving shapes when
-    data.root is empty."""
+    """Video clips from shards, class folders or a CSV (generated moving shapes if no root)."""
 
     config = VideoData
     smoke = _SMOKE
