@@ -103,3 +103,18 @@ def test_a_data_source_missing_build_fails_at_registration():
             pass
 
     assert "no_build_here_pretrain" not in TASKS.names()
+
+
+def test_repeats_are_fresh_augmentations_and_features_read_one_pass():
+    name = "debug_image_classify"
+    over = ("data.labels_per_class=2", "data.repeat=3", "data.train_samples=64")
+    finetune = TASKS.get(name)(_cfg(name, *over))
+    assert len(finetune.build_dataset("train")) == 4 * 2 * 3  # 4 classes x 2 labels x 3 passes
+    ds, _ = finetune.feature_dataset("train")
+    assert len(ds) == 4 * 2  # the label subset, once
+    probe = TASKS.get(name)(_cfg(name, *over, "data.mode=probe"))
+    assert len(probe.build_dataset("train")) == 4 * 2  # cached features: one pass
+    fm = TASKS.get("fmnist_classify")(_cfg("fmnist_classify", *over, "data.generated_samples=100"))
+    assert (
+        len(fm.build_dataset("train")) == 10 * 2 * 3 and len(fm.feature_dataset("train")[0]) == 20
+    )

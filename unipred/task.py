@@ -73,7 +73,8 @@ class DataSource:
     config: ClassVar[type[DataConfig]] = DataConfig
     # dotted-key overrides for a tiny CPU run without data on disk (tests/test_tasks_smoke.py)
     smoke: ClassVar[dict[str, Any]] = {"model.name": "nepa_debug", "trainer.global_batch": 4}
-    # the builder cuts the training set to data.labels_per_class / data.repeat itself
+    # the builder cuts the training set to data.labels_per_class and repeats it data.repeat
+    # times when augmenting (one pass when not) itself
     applies_label_budget: ClassVar[bool] = False
     # filled by register_data: objective name -> the registered task class
     tasks: ClassVar[dict[str, type]] = {}
@@ -339,7 +340,9 @@ class ClassifyData(DataConfig):
     # seed, so NEPA and scratch runs of a comparison see the same images
     labels_per_class: int = 0  # keep this many training samples per class (0 = all)
     subset_seed: int = 0  # picks the labels_per_class subset
-    repeat: int = 1  # one training epoch = this many passes over the (sub)set, freshly augmented
+    # one training epoch = this many passes over the (sub)set, freshly augmented (one pass
+    # where the data are read unaugmented: cached probe features, unipred eval protocols)
+    repeat: int = 1
 
 
 def per_class_indices(labels, k: int, seed: int, what: str = "data") -> list[int]:
@@ -485,11 +488,12 @@ class ClassifyTask(Task):
                              f"{cfg.model.head!r} must be unset or 'probe'")  # fmt: skip
         super().check_config(cfg)
 
-    def label_budget(self, ds, split: str):
+    def label_budget(self, ds, split: str, repeat: bool = True):
         """The training set cut to ``data.labels_per_class`` samples per class (seeded by
-        ``data.subset_seed`` alone) and repeated ``data.repeat`` times per epoch; other
-        splits, and a budget of 0 with repeat 1, pass through unchanged."""
+        ``data.subset_seed`` alone) and, with ``repeat``, repeated ``data.repeat`` times per
+        epoch; other splits, and a budget of 0 with repeat 1, pass through unchanged."""
         k, rep = getattr(self.cfg.data, "labels_per_class", 0), getattr(self.cfg.data, "repeat", 1)
+        rep = rep if repeat else 1
         if ds is None or split != "train" or (k <= 0 and rep <= 1):
             return ds
         if isinstance(ds, torch.utils.data.IterableDataset):
@@ -520,8 +524,8 @@ class ClassifyTask(Task):
             raise NotImplementedError
         augment = split == "train" and not self._cached_probe(split)
         ds = self.source.build(split, augment=augment)
-        if not self.source.applies_label_budget:
-            ds = self.label_budget(ds, split)
+        if not self.source.applies_label_budget:  # repeats are fresh augmentations only
+            ds = self.label_budget(ds, split, repeat=augment)
         if ds is not None and self._cached_probe(split):
             self._streamed = isinstance(ds, torch.utils.data.IterableDataset)
             if self._streamed:  # no sample index to key a cache on: features recomputed
@@ -533,6 +537,16 @@ class ClassifyTask(Task):
             else:
                 ds = Indexed(ds)
         return ds
+
+    def feature_dataset(self, split):
+        """The split as the frozen-feature protocols read it: unaugmented, one pass, with the
+        config's label subset (``data.labels_per_class``)."""
+        if self.source is None:
+            return super().feature_dataset(split)
+        ds = self.source.build(split, augment=False)
+        if not self.source.applies_label_budget:
+            ds = self.label_budget(ds, split, repeat=False)
+        return ds, self.source.collate(split, False)
 
     def collate_fn(self, split):
         if self.source is None:

@@ -185,7 +185,8 @@ class FashionMNIST(DataSource):
         if split != "train" and not d.validate:
             return None
         x, y = load_arrays(d, split, self.cfg.seed)
-        return ArrayImages(x, y, d.repeat if split == "train" else 1)
+        # repeats are fresh augmentations: an unaugmented read (probe features) is one pass
+        return ArrayImages(x, y, d.repeat if split == "train" and augment else 1)
 
     def collate(self, split, augment, num_classes=None):
         return Collate(self.cfg.data, train=augment)
