@@ -54,7 +54,8 @@ def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_w
     #    the broken plugin without failing
     out = _unipred(py, ["list"], work)
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("toy_wave", "toy_pretrain", "nepa_toy", "image_pretrain", "nepa_debug"):
+    for name in ("toy_wave", "toy_pretrain", "toy_classify", "nepa_toy", "image_pretrain",
+                 "nepa_debug"):  # fmt: skip
         assert f"  {name} " in out.stdout, (name, out.stdout)
     assert "unipred_toy.broken" in out.stdout and "RuntimeError" in out.stdout, out.stdout
 
@@ -68,6 +69,18 @@ def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_w
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(train) == 4 and val and all(math.isfinite(x) for x in train + val), rows
+
+    # 2b. the generic classification objective on the plugin's data source (the plugin has
+    #     no task code): a linear probe, only the probe head trains
+    run = work / "probe"
+    cfg = PKG / "configs" / "toy_probe.yaml"
+    fit = _unipred(py, ["fit", str(cfg), f"run_dir={run}", "seed=3"], work)
+    assert fit.returncode == 0, (fit.stdout + fit.stderr)[-3000:]
+    rows = list(csv.DictReader(open(next(run.glob("logs/version_*/metrics.csv")))))
+    acc = [float(r["val/acc1"]) for r in rows if r.get("val/acc1")]
+    assert len(acc) == 2 and all(0 <= a <= 1 for a in acc), rows
+    frozen = [ln.split()[-1] for ln in fit.stdout.splitlines() if ln.split()[:1] == ["frozen"]]
+    assert frozen and int(frozen[0]) > 0, fit.stdout[-3000:]  # the backbone's tensors
 
     # 3. what only the broken plugin could provide fails in one line that names it
     bad = _unipred(py, ["fit", str(cfg), "task=toy_broken_task", f"run_dir={work / 'bad'}"], work)

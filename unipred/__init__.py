@@ -1,8 +1,9 @@
 """unipred: self-supervised pretraining by next-embedding prediction, for any modality.
 
-The names below are the public API, for users and for plugin authors (a plugin registers a
-tokenizer, tasks and model sizes with ``TOKENIZERS`` / ``TASKS`` / ``MODELS``; see
-docs/adding-a-modality.md). Importing ``unipred`` loads no modality library.
+The names below are the public API, for users and for plugin authors: a plugin registers a
+tokenizer (``TOKENIZERS``), data sources (``register_data``: the generic objectives, pretraining
+and classification, then train on them) and model sizes (``MODELS``); see
+docs/adding-a-modality.md. Importing ``unipred`` loads no modality library.
 """
 
 from unipred._version import __version__
@@ -10,11 +11,20 @@ from unipred.contracts import DatasetBuilder, Tokenizer
 from unipred.loss import next_embedding_loss
 from unipred.model import NEPA, ModelConfig, model_config
 from unipred.predictor import Predictor, PredictorConfig
-from unipred.registry import MODELS, TASKS, TOKENIZERS
-from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask, Task
+from unipred.registry import DATASETS, MODELS, TASKS, TOKENIZERS
+from unipred.task import (
+    ClassifyData,
+    ClassifyTask,
+    DataConfig,
+    DataSource,
+    PretrainTask,
+    Task,
+    register_data,
+)
 from unipred.tokens import Tokens
 
 __all__ = [
+    "DATASETS",
     "MODELS",
     "NEPA",
     "TASKS",
@@ -22,6 +32,7 @@ __all__ = [
     "ClassifyData",
     "ClassifyTask",
     "DataConfig",
+    "DataSource",
     "DatasetBuilder",
     "ModelConfig",
     "Predictor",
@@ -33,4 +44,5 @@ __all__ = [
     "__version__",
     "model_config",
     "next_embedding_loss",
+    "register_data",
 ]

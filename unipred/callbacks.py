@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -23,6 +24,14 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a NaN/inf loss; the message names the step."""
 
 
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    every_n_steps: int = 1
+    monitor_ema: bool = True  # best checkpoint follows the EMA metric (the release does)
+
+
 class EMA(EMAWeightAveraging):
     """EMA of ``pl_module.model`` (decay 0.9999 in both NEPA recipes), fp32, same device."""
 
@@ -30,6 +39,10 @@ class EMA(EMAWeightAveraging):
         super().__init__(decay=decay, update_every_n_steps=every_n_steps)
         self.decay = decay
         self._n: int | None = None  # updates held by the average, mirrored on the host
+
+    @classmethod
+    def from_config(cls, c: EMAConfig) -> EMA:
+        return cls(c.decay, c.every_n_steps)
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit" and self._average_model is None:

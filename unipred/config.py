@@ -1,7 +1,10 @@
-"""Typed run configuration: dataclass schemas, YAML files and ``key=value`` overrides.
+"""Typed run configuration: loading YAML files and ``key=value`` overrides, merging and
+validating them.
 
-A run config is one ``RunConfig`` whose ``data`` section is the task's own ``data_config``
-dataclass. ``load_config(path, overrides)`` reads the YAML (following ``_base_`` includes),
+A run config is one ``RunConfig`` made of the sections' dataclasses, each living next to the
+code that takes it: ``ModelSection`` (unipred/model.py), ``OptimConfig`` (unipred/optim.py),
+``TrainerConfig`` and the batch plan (unipred/trainer.py), ``EMAConfig`` (unipred/callbacks.py)
+and the task's own ``data_config`` (its data source, unipred/task.py). ``load_config(path, overrides)`` reads the YAML (following ``_base_`` includes),
 looks the task up in ``TASKS``, builds the typed schema for that task and merges everything
 strictly with OmegaConf. Unknown keys and wrong types raise ``ConfigError`` naming the key and
 the closest valid key; data paths that do not exist fail here, before any model is built.
@@ -12,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,12 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from unipred.callbacks import EMAConfig
+from unipred.model import ModelSection, _set_fields, build_model_config  # noqa: F401
 from unipred.objectives import ObjectiveConfig
-from unipred.predictor import PredictorConfig
+from unipred.optim import OptimConfig
 from unipred.registry import TASKS
+from unipred.trainer import BatchPlan, TrainerConfig, batch_plan  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -31,105 +36,6 @@ class ConfigError(ValueError):
 
 class RecipeError(ConfigError):
     """The batch / device combination does not realise the configured global batch."""
-
-
-def _overrides_of(cls: type) -> type:
-    """A dataclass with every field of ``cls`` made optional (None = keep the size's value)."""
-    hints = typing.get_type_hints(cls)
-    fields = [(f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(cls)]
-    return dataclasses.make_dataclass(f"{cls.__name__}Overrides", fields)
-
-
-PredictorOverrides = _overrides_of(PredictorConfig)
-ObjectiveOverrides = _overrides_of(ObjectiveConfig)
-
-
-@dataclass
-class ModelSection:
-    """Which model: a registered size plus typed overrides of its predictor and head."""
-
-    name: str = "nepa_debug"  # a size registered in MODELS (unipred list)
-    tokenizer: str | None = None  # None = the size's tokenizer
-    tokenizer_args: dict[str, Any] = field(default_factory=dict)  # merged over the size's
-    predictor: PredictorOverrides = field(default_factory=PredictorOverrides)
-    head: str | None = None  # None = the task's/size's default; "none" forces no head
-    num_classes: int | None = None
-    init_std: float | None = None
-    registers: int | None = None  # register tokens after cls (never targets, never pooled)
-    # variants of the pretraining objective (docs/objectives.md); unset = the release's
-    objective: ObjectiveOverrides = field(default_factory=ObjectiveOverrides)
-    # "" | "official:PATH" (released NEPA weights) | "ckpt:PATH" (our checkpoint, weights only)
-    # | "pretrain:PATH[:ema]" (pretraining ckpt -> classifier: backbone copied, classifier zeroed)
-    init: str = ""
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer + schedule. lr = blr * global_batch / 256 unless ``lr`` is given."""
-
-    name: str = "adamw"  # adamw | lars (MAE's linear-probe optimizer: SGD momentum + trust ratio)
-    momentum: float = 0.9  # lars only
-    blr: float = 1.5e-4  # base lr per 256 samples
-    lr: float | None = None  # absolute lr; overrides the batch-size rule when set
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0  # 0 disables clipping
-    schedule: str = "cosine"  # cosine | llrd_cosine_warmup | poly | constant
-    warmup_ratio: float = 0.0  # fraction of all optimizer steps (the release's warmup_ratio)
-    warmup_steps: int | None = None  # absolute; overrides warmup_ratio when set
-    llrd: float = 1.0  # layer-wise lr decay; 1.0 = off
-    # block i gets llrd^(L-1-i+offset), the embeddings llrd^(L+offset): 0 = the NEPA release,
-    # 1 = BEiT/MAE/mmseg's numbering (the top block already decayed once)
-    llrd_depth_offset: int = 0
-    head_lr: float | None = None  # lr of classifier + final norm (the release: 1e-3, unscaled)
-    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names
-    fused: bool = True  # fused AdamW kernels (falls back with a warning where unsupported)
-
-
-@dataclass
-class TrainerConfig:
-    """Hardware, precision, length and logging. The batch is the *global* batch."""
-
-    global_batch: int = 256
-    per_device_batch: int | None = None  # None = global_batch / (devices * nodes), no accumulation
-    accelerator: str = "auto"  # auto | cpu | gpu
-    devices: int = 1  # per node; -1 = all visible GPUs
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp
-    find_unused_parameters: bool = False  # DDP: only for models with parameters a step skips
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
-    max_epochs: int = 1
-    max_steps: int = -1  # optimizer steps; when set, max_epochs is ignored; -1 = max_epochs
-    limit_train_batches: float | None = None  # fraction (<=1.0) or number of batches (>1)
-    limit_val_batches: float | None = None
-    val_every_n_epochs: int = 1
-    val_check_interval: float | None = None
-    compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool = False
-    channels_last: bool = False
-    ckpt_every_n_steps: int = 1000  # plus last.ckpt; 0 = only last.ckpt at epoch ends
-    keep_ckpts: int = 2  # step checkpoints kept (newest), besides last.ckpt and best
-    log_every_n_steps: int = 10
-    collapse_every_n_steps: int = 100  # collapse monitor period (pretraining); 0 = off
-    stop_on_collapse: bool = False  # end the run (naming the step) when the monitor fires
-    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # + "wandb"
-    wandb_project: str = "unipred"
-    progress_bar: bool = True
-    deterministic: bool = False
-    fast_dev_run: int = 0  # run N train/val batches only, no checkpoints or logs
-    drop_last: bool = True
-    # CPU runs: torch threads. 0 = the cores idle when the run starts (a busy machine gets
-    # fewer threads; why: unipred/threads.py); -1 = torch's default
-    threads: int = 0
-
-
-@dataclass
-class EMAConfig:
-    enabled: bool = True
-    decay: float = 0.9999
-    every_n_steps: int = 1
-    monitor_ema: bool = True  # best checkpoint follows the EMA metric (the release does)
 
 
 @dataclass
@@ -315,26 +221,16 @@ def check_task(cfg) -> None:
 
 def _check_choices(cfg) -> None:
     """String options with a fixed set of values fail at load time, naming key and choices."""
-    from unipred import optim
-
-    choices = {"optim.name": optim.OPTIMIZERS, "optim.schedule": tuple(optim.SCHEDULES)}
-    for key, allowed in choices.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    try:
+        cfg.optim.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         ObjectiveConfig(**_set_fields(cfg.model.objective))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.model.registers is not None and cfg.model.registers < 0:
         raise ConfigError(f"model.registers must be >= 0, got {cfg.model.registers}")
-
-
-def _set_fields(section) -> dict:
-    """The fields of an overrides dataclass that a config sets (not None)."""
-    out = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig, path) -> str:
@@ -383,70 +279,14 @@ def check_data_paths(cfg) -> None:
         raise ConfigError(f"resume: checkpoint does not exist: {_clip(cfg.resume)}")
 
 
-_ZERO_MEANS_OFF = ("layerscale", "rope_shift", "rope_jitter", "rope_rescale")
-
-
-def build_model_config(section: ModelSection, **defaults):
-    """ModelSection (+ task defaults for fields the config leaves None) -> core ModelConfig."""
-    from unipred.model import model_config
-
-    over: dict[str, Any] = {k: v for k, v in defaults.items() if v is not None}
-    for k in ("head", "num_classes", "init_std", "tokenizer", "registers"):
-        v = getattr(section, k)
-        if v is not None:
-            over[k] = v
-    if over.get("head") == "none":
-        over["head"] = None
-    mc = model_config(section.name, **over)
-    if section.tokenizer_args:
-        mc.tokenizer_args = {**mc.tokenizer_args, **section.tokenizer_args}
-    pover = {
-        f.name: getattr(section.predictor, f.name) for f in dataclasses.fields(section.predictor)
-    }
-    pover = {k: v for k, v in pover.items() if v is not None}
-    for k in _ZERO_MEANS_OFF:  # the core's None (= off) is written 0 in a config
-        if pover.get(k) == 0:
-            pover[k] = None
-    mc.predictor = dataclasses.replace(mc.predictor, **pover)
-    mc.objective = dataclasses.replace(mc.objective, **_set_fields(section.objective))
-    return mc
-
-
-def batch_plan(cfg) -> dict:
-    """Global batch -> per-device batch and gradient accumulation; lr by the linear rule."""
-    t = cfg.trainer
-    devices = t.devices
-    if devices < 1:  # -1 = every visible GPU, as Lightning reads it
-        import torch
-
-        devices = max(1, torch.cuda.device_count())
-    world = devices * t.num_nodes
-    per_dev = t.per_device_batch or t.global_batch // world
-    if per_dev < 1 or t.global_batch % (per_dev * world):
-        raise RecipeError(
-            f"trainer.global_batch={t.global_batch} is not a multiple of per_device_batch "
-            f"({per_dev}) x devices ({devices}) x num_nodes ({t.num_nodes}); change "
-            f"trainer.per_device_batch or the device count"
-        )
-    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * t.global_batch / 256
-    return {
-        "global_batch": t.global_batch,
-        "world_size": world,
-        "per_device_batch": per_dev,
-        "accumulate_grad_batches": t.global_batch // (per_dev * world),
-        "lr": lr,
-        "head_lr": cfg.optim.head_lr,
-    }
-
-
 def explain(cfg) -> str:
     """YAML comments with what the config resolves to: the model and the batch recipe."""
     mc = build_model_config(cfg.model)
     lines = [f"resolved model ({cfg.model.name} + overrides; the task may add its head):"]
     lines += OmegaConf.to_yaml(OmegaConf.structured(mc)).splitlines()
     try:
-        plan = batch_plan(cfg)
-        lines += ["batch recipe:"] + [f"  {k}: {v}" for k, v in plan.items()]
+        plan = BatchPlan.of(cfg.trainer, cfg.optim)
+        lines += ["batch recipe:"] + [f"  {k}: {v}" for k, v in plan.as_dict().items()]
     except RecipeError as e:
         lines += [f"batch recipe: ERROR {e}"]
     return "".join(f"# {line}\n" for line in lines)

@@ -12,6 +12,7 @@ docs/adding-a-modality.md walks through a complete plugin.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Protocol, runtime_checkable
 
@@ -82,12 +83,30 @@ def check_task(name: str, cls: Any) -> None:
     if not (inspect.isclass(cls) and issubclass(cls, Task)):
         raise ContractError(f"{where}: register a subclass of unipred.Task")
     missing = []
-    if cls.build_dataset is Task.build_dataset:
-        missing.append("build_dataset(split)")
+    if cls.build_dataset is Task.build_dataset and cls.data_class is None:
+        missing.append("build_dataset(split) or a data source (register_data)")
     if not (inspect.isclass(cls.data_config) and issubclass(cls.data_config, DataConfig)):
         missing.append("data_config (a dataclass subclassing unipred.DataConfig)")
     fields = getattr(cls.data_config, "__dataclass_fields__", {})
     if issubclass(cls, ClassifyTask) and "num_classes" not in fields:
         missing.append("a num_classes field in its data_config")
+    if missing:
+        raise ContractError(f"{where} lacks " + "; ".join(missing))
+
+
+def check_data(name: str, cls: Any) -> None:
+    """Fail at registration when a data source lacks part of ``unipred.DataSource``."""
+    from unipred.task import DataConfig, DataSource
+
+    where = f"data {name!r} ({getattr(cls, '__module__', '?')}.{getattr(cls, '__name__', cls)})"
+    if not (inspect.isclass(cls) and issubclass(cls, DataSource)):
+        raise ContractError(f"{where}: register a subclass of unipred.DataSource")
+    missing = []
+    if cls.build is DataSource.build:
+        missing.append("build(split, augment)")
+    if not (inspect.isclass(cls.config) and issubclass(cls.config, DataConfig)):
+        missing.append("config (a dataclass subclassing unipred.DataConfig)")
+    elif not dataclasses.is_dataclass(cls.config):
+        missing.append("config as a @dataclass")
     if missing:
         raise ContractError(f"{where} lacks " + "; ".join(missing))

@@ -17,21 +17,22 @@ from torch import nn
 
 from unipred import optim
 from unipred.callbacks import EMA
-from unipred.config import RecipeError, batch_plan, recipe_changes, to_dict  # noqa: F401
+from unipred.config import RecipeError, recipe_changes, to_dict  # noqa: F401
 from unipred.loader import build_loader
 from unipred.registry import TASKS
 from unipred.threads import threads_for_run
-from unipred.trainer import build_trainer
+from unipred.trainer import BatchPlan, batch_plan, build_trainer  # noqa: F401
 
 
 class LitTask(L.LightningModule):
     """Runs a Task: its model, its training/validation step, the engine's optimizer."""
 
-    def __init__(self, cfg, task=None):
+    def __init__(self, cfg, task=None, plan: BatchPlan | None = None):
         super().__init__()
         self.cfg = cfg
         self.task = task or TASKS.get(cfg.task)(cfg)
-        self.plan = batch_plan(cfg)
+        # the batch recipe, computed once: the loader, the optimizer and the trainer read it
+        self.plan = plan or BatchPlan.of(cfg.trainer, cfg.optim)
         self.model = self.task.build_model()
         if cfg.model.init:
             from unipred.checkpoint import apply_init
@@ -115,33 +116,16 @@ class LitTask(L.LightningModule):
         return None
 
     def configure_optimizers(self):
-        o, plan = self.cfg.optim, self.plan
-        depth = (
-            len(getattr(getattr(self.model, "predictor", None), "blocks", [])) + o.llrd_depth_offset
+        opt, sched, recipe = optim.build(
+            self.model, self.cfg.optim, self.plan.lr, self.total_steps(), self.cfg.trainer.precision
         )
-        groups = optim.param_groups(
-            self.model, plan["lr"], o.weight_decay, o.llrd, o.head_lr, depth=depth
-        )
-        # fp16 loss scaling needs unscaled grads before clipping, which fused AdamW defers
-        fused = o.fused and self.cfg.trainer.precision not in ("16-mixed", "16")
-        opt = optim.build_optimizer(o.name, groups, o.betas, o.eps, fused, o.momentum)
-        total = self.total_steps()
-        warm = optim.warmup_steps(total, o.warmup_ratio, o.warmup_steps)
-        fns = optim.schedule_fns(opt.param_groups, o.schedule, warm, total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fns)
         self.recipe = {
-            **plan,
-            "total_steps": total,
-            "warmup_steps": warm,
-            "schedule": o.schedule,
-            "llrd": o.llrd,
-            "weight_decay": o.weight_decay,
-            "betas": list(o.betas),
-            "grad_clip": o.grad_clip,
+            **self.plan.as_dict(),
+            **recipe,
             "precision": self.cfg.trainer.precision,
             "strategy": self.cfg.trainer.strategy,
-            "param_groups": len(groups),
-            "frozen": len(self.frozen),
+            # parameter tensors that do not train (optim.freeze, a probe's backbone)
+            "frozen": sum(1 for p in self.model.parameters() if not p.requires_grad),
             "ema_decay": self.cfg.ema.decay if self.cfg.ema.enabled else None,
         }
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -176,10 +160,10 @@ class LitTask(L.LightningModule):
         rank = self.trainer.global_rank if self._trainer else 0
         return build_loader(
             ds,
-            plan["per_device_batch"],
+            plan.per_device_batch,
             world,
             rank,
-            plan["accumulate_grad_batches"],
+            plan.accumulate_grad_batches,
             self.cfg.seed,
             split == "train",
             self.cfg.data.num_workers,
@@ -290,7 +274,7 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
                 if not cfg.trainer.fast_dev_run and not (ckpt and (out / "recipe.json").exists()):
                     save_recipe(r, out / "recipe.json")  # the original is never overwritten
 
-    trainer = build_trainer(cfg, lit, [*callbacks, _Recipe()])
+    trainer = build_trainer(cfg.trainer, cfg.ema, out, lit, [*callbacks, _Recipe()])
     # model init is identical on every rank; the training randomness differs per rank
     L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
@@ -310,7 +294,7 @@ def evaluate(cfg) -> dict:
     _threads(cfg)
     lit = LitTask(cfg)
     ema_sd = load_weights(lit.model, cfg.ckpt) if cfg.ckpt else None
-    trainer = build_trainer(cfg, lit)
+    trainer = build_trainer(cfg.trainer, cfg.ema, run_dir(cfg), lit)
     if cfg.trainer.compile:
         lit.model.compile()
     results = trainer.validate(lit, verbose=False)[0]

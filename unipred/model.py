@@ -4,11 +4,15 @@ Pretraining: the loss compares the predictor output at t with the raw input toke
 (the release's objective; ``model.objective`` selects variants, see unipred/objectives.py).
 Downstream: the same backbone, usually bidirectional, with a head on the pooled output.
 Optional register tokens sit after cls: prefix tokens, never targets, never pooled.
+
+``ModelSection`` is the ``model:`` section of a run config (a registered size plus typed
+overrides); ``build_model_config`` turns it into the core ``ModelConfig``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +207,70 @@ def model_config(name: str, **overrides) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------- model sizes
+# --------------------------------------------------------------- the config's model: section
+def _overrides_of(cls: type) -> type:
+    """A dataclass with every field of ``cls`` made optional (None = keep the size's value)."""
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(cls)]
+    return dataclasses.make_dataclass(f"{cls.__name__}Overrides", fields)
+
+
+PredictorOverrides = _overrides_of(PredictorConfig)
+ObjectiveOverrides = _overrides_of(ObjectiveConfig)
+
+
+@dataclass
+class ModelSection:
+    """Which model: a registered size plus typed overrides of its predictor and head."""
+
+    name: str = "nepa_debug"  # a size registered in MODELS (unipred list)
+    tokenizer: str | None = None  # None = the size's tokenizer
+    tokenizer_args: dict[str, Any] = field(default_factory=dict)  # merged over the size's
+    predictor: PredictorOverrides = field(default_factory=PredictorOverrides)
+    head: str | None = None  # None = the task's/size's default; "none" forces no head
+    num_classes: int | None = None
+    init_std: float | None = None
+    registers: int | None = None  # register tokens after cls (never targets, never pooled)
+    # variants of the pretraining objective (docs/objectives.md); unset = the release's
+    objective: ObjectiveOverrides = field(default_factory=ObjectiveOverrides)
+    # "" | "official:PATH" (released NEPA weights) | "ckpt:PATH" (our checkpoint, weights only)
+    # | "pretrain:PATH[:ema]" (pretraining ckpt -> classifier: backbone copied, classifier zeroed)
+    init: str = ""
+
+
+def _set_fields(section) -> dict:
+    """The fields of an overrides dataclass that a config sets (not None)."""
+    out = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+_ZERO_MEANS_OFF = ("layerscale", "rope_shift", "rope_jitter", "rope_rescale")
+
+
+def build_model_config(section: ModelSection, **defaults):
+    """ModelSection (+ task defaults for fields the config leaves None) -> core ModelConfig."""
+    over: dict[str, Any] = {k: v for k, v in defaults.items() if v is not None}
+    for k in ("head", "num_classes", "init_std", "tokenizer", "registers"):
+        v = getattr(section, k)
+        if v is not None:
+            over[k] = v
+    if over.get("head") == "none":
+        over["head"] = None
+    mc = model_config(section.name, **over)
+    if section.tokenizer_args:
+        mc.tokenizer_args = {**mc.tokenizer_args, **section.tokenizer_args}
+    pover = {
+        f.name: getattr(section.predictor, f.name) for f in dataclasses.fields(section.predictor)
+    }
+    pover = {k: v for k, v in pover.items() if v is not None}
+    for k in _ZERO_MEANS_OFF:  # the core's None (= off) is written 0 in a config
+        if pover.get(k) == 0:
+            pover[k] = None
+    mc.predictor = dataclasses.replace(mc.predictor, **pover)
+    mc.objective = dataclasses.replace(mc.objective, **_set_fields(section.objective))
+    return mc
+
+
 def _vit(dim, depth, heads, patch=14, **kw) -> ModelConfig:
     return ModelConfig(
         tokenizer_args={"patch_size": patch},

@@ -19,9 +19,42 @@ import math
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer + schedule. lr = blr * global_batch / 256 unless ``lr`` is given."""
+
+    name: str = "adamw"  # adamw | lars (MAE's linear-probe optimizer: SGD momentum + trust ratio)
+    momentum: float = 0.9  # lars only
+    blr: float = 1.5e-4  # base lr per 256 samples
+    lr: float | None = None  # absolute lr; overrides the batch-size rule when set
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"  # cosine | llrd_cosine_warmup | poly | constant
+    warmup_ratio: float = 0.0  # fraction of all optimizer steps (the release's warmup_ratio)
+    warmup_steps: int | None = None  # absolute; overrides warmup_ratio when set
+    llrd: float = 1.0  # layer-wise lr decay; 1.0 = off
+    # block i gets llrd^(L-1-i+offset), the embeddings llrd^(L+offset): 0 = the NEPA release,
+    # 1 = BEiT/MAE/mmseg's numbering (the top block already decayed once)
+    llrd_depth_offset: int = 0
+    head_lr: float | None = None  # lr of classifier + final norm (the release: 1e-3, unscaled)
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names
+    fused: bool = True  # fused AdamW kernels (falls back with a warning where unsupported)
+
+    def check(self) -> None:
+        """Options with a fixed set of values: ValueError naming the key and the choices."""
+        for key, value, allowed in (("optim.name", self.name, OPTIMIZERS),
+                                    ("optim.schedule", self.schedule, tuple(SCHEDULES))):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
 _NO_DECAY_NAME = re.compile(r"(bias|norm|layer_scale|\.ls\d\.gamma|gamma)$|_norm\.|norm\.")
@@ -228,3 +261,21 @@ def schedule_fns(groups: list[dict], kind: str, warmup: int, total: int) -> list
         )
     fn = SCHEDULES[kind]
     return [(lambda t, f=g["lr_scale"]: fn(t, warmup, total, f)) for g in groups]
+
+
+def build(model: nn.Module, o: OptimConfig, lr: float, total: int, precision: str = "32-true"):
+    """The optimizer and its per-step LambdaLR for ``model`` under ``o`` at base ``lr``
+    (the batch plan's) over ``total`` optimizer steps -> (optimizer, scheduler, recipe entries)."""
+    depth = len(getattr(getattr(model, "predictor", None), "blocks", [])) + o.llrd_depth_offset
+    groups = param_groups(model, lr, o.weight_decay, o.llrd, o.head_lr, depth=depth)
+    # fp16 loss scaling needs unscaled grads before clipping, which fused AdamW defers
+    fused = o.fused and precision not in ("16-mixed", "16")
+    opt = build_optimizer(o.name, groups, o.betas, o.eps, fused, o.momentum)
+    warm = warmup_steps(total, o.warmup_ratio, o.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, schedule_fns(opt.param_groups, o.schedule, warm, total)
+    )
+    recipe = {"total_steps": total, "warmup_steps": warm, "schedule": o.schedule, "llrd": o.llrd,
+              "weight_decay": o.weight_decay, "betas": list(o.betas), "grad_clip": o.grad_clip,
+              "param_groups": len(groups)}  # fmt: skip
+    return opt, sched, recipe

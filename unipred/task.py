@@ -1,24 +1,28 @@
-"""The Task contract: what a task file in tasks/ provides so the one engine can run it.
+"""Objectives and data: what the one engine runs.
 
-A task is a class registered in ``unipred.registry.TASKS``. It names a data-config dataclass
-(``data_config``), builds its model and datasets, and computes the loss and metrics of one
-batch. The engine (unipred/engine.py) owns everything else: optimizer, schedule, precision,
-EMA, checkpoints, distributed, logging. Tasks never import Lightning.
-
-Writing a task (see tasks/image/debug.py for a complete example)::
+A **task** is an objective on a data set. The objectives are written once, here, for any
+tokenizer: ``PretrainTask`` (next-embedding pretraining) and ``ClassifyTask`` (fine-tuning,
+linear probe, evaluation; ``data.mode``). A modality supplies **data sources**: a subclass of
+``DataSource`` (its ``data:`` config section, ``build`` for a split, ``collate``, the class count
+it knows, a synthetic fallback when ``data.root`` is empty) registered with
+``register_data("name")``, which registers the tasks ``name_pretrain`` and ``name_classify``::
 
     @dataclass
     class MyData(DataConfig):            # becomes the typed ``data:`` section of the YAML
-        image_size: int = 224
+        length: int = 64
 
-    @TASKS.register("my_pretrain")
-    class MyPretrain(PretrainTask):      # or ClassifyTask (with ClassifyData), or Task
-        data_config = MyData
-        def build_dataset(self, split):  # "train" | "val"; map-style or IterableDataset | None
-            ...                          # self.cfg is the whole run config (cfg.data: MyData)
-        @classmethod
-        def smoke_config(cls):           # tiny CPU run used by tests/test_tasks_smoke.py
-            return {"model.name": "nepa_debug", "data.image_size": 32, "trainer.global_batch": 4}
+    @register_data("waves")              # -> tasks waves_pretrain, waves_classify
+    class Waves(DataSource):
+        config = MyData
+        smoke = {"model.name": "nepa_toy", "trainer.global_batch": 4}
+        def build(self, split, augment):  # "train" | "val"; (input, label) items; None = absent
+            ...                           # self.cfg is the whole run config (cfg.data: MyData)
+        def num_classes(self):            # what the data say, when the config does not
+            return 10
+
+The engine (unipred/engine.py) owns everything else: optimizer, schedule, precision, EMA,
+checkpoints, distributed, logging. Objectives that need a model of their own (UperNet
+segmentation) subclass ``Task`` directly. docs/adding-a-modality.md is the full guide.
 
 * ``data.root == ""`` must mean generated/demo data, so the smoke test runs anywhere.
 * Data fields named ``*root``, ``*path``, ``*file``, ``*manifest`` or ``*csv`` are inputs: when
@@ -29,8 +33,6 @@ Writing a task (see tasks/image/debug.py for a complete example)::
   worker) and, for exact resumption, implements ``set_epoch(epoch)`` and ``resume(n)``: skip
   the first n samples this rank delivered in that epoch (whole shards first), with shard order
   a function of (seed, epoch) only; see unipred/loader.py.
-* The model: ``self.model_config(**defaults)`` turns ``cfg.model`` (size + overrides) into a
-  core ModelConfig; ``PretrainTask``/``ClassifyTask`` already implement ``build_model``.
 * Metrics are torchmetrics objects keyed by short names ("acc1"); the engine logs them as
   ``val/acc1`` (raw weights) and ``val_ema/acc1`` (EMA weights). ``monitor`` names the metric
   that selects the best checkpoint ("val/acc1"; the engine swaps in ``val_ema/`` when
@@ -39,6 +41,7 @@ Writing a task (see tasks/image/debug.py for a complete example)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -58,23 +61,103 @@ class DataConfig:
     shuffle_buffer: int = 5000  # streaming (webdataset) shuffle buffer
 
 
+class DataSource:
+    """One data set of a modality, as every objective reads it.
+
+    Subclasses set ``config`` (a ``DataConfig`` dataclass: the ``data:`` section) and implement
+    ``build``; the rest is optional. Register with ``@register_data("name")``. An instance is
+    made per task with the whole run config (``self.cfg``; ``self.cfg.data`` is ``config``) and
+    the objective's name (``self.objective``: "pretrain", "classify", ...).
+    """
+
+    config: ClassVar[type[DataConfig]] = DataConfig
+    # dotted-key overrides for a tiny CPU run without data on disk (tests/test_tasks_smoke.py)
+    smoke: ClassVar[dict[str, Any]] = {"model.name": "nepa_debug", "trainer.global_batch": 4}
+    # the builder cuts the training set to data.labels_per_class and repeats it data.repeat
+    # times when augmenting (one pass when not) itself
+    applies_label_budget: ClassVar[bool] = False
+    # filled by register_data: objective name -> the registered task class
+    tasks: ClassVar[dict[str, type]] = {}
+
+    def __init__(self, cfg: Any, objective: str = "pretrain"):
+        self.cfg, self.objective = cfg, objective
+
+    def build(self, split: str, augment: bool) -> torch.utils.data.Dataset | None:
+        """The dataset of ``split`` ("train" | "val"), None when absent. Items are
+        ``(input, label, ...)`` or the input alone (pretraining only). ``augment``: the
+        training pipeline (random crops, noise...) or the evaluation one (deterministic; what
+        a frozen-feature probe reads). ``data.root == ""`` must generate data."""
+        raise NotImplementedError
+
+    def collate(self, split: str, augment: bool, num_classes: int | None = None):
+        """Batch collation (padding, batch-level augmentation) or None for torch's default.
+        ``num_classes`` is the classifier's class count when fine-tuning (for label mixing
+        such as Mixup), else None."""
+        return None
+
+    def num_classes(self) -> int | None:
+        """The class count the data define (a folder's classes, a generated set's), used when
+        neither ``data.num_classes`` nor ``model.num_classes`` is set; None = unknown."""
+        return None
+
+    @classmethod
+    def check_config(cls, cfg: Any, objective: str) -> None:
+        """Catch shape mistakes before anything is built (``unipred.config.load_config`` calls
+        it, also under ``--print-config``): patch vs input size, channels, the tokenizer.
+        Raise ``ValueError`` with one line naming the keys. Default: no check."""
+
+    @classmethod
+    def smoke_config(cls, objective: str) -> dict[str, Any]:
+        return dict(cls.smoke)
+
+    def adapt_model(self, mc):
+        """The core ModelConfig adjusted to the data (e.g. the tokenizer's channel count or
+        sample rate taken from the data set); raise ValueError on a conflicting setting."""
+        return mc
+
+    def step_logs(self) -> dict[str, torch.Tensor]:
+        """Extra scalars logged with every training step (e.g. bad-sample counts)."""
+        return {}
+
+
 class Task:
-    """Base class. Subclasses set ``name`` (via the registry) and ``data_config``."""
+    """Base class of objectives. A task is an objective class bound to a ``DataSource``
+    (``data_class``) by ``register_data``; objectives that read data their own way override
+    ``build_dataset`` (and set ``data_config``) instead."""
 
     data_config: ClassVar[type[DataConfig]] = DataConfig
+    data_class: ClassVar[type[DataSource] | None] = None
+    objective: ClassVar[str] = "task"
+    summary: ClassVar[str] = "A task"  # `unipred list` shows "<summary> on the 'x' data source."
     # the metric the engine monitors for "best" checkpoints, and its mode
     monitor: ClassVar[str | None] = None
     monitor_mode: ClassVar[str] = "max"
 
     def __init__(self, cfg: Any):
         self.cfg = cfg  # the full, validated run config (cfg.model, cfg.data, cfg.optim, ...)
+        self.source = self.data_class(cfg, self.objective) if self.data_class else None
+
+    @classmethod
+    def on(cls, source: type[DataSource], name: str, data: str) -> type[Task]:
+        """This objective on ``source`` (registered as ``data``): the task class ``name``."""
+        camel = "".join(w[:1].upper() + w[1:] for w in name.split("_"))
+        attrs = {"data_class": source, "data_config": cls.config_for(source.config),
+                 "__module__": source.__module__,
+                 "__doc__": f"{cls.summary} on the {data!r} data source."}  # fmt: skip
+        return type(camel, (cls,), attrs)
+
+    @classmethod
+    def config_for(cls, data_config: type[DataConfig]) -> type[DataConfig]:
+        """The data section of this objective on a source with ``data_config``."""
+        return data_config
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         """Catch shape mistakes before anything is built (``unipred.config.load_config`` calls
-        it, also under ``--print-config``): patch vs input size, channels vs the data, the
-        tokenizer vs the task, classes vs the labels found. Raise ``ValueError`` with one line
-        naming the keys; peek at data on disk only where the path exists. Default: no check."""
+        it, also under ``--print-config``). Raise ``ValueError`` with one line naming the keys.
+        Default: the data source's checks."""
+        if cls.data_class is not None:
+            cls.data_class.check_config(cfg, cls.objective)
 
     # -- building ---------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -82,17 +165,22 @@ class Task:
 
     def build_dataset(self, split: str) -> torch.utils.data.Dataset | None:
         """split in {"train", "val"}; map-style or IterableDataset; None if the split is absent."""
-        raise NotImplementedError
+        if self.source is None:
+            raise NotImplementedError
+        return self.source.build(split, augment=split == "train")
 
     def collate_fn(self, split: str):
         """Optional batch collation (e.g. Mixup/CutMix, padding); None = default collate."""
-        return None
+        if self.source is None:
+            return None
+        return self.source.collate(split, augment=split == "train")
 
     def feature_dataset(self, split: str):
         """``(dataset, collate_fn)`` of ``split`` as the frozen-feature protocols read it (kNN,
         probes; unipred/protocols.py): labelled, with evaluation-time processing (no
-        augmentation, one pass). The default is ``build_dataset(split)`` with the val collate;
-        a task whose training split augments inside its dataset overrides this."""
+        augmentation, one pass)."""
+        if self.source is not None:
+            return self.source.build(split, augment=False), self.source.collate(split, False)
         return self.build_dataset(split), self.collate_fn("val")
 
     def build_metrics(self) -> dict[str, Any]:
@@ -122,19 +210,20 @@ class Task:
 
         ``tests/test_tasks_smoke.py`` runs every registered task with these overrides on top of
         its own (cpu, fp32, 2 train + 1 val batch, no logs). The run must work without any
-        dataset on disk: keep ``data.root`` "" and generate data when it is empty. Example::
-
-            return {"model.name": "nepa_debug", "data.image_size": 32, "trainer.global_batch": 4}
-        """
+        dataset on disk: keep ``data.root`` "" and generate data when it is empty. Default: the
+        data source's ``smoke_config``."""
+        if cls.data_class is not None:
+            return cls.data_class.smoke_config(cls.objective)
         return {"model.name": "nepa_debug", "trainer.global_batch": 4}
 
     # -- helpers for subclasses -------------------------------------------------------------
     def model_config(self, **defaults):
         """The ModelConfig of ``cfg.model``; ``defaults`` (e.g. head="mean", num_classes=10)
-        fill in what the config leaves unset (None)."""
+        fill in what the config leaves unset (None); the data source adapts it."""
         from unipred.config import build_model_config
 
-        return build_model_config(self.cfg.model, **defaults)
+        mc = build_model_config(self.cfg.model, **defaults)
+        return self.source.adapt_model(mc) if self.source is not None else mc
 
     def inputs(self, batch: Any) -> Any:
         """The model input of a batch: the first element of a tuple/list, else the batch."""
@@ -204,10 +293,11 @@ def collapse_stats(x: torch.Tensor, valid: torch.Tensor | None = None, max_rows:
 class PretrainTask(Task):
     """Next-embedding pretraining: loss = model(x).loss, validation loss, collapse statistics.
 
-    Subclasses provide ``data_config`` and ``build_dataset`` (and ``collate_fn`` if needed).
     The engine sets ``self.want_stats = True`` on the steps where it wants collapse statistics.
     """
 
+    objective: ClassVar[str] = "pretrain"
+    summary: ClassVar[str] = "Next-embedding pretraining"
     want_stats: bool = False
 
     def build_model(self) -> nn.Module:
@@ -224,21 +314,35 @@ class PretrainTask(Task):
             # the targets: without stop-gradient these are what collapses first
             stats = collapse_stats(out.targets, out.valid)
             logs.update({f"collapse/target_{k}": v for k, v in stats.items()})
+        if self.source is not None:
+            logs.update(self.source.step_logs())
         return out.loss, logs
 
     def validation_step(self, model, batch, metrics):
         return {"loss": model(self.inputs(batch)).loss}
 
 
+MODES = ("finetune", "probe", "eval")
+
+
 @dataclass
 class ClassifyData(DataConfig):
-    num_classes: int = 0  # 0 = the task's default
+    num_classes: int = 0  # 0 = model.num_classes, else what the data define (DataSource)
+    # finetune: the whole model trains | probe: linear probe of the frozen backbone (eval mode,
+    # BatchNorm + linear on pooled final-norm features) | eval: validation only (unipred eval)
+    mode: str = "finetune"
+    # probe: read the training split without augmentation and compute each frozen feature once
+    # (later epochs train the linear layer alone); false = the training augmentation runs and
+    # the features are recomputed every step
+    cache_features: bool = True
     label_smoothing: float = 0.0  # for hard labels; Mixup applies its own to soft labels
     # label budgets: the subset depends on subset_seed and the data only, never on the run
     # seed, so NEPA and scratch runs of a comparison see the same images
     labels_per_class: int = 0  # keep this many training samples per class (0 = all)
     subset_seed: int = 0  # picks the labels_per_class subset
-    repeat: int = 1  # one training epoch = this many passes over the (sub)set, freshly augmented
+    # one training epoch = this many passes over the (sub)set, freshly augmented (one pass
+    # where the data are read unaugmented: cached probe features, unipred eval protocols)
+    repeat: int = 1
 
 
 def per_class_indices(labels, k: int, seed: int, what: str = "data") -> list[int]:
@@ -272,31 +376,100 @@ def dataset_labels(ds) -> list[int]:
     return [int(ds[i][1]) for i in range(len(ds))]
 
 
-class ClassifyTask(Task):
-    """Classification: batches are (x, y) with y class indices (B,) or soft targets (B, C).
+class Indexed(torch.utils.data.Dataset):
+    """Items ``(*item, key)``: ``key`` names the underlying sample (through Subsets), so a
+    feature cache computes each sample's frozen feature once, however often it repeats."""
 
-    Soft targets (Mixup/CutMix) use soft cross-entropy in fp32; hard labels use cross-entropy
-    with ``data.label_smoothing``. Metrics: top-1 and top-5 accuracy (torchmetrics).
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def key(self, i: int) -> int:
+        ds = self.ds
+        while isinstance(ds, torch.utils.data.Subset):
+            i, ds = ds.indices[i], ds.dataset
+        return int(i)
+
+    def __getitem__(self, i: int):
+        item = self.ds[i]
+        item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+        return (*item, self.key(i))
+
+
+class IndexedCollate:
+    """Collates the items with ``collate`` (None: torch's default), keys appended as a tensor."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        from torch.utils.data import default_collate
+
+        batch = (self.collate or default_collate)([it[:-1] for it in items])
+        keys = torch.tensor([it[-1] for it in items], dtype=torch.long)
+        return (*batch, keys) if isinstance(batch, (tuple, list)) else (batch, keys)
+
+
+class ClassifyTask(Task):
+    """Classification (``data.mode``): fine-tuning, linear probe or evaluation.
+
+    Batches are (x, y, ...) with y class indices (B,) or soft targets (B, C). Soft targets
+    (Mixup/CutMix) use soft cross-entropy in fp32; hard labels use cross-entropy with
+    ``data.label_smoothing``. Metrics: top-1 and top-5 accuracy (torchmetrics).
+
+    The linear probe (MAE's protocol; ``data.mode=probe``) trains the model's "probe" head
+    (BatchNorm without affine + linear) on pooled features of the frozen backbone, which runs
+    in eval mode under no grad (unipred.protocols.frozen_features, the features of
+    ``unipred eval protocol=linear``); with ``data.cache_features`` each training feature is
+    computed once (unipred.protocols.FeatureCache).
     """
 
+    objective: ClassVar[str] = "classify"
+    summary: ClassVar[str] = "Classification (data.mode: finetune | probe | eval)"
     data_config: ClassVar[type[DataConfig]] = ClassifyData
     monitor: ClassVar[str | None] = "val/acc1"
     monitor_mode: ClassVar[str] = "max"
-    default_num_classes: ClassVar[int] = 0  # 0 = none: the config must give the class count
+    default_num_classes: ClassVar[int] = 0  # 0 = none: the config or the data must give it
     default_head: ClassVar[str] = "mean"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        mode = getattr(cfg.data, "mode", "finetune")
+        if mode not in MODES:
+            raise ValueError(f"data.mode={mode!r}; use one of {list(MODES)}")
+        self._cache = None
+        self._streamed = False  # the cached probe's training set is an IterableDataset
+
+    @classmethod
+    def config_for(cls, data_config: type[DataConfig]) -> type[DataConfig]:
+        if issubclass(data_config, ClassifyData):
+            return data_config
+        name = data_config.__name__.removesuffix("Data").removesuffix("Config")
+        return dataclasses.make_dataclass(f"{name}ClassifyData", [],
+                                          bases=(data_config, ClassifyData))  # fmt: skip
+
+    @property
+    def mode(self) -> str:
+        """``data.mode``; ``model.head=probe`` alone also means the linear probe."""
+        mode = getattr(self.cfg.data, "mode", "finetune")
+        return "probe" if mode == "finetune" and self.cfg.model.head == "probe" else mode
+
     def num_classes(self) -> int:
-        """``data.num_classes``, else ``model.num_classes``, else ``default_num_classes``;
-        override it to derive the count from the data."""
+        """The class count, decided in one place: ``data.num_classes``, else
+        ``model.num_classes``, else what the data source reports, else
+        ``default_num_classes``; ConfigError when none knows."""
         n = getattr(self.cfg.data, "num_classes", 0) or self.cfg.model.num_classes
+        if not n and self.source is not None:
+            n = self.source.num_classes()
         n = int(n or self.default_num_classes)
         if n < 1:
             from unipred.config import ConfigError
 
             raise ConfigError(
                 f"task {self.cfg.task!r} does not know its number of classes: set "
-                f"data.num_classes (or give {type(self).__name__} a default_num_classes or a "
-                f"num_classes() method)"
+                "data.num_classes (or have the data source's num_classes() report it)"
             )
         return n
 
@@ -307,12 +480,20 @@ class ClassifyTask(Task):
             raise ValueError(f"data.labels_per_class={k} must be >= 0 (0 = every label)")
         if getattr(cfg.data, "repeat", 1) < 1:
             raise ValueError(f"data.repeat={cfg.data.repeat} must be >= 1")
+        mode = getattr(cfg.data, "mode", "finetune")
+        if mode not in MODES:
+            raise ValueError(f"data.mode={mode!r}; use one of {list(MODES)}")
+        if mode == "probe" and cfg.model.head not in (None, "probe"):
+            raise ValueError(f"data.mode=probe trains the probe head: model.head="
+                             f"{cfg.model.head!r} must be unset or 'probe'")  # fmt: skip
+        super().check_config(cfg)
 
-    def label_budget(self, ds, split: str):
+    def label_budget(self, ds, split: str, repeat: bool = True):
         """The training set cut to ``data.labels_per_class`` samples per class (seeded by
-        ``data.subset_seed`` alone) and repeated ``data.repeat`` times per epoch; other
-        splits, and a budget of 0 with repeat 1, pass through unchanged."""
+        ``data.subset_seed`` alone) and, with ``repeat``, repeated ``data.repeat`` times per
+        epoch; other splits, and a budget of 0 with repeat 1, pass through unchanged."""
         k, rep = getattr(self.cfg.data, "labels_per_class", 0), getattr(self.cfg.data, "repeat", 1)
+        rep = rep if repeat else 1
         if ds is None or split != "train" or (k <= 0 and rep <= 1):
             return ds
         if isinstance(ds, torch.utils.data.IterableDataset):
@@ -332,10 +513,77 @@ class ClassifyTask(Task):
             sub.classes = ds.classes
         return sub
 
+    # -- data ---------------------------------------------------------------------------------
+    def _cached_probe(self, split: str) -> bool:
+        return self.mode == "probe" and split == "train" and self.cfg.data.cache_features
+
+    def build_dataset(self, split):
+        if split == "train" and self.mode == "eval":
+            return None
+        if self.source is None:
+            raise NotImplementedError
+        augment = split == "train" and not self._cached_probe(split)
+        ds = self.source.build(split, augment=augment)
+        if not self.source.applies_label_budget:  # repeats are fresh augmentations only
+            ds = self.label_budget(ds, split, repeat=augment)
+        if ds is not None and self._cached_probe(split):
+            self._streamed = isinstance(ds, torch.utils.data.IterableDataset)
+            if self._streamed:  # no sample index to key a cache on: features recomputed
+                logging.getLogger(__name__).info(
+                    "data.cache_features: %r is streamed; frozen features are recomputed every "
+                    "step (un-augmented)",
+                    self.cfg.data.root,
+                )
+            else:
+                ds = Indexed(ds)
+        return ds
+
+    def feature_dataset(self, split):
+        """The split as the frozen-feature protocols read it: unaugmented, one pass, with the
+        config's label subset (``data.labels_per_class``)."""
+        if self.source is None:
+            return super().feature_dataset(split)
+        ds = self.source.build(split, augment=False)
+        if not self.source.applies_label_budget:
+            ds = self.label_budget(ds, split, repeat=False)
+        return ds, self.source.collate(split, False)
+
+    def collate_fn(self, split):
+        if self.source is None:
+            return None
+        train = split == "train"
+        finetune = train and self.mode == "finetune"
+        augment = train and not self._cached_probe(split)
+        fn = self.source.collate(split, augment, self.num_classes() if finetune else None)
+        return IndexedCollate(fn) if self._cached_probe(split) and not self._streamed else fn
+
+    # -- model --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         from unipred.model import NEPA
 
-        return NEPA(self.model_config(head=self.default_head, num_classes=self.num_classes()))
+        head = "probe" if self.mode == "probe" else self.default_head
+        model = NEPA(self.model_config(head=head, num_classes=self.num_classes()))
+        if self.mode == "probe":
+            # the probe trains the head only; everything before it is the frozen backbone
+            for name, p in model.named_parameters():
+                if not name.startswith("head."):
+                    p.requires_grad_(False)
+        return model
+
+    def probe_features(self, model, x, keys=None) -> torch.Tensor:
+        """Pooled frozen features (B, D) in fp32; cached per sample when ``keys`` is given."""
+        from unipred.protocols import FeatureCache, frozen_features
+
+        if keys is None:
+            return frozen_features(model, x)
+        if self._cache is None:
+            self._cache = FeatureCache()
+        return self._cache.get(keys, lambda: frozen_features(model, x))
+
+    def probe_logits(self, model, x, keys=None) -> torch.Tensor:
+        """The probe head's logits on frozen features (backbone in eval mode, no grad)."""
+        f = self.probe_features(model, x, keys)
+        return model.head.classifier(model.head.bn(f.to(model.head.classifier.weight.dtype)))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -346,8 +594,16 @@ class ClassifyTask(Task):
 
     def training_step(self, model, batch):
         x, y = batch[0], batch[1]
-        loss = self.loss(model(x).logits, y)
-        return loss, {"loss": loss.detach()}
+        if self.mode == "probe":
+            keys = batch[2] if self._cached_probe("train") and len(batch) > 2 else None
+            logits = self.probe_logits(model, x, keys)
+        else:
+            logits = model(x).logits
+        loss = self.loss(logits, y)
+        logs = {"loss": loss.detach()}
+        if self.source is not None:
+            logs.update(self.source.step_logs())
+        return loss, logs
 
     def build_metrics(self) -> dict[str, Any]:
         from torchmetrics.classification import MulticlassAccuracy
@@ -365,3 +621,41 @@ class ClassifyTask(Task):
         for m in metrics.values():
             m.update(logits, hard)
         return {"loss": nn.functional.cross_entropy(logits, hard)}
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+OBJECTIVES: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": ClassifyTask}
+
+
+def register_data(name: str, objectives=("pretrain", "classify"), tasks: dict | None = None):
+    """Class decorator: register a ``DataSource`` as ``name`` and, for every objective, the task
+    ``{name}_{objective}`` (``tasks`` may rename some: {"classify": "my_cls"}). The task
+    classes are ``source.tasks[objective]`` and attributes of the source's module."""
+    import sys
+
+    from unipred.registry import DATASETS, TASKS
+
+    def deco(source: type[DataSource]):
+        DATASETS.register(name)(source)
+        made = {}
+        for obj in objectives:
+            if obj not in OBJECTIVES:
+                raise KeyError(f"data {name!r}: unknown objective {obj!r}; known: "
+                               f"{sorted(OBJECTIVES)}")  # fmt: skip
+            task_name = (tasks or {}).get(obj, f"{name}_{obj}")
+            cls = OBJECTIVES[obj].on(source, task_name, name)
+            TASKS.register(task_name)(cls)
+            made[obj] = cls
+            module = sys.modules.get(source.__module__)  # importable by name (pickling)
+            if module is not None and not hasattr(module, cls.__name__):
+                setattr(module, cls.__name__, cls)
+            dc = cls.data_config
+            if module is not None and not hasattr(module, dc.__name__):
+                dc.__module__ = source.__module__
+                setattr(module, dc.__name__, dc)
+        source.tasks = made
+        return source
+
+    return deco

@@ -1,4 +1,5 @@
-"""Audio tasks: NEPA pretraining on log-mel patches and clip classification (fine-tune or probe).
+"""Audio data: NEPA pretraining on log-mel patches and clip classification (fine-tune, linear
+probe, eval), the generic objectives of unipred.task on the ``audio`` data source.
 
 Data (``data.root`` / ``data.val_root``): webdataset shards from ``unipred data pack-audio``,
 a folder of class sub-folders, or a folder plus a CSV (``data.csv``, ``data.where`` for
@@ -28,15 +29,8 @@ from unipred.tasks.audio.data import ClipTransform, audio_dataset, list_audio, p
 from unipred.tasks.audio.spoken_digits import DIGITS, available_engines, synthesize, tone_digit
 
 from unipred.model import ModelConfig, model_config
-from unipred.registry import MODELS, TASKS
-from unipred.task import (
-    ClassifyData,
-    ClassifyTask,
-    DataConfig,
-    PretrainTask,
-    check_tokenizer,
-    model_tokenizer,
-)
+from unipred.registry import MODELS
+from unipred.task import DataConfig, DataSource, check_tokenizer, model_tokenizer, register_data
 
 
 # ------------------------------------------------------------------------------ model sizes
@@ -97,11 +91,6 @@ class AudioData(DataConfig):
     train_per_class: int = 200
     val_per_class: int = 40
     digits_seed: int = 0  # the synthesis seed (the data set's identity, apart from cfg.seed)
-
-
-@dataclass
-class AudioClassifyData(AudioData, ClassifyData):
-    num_classes: int = 0  # 0 = 10 on the spoken digits, else required
 
 
 def digits_cache(d: AudioData) -> Path:
@@ -195,82 +184,45 @@ def check_audio_config(cfg) -> None:
         )
 
 
-def _check_rate(task, mc: ModelConfig) -> ModelConfig:
-    """The tokenizer's sample rate follows data.sample_rate (a conflicting setting is an error)."""
-    rate = task.cfg.data.sample_rate
-    given = task.cfg.model.tokenizer_args.get("sample_rate")
-    if given is not None and int(given) != rate:
-        raise ValueError(f"model.tokenizer_args.sample_rate={given} but data.sample_rate={rate}")
-    mc.tokenizer_args = {**mc.tokenizer_args, "sample_rate": rate}
-    return mc
-
-
 # smoke runs synthesise 20 clips into the temp folder, never into the user's cache
 _SMOKE = {"model.name": "nepa_audio_debug", "trainer.global_batch": 4, "data.num_workers": 0,
           "data.train_per_class": 1, "data.val_per_class": 1, "data.max_seconds": 2.0,
           "data.digits_dir": str(Path(tempfile.gettempdir()) / "unipred-audio-smoke")}  # fmt: skip
 
 
-class _AudioClips:
-    """What both audio tasks share: padded clip batches, unaugmented features for the
-    evaluation protocols, the smoke-test overrides."""
+@register_data("audio")
+class AudioClips(DataSource):
+    """Audio clips from shards, class folders or a CSV (synthesised spoken digits if no root).
 
-    def feature_dataset(self, split):
-        return build_audio_dataset(self.cfg, split, augment=False), pad_collate
+    The tokenizer's sample rate follows data.sample_rate."""
 
-    def collate_fn(self, split):
+    config = AudioData
+    smoke = _SMOKE
+
+    @classmethod
+    def check_config(cls, cfg, objective):
+        check_audio_config(cfg)
+
+    def num_classes(self):
+        return None if self.cfg.data.root else len(DIGITS)  # the spoken digits: 10
+
+    def build(self, split, augment):
+        return build_audio_dataset(self.cfg, split, augment)
+
+    def collate(self, split, augment, num_classes=None):
         return pad_collate
 
-    @classmethod
-    def smoke_config(cls):
-        return dict(_SMOKE)
+    def adapt_model(self, mc: ModelConfig) -> ModelConfig:
+        """The tokenizer's sample rate follows data.sample_rate (a conflict is an error)."""
+        rate = self.cfg.data.sample_rate
+        given = self.cfg.model.tokenizer_args.get("sample_rate")
+        if given is not None and int(given) != rate:
+            raise ValueError(
+                f"model.tokenizer_args.sample_rate={given} but data.sample_rate={rate}"
+            )
+        mc.tokenizer_args = {**mc.tokenizer_args, "sample_rate": rate}
+        return mc
 
 
-@TASKS.register("audio_pretrain")
-class AudioPretrain(_AudioClips, PretrainTask):
-    """Next-embedding pretraining on log-mel patches (time-major order, 2-D RoPE)."""
-
-    data_config = AudioData
-
-    @classmethod
-    def check_config(cls, cfg):
-        check_audio_config(cfg)
-
-    def build_model(self):
-        from unipred.model import NEPA
-
-        return NEPA(_check_rate(self, self.model_config(head="none")))
-
-    def build_dataset(self, split):
-        return build_audio_dataset(self.cfg, split)
-
-
-@TASKS.register("audio_classify")
-class AudioClassify(_AudioClips, ClassifyTask):
-    """Clip classification: mean-pooled head (fine-tune), or ``model.head=probe`` with the
-    backbone frozen by ``optim.freeze`` (linear probe; see configs/audio/*probe*.yaml)."""
-
-    data_config = AudioClassifyData
-
-    @classmethod
-    def check_config(cls, cfg):
-        super().check_config(cfg)
-        check_audio_config(cfg)
-
-    def num_classes(self) -> int:
-        d = self.cfg.data
-        n = d.num_classes or self.cfg.model.num_classes
-        if not n and not d.root:
-            return len(DIGITS)
-        if not n:
-            raise ValueError("audio_classify needs data.num_classes (e.g. 50 for ESC-50)")
-        return int(n)
-
-    def build_model(self):
-        from unipred.model import NEPA
-
-        mc = self.model_config(head=self.default_head, num_classes=self.num_classes())
-        return NEPA(_check_rate(self, mc))
-
-    def build_dataset(self, split):
-        return self.label_budget(build_audio_dataset(self.cfg, split), split)
+AudioPretrain = AudioClips.tasks["pretrain"]
+AudioClassify = AudioClips.tasks["classify"]

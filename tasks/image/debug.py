@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unipred.registry import TASKS
-from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask
+from unipred.task import DataConfig, DataSource, register_data
 
 SHAPES = ("square", "disc", "triangle", "cross")
 
@@ -62,53 +61,30 @@ class DebugImageData(DataConfig):
     num_workers: int = 0
 
 
-@dataclass
-class DebugClassifyData(ClassifyData):
-    image_size: int = 32
-    train_samples: int = 256
-    val_samples: int = 64
-    num_workers: int = 0
-    num_classes: int = len(SHAPES)
+@register_data("debug_image")
+class DebugShapes(DataSource):
+    """Generated shapes (square, disc, triangle, cross), 4 classes, deterministic by seed."""
+
+    config = DebugImageData
+    smoke = {
+        "model.name": "nepa_debug",
+        "trainer.global_batch": 4,
+        "data.train_samples": 16,
+        "data.val_samples": 8,
+    }
+
+    def num_classes(self):
+        return len(SHAPES)
+
+    def build(self, split, augment):
+        d = self.cfg.data
+        n = d.train_samples if split == "train" else d.val_samples
+        if n <= 0:
+            return None
+        # different seeds per split, so validation images are never training images
+        seed = self.cfg.seed + (0 if split == "train" else 7919)
+        return ShapesDataset(d.image_size, n, seed=seed)
 
 
-def _dataset(data, split: str, seed: int):
-    n = data.train_samples if split == "train" else data.val_samples
-    if n <= 0:
-        return None
-    # different seeds per split, so validation images are never training images
-    return ShapesDataset(data.image_size, n, seed=seed + (0 if split == "train" else 7919))
-
-
-@TASKS.register("debug_image_pretrain")
-class DebugImagePretrain(PretrainTask):
-    data_config = DebugImageData
-
-    def build_dataset(self, split):
-        return _dataset(self.cfg.data, split, self.cfg.seed)
-
-    @classmethod
-    def smoke_config(cls):
-        return {
-            "model.name": "nepa_debug",
-            "trainer.global_batch": 4,
-            "data.train_samples": 16,
-            "data.val_samples": 8,
-        }
-
-
-@TASKS.register("debug_image_classify")
-class DebugImageClassify(ClassifyTask):
-    data_config = DebugClassifyData
-    default_num_classes = len(SHAPES)
-
-    def build_dataset(self, split):
-        return _dataset(self.cfg.data, split, self.cfg.seed)
-
-    @classmethod
-    def smoke_config(cls):
-        return {
-            "model.name": "nepa_debug",
-            "trainer.global_batch": 4,
-            "data.train_samples": 16,
-            "data.val_samples": 8,
-        }
+DebugImagePretrain = DebugShapes.tasks["pretrain"]
+DebugImageClassify = DebugShapes.tasks["classify"]

@@ -29,16 +29,8 @@ from dataclasses import dataclass
 import torch
 from unipred.tasks.image.checks import check_patch, check_tokenizer, model_shape
 from unipred.tasks.image.fmnist_data import CLASSES, read_split
-from unipred.tasks.image.tasks import ImageClassify
 
-from unipred.registry import TASKS
-from unipred.task import (
-    ClassifyData,
-    ClassifyTask,
-    DataConfig,
-    PretrainTask,
-    per_class_indices,
-)
+from unipred.task import DataConfig, DataSource, per_class_indices, register_data
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +51,6 @@ class FMNISTData(DataConfig):
     mean: float = 0.5  # pixel normalisation (x / 255 - mean) / std
     std: float = 0.5
     generated_samples: int = 256  # only when root == "": generated images per split
-
-
-@dataclass
-class FMNISTClassifyData(FMNISTData, ClassifyData):
-    mode: str = "finetune"  # finetune | probe | eval
-    cache_features: bool = True  # probe mode: compute each frozen training feature once
 
 
 def generated(n: int, seed: int, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,111 +159,38 @@ def check_fmnist_config(cfg) -> None:
         )
 
 
-def _dataset(task, split: str, with_index: bool = False):
-    d = task.cfg.data
-    if split != "train" and not d.validate:
-        return None
-    x, y = load_arrays(d, split, task.cfg.seed)
-    return ArrayImages(x, y, d.repeat if split == "train" else 1, with_index)
+@register_data("fmnist")
+class FashionMNIST(DataSource):
+    """Fashion-MNIST (28x28 grey, 10 classes) from its IDX files (generated if no root)."""
 
-
-_SMOKE = {
-    "model.name": "nepa_debug",
-    "model.tokenizer_args.in_chans": 1,
-    "model.tokenizer_args.patch_size": 7,
-    "trainer.global_batch": 4,
-    "data.generated_samples": 8,
-}
-
-
-@TASKS.register("fmnist_pretrain")
-class FMNISTPretrain(PretrainTask):
-    """NEPA pretraining on Fashion-MNIST training images (labels unused)."""
-
-    data_config = FMNISTData
+    config = FMNISTData
+    applies_label_budget = True  # load_arrays cuts the subset, ArrayImages repeats it
+    smoke = {
+        "model.name": "nepa_debug",
+        "model.tokenizer_args.in_chans": 1,
+        "model.tokenizer_args.patch_size": 7,
+        "trainer.global_batch": 4,
+        "data.generated_samples": 8,
+    }
 
     @classmethod
-    def check_config(cls, cfg):
+    def check_config(cls, cfg, objective):
         check_fmnist_config(cfg)
 
-    def build_dataset(self, split):
-        return _dataset(self, split)
+    def num_classes(self):
+        return len(CLASSES)
 
-    def collate_fn(self, split):
-        return Collate(self.cfg.data, split == "train")
-
-    @classmethod
-    def smoke_config(cls):
-        return dict(_SMOKE)
-
-
-@TASKS.register("fmnist_classify")
-class FMNISTClassify(ImageClassify):
-    """Fashion-MNIST classification: fine-tune (optionally few labels), linear probe, eval."""
-
-    data_config = FMNISTClassifyData
-    default_num_classes = len(CLASSES)
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._feats, self._have, self._n_train = None, None, 0
-
-    @classmethod
-    def check_config(cls, cfg):
-        ClassifyTask.check_config.__func__(cls, cfg)
-        check_fmnist_config(cfg)
-
-    def num_classes(self) -> int:
-        n = self.cfg.data.num_classes or self.cfg.model.num_classes
-        return int(n or self.default_num_classes)
-
-    def build_dataset(self, split):
-        if split == "train" and self.mode == "eval":
-            return None
-        probe = self.mode == "probe" and split == "train"
-        ds = _dataset(self, split, with_index=probe and self.cfg.data.cache_features)
-        if split == "train":
-            self._n_train = len(ds.images)
-        return ds
-
-    def feature_dataset(self, split):
+    def build(self, split, augment):
         d = self.cfg.data
         if split != "train" and not d.validate:
-            return None, None
+            return None
         x, y = load_arrays(d, split, self.cfg.seed)
-        return ArrayImages(x, y), Collate(d, train=False)
+        # repeats are fresh augmentations: an unaugmented read (probe features) is one pass
+        return ArrayImages(x, y, d.repeat if split == "train" and augment else 1)
 
-    def collate_fn(self, split):
-        # the probe's features are those of the plain images (MAE probes without mixing)
-        return Collate(self.cfg.data, split == "train" and self.mode == "finetune")
+    def collate(self, split, augment, num_classes=None):
+        return Collate(self.cfg.data, train=augment)
 
-    def probe_features(self, model, x, idx=None):
-        """Pooled frozen features (B, D) in fp32; cached per training image when idx is given."""
-        if idx is not None and self._have is not None and bool(self._have[idx].all()):
-            return self._feats[idx]
-        model.tokenizer.eval()
-        model.predictor.eval()
-        with torch.no_grad():
-            out = model.forward_features(x)
-            f = model.head.features(out.hidden, model.n_prefix, out.valid).float()
-        if idx is not None:
-            if self._feats is None:
-                n = self._n_train
-                self._feats = torch.zeros(n, f.shape[1], device=f.device)
-                self._have = torch.zeros(n, dtype=torch.bool, device=f.device)
-            self._feats[idx], self._have[idx] = f, True
-        return f
 
-    def training_step(self, model, batch):
-        if self.mode != "probe":
-            loss, logs = super().training_step(model, batch)
-            return loss, {k: v for k, v in logs.items() if not k.startswith("data/")}
-        x, y = batch[0], batch[1]
-        f = self.probe_features(model, x, batch[2] if len(batch) > 2 else None)
-        logits = model.head.classifier(model.head.bn(f.to(model.head.classifier.weight.dtype)))
-        loss = self.loss(logits, y)
-        return loss, {"loss": loss.detach()}
-
-    @classmethod
-    def smoke_config(cls):
-        return {**_SMOKE, "data.labels_per_class": 0}
+FMNISTPretrain = FashionMNIST.tasks["pretrain"]
+FMNISTClassify = FashionMNIST.tasks["classify"]

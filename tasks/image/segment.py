@@ -57,6 +57,8 @@ class SegmentData(DataConfig):
 
 @TASKS.register("segment_ade20k")
 class SegmentADE20K(Task):
+    """ADE20K semantic segmentation: UperNet on the NEPA backbone (image modality)."""
+
     data_config: ClassVar[type[DataConfig]] = SegmentData
     monitor: ClassVar[str | None] = "val/mIoU"
     monitor_mode: ClassVar[str] = "max"

@@ -1,4 +1,5 @@
-"""Image tasks of the NEPA reference: pretraining and classification (ImageNet-style data).
+"""Image data of the NEPA reference (ImageNet-style) and its two tasks, the generic objectives
+of unipred.task on the ``image`` data source:
 
 - ``image_pretrain``: next-embedding pretraining on an image folder or webdataset shards
   (labels unused); augmentation RandomResizedCrop bilinear (0.08, 1) + flip, as the release.
@@ -43,11 +44,10 @@ from unipred.tasks.image.transforms import (
 )
 
 from unipred.data.accounting import COUNTER
-from unipred.registry import TASKS
-from unipred.task import ClassifyData, ClassifyTask, DataConfig, PretrainTask
+from unipred.task import DataConfig, DataSource, register_data
 
 log = logging.getLogger(__name__)
-MODES = ("finetune", "probe", "eval")
+IMAGENET_CLASSES = 1000  # the class count when neither the config nor the data say
 
 
 @dataclass
@@ -64,11 +64,6 @@ class ImageData(DataConfig):
     # cropped and resized on the training device (nvJPEG) -- for CPU-starved GPU nodes
     decode_on_device: bool = False
     aug: ImageAugConfig = field(default_factory=ImageAugConfig)
-
-
-@dataclass
-class ImageClassifyData(ImageData, ClassifyData):
-    mode: str = "finetune"  # finetune | probe | eval
 
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -107,11 +102,7 @@ def check_image_config(cfg, classify: bool) -> None:
     check_channels(d.val_root, chans, "data.val_root")
     if not classify:
         return
-    n = (
-        d.num_classes
-        or cfg.model.num_classes
-        or (0 if d.root else ImageClassify.default_num_classes)
-    )
+    n = d.num_classes or cfg.model.num_classes or (0 if d.root else IMAGENET_CLASSES)
     if not n:
         n = classes_in(d.root, d.label_file, d.classes_file) or 0
     for key, spec, labels in (("data.root", d.root, d.label_file),
@@ -124,9 +115,9 @@ def check_image_config(cfg, classify: bool) -> None:
             )
 
 
-def _aug(task):
+def _aug(cfg):
     """The config's augmentation with mean/std for the model's channel count."""
-    aug, chans = task.cfg.data.aug, model_shape(task.cfg)[2]
+    aug, chans = cfg.data.aug, model_shape(cfg)[2]
     mean, std = (
         channel_stats(aug.mean, chans, "data.aug.mean"),
         channel_stats(aug.std, chans, "data.aug.std"),
@@ -134,12 +125,11 @@ def _aug(task):
     return dataclasses.replace(aug, mean=mean, std=std), chans
 
 
-def _build(task, split: str, num_classes: int, augment: bool | None = None):
-    """The dataset of ``split`` for either image task (None when the split is absent);
-    ``augment`` (default: the split is "train") picks the training or the eval transform."""
-    d, train = task.cfg.data, split == "train"
-    augment = train if augment is None else augment
-    aug, chans = _aug(task)
+def _build(cfg, split: str, num_classes: int, augment: bool):
+    """The dataset of ``split`` (None when the split is absent); ``augment`` picks the
+    training or the eval transform."""
+    d, train = cfg.data, split == "train"
+    aug, chans = _aug(cfg)
     tf = train_transform(aug) if augment else eval_transform(aug)
     tf = T.Compose([ToChannels(chans), tf])
     if augment and d.decode_on_device:
@@ -149,7 +139,7 @@ def _build(task, split: str, num_classes: int, augment: bool | None = None):
         log.warning(
             "data.root is empty: using %d synthetic images (smoke test only)", d.synthetic_samples
         )
-        seed = task.cfg.seed + (0 if train else 7919)
+        seed = cfg.seed + (0 if train else 7919)
         side = d.aug.img_size + d.aug.img_size // 4
         return SyntheticImages(d.synthetic_samples, side, max(num_classes, 1), seed, tf)
     if not spec:
@@ -161,12 +151,12 @@ def _build(task, split: str, num_classes: int, augment: bool | None = None):
         label_file=d.label_file if train else d.val_label_file,
         classes_file=d.classes_file,
         shuffle_buffer=d.shuffle_buffer,
-        seed=task.cfg.seed,
+        seed=cfg.seed,
         num_samples=d.num_samples if train else None,
         min_size=d.min_size,
     )
     if train and isinstance(ds, ShardDataset) and ds.num_samples is None:
-        if task.cfg.trainer.max_steps <= 0:
+        if cfg.trainer.max_steps <= 0:
             raise ValueError(
                 f"data.root={spec!r}: the shards have no meta.json, so the epoch length is "
                 "unknown; set data.num_samples (or trainer.max_steps)"
@@ -183,121 +173,58 @@ def _data_logs() -> dict:
     }
 
 
-@TASKS.register("image_pretrain")
-class ImagePretrain(PretrainTask):
-    """NEPA pretraining on images; batches are (images, labels) and labels are ignored."""
+@register_data("image")
+class ImageFolders(DataSource):
+    """ImageNet-style images: class folders, a flat folder + labels, or webdataset shards.
 
-    data_config = ImageData
+    Synthetic images when data.root and data.val_root are both empty."""
 
-    @classmethod
-    def check_config(cls, cfg):
-        check_image_config(cfg, classify=False)
+    config = ImageData
+    smoke = {
+        "model.name": "nepa_debug",
+        "trainer.global_batch": 4,
+        "data.aug.img_size": 32,
+        "data.synthetic_samples": 8,
+        "data.num_workers": 0,
+    }
 
-    def build_dataset(self, split):
-        return _build(self, split, 1)
-
-    def collate_fn(self, split):
-        if split == "train" and self.cfg.data.decode_on_device:
-            return DeviceDecodeTransform.from_aug(self.cfg.data.aug).collate
-        return None
-
-    def training_step(self, model, batch):
-        loss, logs = super().training_step(model, batch)
-        return loss, {**logs, **_data_logs()}
-
-    @classmethod
-    def smoke_config(cls):
-        return {
-            "model.name": "nepa_debug",
-            "trainer.global_batch": 4,
-            "data.aug.img_size": 32,
-            "data.synthetic_samples": 8,
-            "data.num_workers": 0,
-        }
-
-
-@TASKS.register("image_classify")
-class ImageClassify(ClassifyTask):
-    """Fine-tuning, linear probing or evaluation of an image classifier (``data.mode``)."""
-
-    data_config = ImageClassifyData
-    default_num_classes = 1000  # ImageNet-1k
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.data.mode not in MODES:
-            raise ValueError(f"data.mode={cfg.data.mode!r}; use one of {list(MODES)}")
-        if getattr(cfg.data, "decode_on_device", False):  # FMNIST's data config has no such key
+    def __init__(self, cfg, objective="pretrain"):
+        super().__init__(cfg, objective)
+        if objective != "pretrain" and getattr(cfg.data, "decode_on_device", False):
             raise ValueError("data.decode_on_device is for image_pretrain only: fine-tuning's "
                              "RandAugment, erasing and Mixup/CutMix run on the CPU workers")  # fmt: skip
 
     @classmethod
-    def check_config(cls, cfg):
-        super().check_config(cfg)
-        check_image_config(cfg, classify=True)
-
-    def num_classes(self) -> int:
-        d = self.cfg.data
-        n = d.num_classes or self.cfg.model.num_classes
-        if not n and d.root:  # unset: as many as the training data has
-            n = classes_in(d.root, d.label_file, d.classes_file)
-        return int(n or self.default_num_classes)
-
-    @property
-    def mode(self) -> str:
-        return self.cfg.data.mode
-
-    def build_model(self):
-        from unipred.model import NEPA
-
-        head = "probe" if self.mode == "probe" else "mean"
-        model = NEPA(self.model_config(head=head, num_classes=self.num_classes()))
-        if self.mode == "probe":
-            # the probe trains the head only; everything before it is the frozen backbone
-            for name, p in model.named_parameters():
-                if not name.startswith("head."):
-                    p.requires_grad_(False)
-        return model
-
-    def build_dataset(self, split):
-        if split == "train" and self.mode == "eval":
-            return None
-        return self.label_budget(_build(self, split, self.num_classes()), split)
-
-    def feature_dataset(self, split):
-        return _build(self, split, self.num_classes(), augment=False), None
-
-    def collate_fn(self, split):
-        aug = self.cfg.data.aug
-        if split == "train" and self.mode == "finetune" and aug.uses_mixup:
-            return MixupCollate(aug, self.num_classes(), self.cfg.data.label_smoothing)
-        return None
-
-    def probe_logits(self, model, x):
-        """Head logits on frozen features: the backbone runs in eval mode without grad."""
-        model.tokenizer.eval()
-        model.predictor.eval()
-        with torch.no_grad():
-            out = model.forward_features(x)
-        logits, _ = model.head(out.hidden, model.n_prefix, out.valid)
-        return logits
-
-    def training_step(self, model, batch):
-        if self.mode != "probe":
-            loss, logs = super().training_step(model, batch)
-        else:
-            x, y = batch[0], batch[1]
-            loss = self.loss(self.probe_logits(model, x), y)
-            logs = {"loss": loss.detach()}
-        return loss, {**logs, **_data_logs()}
+    def check_config(cls, cfg, objective):
+        check_image_config(cfg, classify=objective == "classify")
 
     @classmethod
-    def smoke_config(cls):
-        return {
-            "model.name": "nepa_debug",
-            "trainer.global_batch": 4,
-            "data.num_classes": 4,
-            "data.aug.img_size": 32,
-            "data.synthetic_samples": 8,
-            "data.num_workers": 0,
-        }
+    def smoke_config(cls, objective):
+        return {**cls.smoke, "data.num_classes": 4} if objective == "classify" else cls.smoke
+
+    def num_classes(self):
+        d = self.cfg.data
+        found = classes_in(d.root, d.label_file, d.classes_file) if d.root else None
+        return found or IMAGENET_CLASSES
+
+    def build(self, split, augment):
+        n = 1  # synthetic images: labels as many as the classifier has
+        if self.objective != "pretrain":
+            d = self.cfg.data
+            n = getattr(d, "num_classes", 0) or self.cfg.model.num_classes or self.num_classes()
+        return _build(self.cfg, split, n, augment)
+
+    def collate(self, split, augment, num_classes=None):
+        d = self.cfg.data
+        if augment and d.decode_on_device:
+            return DeviceDecodeTransform.from_aug(d.aug).collate
+        if augment and num_classes and d.aug.uses_mixup:
+            return MixupCollate(d.aug, num_classes, d.label_smoothing)
+        return None
+
+    def step_logs(self):
+        return _data_logs()
+
+
+ImagePretrain = ImageFolders.tasks["pretrain"]
+ImageClassify = ImageFolders.tasks["classify"]

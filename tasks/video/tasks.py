@@ -1,4 +1,5 @@
-"""Video tasks: NEPA pretraining on clips and clip classification (fine-tune or linear probe).
+"""Video data: NEPA pretraining on clips and clip classification (fine-tune, linear probe,
+eval), the generic objectives of unipred.task on the ``video`` data source.
 
 Data (``data.root`` / ``data.val_root``): webdataset shards from ``unipred data pack-video``,
 a folder of class sub-folders holding videos or frame folders, or a ``path,label`` CSV (see
@@ -18,16 +19,15 @@ import torch
 from unipred.tasks.video.data import ClipTransform, video_dataset
 
 from unipred.model import ModelConfig, model_config
-from unipred.registry import MODELS, TASKS
+from unipred.registry import MODELS
 from unipred.task import (
-    ClassifyData,
     DataConfig,
-    PretrainTask,
+    DataSource,
     check_patch,
     check_tokenizer,
     model_tokenizer,
+    register_data,
 )
-from unipred.task import ClassifyTask as _ClassifyTask
 
 DIRECTIONS = ("right", "left", "down", "up", "down-right", "up-left", "down-left", "up-right")
 _STEP = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0), "down-right": (1, 1),
@@ -134,11 +134,6 @@ class VideoData(DataConfig):
     generated_classes: int = 4
 
 
-@dataclass
-class VideoClassifyData(VideoData, ClassifyData):
-    num_classes: int = 0  # 0 = generated_classes on generated data, else required
-
-
 def _transform(d: VideoData, train: bool) -> ClipTransform:
     return ClipTransform(d.image_size, train, d.resize_scale, d.hflip, tuple(d.mean), tuple(d.std))
 
@@ -195,53 +190,23 @@ _SMOKE = {"model.name": "nepa_video_debug", "trainer.global_batch": 4, "data.ima
           "data.num_workers": 0}  # fmt: skip
 
 
-@TASKS.register("video_pretrain")
-class VideoPretrain(PretrainTask):
-    """Next-embedding pretraining on video tubelets (time-major order, 3-D RoPE)."""
+@register_data("video")
+class VideoClips(DataSource):
+    """Video clips from shards, class folders or a CSV (generated moving shapes if no root)."""
 
-    data_config = VideoData
+    config = VideoData
+    smoke = _SMOKE
 
     @classmethod
-    def check_config(cls, cfg):
+    def check_config(cls, cfg, objective):
         check_video_config(cfg)
 
-    def build_dataset(self, split):
-        return build_video_dataset(self.cfg, split)
+    def num_classes(self):
+        return None if self.cfg.data.root else self.cfg.data.generated_classes
 
-    def feature_dataset(self, split):
-        return build_video_dataset(self.cfg, split, augment=False), None
-
-    @classmethod
-    def smoke_config(cls):
-        return dict(_SMOKE)
+    def build(self, split, augment):
+        return build_video_dataset(self.cfg, split, augment)
 
 
-@TASKS.register("video_classify")
-class VideoClassify(_ClassifyTask):
-    """Clip classification: mean-pooled head (fine-tune) or ``model.head=probe``."""
-
-    data_config = VideoClassifyData
-
-    @classmethod
-    def check_config(cls, cfg):
-        super().check_config(cfg)
-        check_video_config(cfg)
-
-    def num_classes(self) -> int:
-        d = self.cfg.data
-        if not d.root and not d.num_classes and not self.cfg.model.num_classes:
-            return d.generated_classes
-        n = d.num_classes or self.cfg.model.num_classes
-        if not n:
-            raise ValueError("video_classify needs data.num_classes (e.g. 400 for Kinetics-400)")
-        return int(n)
-
-    def build_dataset(self, split):
-        return self.label_budget(build_video_dataset(self.cfg, split), split)
-
-    def feature_dataset(self, split):
-        return build_video_dataset(self.cfg, split, augment=False), None
-
-    @classmethod
-    def smoke_config(cls):
-        return dict(_SMOKE)
+VideoPretrain = VideoClips.tasks["pretrain"]
+VideoClassify = VideoClips.tasks["classify"]

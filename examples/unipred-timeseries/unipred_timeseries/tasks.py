@@ -7,9 +7,12 @@
 ``ArrowHead``, ``OSULeaf``, ``ACSF1``, ``ItalyPowerDemand``... (``available_datasets()``).
 Training always reads the problem's TRAIN file, validation its TEST file (held out).
 
+One data source (``AeonSeries``) gives unipred's generic objectives their data, which makes
+the tasks:
+
 - ``timeseries_pretrain``: next-embedding pretraining on the training series (labels unused).
-- ``timeseries_classify``: classification, fine-tuned (``model.head=mean``) or as a linear probe
-  of a frozen backbone (``model.head=probe`` + ``optim.freeze``; see configs/).
+- ``timeseries_classify``: classification, fine-tuned (``data.mode=finetune``), as a linear
+  probe of the frozen backbone (``data.mode=probe``) or evaluated (``data.mode=eval``).
 """
 
 from __future__ import annotations
@@ -22,16 +25,7 @@ from importlib.resources import files
 import numpy as np
 import torch
 
-from unipred import (
-    MODELS,
-    TASKS,
-    ClassifyData,
-    ClassifyTask,
-    DataConfig,
-    ModelConfig,
-    PredictorConfig,
-    PretrainTask,
-)
+from unipred import MODELS, DataConfig, DataSource, ModelConfig, PredictorConfig, register_data
 
 
 # ------------------------------------------------------------------------------ model sizes
@@ -98,11 +92,6 @@ class TimeSeriesData(DataConfig):
     num_workers: int = 0  # the sets are small and held in RAM
 
 
-@dataclass
-class TimeSeriesClassifyData(TimeSeriesData, ClassifyData):
-    num_classes: int = 0  # 0 = the number of labels in the training split
-
-
 class SeriesDataset(torch.utils.data.Dataset):
     """(series (C, L_i) float tensor, label index) pairs held in RAM."""
 
@@ -144,8 +133,9 @@ def _normalise(series: list[np.ndarray], how: str, train: list[np.ndarray]) -> l
     raise ValueError(f"data.normalize={how!r}; use 'channel', 'series' or 'none'")
 
 
-def build_series_dataset(cfg, split: str) -> SeriesDataset:
-    """The TRAIN (split "train") or TEST (split "val") series of ``cfg.data.dataset``."""
+def build_series_dataset(cfg, split: str, augment: bool) -> SeriesDataset:
+    """The TRAIN (split "train") or TEST (split "val") series of ``cfg.data.dataset``;
+    ``augment`` adds the training jitter."""
     d = cfg.data
     train_x, train_y = load_split(d.dataset, "train")
     xs, ys = (train_x, train_y) if split == "train" else load_split(d.dataset, "test")
@@ -166,74 +156,40 @@ def build_series_dataset(cfg, split: str) -> SeriesDataset:
         keep.sort()
         xs, labels = [xs[i] for i in keep], [labels[i] for i in keep]
     xs = _normalise(xs, d.normalize, train_x)
-    jitter = d.jitter if split == "train" else 0.0
+    jitter = d.jitter if augment else 0.0
     return SeriesDataset(xs, labels, jitter, cfg.seed)
-
-
-def _check_channels(task, mc: ModelConfig) -> ModelConfig:
-    """The tokenizer's channel count follows the data set (a conflicting setting is an error)."""
-    name = task.cfg.data.dataset
-    series = load_split(name, "train")[0] + load_split(name, "test")[0]
-    chans, longest = series[0].shape[0], max(s.shape[-1] for s in series)
-    given = task.cfg.model.tokenizer_args.get("in_chans")
-    if given is not None and int(given) != chans:
-        raise ValueError(f"model.tokenizer_args.in_chans={given} but {task.cfg.data.dataset} "
-                         f"has {chans} channels")  # fmt: skip
-    args = {**mc.tokenizer_args, "in_chans": chans}
-    args["max_len"] = max(int(args.get("max_len", 0)), longest)
-    return dataclasses.replace(mc, tokenizer_args=args)
 
 
 _SMOKE = {"model.name": "nepa_ts_debug", "trainer.global_batch": 4,
           "data.dataset": "JapaneseVowels", "data.max_per_class": 1}  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------ tasks
-@TASKS.register("timeseries_pretrain")
-class TimeSeriesPretrain(PretrainTask):
-    """Next-embedding pretraining on the training series of an aeon-bundled problem."""
+# ------------------------------------------------------------------ the data source (-> tasks)
+@register_data("timeseries")  # registers timeseries_pretrain and timeseries_classify
+class AeonSeries(DataSource):
+    """Series classification problems bundled in aeon: TRAIN split to learn, TEST to validate."""
 
-    data_config = TimeSeriesData
+    config = TimeSeriesData
+    smoke = _SMOKE
 
-    def build_model(self):
-        from unipred import NEPA
+    def build(self, split, augment):
+        return build_series_dataset(self.cfg, split, augment)
 
-        return NEPA(_check_channels(self, self.model_config(head="none")))
-
-    def build_dataset(self, split):
-        return build_series_dataset(self.cfg, split)
-
-    def collate_fn(self, split):
+    def collate(self, split, augment, num_classes=None):
         return pad_collate
 
-    @classmethod
-    def smoke_config(cls):
-        return dict(_SMOKE)
+    def num_classes(self):
+        return len(set(load_split(self.cfg.data.dataset, "train")[1]))
 
-
-@TASKS.register("timeseries_classify")
-class TimeSeriesClassify(ClassifyTask):
-    """Series classification: TRAIN split to learn, TEST split to validate."""
-
-    data_config = TimeSeriesClassifyData
-
-    def num_classes(self) -> int:
-        d = self.cfg.data
-        return int(d.num_classes or self.cfg.model.num_classes
-                   or len(set(load_split(d.dataset, "train")[1])))  # fmt: skip
-
-    def build_model(self):
-        from unipred import NEPA
-
-        mc = self.model_config(head=self.default_head, num_classes=self.num_classes())
-        return NEPA(_check_channels(self, mc))
-
-    def build_dataset(self, split):
-        return build_series_dataset(self.cfg, split)
-
-    def collate_fn(self, split):
-        return pad_collate
-
-    @classmethod
-    def smoke_config(cls):
-        return dict(_SMOKE)
+    def adapt_model(self, mc: ModelConfig) -> ModelConfig:
+        """The tokenizer's channel count (and longest series) follow the data set."""
+        name = self.cfg.data.dataset
+        series = load_split(name, "train")[0] + load_split(name, "test")[0]
+        chans, longest = series[0].shape[0], max(s.shape[-1] for s in series)
+        given = self.cfg.model.tokenizer_args.get("in_chans")
+        if given is not None and int(given) != chans:
+            raise ValueError(f"model.tokenizer_args.in_chans={given} but {name} has {chans} "
+                             "channels")  # fmt: skip
+        args = {**mc.tokenizer_args, "in_chans": chans}
+        args["max_len"] = max(int(args.get("max_len", 0)), longest)
+        return dataclasses.replace(mc, tokenizer_args=args)

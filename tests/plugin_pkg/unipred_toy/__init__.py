@@ -1,4 +1,4 @@
-"""A toy modality: noisy sine waves, cut into 1-D patches (tokenizer, task and size)."""
+"""A toy modality: noisy sine waves, cut into 1-D patches (tokenizer, data source and size)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from torch import nn
 
 from unipred import (
     MODELS,
-    TASKS,
     TOKENIZERS,
     DataConfig,
+    DataSource,
     ModelConfig,
     PredictorConfig,
-    PretrainTask,
     Tokens,
+    register_data,
 )
 
 
@@ -59,30 +59,37 @@ class ToyData(DataConfig):
 
 
 class Waves(torch.utils.data.Dataset):
-    def __init__(self, n: int, length: int, seed: int):
-        self.n, self.length, self.seed = n, length, seed
+    """(wave (L,), label): the label is the frequency band (4 classes)."""
+
+    def __init__(self, n: int, length: int, seed: int, noise: float = 0.1):
+        self.n, self.length, self.seed, self.noise = n, length, seed, noise
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        freq, phase = 1 + 4 * torch.rand((), generator=g), 6.3 * torch.rand((), generator=g)
+        label = i % 4
+        freq = 1 + label + torch.rand((), generator=g)
+        phase = 6.3 * torch.rand((), generator=g)
         t = torch.linspace(0, 1, self.length)
-        return torch.sin(6.2832 * freq * t + phase) + 0.1 * torch.randn(self.length, generator=g)
+        wave = torch.sin(6.2832 * freq * t + phase)
+        return wave + self.noise * torch.randn(self.length, generator=g), label
 
 
-@TASKS.register("toy_pretrain")
-class ToyPretrain(PretrainTask):
-    """Next-embedding pretraining on generated sine waves."""
+# one data source: unipred's generic objectives make toy_pretrain and toy_classify of it
+@register_data("toy")
+class ToyWaves(DataSource):
+    """Generated sine waves; the class is the frequency band."""
 
-    data_config = ToyData
+    config = ToyData
+    smoke = {"model.name": "nepa_toy", "trainer.global_batch": 4, "data.train_samples": 8}
 
-    def build_dataset(self, split):
+    def build(self, split, augment):
         d = self.cfg.data
         n = d.train_samples if split == "train" else d.val_samples
-        return Waves(n, d.length, self.cfg.seed + (0 if split == "train" else 7919)) if n else None
+        seed = self.cfg.seed + (0 if split == "train" else 7919)
+        return Waves(n, d.length, seed, noise=0.2 if augment else 0.1) if n else None
 
-    @classmethod
-    def smoke_config(cls):
-        return {"model.name": "nepa_toy", "trainer.global_batch": 4, "data.train_samples": 8}
+    def num_classes(self):
+        return 4
