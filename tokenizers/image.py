@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from unipred.registry import TOKENIZERS
+from unipred.model import ModelConfig
+from unipred.predictor import PredictorConfig
+from unipred.registry import MODELS, TOKENIZERS
 from unipred.rope import grid_coords
 from unipred.tokens import Tokens
 
@@ -72,3 +76,57 @@ class ImageTokenizer(nn.Module):
         t = self.proj(x)  # (B, D, n_h, n_w)
         t = t.flatten(2).transpose(1, 2)  # (B, N, D), rows top to bottom, columns left to right
         return Tokens(t, self.coords(n_h, n_w, x.device), None)
+
+
+# --------------------------------------------------------------------------- model sizes
+# The image modality's sizes (`NEPA.from_name(...)`, `model.name`): the release's ViT-B/14 and
+# ViT-L/14 (pretraining, and the `_cls` fine-tuning variants), smaller ones, and a debug size.
+def _vit(dim, depth, heads, patch=14, **kw) -> ModelConfig:
+    return ModelConfig(
+        tokenizer_args={"patch_size": patch},
+        predictor=PredictorConfig(dim=dim, depth=depth, heads=heads, **kw),
+    )
+
+
+def _finetune(cfg: ModelConfig, drop_path: float, num_classes: int = 1000) -> ModelConfig:
+    """The release's fine-tune config: bidirectional, affine QK-norm, drop path, mean head."""
+    cfg.predictor = dataclasses.replace(
+        cfg.predictor, causal=False, qk_norm_affine=True, drop_path=drop_path
+    )
+    return dataclasses.replace(cfg, head="mean", num_classes=num_classes)
+
+
+@MODELS.register("nepa_vit_b14")
+def nepa_vit_b14() -> ModelConfig:
+    return _vit(768, 12, 12, qk_norm_affine=False)
+
+
+@MODELS.register("nepa_vit_b14_cls")
+def nepa_vit_b14_cls() -> ModelConfig:
+    return _finetune(nepa_vit_b14(), 0.1)
+
+
+@MODELS.register("nepa_vit_l14")
+def nepa_vit_l14() -> ModelConfig:
+    return _vit(1024, 24, 16, qk_norm_affine=True)
+
+
+@MODELS.register("nepa_vit_l14_cls")
+def nepa_vit_l14_cls() -> ModelConfig:
+    return _finetune(nepa_vit_l14(), 0.2)
+
+
+@MODELS.register("nepa_vit_s14")
+def nepa_vit_s14() -> ModelConfig:
+    return _vit(384, 12, 6, qk_norm_affine=True)
+
+
+@MODELS.register("nepa_vit_ti14")
+def nepa_vit_ti14() -> ModelConfig:
+    return _vit(192, 12, 3, qk_norm_affine=True)
+
+
+@MODELS.register("nepa_debug")
+def nepa_debug() -> ModelConfig:
+    """Tiny model for tests and smoke runs (patch 4 on 16-32 px images)."""
+    return _vit(64, 2, 4, patch=4, qk_norm_affine=True)
