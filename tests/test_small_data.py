@@ -272,3 +272,62 @@ def test_model_init_reports_what_it_loaded(tmp_path, capsys):
     n_new = sum(1 for k in model.state_dict() if k not in src)
     assert f"model.init: loaded pre.ckpt: {len(src)} tensors matched, {n_new} new" in out
     assert "head.classifier.*" in out
+
+
+def test_frozen_protocols_read_only_the_label_budget(tmp_path):
+    """``unipred eval protocol=knn|linear data.labels_per_class=K`` fits on K per class (the
+    same images as fine-tuning with that budget, once each), and scores every val image."""
+    from unipred.protocols import FeatureSettings, _loader
+
+    root = _grey_folder(tmp_path / "d", per_class=6)
+    val = _grey_folder(tmp_path / "v", per_class=4)
+    over = [f"data.root={root}", f"data.val_root={val}", "data.num_workers=0"]
+    task, _ = _task([*over, "data.labels_per_class=2", "data.repeat=5"], config="small/probe")
+    train = _loader(task, "train", FeatureSettings(batch=64), 0)
+    ys = torch.cat([b[1] for b in train])
+    assert sorted(ys.tolist()) == [0, 0, 1, 1, 2, 2]  # 2 per class, not repeated
+    assert train.dataset.indices == task.build_dataset("train").indices[:6]
+    assert len(_loader(task, "val", FeatureSettings(), 0).dataset) == 12
+    every, _ = _task(over, config="small/probe")
+    assert len(_loader(every, "train", FeatureSettings(), 0).dataset) == 18
+
+
+# ------------------------------------------------------------------- sizes from the data
+def _colour_folder(root, size):
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        (root / f"k{c}").mkdir(parents=True)
+        for i in range(3):
+            a = rng.integers(0, 255, (size, size + 2, 3), dtype=np.uint8)
+            Image.fromarray(a, mode="RGB").save(root / f"k{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("config", ["small/pretrain", "small/finetune"])
+def test_size_and_channels_zero_come_from_the_data(tmp_path, config):
+    zero = ["data.aug.img_size=0", "model.tokenizer_args.in_chans=0", "data.num_workers=0"]
+    zero += ["data.labels_per_class=0"] if config == "small/finetune" else []
+    grey = _grey_folder(tmp_path / "g", size=13)  # 13 px, patch 4: nearest multiple 12
+    cfg = load_config(config, [f"data.root={grey}", *zero])
+    assert cfg.data.aug.img_size == 12 and cfg.model.tokenizer_args["in_chans"] == 1
+    colour = _colour_folder(tmp_path / "c", size=22)  # 22 x 24: the longer side, 24
+    cfg = load_config(config, [f"data.root={colour}", *zero])
+    assert cfg.data.aug.img_size == 24 and cfg.model.tokenizer_args["in_chans"] == 3
+    task = TASKS.get(cfg.task)(cfg)
+    x, _ = task.build_dataset("train")[0]
+    assert x.shape == (3, 24, 24)
+    assert task.build_model().tokenizer.proj.weight.shape[1] == 3
+    # an explicit value is kept (and checked against the data as before)
+    cfg = load_config(config, [f"data.root={grey}", "data.aug.img_size=16"])
+    assert cfg.data.aug.img_size == 16
+
+
+def test_size_from_the_data_without_data_is_one_clear_line(tmp_path):
+    zero = ["data.aug.img_size=0", "model.tokenizer_args.in_chans=0"]
+    cfg = load_config("small/pretrain", zero)  # no data named yet: loads (--help, tests) ...
+    task = TASKS.get(cfg.task)(cfg)
+    with pytest.raises(ValueError, match=r"img_size and model.tokenizer_args.in_chans=0 .*data"):
+        task.build_model()  # ... but nothing is built on it
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"data.aug.img_size=0 \(from the data\).*set data"):
+        load_config("small/pretrain", [f"data.root={tmp_path / 'empty'}", zero[0]])

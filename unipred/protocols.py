@@ -544,6 +544,8 @@ def _loader(task, split: str, s: FeatureSettings, workers: int, augment: bool = 
         ds, collate = task.build_dataset(split), task.collate_fn(split)
     else:
         ds, collate = task.feature_dataset(split)
+        if hasattr(task, "label_budget"):  # data.labels_per_class holds for the probes too
+            ds = task.label_budget(ds, split, repeat=False)
     if ds is None:
         key = "data.root" if split == "train" else "data.val_root (or the task's val split)"
         raise ProtocolError(

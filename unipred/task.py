@@ -308,11 +308,13 @@ class ClassifyTask(Task):
         if getattr(cfg.data, "repeat", 1) < 1:
             raise ValueError(f"data.repeat={cfg.data.repeat} must be >= 1")
 
-    def label_budget(self, ds, split: str):
+    def label_budget(self, ds, split: str, repeat: bool = True):
         """The training set cut to ``data.labels_per_class`` samples per class (seeded by
-        ``data.subset_seed`` alone) and repeated ``data.repeat`` times per epoch; other
-        splits, and a budget of 0 with repeat 1, pass through unchanged."""
+        ``data.subset_seed`` alone) and repeated ``data.repeat`` times per epoch (not with
+        ``repeat=False``: the frozen-feature protocols read each sample once); other splits,
+        and a budget of 0 with repeat 1, pass through unchanged."""
         k, rep = getattr(self.cfg.data, "labels_per_class", 0), getattr(self.cfg.data, "repeat", 1)
+        rep = rep if repeat else 1
         if ds is None or split != "train" or (k <= 0 and rep <= 1):
             return ds
         if isinstance(ds, torch.utils.data.IterableDataset):

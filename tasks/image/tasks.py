@@ -32,6 +32,7 @@ from unipred.tasks.image.checks import (
     check_tokenizer,
     classes_in,
     model_shape,
+    resolve_from_data,
 )
 from unipred.tasks.image.data import ShardDataset, image_dataset
 from unipred.tasks.image.device_decode import DeviceDecodeTransform
@@ -96,6 +97,11 @@ def check_image_config(cfg, classify: bool) -> None:
     check_tokenizer(tokenizer, "image", cfg.model.name)
     if tokenizer != "image":
         return  # a plugin tokenizer: its own shapes
+    for line in resolve_from_data(cfg, patch):  # 0 = "as the data" (the small recipe)
+        log.info("from the data: %s", line)
+    tokenizer, patch, chans = model_shape(cfg)
+    if _unresolved(cfg):
+        return  # sizes "as the data" without data: _build and build_model name it
     check_patch(d.aug.img_size, patch, "data.aug.img_size")
     if chans not in (1, 3):
         raise ValueError(f"model.tokenizer_args.in_chans={chans}: image data has 1 or 3 channels")
@@ -124,6 +130,19 @@ def check_image_config(cfg, classify: bool) -> None:
             )
 
 
+def _unresolved(cfg) -> str:
+    """The keys left at 0 ("as the data") because no data was named, "" when none is."""
+    keys = [k for k, v in (("data.aug.img_size", cfg.data.aug.img_size),
+                           ("model.tokenizer_args.in_chans", model_shape(cfg)[2])) if v == 0]  # fmt: skip
+    return " and ".join(keys)
+
+
+def _need_resolved(cfg) -> None:
+    keys = _unresolved(cfg)
+    if keys:
+        raise ValueError(f"{keys}=0 (from the data) needs data.root: set it, or set {keys}")
+
+
 def _aug(task):
     """The config's augmentation with mean/std for the model's channel count."""
     aug, chans = task.cfg.data.aug, model_shape(task.cfg)[2]
@@ -138,6 +157,7 @@ def _build(task, split: str, num_classes: int, augment: bool | None = None):
     """The dataset of ``split`` for either image task (None when the split is absent);
     ``augment`` (default: the split is "train") picks the training or the eval transform."""
     d, train = task.cfg.data, split == "train"
+    _need_resolved(task.cfg)
     augment = train if augment is None else augment
     aug, chans = _aug(task)
     tf = train_transform(aug) if augment else eval_transform(aug)
@@ -192,6 +212,10 @@ class ImagePretrain(PretrainTask):
     @classmethod
     def check_config(cls, cfg):
         check_image_config(cfg, classify=False)
+
+    def build_model(self):
+        _need_resolved(self.cfg)
+        return super().build_model()
 
     def build_dataset(self, split):
         return _build(self, split, 1)
@@ -250,6 +274,7 @@ class ImageClassify(ClassifyTask):
     def build_model(self):
         from unipred.model import NEPA
 
+        _need_resolved(self.cfg)
         head = "probe" if self.mode == "probe" else "mean"
         model = NEPA(self.model_config(head=head, num_classes=self.num_classes()))
         if self.mode == "probe":
