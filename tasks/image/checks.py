@@ -182,6 +182,7 @@ def resolve_from_data(cfg, patch) -> list[str]:
     if found is None and not (d.root or d.val_root):
         return []  # no data named yet (--help, a recipe read alone): building will refuse it
     if found is None:
+        check_channels(d.root, 3, "data.root")  # a local folder without images: that message
         where = d.root or d.val_root
         raise ValueError(
             f"{keys}=0 (from the data): no local image found in {where!r} to read it "
