@@ -162,8 +162,8 @@ def compare(a) -> dict:
         ckpt = os.path.join(folder, "checkpoints", "last.ckpt")
     init = f"model.init=pretrain:{ckpt}"
     jobs = []
-    for k in a.labels:
-        for seed in a.seeds:
+    for seed in a.seeds:  # every budget of a seed first: a cut-short run has whole rows
+        for k in a.labels:
             common = [*data, f"data.labels_per_class={k}", f"seed={seed}"]
             for name, config, extra in (
                 ("ft_nepa", "small/finetune", [init, *a.set_finetune]),
