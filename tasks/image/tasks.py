@@ -132,9 +132,10 @@ def check_image_config(cfg, classify: bool) -> None:
 
 def _unresolved(cfg) -> str:
     """The keys left at 0 ("as the data") because no data was named, "" when none is."""
-    keys = [k for k, v in (("data.aug.img_size", cfg.data.aug.img_size),
-                           ("model.tokenizer_args.in_chans", model_shape(cfg)[2])) if v == 0]  # fmt: skip
-    return " and ".join(keys)
+    aug = getattr(cfg.data, "aug", None)  # Fashion-MNIST's data section has none (28 px)
+    pairs = (("data.aug.img_size", aug.img_size if aug is not None else None),
+             ("model.tokenizer_args.in_chans", model_shape(cfg)[2]))  # fmt: skip
+    return " and ".join(k for k, v in pairs if v == 0)
 
 
 def _need_resolved(cfg) -> None:
