@@ -8,6 +8,14 @@
     python benchmarks/small_data.py knn OUT [--labels-per-class 20 --subset-seed 0]
         1-nearest-neighbour on raw pixels, training subset chosen exactly as
         ``data.labels_per_class`` / ``data.subset_seed`` choose it (unipred.task)
+    python benchmarks/small_data.py compare DATA RUNS [--labels 10,20 --seeds 0,1,2
+                                    --pretrain CKPT --jobs 2 --set KEY=VALUE ...]
+        the small-image recipe end to end with ``unipred fit``: one NEPA pretraining on
+        DATA/train (skipped with --pretrain), then for every label budget and seed a NEPA and
+        a scratch fine-tune (small/finetune) and a NEPA and a random-init linear probe
+        (small/probe), plus pixel 1-NN; prints one row per budget (mean, and min-max over
+        the seeds) and writes RUNS/results.json. --set adds an override to every run (e.g.
+        data.aug.img_size=20), --set-pretrain / --set-finetune to one stage only.
 
 Only PIL, numpy and torch are needed (all in the lock).
 """
@@ -106,6 +114,98 @@ def knn(out: str, k: int, subset_seed: int) -> float:
     return acc
 
 
+def last_val_acc(run: str) -> float | None:
+    """``val/acc1`` of the last validation in RUN/logs/version_0/metrics.csv (None if absent)."""
+    import csv
+
+    path = os.path.join(run, "logs", "version_0", "metrics.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        vals = [r["val/acc1"] for r in csv.DictReader(f) if r.get("val/acc1")]
+    return float(vals[-1]) if vals else None
+
+
+def _fit(config: str, args: list[str], run: str) -> tuple[list[str], str]:
+    cmd = [sys.executable, "-m", "unipred.cli", "fit", config, *args, f"run_dir={run}",
+           "trainer.progress_bar=false"]  # fmt: skip
+    return cmd, run
+
+
+def compare(a) -> dict:
+    """Pretrain once, then fine-tune / probe every (budget, seed), in ``a.jobs`` processes."""
+    import json
+    import subprocess
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = [f"data.root={a.data}/train", f"data.val_root={a.data}/val", *a.set]
+    os.makedirs(a.runs, exist_ok=True)
+
+    def run(job):
+        cmd, folder = job
+        if last_val_acc(folder) is not None or os.path.isfile(f"{folder}.done"):
+            return folder, 0.0  # done before: reuse (delete the folder to rerun)
+        t0 = time.time()
+        with open(f"{folder}.log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc:
+            sys.exit(f"{' '.join(cmd)}: exit {rc}; see {folder}.log")
+        open(f"{folder}.done", "w").close()
+        return folder, time.time() - t0
+
+    ckpt = a.pretrain
+    timing = {}
+    if not ckpt:
+        folder = os.path.join(a.runs, "pretrain")
+        _, timing["pretrain"] = run(_fit("small/pretrain", data + a.set_pretrain, folder))
+        ckpt = os.path.join(folder, "checkpoints", "last.ckpt")
+    init = f"model.init=pretrain:{ckpt}"
+    jobs = []
+    for seed in a.seeds:  # every budget of a seed first: a cut-short run has whole rows
+        for k in a.labels:
+            common = [*data, f"data.labels_per_class={k}", f"seed={seed}"]
+            for name, config, extra in (
+                ("ft_nepa", "small/finetune", [init, *a.set_finetune]),
+                ("ft_scratch", "small/finetune", list(a.set_finetune)),
+                ("probe_nepa", "small/probe", [init]),
+                ("probe_random", "small/probe", []),
+            ):
+                folder = os.path.join(a.runs, f"{name}_{k}_s{seed}")
+                jobs.append(_fit(config, common + extra, folder))
+    with ThreadPoolExecutor(a.jobs) as pool:
+        for folder, sec in pool.map(run, jobs):
+            timing[os.path.basename(folder)] = round(sec, 1)
+            print(f"{os.path.basename(folder)}: {last_val_acc(folder)} ({sec:.0f} s)", flush=True)
+    rows = {}
+    for k in a.labels:
+        row = {"pixel_1nn": knn(a.data, k, 0)}
+        for name in ("ft_nepa", "ft_scratch", "probe_nepa", "probe_random"):
+            accs = [last_val_acc(os.path.join(a.runs, f"{name}_{k}_s{s}")) for s in a.seeds]
+            row[name] = accs
+        rows[k] = row
+    print("\n| labels per class | NEPA fine-tune | scratch fine-tune | NEPA probe | "
+          "random-init probe | pixel 1-NN |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|")
+    for k, row in rows.items():
+        cells = []
+        for name in ("ft_nepa", "ft_scratch", "probe_nepa", "probe_random"):
+            v = [100 * x for x in row[name]]
+            spread = f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else ""
+            cells.append(f"{sum(v) / len(v):.1f} %{spread}")
+        print(f"| {k} | {' | '.join(cells)} | {100 * row['pixel_1nn']:.1f} % |")
+    out = {"data": a.data, "pretrain": ckpt, "seeds": a.seeds, "set": a.set,
+           "set_pretrain": a.set_pretrain, "set_finetune": a.set_finetune,
+           "rows": rows, "seconds": timing}  # fmt: skip
+    with open(os.path.join(a.runs, "results.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -125,13 +225,25 @@ def main(argv=None) -> int:
     c.add_argument("out")
     c.add_argument("--labels-per-class", type=int, default=0)
     c.add_argument("--subset-seed", type=int, default=0)
+    e = sub.add_parser("compare")
+    e.add_argument("data", help="DATA/train and DATA/val, class sub-folders")
+    e.add_argument("runs", help="run folders go here (a finished run is reused)")
+    e.add_argument("--labels", type=_ints, default=[10, 20], help="budgets, e.g. 10,20")
+    e.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="fine-tuning/probe seeds")
+    e.add_argument("--pretrain", default="", help="use this pretraining checkpoint")
+    e.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    e.add_argument("--set", action="append", default=[], help="override for every run")
+    e.add_argument("--set-pretrain", action="append", default=[])
+    e.add_argument("--set-finetune", action="append", default=[])
     args = p.parse_args(argv)
     if args.cmd == "digits":
         make_digits(args.out, args.train, args.val, args.size, args.seed)
     elif args.cmd == "fmnist":
         make_fmnist(args.out, args.train, args.val, args.root, args.seed)
-    else:
+    elif args.cmd == "knn":
         knn(args.out, args.labels_per_class, args.subset_seed)
+    else:
+        compare(args)
     return 0
 
 

@@ -73,7 +73,7 @@ def test_image_folder_label_budget_is_the_same_for_nepa_and_scratch(tmp_path):
     assert other.build_dataset("train").indices != a.indices
     assert a.classes == ["c0", "c1", "c2"]
     x, y = a[0]
-    assert x.shape == (1, 20, 20)  # grey, resized to the recipe's 20 px
+    assert x.shape == (1, 12, 12)  # grey, at the data's 12 px (img_size 0)
     with pytest.raises(ValueError, match="labels_per_class=7: class 0"):
         _task([f"data.root={root}", "data.labels_per_class=7"])[0].build_dataset("train")
 
@@ -119,7 +119,7 @@ def test_in_chans_1_reads_grey_and_counts_only_colour_files(tmp_path):
     for split in ("train", "val"):
         ds = task.build_dataset(split)
         xs = [ds[i][0] for i in range(len(ds))]
-        assert all(x.shape == (1, 20, 20) for x in xs), split
+        assert all(x.shape == (1, 12, 12) for x in xs), split
     assert COUNTER.snapshot()["converted/total"] == 0
     # a colour file among grey ones (the check peeks at one file only) is greyed and counted
     (root / "c1" / "00.png").unlink()
@@ -128,7 +128,7 @@ def test_in_chans_1_reads_grey_and_counts_only_colour_files(tmp_path):
     ds = _task([f"data.root={root}", "data.repeat=1"])[0].build_dataset("train")
     COUNTER.reset()
     xs = [ds[i][0] for i in range(len(ds))]
-    assert all(x.shape == (1, 20, 20) for x in xs)
+    assert all(x.shape == (1, 12, 12) for x in xs)
     assert COUNTER.snapshot()["converted/color_to_gray"] == 1
     COUNTER.reset()
 
@@ -138,7 +138,7 @@ def test_grey_images_to_an_rgb_model_are_three_equal_channels_uncounted(tmp_path
     COUNTER.reset()
     task, _ = _task([f"data.root={root}", "model.tokenizer_args.in_chans=3"])
     x = task.build_dataset("train")[0][0]
-    assert x.shape == (3, 20, 20) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    assert x.shape == (3, 12, 12) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
     assert COUNTER.snapshot()["converted/total"] == 0
 
 
@@ -148,7 +148,7 @@ def test_grey_shards_with_in_chans_1(tmp_path):
     cfg = load_config("small/pretrain", [f"data.root={tmp_path / 'sh'}", "data.num_workers=0"])
     ds = TASKS.get(cfg.task)(cfg).build_dataset("train")
     x, y = next(iter(ds))
-    assert x.shape == (1, 20, 20) and 0 <= y < 3
+    assert x.shape == (1, 12, 12) and 0 <= y < 3
 
 
 # ------------------------------------------------------------------- config-time shape checks
@@ -168,8 +168,9 @@ def test_grey_shards_with_in_chans_1(tmp_path):
 )
 def test_shape_mistakes_fail_at_config_time(tmp_path, overrides, match):
     root = _grey_folder(tmp_path / "d")
+    given = ["data.aug.img_size=20", "model.tokenizer_args.in_chans=1"]  # set, not "as the data"
     with pytest.raises(ConfigError, match=match):
-        load_config("small/finetune", [f"data.root={root}", *overrides])
+        load_config("small/finetune", [f"data.root={root}", *given, *overrides])
 
 
 def test_colour_data_with_in_chans_1_is_refused(tmp_path):
@@ -178,7 +179,7 @@ def test_colour_data_with_in_chans_1_is_refused(tmp_path):
     for n in range(1, 6):
         (root / "c0" / f"{n:02d}.png").unlink()
     with pytest.raises(ConfigError, match=r"zz_colour.png is a colour \(RGB\) image"):
-        load_config("small/pretrain", [f"data.root={root}"])
+        load_config("small/pretrain", [f"data.root={root}", "model.tokenizer_args.in_chans=1"])
     load_config("small/pretrain", [f"data.root={root}", "model.tokenizer_args.in_chans=3",
                                    "data.aug.mean=[0.5]", "data.aug.std=[0.5]"])  # fmt: skip
 
@@ -188,7 +189,7 @@ def test_shape_mistake_exits_2_in_one_line_before_any_folder(tmp_path, capsys):
     run = tmp_path / "run"
     for extra in ([], ["--print-config"]):
         rc = main(["fit", "small/pretrain", f"data.root={root}", f"run_dir={run}",
-                   "model.tokenizer_args.patch_size=3", *extra])  # fmt: skip
+                   "data.aug.img_size=20", "model.tokenizer_args.patch_size=3", *extra])  # fmt: skip
         err = capsys.readouterr().err
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "patch size 3" in err
         assert not run.exists()
@@ -234,8 +235,9 @@ def test_num_classes_comes_from_the_class_folders(tmp_path):
 def test_small_recipes_load_with_their_documented_shapes():
     for name in ("small/pretrain", "small/finetune", "small/probe"):
         cfg = load_config(name, check_paths=False)
-        assert cfg.data.aug.img_size % cfg.model.tokenizer_args["patch_size"] == 0
-        assert cfg.model.tokenizer_args["in_chans"] == 1 and cfg.data.aug.mean == [0.5]
+        # size and channels "as the data" (0), one mean/std value that serves 1 or 3 channels
+        assert cfg.data.aug.img_size == 0 and cfg.model.tokenizer_args["in_chans"] == 0
+        assert cfg.data.aug.mean == [0.5] and cfg.data.aug.std == [0.5]
         assert cfg.data.aug.auto_augment is None and cfg.data.aug.reprob == 0
         assert cfg.data.aug.eval_crop_pct == 1.0
     ft = load_config("small/finetune", check_paths=False)
@@ -251,8 +253,7 @@ def test_fit_config_help_lists_the_task_keys(capsys):
     assert "task image_classify" in out
     lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
     assert (
-        "int = 224" in lines["data.aug.img_size"]
-        and "this recipe: 20" in lines["data.aug.img_size"]
+        "int = 224" in lines["data.aug.img_size"] and "this recipe: 0" in lines["data.aug.img_size"]
     )
     assert "int = 0" in lines["data.labels_per_class"]
     assert "str = 'finetune'" in lines["data.mode"] and "trainer.threads" in lines
@@ -272,3 +273,78 @@ def test_model_init_reports_what_it_loaded(tmp_path, capsys):
     n_new = sum(1 for k in model.state_dict() if k not in src)
     assert f"model.init: loaded pre.ckpt: {len(src)} tensors matched, {n_new} new" in out
     assert "head.classifier.*" in out
+
+
+def test_frozen_protocols_read_only_the_label_budget(tmp_path):
+    """``unipred eval protocol=knn|linear data.labels_per_class=K`` fits on K per class (the
+    same images as fine-tuning with that budget, once each), and scores every val image."""
+    from unipred.protocols import FeatureSettings, _loader
+
+    root = _grey_folder(tmp_path / "d", per_class=6)
+    val = _grey_folder(tmp_path / "v", per_class=4)
+    over = [f"data.root={root}", f"data.val_root={val}", "data.num_workers=0"]
+    task, _ = _task([*over, "data.labels_per_class=2", "data.repeat=5"], config="small/probe")
+    train = _loader(task, "train", FeatureSettings(batch=64), 0)
+    ys = torch.cat([b[1] for b in train])
+    assert sorted(ys.tolist()) == [0, 0, 1, 1, 2, 2]  # 2 per class, not repeated
+    assert train.dataset.indices == task.build_dataset("train").indices[:6]
+    assert len(_loader(task, "val", FeatureSettings(), 0).dataset) == 12
+    every, _ = _task(over, config="small/probe")
+    assert len(_loader(every, "train", FeatureSettings(), 0).dataset) == 18
+
+
+# ------------------------------------------------------------------- sizes from the data
+def _colour_folder(root, size):
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        (root / f"k{c}").mkdir(parents=True)
+        for i in range(3):
+            a = rng.integers(0, 255, (size, size + 2, 3), dtype=np.uint8)
+            Image.fromarray(a, mode="RGB").save(root / f"k{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("config", ["small/pretrain", "small/finetune"])
+def test_size_and_channels_zero_come_from_the_data(tmp_path, config):
+    zero = ["data.aug.img_size=0", "model.tokenizer_args.in_chans=0", "data.num_workers=0"]
+    zero += ["data.labels_per_class=0"] if config == "small/finetune" else []
+    grey = _grey_folder(tmp_path / "g", size=13)  # 13 px, patch 4: nearest multiple 12
+    cfg = load_config(config, [f"data.root={grey}", *zero])
+    assert cfg.data.aug.img_size == 12 and cfg.model.tokenizer_args["in_chans"] == 1
+    colour = _colour_folder(tmp_path / "c", size=22)  # 22 x 24: the longer side, 24
+    cfg = load_config(config, [f"data.root={colour}", *zero])
+    assert cfg.data.aug.img_size == 24 and cfg.model.tokenizer_args["in_chans"] == 3
+    task = TASKS.get(cfg.task)(cfg)
+    x, _ = task.build_dataset("train")[0]
+    assert x.shape == (3, 24, 24)
+    assert task.build_model().tokenizer.proj.weight.shape[1] == 3
+    # an explicit value is kept (and checked against the data as before)
+    cfg = load_config(config, [f"data.root={grey}", "data.aug.img_size=16"])
+    assert cfg.data.aug.img_size == 16
+
+
+def test_size_from_the_data_without_data_is_one_clear_line(tmp_path):
+    zero = ["data.aug.img_size=0", "model.tokenizer_args.in_chans=0"]
+    cfg = load_config("small/pretrain", zero)  # no data named yet: loads (--help, tests) ...
+    task = TASKS.get(cfg.task)(cfg)
+    with pytest.raises(ValueError, match=r"img_size and model.tokenizer_args.in_chans=0 .*data"):
+        task.build_model()  # ... but nothing is built on it
+    (tmp_path / "empty.tar").write_bytes(b"")  # a shard first_image cannot read
+    with pytest.raises(ConfigError, match=r"in_chans=0 \(from the data\): no local image .*set"):
+        load_config("small/pretrain", [f"data.root={tmp_path / 'empty.tar'}", zero[0]])
+
+
+def test_frozen_protocols_load_a_backbone_pretrained_with_an_objective_head(tmp_path):
+    """A pixel-target (or MLP-head) pretraining has parameters of its own (``objective.*``):
+    ``unipred eval protocol=knn|linear`` drops them like ``model.init=pretrain:`` does."""
+    from unipred.model import NEPA, model_config
+    from unipred.objectives import ObjectiveConfig
+    from unipred.protocols import load_backbone_weights, weight_sets
+
+    pre = NEPA(model_config("nepa_debug", head=None, objective=ObjectiveConfig(target="patch")))
+    assert any(k.startswith("objective.") for k in pre.state_dict())
+    pre.save_pretrained(tmp_path / "pre")
+    ((name, sd),) = weight_sets(str(tmp_path / "pre"), "false")
+    clf = NEPA(model_config("nepa_debug", head="probe", num_classes=3))
+    load_backbone_weights(clf, sd, "pre")
+    assert torch.equal(clf.tokenizer.proj.weight, pre.tokenizer.proj.weight)

@@ -189,7 +189,9 @@ def weight_sets(path: str, ema: str) -> list[tuple[str, dict]]:
 
 
 def _backbone(sd: dict) -> dict:
-    return {k: v for k, v in sd.items() if not k.startswith("head.")}
+    """The backbone's tensors: no classifier head, no pretraining objective's own parameters
+    (a pixel-target or MLP head, a mask token: model.objective)."""
+    return {k: v for k, v in sd.items() if not k.startswith(("head.", "objective."))}
 
 
 def load_backbone_weights(model: nn.Module, sd: dict, source: str) -> None:

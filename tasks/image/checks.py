@@ -165,6 +165,48 @@ def classes_in(spec: str, label_file: str = "", classes_file: str = "") -> int |
     return n or None
 
 
+# ----------------------------------------------------------------- sizes from the data
+def resolve_from_data(cfg, patch) -> list[str]:
+    """``data.aug.img_size: 0`` and ``model.tokenizer_args.in_chans: 0`` mean "as the data":
+    the side of the first image of ``data.root`` (else ``data.val_root``), rounded to the
+    nearest multiple of the patch, and 1 channel for a grey image, 3 for colour. Sets them in
+    ``cfg`` and returns what it set ("key=value (why)"); a value that cannot be read is one
+    error line naming the key to set instead."""
+    d, args = cfg.data, cfg.model.tokenizer_args
+    want_size, want_chans = d.aug.img_size == 0, args.get("in_chans", 3) == 0
+    if not (want_size or want_chans):
+        return []
+    pairs = (("data.aug.img_size", want_size), ("model.tokenizer_args.in_chans", want_chans))
+    keys = " and ".join(k for k, on in pairs if on)
+    found = first_image(d.root) or first_image(d.val_root)
+    if found is None and not (d.root or d.val_root):
+        return []  # no data named yet (--help, a recipe read alone): building will refuse it
+    if found is None:
+        check_channels(d.root, 3, "data.root")  # a local folder without images: that message
+        where = d.root or d.val_root
+        raise ValueError(
+            f"{keys}=0 (from the data): no local image found in {where!r} to read it "
+            f"from; set {keys}"
+        )
+    name, data = found
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception:
+        raise ValueError(f"{keys}=0 (from the data): cannot read {name}; set {keys}") from None
+    set_ = []
+    if want_size:
+        p = patch if isinstance(patch, int) else patch[0]
+        side = max(img.size)
+        d.aug.img_size = max(p, p * round(side / p))
+        set_.append(f"data.aug.img_size={d.aug.img_size} ({name} is {img.size[0]}x{img.size[1]})")
+    if want_chans:
+        args["in_chans"] = 1 if is_grey(img) else 3
+        kind = "grey" if args["in_chans"] == 1 else f"colour ({img.mode})"
+        set_.append(f"model.tokenizer_args.in_chans={args['in_chans']} ({name} is {kind})")
+    return set_
+
+
 # --------------------------------------------------------------------------- channels
 class ToChannels:
     """PIL image (RGB from the reader) -> the mode a ``channels``-input model takes."""

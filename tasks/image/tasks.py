@@ -33,6 +33,7 @@ from unipred.tasks.image.checks import (
     check_tokenizer,
     classes_in,
     model_shape,
+    resolve_from_data,
 )
 from unipred.tasks.image.data import ShardDataset, image_dataset
 from unipred.tasks.image.device_decode import DeviceDecodeTransform
@@ -91,6 +92,11 @@ def check_image_config(cfg, classify: bool) -> None:
     check_tokenizer(tokenizer, "image", cfg.model.name)
     if tokenizer != "image":
         return  # a plugin tokenizer: its own shapes
+    for line in resolve_from_data(cfg, patch):  # 0 = "as the data" (the small recipe)
+        log.info("from the data: %s", line)
+    tokenizer, patch, chans = model_shape(cfg)
+    if _unresolved(cfg):
+        return  # sizes "as the data" without data: _build and adapt_model name it
     check_patch(d.aug.img_size, patch, "data.aug.img_size")
     if chans not in (1, 3):
         raise ValueError(f"model.tokenizer_args.in_chans={chans}: image data has 1 or 3 channels")
@@ -115,6 +121,20 @@ def check_image_config(cfg, classify: bool) -> None:
             )
 
 
+def _unresolved(cfg) -> str:
+    """The keys left at 0 ("as the data") because no data was named, "" when none is."""
+    aug = getattr(cfg.data, "aug", None)  # Fashion-MNIST's data section has none (28 px)
+    pairs = (("data.aug.img_size", aug.img_size if aug is not None else None),
+             ("model.tokenizer_args.in_chans", model_shape(cfg)[2]))  # fmt: skip
+    return " and ".join(k for k, v in pairs if v == 0)
+
+
+def _need_resolved(cfg) -> None:
+    keys = _unresolved(cfg)
+    if keys:
+        raise ValueError(f"{keys}=0 (from the data) needs data.root: set it, or set {keys}")
+
+
 def _aug(cfg):
     """The config's augmentation with mean/std for the model's channel count."""
     aug, chans = cfg.data.aug, model_shape(cfg)[2]
@@ -129,6 +149,7 @@ def _build(cfg, split: str, num_classes: int, augment: bool):
     """The dataset of ``split`` (None when the split is absent); ``augment`` picks the
     training or the eval transform."""
     d, train = cfg.data, split == "train"
+    _need_resolved(cfg)
     aug, chans = _aug(cfg)
     tf = train_transform(aug) if augment else eval_transform(aug)
     tf = T.Compose([ToChannels(chans), tf])
@@ -221,6 +242,10 @@ class ImageFolders(DataSource):
         if augment and num_classes and d.aug.uses_mixup:
             return MixupCollate(d.aug, num_classes, d.label_smoothing)
         return None
+
+    def adapt_model(self, mc):
+        _need_resolved(self.cfg)
+        return mc
 
     def step_logs(self):
         return _data_logs()
