@@ -45,9 +45,9 @@ AXES = {"image": [1, 2], "audio": [0, 1], "video": None}  # where each sits in (
 
 @dataclass
 class Plan:
-    image_steps: int = 900  # single-modality pretraining steps of `batch` (joint: the sum)
+    image_steps: int = 1000  # single-modality pretraining steps of `batch` (joint: the sum)
     audio_steps: int = 500
-    video_steps: int = 500
+    video_steps: int = 400
     batch: int = 64
     image_labels: int = 20  # labelled images per class for fine-tuning
     image_finetune_steps: int = 100  # of 50 labelled images
@@ -58,9 +58,9 @@ class Plan:
     audio_labels: int = 10  # labelled clips per digit
     audio_finetune_epochs: int = 20
     video_clips: int = 2048  # unlabelled pretraining clips
-    video_labels: int = 16  # labelled clips per direction (4 directions)
+    video_labels: int = 32  # labelled clips per direction (4 directions)
     video_val: int = 256  # validation clips
-    video_finetune_epochs: int = 20
+    video_finetune_epochs: int = 25
     seeds: int = 3  # paired fine-tuning seeds per arm
 
 
