@@ -218,6 +218,9 @@ class CollapseMonitor(Callback):
     predictions falls from ~0.9 towards 0 within the first few hundred steps while their
     effective rank *rises* (the residual differences are isotropic noise), so the rank alone
     misses it; the release's objective stays near 0.85.
+
+    Statistics may come per group (``collapse/NAME/erank``, ...: joint pretraining logs one
+    group per source, on that source's batches); each group is checked and named on its own.
     """
 
     CHECKS = (("predictions", ""), ("targets", "target_"))

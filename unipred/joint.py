@@ -533,8 +533,8 @@ class JointPretrain(PretrainTask):
         if self.want_stats and not self._asked:  # a new monitoring period: every source owes
             self._pending = {s.name for s in self.sources}
         self._asked = self.want_stats
-        if name in self._pending:  # per modality: the first batch of each source from now
-            self._pending.discard(name)
+        if self.want_stats or name in self._pending:  # per modality: each source's first
+            self._pending.discard(name)  # batch of the period (every batch on monitored steps)
             for pre, t in (("", out.predictions), ("target_", out.targets)):
                 stats = collapse_stats(t, out.valid)
                 logs.update({f"collapse/{name}/{pre}{k}": v for k, v in stats.items()})
