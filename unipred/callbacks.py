@@ -231,6 +231,9 @@ class CollapseMonitor(Callback):
     predictions falls from ~0.9 towards 0 within the first few hundred steps while their
     effective rank *rises* (the residual differences are isotropic noise), so the rank alone
     misses it; the release's objective stays near 0.85.
+
+    Statistics may come per group (``collapse/NAME/erank``, ...: joint pretraining logs one
+    group per source, on that source's batches); each group is checked and named on its own.
     """
 
     CHECKS = (("predictions", ""), ("targets", "target_"))
@@ -258,10 +261,11 @@ class CollapseMonitor(Callback):
         """Straight to the loggers, once per checked step: Lightning's own ``log`` would keep
         them only on steps that fall on ``trainer.log_every_n_steps`` (none at all when an
         epoch is shorter than that interval)."""
-        if not trainer.is_global_zero or self._logged == self._step:
-            return
-        self._logged = self._step
         metrics = {f"train/{k}": float(v) for k, v in logs.items() if k.startswith("collapse/")}
+        key = (self._step, tuple(sorted(metrics)))  # a joint run's sources log at other batches
+        if not trainer.is_global_zero or self._logged == key:
+            return
+        self._logged = key
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._step)
 
@@ -273,18 +277,24 @@ class CollapseMonitor(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         logs = (outputs or {}).get("logs", {}) if isinstance(outputs, dict) else {}
         bad, seen = [], {"step": self._step}
-        for what, pre in self.CHECKS:
-            if f"collapse/{pre}erank" not in logs:
-                continue
-            erank = float(logs[f"collapse/{pre}erank"])
-            std = float(logs[f"collapse/{pre}std_mean"])
-            spread = float(logs.get(f"collapse/{pre}spread", 1.0))
-            seen.update({f"{pre}erank": erank, f"{pre}std_mean": std, f"{pre}spread": spread})
-            if erank < self.min_erank or std < self.min_std or spread < self.min_spread:
-                bad.append(
-                    f"{what}: effective rank {erank:.2f}, mean per-dim std {std:.2e}, "
-                    f"spread {spread:.3f}"
-                )
+        # "collapse/erank", or per group (joint pretraining: per source) "collapse/NAME/erank"
+        groups = sorted({k[len("collapse/") : -len("erank")] for k in logs
+                         if k.startswith("collapse/") and k.endswith("/erank")})  # fmt: skip
+        for group in [""] + [g for g in groups if g]:
+            for what, pre in self.CHECKS:
+                key = f"collapse/{group}{pre}"
+                if f"{key}erank" not in logs:
+                    continue
+                erank = float(logs[f"{key}erank"])
+                std = float(logs[f"{key}std_mean"])
+                spread = float(logs.get(f"{key}spread", 1.0))
+                seen.update({f"{group}{pre}erank": erank, f"{group}{pre}std_mean": std,
+                             f"{group}{pre}spread": spread})  # fmt: skip
+                if erank < self.min_erank or std < self.min_std or spread < self.min_spread:
+                    bad.append(
+                        f"{group.replace('/', ' ')}{what}: effective rank {erank:.2f}, mean "
+                        f"per-dim std {std:.2e}, spread {spread:.3f}"
+                    )
         if len(seen) > 1:
             self.history.append(seen)
             self._log(trainer, logs)

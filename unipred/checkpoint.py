@@ -335,8 +335,17 @@ def load_backbone(model, sd: dict, source) -> None:
                 t.zero_()
 
 
+def split_source(path: str) -> tuple[str, str]:
+    """``PATH[:ema]@SOURCE`` -> (``PATH[:ema]``, SOURCE); no ``@NAME`` suffix -> (path, "")."""
+    head, at, tail = path.rpartition("@")
+    if at and head and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", tail):
+        return head, tail
+    return path, ""
+
+
 def apply_init(model, spec: str) -> None:
-    """Initialise ``model`` from ``model.init``: official:PATH | ckpt:PATH | pretrain:PATH[:ema]."""
+    """Initialise ``model`` from ``model.init``: official:PATH | ckpt:PATH |
+    pretrain:PATH[:ema][@SOURCE] (SOURCE: which source of a joint checkpoint)."""
     kind, _, path = spec.partition(":")
     if kind == "ckpt":
         load_weights(model, path)
@@ -353,14 +362,20 @@ def apply_init(model, spec: str) -> None:
         else:
             load_backbone(model, src, path)
     elif kind == "pretrain":
+        path, source = split_source(path)
         use_ema = path.endswith(":ema")
         path = path[: -len(":ema")] if use_ema else path
         ckpt = read_checkpoint(path)
         if use_ema and "ema_state_dict" not in ckpt:
             raise CheckpointError(f"{path}: missing key 'ema_state_dict' (asked for :ema)")
-        load_backbone(
-            model, ckpt["ema_state_dict"] if use_ema else _strip(ckpt["state_dict"]), path
-        )
+        sd = ckpt["ema_state_dict"] if use_ema else _strip(ckpt["state_dict"])
+        from unipred.joint import is_joint_state, single_from_joint
+
+        if is_joint_state(sd):  # joint pretraining: that modality's tokenizer (docs/joint.md)
+            sd = single_from_joint(model, sd, path, source)
+        elif source:
+            raise CheckpointError(f"{path}: @{source} names a joint source; not a joint checkpoint")
+        load_backbone(model, sd, path)
     else:
         raise ValueError(
             f"model.init: unknown kind {kind!r} in {spec!r}; use official:PATH, "

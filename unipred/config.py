@@ -269,8 +269,11 @@ def check_data_paths(cfg) -> None:
             raise ConfigError(f"data.{f.name}: path does not exist: {_clip(v)}")
     for key, spec in (("model.init", cfg.model.init), ("ckpt", cfg.ckpt)):
         p = spec.split(":", 1)[1] if ":" in spec and key == "model.init" else spec
-        if key == "model.init" and spec.startswith("pretrain:") and p.endswith(":ema"):
-            p = p[: -len(":ema")]
+        if key == "model.init" and spec.startswith("pretrain:"):
+            from unipred.checkpoint import split_source
+
+            p = split_source(p)[0]
+            p = p[: -len(":ema")] if p.endswith(":ema") else p
         if key == "ckpt" and p == "random":  # the protocols' random-init baseline
             continue
         if p and not _exists(p):

@@ -234,7 +234,8 @@ class ModelSection:
     # variants of the pretraining objective (docs/objectives.md); unset = the release's
     objective: ObjectiveOverrides = field(default_factory=ObjectiveOverrides)
     # "" | "official:PATH" (released NEPA weights) | "ckpt:PATH" (our checkpoint, weights only)
-    # | "pretrain:PATH[:ema]" (pretraining ckpt -> classifier: backbone copied, classifier zeroed)
+    # | "pretrain:PATH[:ema][@SOURCE]" (pretraining ckpt -> classifier: backbone copied, classifier
+    # zeroed; @SOURCE picks a joint checkpoint's source, docs/joint.md)
     init: str = ""
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from unipred.rope import AxialRoPE, apply_rope
+from unipred.rope import AxialRoPE, apply_rope, lift_coords
 
 
 @dataclass
@@ -38,10 +38,20 @@ class PredictorConfig:
     rope_shift: float | None = None
     rope_jitter: float | None = None
     rope_rescale: float | None = 2.0
+    # a shared RoPE coordinate space (joint pretraining, docs/joint.md): the tokenizer's
+    # coordinate i sits on RoPE axis rope_axes[i] of rope_space axes, the others fixed at 0;
+    # None / 0 = the tokenizer's own coordinates (the release)
+    rope_axes: list[int] | None = None
+    rope_space: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
+
+    @property
+    def rope_dims(self) -> int:
+        """Axes of the RoPE: ``rope_space`` when set, else the tokenizer's ``coord_dims``."""
+        return self.rope_space or self.coord_dims
 
     @property
     def mlp_hidden(self) -> int:
@@ -52,6 +62,18 @@ class PredictorConfig:
             raise ValueError(f"predictor dim {self.dim} is not divisible by heads {self.heads}")
         if self.mlp not in _MLP_KINDS:
             raise ValueError(f"predictor mlp must be one of {sorted(_MLP_KINDS)}, got {self.mlp!r}")
+        if self.rope_axes is not None:
+            axes = [int(a) for a in self.rope_axes]
+            if len(axes) != self.coord_dims or len(set(axes)) != len(axes):
+                raise ValueError(
+                    f"model.predictor.rope_axes={axes} must name {self.coord_dims} distinct "
+                    f"axes (one per coordinate of the tokenizer)"
+                )
+            if min(axes) < 0 or max(axes) >= self.rope_dims:
+                raise ValueError(
+                    f"model.predictor.rope_axes={axes} must lie in [0, {self.rope_dims}) "
+                    f"(model.predictor.rope_space={self.rope_space})"
+                )
 
 
 # name -> (gated, activation)
@@ -196,7 +218,7 @@ class Predictor(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.rope = AxialRoPE(
-            cfg.head_dim, cfg.coord_dims, cfg.rope_theta,
+            cfg.head_dim, cfg.rope_dims, cfg.rope_theta,
             cfg.rope_shift, cfg.rope_jitter, cfg.rope_rescale,
         )  # fmt: skip
         # linear over depth: block 0 gets 0, the last block the full rate
@@ -222,6 +244,8 @@ class Predictor(nn.Module):
             raise ValueError(f"coords {tuple(coords.shape)} cover more than the {T} tokens")
         causal = self.cfg.causal if causal is None else causal
         mask = _attention_mask(valid, causal, B, T, tokens.device)
+        if self.cfg.rope_axes is not None:
+            coords = lift_coords(coords, self.cfg.rope_axes, self.cfg.rope_dims)
         rope = _identity_prefix(self.rope.tables(coords.to(tokens.device)), n_prefix)
         keep, attns = [], []
         for i, blk in enumerate(self.blocks):

@@ -92,6 +92,7 @@ def plugin_modules() -> list[str]:
     for pkg_name in BUILTIN_PACKAGES:
         pkg = importlib.import_module(pkg_name)
         mods += [f"{pkg_name}.{info.name}" for info in pkgutil.iter_modules(pkg.__path__)]
+    mods.append("unipred.joint")  # the modality-free joint pretraining task and tokenizer
     mods += [ep.value.split(":")[0] for ep in entry_points(group=PLUGIN_GROUP)]
     return mods
 

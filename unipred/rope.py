@@ -99,3 +99,20 @@ def grid_coords(*sizes: int, device=None) -> torch.Tensor:
     ]
     mesh = torch.meshgrid(*axes, indexing="ij")
     return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
+
+
+def lift_coords(coords: torch.Tensor, axes, space: int) -> torch.Tensor:
+    """Place k-D coordinates (..., N, k) into a ``space``-D RoPE coordinate space: column i
+    goes to axis ``axes[i]``, every other axis is fixed at 0 (its centre). With a shared
+    (t, y, x) space, an image's (y, x) becomes (0, y, x) and a spectrogram's (time, freq)
+    (time, freq, 0): rotations of the unused axes are the identity, so tokens of different
+    modalities share one positional code (docs/joint.md)."""
+    axes = list(axes)
+    if coords.shape[-1] != len(axes):
+        raise ValueError(
+            f"rope_axes {axes} name {len(axes)} axes but the coordinates have "
+            f"{coords.shape[-1]} (shape {tuple(coords.shape)})"
+        )
+    out = coords.new_zeros(*coords.shape[:-1], space)
+    out[..., axes] = coords
+    return out
