@@ -283,11 +283,9 @@ def _quiet() -> None:
 
 
 def _mean_sd(xs: list[float]) -> str:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return f"{m:.1%}"
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
-    return f"{m:.1%} ± {100 * sd:.1f}"
+    from unipred.tasks.audio.demo import _mean_sd as mean_sd  # one formatting for both tables
+
+    return mean_sd(xs)
 
 
 def results_table(acc, plan: Plan, demo: Demo, seconds: float, load, real: bool, threads) -> str:
