@@ -158,32 +158,6 @@ def test_joint_run_trains_every_source_and_monitors_each(tmp_path):
     assert model.tokenizer.modality["image"].abs().sum() > 0  # learned
 
 
-class _Trainer:  # the parts of a Lightning Trainer the collapse monitor reads
-    global_step = 0
-    should_stop = False
-    is_global_zero = True
-    loggers: list = []
-
-
-class _Lit:
-    class task:
-        want_stats = False
-
-
-def test_collapse_monitor_checks_and_names_each_source():
-    from unipred.callbacks import CollapseMonitor
-
-    healthy = {"erank": 20.0, "std_mean": 0.3, "spread": 0.8}
-    collapsed = {"erank": 20.0, "std_mean": 0.3, "spread": 0.01}
-    mon, tr = CollapseMonitor(1, dim=64, stop=True), _Trainer()
-    logs = {f"collapse/image/{k}": torch.tensor(v) for k, v in healthy.items()}
-    logs.update({f"collapse/audio/{k}": torch.tensor(v) for k, v in collapsed.items()})
-    with pytest.warns(UserWarning, match=r"step 0: .*\(audio predictions: .*spread 0.010") as w:
-        mon.on_train_batch_end(tr, _Lit, {"logs": logs}, None, 0)
-    assert "image" not in str(w[0].message) and tr.should_stop
-    assert mon.history[0]["image/spread"] == pytest.approx(0.8)
-
-
 def test_joint_checkpoint_initialises_each_single_modality_task(tmp_path):
     run = tmp_path / "joint"
     fit(joint_cfg(run, {"image": IMAGE, "video": VIDEO}, "trainer.max_steps=3",

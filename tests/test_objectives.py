@@ -386,3 +386,17 @@ def test_ablation_settings_are_valid_configs_and_the_table_prints():
     text = abl.table([row, {"name": "random_init", "probe": 0.5, "finetune": 0.3}])
     assert "| no shift (`no_shift`) | -0.9900 |" in text and "30 (2x)" in text
     assert "| random init, no pretraining (`random_init`) | - |" in text
+
+
+def test_collapse_monitor_checks_and_names_each_source():
+    """Joint pretraining logs one group per source (collapse/NAME/...): each is checked and
+    named on its own."""
+    healthy = {"erank": 20.0, "std_mean": 0.3, "spread": 0.8}
+    collapsed = {"erank": 20.0, "std_mean": 0.3, "spread": 0.01}
+    mon, tr = CollapseMonitor(1, dim=64, stop=True), _Trainer()
+    logs = {f"collapse/image/{k}": torch.tensor(v) for k, v in healthy.items()}
+    logs.update({f"collapse/audio/{k}": torch.tensor(v) for k, v in collapsed.items()})
+    with pytest.warns(UserWarning, match=r"step 0: .*\(audio predictions: .*spread 0.010") as w:
+        mon.on_train_batch_end(tr, _Lit, {"logs": logs}, None, 0)
+    assert "image" not in str(w[0].message) and tr.should_stop
+    assert mon.history[0]["image/spread"] == pytest.approx(0.8)
