@@ -54,11 +54,14 @@ class ContractError(TypeError):
     """A registration does not fulfil its contract; the message names what is missing."""
 
 
+def _where(kind: str, name: str, cls: Any) -> str:
+    """How an error names the registration: ``task 'x' (module.Class)``."""
+    return f"{kind} {name!r} ({getattr(cls, '__module__', '?')}.{getattr(cls, '__name__', cls)})"
+
+
 def check_tokenizer(name: str, cls: Any) -> None:
     """Fail at registration when a tokenizer class lacks part of :class:`Tokenizer`."""
-    where = (
-        f"tokenizer {name!r} ({getattr(cls, '__module__', '?')}.{getattr(cls, '__name__', cls)})"
-    )
+    where = _where("tokenizer", name, cls)
     if not inspect.isclass(cls):
         raise ContractError(f"{where}: register a class, built as cls(dim=..., **tokenizer_args)")
     missing = []
@@ -79,7 +82,7 @@ def check_task(name: str, cls: Any) -> None:
     """Fail at registration when a task class lacks what the engine calls."""
     from unipred.task import ClassifyTask, DataConfig, Task
 
-    where = f"task {name!r} ({getattr(cls, '__module__', '?')}.{getattr(cls, '__name__', cls)})"
+    where = _where("task", name, cls)
     if not (inspect.isclass(cls) and issubclass(cls, Task)):
         raise ContractError(f"{where}: register a subclass of unipred.Task")
     missing = []
@@ -98,7 +101,7 @@ def check_data(name: str, cls: Any) -> None:
     """Fail at registration when a data source lacks part of ``unipred.DataSource``."""
     from unipred.task import DataConfig, DataSource
 
-    where = f"data {name!r} ({getattr(cls, '__module__', '?')}.{getattr(cls, '__name__', cls)})"
+    where = _where("data", name, cls)
     if not (inspect.isclass(cls) and issubclass(cls, DataSource)):
         raise ContractError(f"{where}: register a subclass of unipred.DataSource")
     missing = []
