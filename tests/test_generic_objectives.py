@@ -23,16 +23,28 @@ def _cfg(name: str, *over: str):
 
 
 def test_every_data_source_makes_the_generic_tasks():
+    from unipred.segment import SegmentTask
+
     names = DATASETS.names()
-    assert {"image", "fmnist", "audio", "video", "debug_image"} <= set(names)
+    assert {"image", "fmnist", "audio", "video", "debug_image", "ade20k"} <= set(names)
+    bases = {"pretrain": PretrainTask, "classify": ClassifyTask, "segment": SegmentTask}
     for data in names:
         source = DATASETS.get(data)
-        pre, cls = TASKS.get(f"{data}_pretrain"), TASKS.get(f"{data}_classify")
-        assert issubclass(pre, PretrainTask) and pre.data_class is source
-        assert issubclass(cls, ClassifyTask) and cls.data_class is source
-        # nothing but the binding: the objective's methods are the shipped ones
-        for method in ("training_step", "build_dataset", "collate_fn", "build_model"):
-            assert method not in vars(cls) and method not in vars(pre), (data, method)
+        assert source.tasks, data
+        for objective, task in source.tasks.items():
+            assert TASKS.get(_name_of(task)) is task
+            assert issubclass(task, bases[objective]) and task.data_class is source
+            # nothing but the binding: the objective's methods are the shipped ones
+            for method in ("training_step", "build_dataset", "collate_fn", "build_model"):
+                assert method not in vars(task), (data, method)
+    for data in ("image", "fmnist", "audio", "video", "debug_image"):
+        assert {"pretrain", "classify"} <= set(DATASETS.get(data).tasks), data
+    assert "segment" in DATASETS.get("debug_image").tasks
+    assert DATASETS.get("ade20k").tasks["segment"] is TASKS.get("segment_ade20k")
+
+
+def _name_of(task) -> str:
+    return next(n for n in TASKS.names() if TASKS.get(n) is task)
 
 
 @pytest.mark.parametrize("name", _classify_tasks())

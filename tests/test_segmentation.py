@@ -13,12 +13,6 @@ from unipred.tasks.image.seg_data import (
     SyntheticScenes,
     checked_pairs,
 )
-from unipred.tasks.image.seg_metrics import (
-    MeanAccuracy,
-    MeanIoU,
-    PixelAccuracy,
-    segmentation_metrics,
-)
 from unipred.tasks.image.seg_transforms import (
     SegAugConfig,
     SegEvalTransform,
@@ -39,12 +33,18 @@ from unipred.tasks.image.segmentation import (
 
 from unipred.checkpoint import load_backbone
 from unipred.model import NEPA
+from unipred.seg_metrics import (
+    MeanAccuracy,
+    MeanIoU,
+    PixelAccuracy,
+    segmentation_metrics,
+)
 
 
 def tiny_model(num_classes=5, **kw):
     torch.manual_seed(0)
-    head = SegHeadConfig(layers=[0, 1, 2, 3], num_classes=num_classes, channels=16, aux_channels=8)
-    return SegmentationModel.from_name("nepa_debug", head, depth=4, **kw)
+    head = SegHeadConfig(layers=[0, 1, 2, 3], channels=16, aux_channels=8)
+    return SegmentationModel.from_name("nepa_debug", head, num_classes, depth=4, **kw)
 
 
 # ------------------------------------------------------------------------------- model
@@ -314,7 +314,7 @@ def test_task_reads_the_folder_layout(tmp_path):
 
 DDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-from unipred.tasks.image.seg_metrics import MeanIoU
+from unipred.seg_metrics import MeanIoU
 
 def work(rank, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])

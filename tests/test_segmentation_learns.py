@@ -4,8 +4,9 @@ textured backgrounds), a tiny NEPA + UperNet trained on CPU, mIoU far above chan
 import pytest
 import torch
 from unipred.tasks.image.seg_data import SyntheticScenes
-from unipred.tasks.image.seg_metrics import segmentation_metrics
 from unipred.tasks.image.segmentation import SegHeadConfig, SegmentationModel
+
+from unipred.seg_metrics import segmentation_metrics
 
 SIZE, BATCH, N_VAL = 32, 8, 64
 
@@ -22,8 +23,8 @@ def one_thread():
 def train_and_eval(steps: int, lr: float = 4e-3, seed: int = 0) -> tuple[float, float]:
     """-> (mIoU of the trained model, mIoU of always predicting the most frequent class)."""
     torch.manual_seed(seed)
-    head = SegHeadConfig(layers=[0, 1, 2, 3], num_classes=4, channels=16, aux_channels=8)
-    model = SegmentationModel.from_name("nepa_debug", head, depth=4, causal=False)
+    head = SegHeadConfig(layers=[0, 1, 2, 3], channels=16, aux_channels=8)
+    model = SegmentationModel.from_name("nepa_debug", head, 4, depth=4, causal=False)
     train = SyntheticScenes(steps * BATCH, SIZE, seed=seed)
     val = SyntheticScenes(N_VAL, SIZE, seed=seed + 7919)  # scenes never seen in training
     loader = torch.utils.data.DataLoader(train, batch_size=BATCH, shuffle=True)

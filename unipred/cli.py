@@ -209,10 +209,18 @@ def cmd_suite(argv: list[str]) -> int:
 
 def cmd_list(argv: list[str]) -> int:
     from unipred.config import packaged_configs
-    from unipred.registry import COMMANDS, DATASETS, MODELS, PLUGIN_ERRORS, TASKS, TOKENIZERS
+    from unipred.registry import (
+        COMMANDS,
+        DATASETS,
+        DECODERS,
+        MODELS,
+        PLUGIN_ERRORS,
+        TASKS,
+        TOKENIZERS,
+    )
 
     for title, reg in (("tokenizers", TOKENIZERS), ("data sources", DATASETS), ("tasks", TASKS),
-                       ("model sizes", MODELS)):  # fmt: skip
+                       ("segmentation decoders", DECODERS), ("model sizes", MODELS)):  # fmt: skip
         print(f"{title}:")
         for name in reg.names():
             doc = (reg.get(name).__doc__ or "").strip().splitlines()

@@ -632,6 +632,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
         raise ProtocolError(f"not a frozen-feature protocol: {bad}; use {', '.join(FROZEN)}")
     if not cfg.ckpt:
         raise ProtocolError("give ckpt=PATH (a checkpoint or a save_pretrained folder)")
+    need_classification(cfg, f"protocol={protocols[0]}" if len(protocols) == 1 else "the protocols")
     task = TASKS.get(cfg.task)(cfg)
     torch.manual_seed(cfg.seed)  # the random-init baseline is the same model every time
     model = task.build_model()
@@ -716,11 +717,24 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
                    epochs=s.epochs, lr=s.lr, augment=True)  # fmt: skip
 
 
+def need_classification(cfg, what: str) -> None:
+    """The protocols score class labels: a task of another objective is one clear error."""
+    from unipred.registry import TASKS
+    from unipred.task import ClassifyTask
+
+    if not issubclass(TASKS.get(cfg.task), ClassifyTask):
+        raise ProtocolError(
+            f"{what} scores class labels, but task {cfg.task!r} is not a classification task; "
+            "give a *_classify task (a segmentation model is scored by plain `unipred eval`)"
+        )
+
+
 def run_finetune(cfg, settings: EvalSettings, log=print) -> dict:
     """Fine-tune with the CONFIG's recipe from the checkpoint's backbone (raw and/or EMA);
     report the final validation accuracy of each run."""
     from unipred.engine import fit
 
+    need_classification(cfg, "protocol=finetune")
     if not cfg.ckpt:
         raise ProtocolError("protocol=finetune needs ckpt=PATH (a pretraining checkpoint)")
     names = [n for n, _ in weight_sets(cfg.ckpt, settings.ema)]

@@ -76,6 +76,10 @@ class DataSource:
     # the builder cuts the training set to data.labels_per_class and repeats it data.repeat
     # times when augmenting (one pass when not) itself
     applies_label_budget: ClassVar[bool] = False
+    # segmentation (unipred.segment): the tokenizer coordinate axes the dense label maps span,
+    # in the labels' order; None = every axis (an image's (y, x), a video's (t, y, x)); an
+    # audio spectrogram's per-frame labels span (0,): time, the frequency bands averaged
+    label_axes: ClassVar[tuple[int, ...] | None] = None
     # filled by register_data: objective name -> the registered task class
     tasks: ClassVar[dict[str, type]] = {}
 
@@ -629,10 +633,19 @@ class ClassifyTask(Task):
 OBJECTIVES: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": ClassifyTask}
 
 
+def all_objectives() -> dict[str, type[Task]]:
+    """Every generic objective by name (segmentation lives in unipred.segment)."""
+    from unipred.segment import SegmentTask
+
+    return {**OBJECTIVES, "segment": SegmentTask}
+
+
 def register_data(name: str, objectives=("pretrain", "classify"), tasks: dict | None = None):
     """Class decorator: register a ``DataSource`` as ``name`` and, for every objective, the task
     ``{name}_{objective}`` (``tasks`` may rename some: {"classify": "my_cls"}). The task
-    classes are ``source.tasks[objective]`` and attributes of the source's module."""
+    classes are ``source.tasks[objective]`` and attributes of the source's module. The
+    objectives: "pretrain", "classify" (unipred.task) and "segment" (unipred.segment: the
+    source yields dense label maps and may set ``label_axes``)."""
     import sys
 
     from unipred.registry import DATASETS, TASKS
@@ -640,12 +653,13 @@ def register_data(name: str, objectives=("pretrain", "classify"), tasks: dict | 
     def deco(source: type[DataSource]):
         DATASETS.register(name)(source)
         made = {}
+        known = all_objectives()
         for obj in objectives:
-            if obj not in OBJECTIVES:
+            if obj not in known:
                 raise KeyError(f"data {name!r}: unknown objective {obj!r}; known: "
-                               f"{sorted(OBJECTIVES)}")  # fmt: skip
+                               f"{sorted(known)}")  # fmt: skip
             task_name = (tasks or {}).get(obj, f"{name}_{obj}")
-            cls = OBJECTIVES[obj].on(source, task_name, name)
+            cls = known[obj].on(source, task_name, name)
             TASKS.register(task_name)(cls)
             made[obj] = cls
             module = sys.modules.get(source.__module__)  # importable by name (pickling)

@@ -1,9 +1,9 @@
 """The audio modality: clip readers (folders, CSV lists, shards), the packer, pretraining and
-classification tasks, the spoken-digit data and demo. Its tokenizer is
-``unipred.tokenizers.audio``; its recipes ``configs/audio``. Decoding needs the ``audio`` extra
-(torchaudio, torchcodec), imported only when audio is used."""
+classification tasks, generated sound events for segmentation, the spoken-digit data and
+demo. Its tokenizer is ``unipred.tokenizers.audio``; its recipes ``configs/audio``. Decoding
+needs the ``audio`` extra (torchaudio, torchcodec), imported only when audio is used."""
 
-from unipred.tasks.audio import tasks  # noqa: F401 (registrations)
+from unipred.tasks.audio import events, tasks  # noqa: F401 (registrations)
 
 from unipred.registry import COMMANDS
 

@@ -6,6 +6,7 @@ colour on a noisy background; its class is the shape. Sample i is generated from
 
 - ``debug_image_pretrain``: next-embedding pretraining of ``nepa_debug`` (configs/debug/).
 - ``debug_image_classify``: 4-way shape classification with the mean-pool head.
+- ``debug_image_segment``: per-pixel segmentation, 5 classes (background + the 4 shapes).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ SHAPES = ("square", "disc", "triangle", "cross")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """(image (3, S, S) in [-1, 1], label) pairs generated from ``seed + index``."""
+    """(image (3, S, S) in [-1, 1], label) pairs generated from ``seed + index``; with
+    ``dense`` the label is the (S, S) map: 0 background, 1 + shape inside the shape."""
 
-    def __init__(self, size: int = 32, length: int = 256, seed: int = 0):
-        self.size, self.length, self.seed = size, length, seed
+    def __init__(self, size: int = 32, length: int = 256, seed: int = 0, dense: bool = False):
+        self.size, self.length, self.seed, self.dense = size, length, seed, dense
 
     def __len__(self) -> int:
         return self.length
@@ -50,7 +52,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         fg = 0.5 + torch.rand(3, 1, 1, generator=g) * 0.5
         img = bg + 0.05 * torch.randn(3, s, s, generator=g)
         img = torch.where(mask, fg.expand(3, s, s), img)
-        return img.clamp(0, 1) * 2 - 1, label
+        img = img.clamp(0, 1) * 2 - 1
+        return (img, mask.long() * (label + 1)) if self.dense else (img, label)
 
 
 @dataclass
@@ -61,9 +64,10 @@ class DebugImageData(DataConfig):
     num_workers: int = 0
 
 
-@register_data("debug_image")
+@register_data("debug_image", objectives=("pretrain", "classify", "segment"))
 class DebugShapes(DataSource):
-    """Generated shapes (square, disc, triangle, cross), 4 classes, deterministic by seed."""
+    """Generated shapes (square, disc, triangle, cross), 4 classes, deterministic by seed;
+    for segmentation 5 per-pixel classes (background + the shapes)."""
 
     config = DebugImageData
     smoke = {
@@ -74,7 +78,7 @@ class DebugShapes(DataSource):
     }
 
     def num_classes(self):
-        return len(SHAPES)
+        return len(SHAPES) + (self.objective == "segment")
 
     def build(self, split, augment):
         d = self.cfg.data
@@ -83,8 +87,9 @@ class DebugShapes(DataSource):
             return None
         # different seeds per split, so validation images are never training images
         seed = self.cfg.seed + (0 if split == "train" else 7919)
-        return ShapesDataset(d.image_size, n, seed=seed)
+        return ShapesDataset(d.image_size, n, seed=seed, dense=self.objective == "segment")
 
 
 DebugImagePretrain = DebugShapes.tasks["pretrain"]
 DebugImageClassify = DebugShapes.tasks["classify"]
+DebugImageSegment = DebugShapes.tasks["segment"]

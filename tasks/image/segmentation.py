@@ -23,6 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipred.model import NEPA, ModelConfig, model_config
+from unipred.segment import SegmentOutput, segment_loss
+
+# predict()'s defaults where neither the call nor the model's ``inference`` sets one
+INFERENCE = {"mode": "slide", "crop": 512, "stride": 341, "scales": (1.0,), "flip": False,
+             "window_batch": 8}  # fmt: skip
 
 
 @dataclass
@@ -30,20 +35,12 @@ class SegHeadConfig:
     """UperNet + auxiliary FCN head, as in mmseg's ``upernet_beit`` / ``upernet_mae`` configs."""
 
     layers: list[int] = field(default_factory=lambda: [3, 5, 7, 11])  # 0-indexed blocks (B)
-    num_classes: int = 150
     channels: int | None = None  # UperNet width; None = backbone width (768 B, 1024 L)
     pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
     dropout: float = 0.1  # Dropout2d before each classifier
     aux_channels: int = 256
     aux_weight: float = 0.4  # 0 disables the auxiliary head
-    ignore_index: int = 255
     sync_bn: bool = False  # SyncBatchNorm in the head (multi-GPU runs; DDP on CPU cannot)
-
-
-@dataclass
-class SegmentationOutput:
-    logits: torch.Tensor  # (B, C, H, W) at input resolution
-    aux_logits: torch.Tensor | None  # (B, C, H, W) or None
 
 
 class ConvBNReLU(nn.Sequential):
@@ -124,22 +121,28 @@ def _classifier(ch: int, num_classes: int, dropout: float) -> nn.Sequential:
 class SegHead(nn.Module):
     """Pyramid neck + UperNet decode head + optional FCN auxiliary head."""
 
-    def __init__(self, dim: int, cfg: SegHeadConfig):
+    def __init__(self, dim: int, cfg: SegHeadConfig, num_classes: int):
         super().__init__()
         ch = cfg.channels or dim
         self.neck = Pyramid(dim)
-        self.decode = UperHead(dim, ch, cfg.num_classes, cfg.pool_scales, cfg.dropout)
-        self.aux = (FCNHead(dim, cfg.aux_channels, cfg.num_classes, cfg.dropout)
+        self.decode = UperHead(dim, ch, num_classes, cfg.pool_scales, cfg.dropout)
+        self.aux = (FCNHead(dim, cfg.aux_channels, num_classes, cfg.dropout)
                     if cfg.aux_weight > 0 else None)  # fmt: skip
 
 
 class SegmentationModel(NEPA):
-    """A NEPA backbone plus a segmentation head. The backbone's parameter names are exactly
-    NEPA's (``tokenizer.*``, ``cls_token``, ``predictor.*``) and the new modules live under
-    ``head.*`` like NEPA's classifier, so any NEPA checkpoint (pretraining or fine-tuning,
-    ours or official) loads through ``unipred.checkpoint.apply_init`` / ``model.init``."""
+    """A NEPA backbone plus a UperNet head: the image modality's ``upernet`` decoder of the
+    generic segmentation objective (unipred.segment). The backbone's parameter names are
+    exactly NEPA's (``tokenizer.*``, ``cls_token``, ``predictor.*``) and the new modules live
+    under ``head.*`` like NEPA's classifier, so any NEPA checkpoint (pretraining or
+    fine-tuning, ours or official) loads through ``unipred.checkpoint.apply_init`` /
+    ``model.init``. ``inference`` holds ``predict``'s defaults (the config's ``data.eval``)."""
 
-    def __init__(self, cfg: ModelConfig, head: SegHeadConfig):
+    def __init__(self, cfg: ModelConfig, head: SegHeadConfig, num_classes: int = 150,
+                 ignore_index: int = 255, inference: dict | None = None):  # fmt: skip
+        if cfg.tokenizer != "image":
+            raise ValueError(f"the upernet decoder needs the image tokenizer (a 2-D patch grid), "
+                             f"not {cfg.tokenizer!r}; use data.decoder=linear")  # fmt: skip
         if cfg.head is not None:
             cfg = dataclasses.replace(cfg, head=None, num_classes=0)
         super().__init__(cfg)
@@ -149,18 +152,20 @@ class SegmentationModel(NEPA):
             raise ValueError(f"seg head layers must be 4 non-decreasing block indices in "
                              f"[0, {depth}), got {layers}")  # fmt: skip
         self.head_cfg, self.layers = head, tuple(layers)
+        self.ignore_index, self.inference = ignore_index, dict(inference or {})
         self.patch_size = self.tokenizer.patch_size
         # the final norm is not on the path to the heads (block outputs are taken before it);
         # freezing it keeps DDP from waiting for gradients that never come
         self.predictor.norm.requires_grad_(False)
-        self.head = SegHead(dim, head)
+        self.head = SegHead(dim, head, num_classes)
         if head.sync_bn:  # BatchNorm statistics over all GPUs (mmseg's SyncBN); needs CUDA
             nn.SyncBatchNorm.convert_sync_batchnorm(self.head)
 
     @classmethod
-    def from_name(cls, name: str, head: SegHeadConfig | None = None, **overrides):
+    def from_name(cls, name: str, head: SegHeadConfig | None = None, num_classes: int = 150,
+                  **overrides):  # fmt: skip
         """``SegmentationModel.from_name("nepa_vit_b14", causal=False, drop_path=0.1)``."""
-        return cls(model_config(name, **overrides), head or SegHeadConfig())
+        return cls(model_config(name, **overrides), head or SegHeadConfig(), num_classes)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) with H, W multiples of p -> 4 maps (B, D, H/p, W/p), bidirectional."""
@@ -173,7 +178,7 @@ class SegmentationModel(NEPA):
         return [by_block[i][:, self.n_prefix :].transpose(1, 2).reshape(B, -1, gh, gw)
                 for i in self.layers]  # fmt: skip
 
-    def forward(self, x: torch.Tensor) -> SegmentationOutput:
+    def forward(self, x: torch.Tensor) -> SegmentOutput:
         """(B, 3, H, W), any H, W -> logits at (H, W); see the module docstring on padding."""
         H, W = x.shape[2:]
         p = self.patch_size
@@ -183,24 +188,16 @@ class SegmentationModel(NEPA):
         aux = None
         if self.head.aux is not None and self.training:
             aux = _resize(self.head.aux(feats[2]), x.shape[2:])[:, :, :H, :W]
-        return SegmentationOutput(logits, aux)
+        return SegmentOutput(logits, aux, self.head_cfg.aux_weight)
 
-    def loss(self, out: SegmentationOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, out: SegmentOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Cross-entropy (mean over labelled pixels) + aux_weight x the aux head's."""
-        ign = self.head_cfg.ignore_index
-        main = F.cross_entropy(out.logits.float(), labels.long(), ignore_index=ign)
-        logs = {"loss_decode": main.detach()}
-        loss = main
-        if out.aux_logits is not None:
-            aux = F.cross_entropy(out.aux_logits.float(), labels.long(), ignore_index=ign)
-            loss = loss + self.head_cfg.aux_weight * aux
-            logs["loss_aux"] = aux.detach()
-        return loss, logs
+        return segment_loss(out, labels, self.ignore_index)
 
     # ------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict(self, img, out_size=None, mode="slide", crop=512, stride=341, scales=(1.0,),
-                flip=False, window_batch=8) -> torch.Tensor:  # fmt: skip
+    def predict(self, img, out_size=None, mode=None, crop=None, stride=None, scales=None,
+                flip=None, window_batch=None) -> torch.Tensor:  # fmt: skip
         """Class probabilities (B, C, *out_size) for normalised images (B, 3, H, W).
 
         Per scale (a ratio of the given size) and flip: ``mode`` "whole" runs the image at
@@ -208,6 +205,12 @@ class SegmentationModel(NEPA):
         where windows overlap (mmseg's slide_inference). Logits are resized to ``out_size``
         (default: the input size), softmaxed, and averaged over scales and flips.
         """
+        given = dict(mode=mode, crop=crop, stride=stride, scales=scales, flip=flip,
+                     window_batch=window_batch)  # fmt: skip
+        o = {**INFERENCE, **self.inference, **{k: v for k, v in given.items() if v is not None}}
+        mode, crop, stride, flip, window_batch = (o[k] for k in ("mode", "crop", "stride", "flip",
+                                                                  "window_batch"))  # fmt: skip
+        scales = o["scales"]
         H, W = img.shape[2:]
         out_size = tuple(out_size or (H, W))
         probs = 0.0
