@@ -54,8 +54,8 @@ def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_w
     #    the broken plugin without failing
     out = _unipred(py, ["list"], work)
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("toy_wave", "toy_pretrain", "toy_classify", "nepa_toy", "image_pretrain",
-                 "nepa_debug"):  # fmt: skip
+    for name in ("toy_wave", "toy_pretrain", "toy_classify", "toy_segment", "nepa_toy",
+                 "image_pretrain", "nepa_debug"):  # fmt: skip
         assert f"  {name} " in out.stdout, (name, out.stdout)
     assert "unipred_toy.broken" in out.stdout and "RuntimeError" in out.stdout, out.stdout
 
@@ -81,6 +81,15 @@ def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_w
     assert len(acc) == 2 and all(0 <= a <= 1 for a in acc), rows
     frozen = [ln.split()[-1] for ln in fit.stdout.splitlines() if ln.split()[:1] == ["frozen"]]
     assert frozen and int(frozen[0]) > 0, fit.stdout[-3000:]  # the backbone's tensors
+
+    # 2c. the generic segmentation objective on the plugin's 1-D tokenizer: per-sample labels
+    run = work / "segment"
+    cfg = PKG / "configs" / "toy_segment.yaml"
+    fit = _unipred(py, ["fit", str(cfg), f"run_dir={run}", "seed=3"], work)
+    assert fit.returncode == 0, (fit.stdout + fit.stderr)[-3000:]
+    rows = list(csv.DictReader(open(next(run.glob("logs/version_*/metrics.csv")))))
+    miou = [float(r["val/mIoU"]) for r in rows if r.get("val/mIoU")]
+    assert len(miou) == 2 and all(0 <= m <= 1 for m in miou), rows
 
     # 3. what only the broken plugin could provide fails in one line that names it
     bad = _unipred(py, ["fit", str(cfg), "task=toy_broken_task", f"run_dir={work / 'bad'}"], work)

@@ -59,10 +59,11 @@ class ToyData(DataConfig):
 
 
 class Waves(torch.utils.data.Dataset):
-    """(wave (L,), label): the label is the frequency band (4 classes)."""
+    """(wave (L,), label): the label is the frequency band (4 classes). With ``dense`` the
+    wave is silent outside one burst and the label is per sample: 1 + band inside, 0 outside."""
 
-    def __init__(self, n: int, length: int, seed: int, noise: float = 0.1):
-        self.n, self.length, self.seed, self.noise = n, length, seed, noise
+    def __init__(self, n: int, length: int, seed: int, noise: float = 0.1, dense: bool = False):
+        self.n, self.length, self.seed, self.noise, self.dense = n, length, seed, noise, dense
 
     def __len__(self) -> int:
         return self.n
@@ -74,11 +75,18 @@ class Waves(torch.utils.data.Dataset):
         phase = 6.3 * torch.rand((), generator=g)
         t = torch.linspace(0, 1, self.length)
         wave = torch.sin(6.2832 * freq * t + phase)
-        return wave + self.noise * torch.randn(self.length, generator=g), label
+        noise = self.noise * torch.randn(self.length, generator=g)
+        if not self.dense:
+            return wave + noise, label
+        a, b = sorted(torch.randint(0, self.length, (2,), generator=g).tolist())
+        on = torch.zeros(self.length, dtype=torch.long)
+        on[a : max(b, a + self.length // 4)] = 1
+        return wave * on + noise, on * (label + 1)
 
 
-# one data source: unipred's generic objectives make toy_pretrain and toy_classify of it
-@register_data("toy")
+# one data source: unipred's generic objectives make toy_pretrain, toy_classify and
+# toy_segment of it
+@register_data("toy", objectives=("pretrain", "classify", "segment"))
 class ToyWaves(DataSource):
     """Generated sine waves; the class is the frequency band."""
 
@@ -89,7 +97,8 @@ class ToyWaves(DataSource):
         d = self.cfg.data
         n = d.train_samples if split == "train" else d.val_samples
         seed = self.cfg.seed + (0 if split == "train" else 7919)
-        return Waves(n, d.length, seed, noise=0.2 if augment else 0.1) if n else None
+        dense = self.objective == "segment"
+        return Waves(n, d.length, seed, 0.2 if augment else 0.1, dense) if n else None
 
     def num_classes(self):
-        return 4
+        return 4 + (self.objective == "segment")  # segmentation: + "silence"
