@@ -317,8 +317,11 @@ def test_audio_configs_load(path):
     from unipred.registry import TASKS
 
     cfg = load_config(path, check_paths=False)
-    assert cfg.task in ("audio_pretrain", "audio_classify")
+    assert cfg.task in ("audio_pretrain", "audio_classify", "audio_events_segment")
     task = TASKS.get(cfg.task)(cfg)
+    if cfg.task == "audio_events_segment":  # tests/test_segment.py trains it
+        assert task.build_model().tokenizer.coord_dims == 2 and task.source.label_axes == (0,)
+        return
     mc = task.model_config(head="none" if cfg.task == "audio_pretrain" else "mean", num_classes=10)
     assert mc.tokenizer == "audio" and mc.predictor.coord_dims == 2
     if cfg.model.head == "probe":  # the probe trains the head alone (checked on a tiny size)

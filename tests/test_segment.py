@@ -1,7 +1,7 @@
 """Segmentation is written once (unipred.segment) and works for every tokenizer: tokens are laid
 on the grid their coordinates span, whatever the tokenizer, and the shipped tasks learn on an
-image source (2-D labels), an audio source (labels over time only) and ADE20K's UperNet
-decoder runs through the same objective."""
+image source (2-D labels), an audio source (labels over time only) and a video source (labels
+per pixel of every frame); ADE20K's UperNet decoder runs through the same objective."""
 
 import pytest
 import torch
@@ -112,36 +112,25 @@ def _majority(task) -> tuple[float, float]:
     return float(top), float(top) / int((counts > 0).sum())  # IoU of the majority class only
 
 
-@pytest.mark.parametrize(
-    ("task", "over"),
-    [
-        (
-            "debug_image_segment",
-            [
-                "model.name=nepa_debug",
-                "data.train_samples=512",
-                "data.val_samples=64",
-                "trainer.max_epochs=4",
-            ],
-        ),  # fmt: skip
-        (
-            "audio_events_segment",
-            [
-                "data.train_samples=512",
-                "data.val_samples=32",
-                "data.seconds=2.0",
-                "trainer.max_epochs=3",
-            ],
-        ),  # fmt: skip
-    ],
-)
-def test_the_generic_task_learns_on_images_and_on_audio(tmp_path, task, over):
+LEARNS = {  # task -> overrides: a few seconds of CPU training each
+    "debug_image_segment": ["model.name=nepa_debug", "data.train_samples=512",
+                            "data.val_samples=64", "trainer.max_epochs=4"],
+    "audio_events_segment": ["data.train_samples=512", "data.val_samples=32",
+                             "data.seconds=2.0", "trainer.max_epochs=3"],
+    "video_segment": ["data.image_size=32", "data.num_frames=4", "data.train_samples=512",
+                      "data.val_samples=32", "trainer.max_epochs=3"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", sorted(LEARNS))
+def test_the_generic_task_learns_on_images_audio_and_video(tmp_path, task):
     over = ["trainer.global_batch=16", "optim.lr=2e-3", "model.predictor.causal=false",
             "ema.enabled=false", "trainer.progress_bar=false", f"run_dir={tmp_path}",
-            "trainer.precision=32-true", *over]  # fmt: skip
+            "trainer.precision=32-true", *LEARNS[task]]  # fmt: skip
     cfg = _cfg(task, *over)
     acc0, miou0 = _majority(TASKS.get(task)(cfg))
     trainer = fit(cfg)
     m = trainer.callback_metrics
     acc, miou = float(m["val/aAcc"]), float(m["val/mIoU"])
-    assert acc > acc0 + 0.05 and miou > miou0 + 0.1, (task, acc, acc0, miou, miou0)
+    # at least a fifth fewer wrong positions than the majority class, and a far better mIoU
+    assert 1 - acc < 0.8 * (1 - acc0) and miou > miou0 + 0.1, (task, acc, acc0, miou, miou0)

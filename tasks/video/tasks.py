@@ -62,8 +62,10 @@ def nepa_video_debug() -> ModelConfig:
 
 
 # ------------------------------------------------------------------------ generated clips
-def moving_shape_clip(seed: int, label: int, size: int = 32, frames: int = 16) -> torch.Tensor:
-    """A shape moving in direction ``DIRECTIONS[label]`` -> uint8 frames (T, 3, size, size).
+def moving_shape_clip(seed: int, label: int, size: int = 32, frames: int = 16, with_mask=False):
+    """A shape moving in direction ``DIRECTIONS[label]`` -> uint8 frames (T, 3, size, size);
+    with ``with_mask`` also its per-pixel labels (T, size, size): 0 background, 1 the static
+    distractor blob, 2 the moving shape (telling the two apart takes motion).
 
     Shape, colour, speed, start and a static textured background are drawn from ``seed``;
     a static distractor blob makes the first frame alone useless for the label.
@@ -87,21 +89,28 @@ def moving_shape_clip(seed: int, label: int, size: int = 32, frames: int = 16) -
     fg = 0.55 + 0.45 * torch.rand(3, 1, 1, generator=g)
     blob = torch.rand(2, generator=g) * size
     yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    bg = torch.where((yy - blob[0]) ** 2 + (xx - blob[1]) ** 2 < (r * 0.8) ** 2, 1 - fg, bg)
+    still = (yy - blob[0]) ** 2 + (xx - blob[1]) ** 2 < (r * 0.8) ** 2
+    bg = torch.where(still, 1 - fg, bg)
     t = torch.arange(frames, dtype=torch.float32).view(-1, 1, 1)
     ay = (yy - (y0 + dy * speed * t)).abs()  # (T, H, W) distance to the moving centre
     ax = (xx - (x0 + dx * speed * t)).abs()
     mask = [(ay < r) & (ax < r), ay**2 + ax**2 < r**2, (ay + ax) < r * 1.3][kind]
     out = torch.where(mask.unsqueeze(1), fg.unsqueeze(0), bg.unsqueeze(0))  # (T, 3, H, W)
-    return (out.clamp(0, 1) * 255).round().to(torch.uint8)
+    out = (out.clamp(0, 1) * 255).round().to(torch.uint8)
+    if not with_mask:
+        return out
+    return out, torch.where(mask, 2, still.long().expand_as(mask))
 
 
 class MovingShapes(torch.utils.data.Dataset):
-    """Map-style generated clips: item i is (clip (C, T, H, W), direction label), from seed + i."""
+    """Map-style generated clips: item i is (clip (C, T, H, W), direction label), from seed + i;
+    with ``dense``, (clip, per-pixel labels (T, H, W): background, static blob, moving shape) (the transform must keep the
+    geometry: no resize or crop)."""
 
-    def __init__(self, length, size, frames, classes, transform: ClipTransform, seed=0):
+    def __init__(self, length, size, frames, classes, transform: ClipTransform, seed=0,
+                 dense=False):  # fmt: skip
         self.length, self.size, self.frames, self.classes = length, size, frames, classes
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.dense = transform, seed, dense
 
     def __len__(self) -> int:
         return self.length
@@ -110,8 +119,11 @@ class MovingShapes(torch.utils.data.Dataset):
         if not 0 <= i < self.length:
             raise IndexError(i)
         label = i % self.classes
-        clip = moving_shape_clip(self.seed * 1_000_003 + i, label, self.size, self.frames)
-        return self.transform(clip), label
+        seed = self.seed * 1_000_003 + i
+        if self.dense:
+            clip, mask = moving_shape_clip(seed, label, self.size, self.frames, with_mask=True)
+            return self.transform(clip), mask
+        return self.transform(moving_shape_clip(seed, label, self.size, self.frames)), label
 
 
 # ------------------------------------------------------------------------------ data config
@@ -165,9 +177,10 @@ def check_video_config(cfg) -> None:
             )
 
 
-def build_video_dataset(cfg, split: str, augment: bool | None = None):
+def build_video_dataset(cfg, split: str, augment: bool | None = None, dense: bool = False):
     """The train or val dataset of a video task config (generated when data.root is "").
-    ``augment`` (default: the split is "train") picks random or centred sampling and crops."""
+    ``augment`` (default: the split is "train") picks random or centred sampling and crops;
+    ``dense``: generated clips with per-pixel labels (segmentation)."""
     d: VideoData = cfg.data
     train = split == "train"
     aug = train if augment is None else augment
@@ -177,6 +190,9 @@ def build_video_dataset(cfg, split: str, augment: bool | None = None):
         if n <= 0:
             return None
         seed = cfg.seed + (0 if train else 7919)
+        if dense:  # per-pixel labels: no resize or crop, normalisation only
+            tf = ClipTransform(d.image_size, False, 1.0, False, tuple(d.mean), tuple(d.std))
+            return MovingShapes(n, d.image_size, d.num_frames, d.generated_classes, tf, seed, True)
         return MovingShapes(n, d.image_size, d.num_frames, d.generated_classes,
                             _transform(d, False), seed)  # fmt: skip
     if not root:
@@ -190,9 +206,11 @@ _SMOKE = {"model.name": "nepa_video_debug", "trainer.global_batch": 4, "data.ima
           "data.num_workers": 0}  # fmt: skip
 
 
-@register_data("video")
+@register_data("video", objectives=("pretrain", "classify", "segment"))
 class VideoClips(DataSource):
-    """Video clips from shards, class folders or a CSV (generated moving shapes if no root)."""
+    """Video clips from shards, class folders or a CSV (generated moving shapes if no root);
+    segmentation: generated clips, a label per pixel of every frame (background, static blob,
+    moving shape)."""
 
     config = VideoData
     smoke = _SMOKE
@@ -200,13 +218,21 @@ class VideoClips(DataSource):
     @classmethod
     def check_config(cls, cfg, objective):
         check_video_config(cfg)
+        if objective == "segment" and cfg.data.root:
+            raise ValueError(
+                "data.root: video segmentation reads generated clips only (data.root empty); "
+                "for labelled videos of your own write a data source (docs/adding-a-modality.md)"
+            )
 
     def num_classes(self):
+        if self.objective == "segment":
+            return 3  # background, static blob, moving shape
         return None if self.cfg.data.root else self.cfg.data.generated_classes
 
     def build(self, split, augment):
-        return build_video_dataset(self.cfg, split, augment)
+        return build_video_dataset(self.cfg, split, augment, dense=self.objective == "segment")
 
 
 VideoPretrain = VideoClips.tasks["pretrain"]
 VideoClassify = VideoClips.tasks["classify"]
+VideoSegment = VideoClips.tasks["segment"]
