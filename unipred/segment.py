@@ -178,14 +178,6 @@ class SegmentTask(Task):
     monitor_mode: ClassVar[str] = "max"
 
     @classmethod
-    def config_for(cls, data_config: type[DataConfig]) -> type[DataConfig]:
-        if issubclass(data_config, SegmentData):
-            return data_config
-        name = data_config.__name__.removesuffix("Data").removesuffix("Config")
-        return dataclasses.make_dataclass(f"{name}SegmentData", [],
-                                          bases=(data_config, SegmentData))  # fmt: skip
-
-    @classmethod
     def check_config(cls, cfg) -> None:
         d = cfg.data
         if d.mode not in SEG_MODES:

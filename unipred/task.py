@@ -152,8 +152,14 @@ class Task:
 
     @classmethod
     def config_for(cls, data_config: type[DataConfig]) -> type[DataConfig]:
-        """The data section of this objective on a source with ``data_config``."""
-        return data_config
+        """The data section of this objective on a source with ``data_config``: the source's
+        fields plus the objective's own (``data_config`` of the objective class, e.g.
+        ``ClassifyData``), unless the source's config already subclasses them."""
+        own = cls.data_config
+        if own is DataConfig or issubclass(data_config, own):
+            return data_config
+        name = data_config.__name__.removesuffix("Data").removesuffix("Config")
+        return dataclasses.make_dataclass(f"{name}{own.__name__}", [], bases=(data_config, own))
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -445,14 +451,6 @@ class ClassifyTask(Task):
             raise ValueError(f"data.mode={mode!r}; use one of {list(MODES)}")
         self._cache = None
         self._streamed = False  # the cached probe's training set is an IterableDataset
-
-    @classmethod
-    def config_for(cls, data_config: type[DataConfig]) -> type[DataConfig]:
-        if issubclass(data_config, ClassifyData):
-            return data_config
-        name = data_config.__name__.removesuffix("Data").removesuffix("Config")
-        return dataclasses.make_dataclass(f"{name}ClassifyData", [],
-                                          bases=(data_config, ClassifyData))  # fmt: skip
 
     @property
     def mode(self) -> str:
