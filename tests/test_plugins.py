@@ -43,6 +43,16 @@ def _unipred(py: Path, args: list[str], cwd: Path):
     )  # fmt: skip
 
 
+def _fit_logged(py: Path, config: str, work: Path, key: str):
+    """`unipred fit` of the plugin's configs/CONFIG.yaml -> (process, logged values of key)."""
+    run = work / config
+    fit = _unipred(py, ["fit", str(PKG / "configs" / f"{config}.yaml"), f"run_dir={run}",
+                        "seed=3"], work)  # fmt: skip
+    assert fit.returncode == 0, (fit.stdout + fit.stderr)[-3000:]
+    rows = list(csv.DictReader(open(next(run.glob("logs/version_*/metrics.csv")))))
+    return fit, [float(r[key]) for r in rows if r.get(key)]
+
+
 def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_when_used(
     tmp_path, throwaway_env
 ):
@@ -72,24 +82,14 @@ def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_w
 
     # 2b. the generic classification objective on the plugin's data source (the plugin has
     #     no task code): a linear probe, only the probe head trains
-    run = work / "probe"
-    cfg = PKG / "configs" / "toy_probe.yaml"
-    fit = _unipred(py, ["fit", str(cfg), f"run_dir={run}", "seed=3"], work)
-    assert fit.returncode == 0, (fit.stdout + fit.stderr)[-3000:]
-    rows = list(csv.DictReader(open(next(run.glob("logs/version_*/metrics.csv")))))
-    acc = [float(r["val/acc1"]) for r in rows if r.get("val/acc1")]
-    assert len(acc) == 2 and all(0 <= a <= 1 for a in acc), rows
+    fit, acc = _fit_logged(py, "toy_probe", work, "val/acc1")
+    assert len(acc) == 2 and all(0 <= a <= 1 for a in acc), acc
     frozen = [ln.split()[-1] for ln in fit.stdout.splitlines() if ln.split()[:1] == ["frozen"]]
     assert frozen and int(frozen[0]) > 0, fit.stdout[-3000:]  # the backbone's tensors
 
     # 2c. the generic segmentation objective on the plugin's 1-D tokenizer: per-sample labels
-    run = work / "segment"
-    cfg = PKG / "configs" / "toy_segment.yaml"
-    fit = _unipred(py, ["fit", str(cfg), f"run_dir={run}", "seed=3"], work)
-    assert fit.returncode == 0, (fit.stdout + fit.stderr)[-3000:]
-    rows = list(csv.DictReader(open(next(run.glob("logs/version_*/metrics.csv")))))
-    miou = [float(r["val/mIoU"]) for r in rows if r.get("val/mIoU")]
-    assert len(miou) == 2 and all(0 <= m <= 1 for m in miou), rows
+    _, miou = _fit_logged(py, "toy_segment", work, "val/mIoU")
+    assert len(miou) == 2 and all(0 <= m <= 1 for m in miou), miou
 
     # 3. what only the broken plugin could provide fails in one line that names it
     bad = _unipred(py, ["fit", str(cfg), "task=toy_broken_task", f"run_dir={work / 'bad'}"], work)
