@@ -134,3 +134,10 @@ def test_the_generic_task_learns_on_images_audio_and_video(tmp_path, task):
     acc, miou = float(m["val/aAcc"]), float(m["val/mIoU"])
     # at least a fifth fewer wrong positions than the majority class, and a far better mIoU
     assert 1 - acc < 0.8 * (1 - acc0) and miou > miou0 + 0.1, (task, acc, acc0, miou, miou0)
+
+
+def test_the_moved_class_count_key_says_where_it_went():
+    from unipred.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'data.head.num_classes' .* is now 'data.num_classes'"):
+        load_config(None, ["task=segment_ade20k", "data.head.num_classes=150"])

@@ -233,10 +233,20 @@ def _check_choices(cfg) -> None:
         raise ConfigError(f"model.registers must be >= 0, got {cfg.model.registers}")
 
 
+# keys that moved: old dotted key -> (new key, why); a config with the old key is told where
+MOVED_KEYS = {
+    "data.head.num_classes": ("data.num_classes", "segmentation is one objective for every tokenizer"),
+    "data.head.ignore_index": ("data.ignore_index", "segmentation is one objective for every tokenizer"),
+}  # fmt: skip
+
+
 def _explain(e: OmegaConfBaseException, schema: DictConfig, path) -> str:
     """Turn an OmegaConf error into one line naming the key and the closest valid key."""
     key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
     where = f" in {path}" if path else ""
+    if str(key) in MOVED_KEYS:
+        new, why = MOVED_KEYS[str(key)]
+        return f"config key '{key}'{where} is now '{new}' ({why}); rename it"
     parent = ".".join(str(key).split(".")[:-1])
     node = OmegaConf.select(schema, parent) if parent else schema
     valid = list(node.keys()) if isinstance(node, DictConfig) else []
