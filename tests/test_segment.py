@@ -139,5 +139,5 @@ def test_the_generic_task_learns_on_images_audio_and_video(tmp_path, task):
 def test_the_moved_class_count_key_says_where_it_went():
     from unipred.config import ConfigError
 
-    with pytest.raises(ConfigError, match="'data.head.num_classes' .* is now 'data.num_classes'"):
+    with pytest.raises(ConfigError, match="'data.head.num_classes'.* is now 'data.num_classes'"):
         load_config(None, ["task=segment_ade20k", "data.head.num_classes=150"])
