@@ -11,7 +11,8 @@
     python benchmarks/small_data.py compare DATA RUNS [--labels 10,20 --seeds 0,1,2
                                     --pretrain CKPT --jobs 2 --set KEY=VALUE ...]
         the small-image recipe end to end with ``unipred fit``: one NEPA pretraining on
-        DATA/train (skipped with --pretrain), then for every label budget and seed a NEPA and
+        DATA/train with small/pretrain (--pretrain-config small/pretrain_patch: the next-patch
+        variant; skipped with --pretrain), then for every label budget and seed a NEPA and
         a scratch fine-tune (small/finetune) and a NEPA and a random-init linear probe
         (small/probe), plus pixel 1-NN; prints one row per budget (mean, and min-max over
         the seeds) and writes RUNS/results.json. --set adds an override to every run (e.g.
@@ -158,7 +159,7 @@ def compare(a) -> dict:
     timing = {}
     if not ckpt:
         folder = os.path.join(a.runs, "pretrain")
-        _, timing["pretrain"] = run(_fit("small/pretrain", data + a.set_pretrain, folder))
+        _, timing["pretrain"] = run(_fit(a.pretrain_config, data + a.set_pretrain, folder))
         ckpt = os.path.join(folder, "checkpoints", "last.ckpt")
     init = f"model.init=pretrain:{ckpt}"
     jobs = []
@@ -194,7 +195,7 @@ def compare(a) -> dict:
             spread = f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else ""
             cells.append(f"{sum(v) / len(v):.1f} %{spread}")
         print(f"| {k} | {' | '.join(cells)} | {100 * row['pixel_1nn']:.1f} % |")
-    out = {"data": a.data, "pretrain": ckpt, "seeds": a.seeds, "set": a.set,
+    out = {"data": a.data, "pretrain": ckpt, "pretrain_config": a.pretrain_config, "seeds": a.seeds, "set": a.set,
            "set_pretrain": a.set_pretrain, "set_finetune": a.set_finetune,
            "rows": rows, "seconds": timing}  # fmt: skip
     with open(os.path.join(a.runs, "results.json"), "w") as f:
@@ -231,6 +232,11 @@ def main(argv=None) -> int:
     e.add_argument("--labels", type=_ints, default=[10, 20], help="budgets, e.g. 10,20")
     e.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="fine-tuning/probe seeds")
     e.add_argument("--pretrain", default="", help="use this pretraining checkpoint")
+    e.add_argument(
+        "--pretrain-config",
+        default="small/pretrain",
+        help="the pretraining recipe when --pretrain is not given (small/pretrain_patch: pixels)",
+    )
     e.add_argument("--jobs", type=int, default=1, help="runs at a time")
     e.add_argument("--set", action="append", default=[], help="override for every run")
     e.add_argument("--set-pretrain", action="append", default=[])

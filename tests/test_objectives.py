@@ -14,7 +14,13 @@ from unipred.callbacks import CollapseMonitor
 from unipred.config import ConfigError, build_model_config, load_config
 from unipred.loss import next_embedding_loss, pair_loss
 from unipred.model import NEPA, model_config
-from unipred.objectives import ObjectiveConfig, order_keys, permutation, permute
+from unipred.objectives import (
+    ObjectiveConfig,
+    normalise_targets,
+    order_keys,
+    permutation,
+    permute,
+)
 from unipred.registry import TOKENIZERS
 
 SR = 16000
@@ -263,12 +269,45 @@ def test_pixel_target_is_normalised_patches_never_the_prefix():
     assert m.objective.heads[0].out_features == 48
 
 
+def test_target_norm_centres_and_scales_each_feature_over_the_real_tokens():
+    torch.manual_seed(0)
+    t = torch.randn(2, 6, 5) * 3 + 7
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert normalise_targets(t, valid, 1, "none") is t
+    for kind in ("center", "instance"):
+        got = normalise_targets(t, valid, 1, kind)
+        assert torch.equal(got[:, 0], t[:, 0])  # the prefix row is never a target: untouched
+        for b, n in ((0, 6), (1, 4)):  # sample 1: its two padded tokens enter no statistic
+            ref = t[b, 1:n] - t[b, 1:n].mean(0)
+            if kind == "instance":
+                ref = ref / (ref.var(0, unbiased=False) + 1e-6).sqrt()
+            torch.testing.assert_close(got[b, 1:n], ref)
+        # a component shared by every token (a bias) is removed: the point of the switch
+        real = valid.clone()
+        real[:, 0] = False
+        torch.testing.assert_close(
+            normalise_targets(t + torch.randn(5), valid, 1, kind)[real], got[real]
+        )
+
+
+@pytest.mark.parametrize("kind", ["center", "instance"])
+def test_target_norm_loss_compares_with_the_normalised_embeddings(kind):
+    m, x = _model(target_norm=kind).eval(), _input("image")
+    assert not any(k.startswith("objective.") for k in m.state_dict())  # no new parameters
+    out = m(x)
+    t = normalise_targets(out.targets.detach(), None, 1, kind)
+    ref = -F.cosine_similarity(out.predictions[:, :-1], t[:, 1:], dim=-1).mean()
+    torch.testing.assert_close(out.loss, ref)
+    assert not torch.allclose(out.loss, _model().eval()(x).loss)
+
+
 # ---------------------------------------------------------------- every switch, every modality
 SWITCHES = [
     {"shift": False}, {"stop_grad": False}, {"mask_ratio": 0.3}, {"loss": "mse"},
     {"loss": "smooth_l1"}, {"loss": "infonce"}, {"target": "layer", "target_layer": -1},
     {"target": "patch"}, {"horizon": 3}, {"order": "reverse"}, {"order": "random_fixed"},
-    {"order": "random"}, {"head": "mlp"}, {"registers": 2},
+    {"order": "random"}, {"head": "mlp"}, {"registers": 2}, {"target_norm": "center"},
+    {"target_norm": "instance"},
 ]  # fmt: skip
 
 

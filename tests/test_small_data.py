@@ -12,7 +12,7 @@ from PIL import Image
 from unipred.tasks.image.decode import decode_image
 
 from unipred.cli import main
-from unipred.config import ConfigError, load_config
+from unipred.config import ConfigError, build_model_config, load_config
 from unipred.data.accounting import COUNTER, BadSampleCounter
 from unipred.registry import TASKS
 from unipred.task import dataset_labels, per_class_indices
@@ -233,13 +233,20 @@ def test_num_classes_comes_from_the_class_folders(tmp_path):
 
 
 def test_small_recipes_load_with_their_documented_shapes():
-    for name in ("small/pretrain", "small/finetune", "small/probe"):
+    for name in ("small/pretrain", "small/pretrain_patch", "small/finetune", "small/probe"):
         cfg = load_config(name, check_paths=False)
         # size and channels "as the data" (0), one mean/std value that serves 1 or 3 channels
         assert cfg.data.aug.img_size == 0 and cfg.model.tokenizer_args["in_chans"] == 0
         assert cfg.data.aug.mean == [0.5] and cfg.data.aug.std == [0.5]
         assert cfg.data.aug.auto_augment is None and cfg.data.aug.reprob == 0
         assert cfg.data.aug.eval_crop_pct == 1.0
+    # small/pretrain is next-embedding prediction (the release's cosine, stop-gradient, shift)
+    # with normalised targets, horizon 5 and an MLP head; small/pretrain_patch the pixel target
+    pre = build_model_config(load_config("small/pretrain", check_paths=False).model).objective
+    assert (pre.target, pre.loss, pre.stop_grad, pre.shift) == ("embedding", "cosine", True, True)
+    assert (pre.target_norm, pre.horizon, pre.head) == ("instance", 5, "mlp")
+    patch = load_config("small/pretrain_patch", check_paths=False).model
+    assert build_model_config(patch).objective.target == "patch"
     ft = load_config("small/finetune", check_paths=False)
     assert ft.optim.freeze == [] and ft.data.aug.mixup == 0 and ft.data.aug.cutmix == 0
 

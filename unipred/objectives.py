@@ -14,6 +14,8 @@ them:
 3. ``target``: what position t is compared with: the input embedding (release), the output of
    block ``target_layer``, or the tokenizer's raw patch (pixels, log-mel, voxels), normalised
    per patch. ``stop_grad`` detaches it (release) or lets the loss train the target side.
+   ``target_norm`` optionally centres (and scales) each feature of the targets over the
+   sample's tokens, as data2vec normalises its targets (the release: unchanged).
 4. ``shift`` / ``horizon``: output t predicts the targets at t + s, ..., t + s + K - 1
    (s = 1 with the shift, 0 without); one output head per step, losses averaged.
 5. ``head``: an optional MLP between the trunk and the loss; ``loss`` the comparison
@@ -34,6 +36,7 @@ from unipred.loss import LOSSES, pair_loss
 TARGETS = ("embedding", "layer", "patch")
 ORDERS = ("tokenizer", "reverse", "random_fixed", "random")
 HEADS = ("none", "mlp")
+TARGET_NORMS = ("none", "center", "instance")
 
 
 @dataclass
@@ -50,6 +53,9 @@ class ObjectiveConfig:
     order_seed: int = 0  # seed of the random_fixed permutation
     head: str = "none"  # none | mlp: predictor head between the trunk and the loss
     head_ratio: float = 2.0  # mlp head hidden width / model width
+    # none | center | instance: per feature, subtract the mean over the sample's target tokens
+    # (center), and divide by their std (instance, data2vec's instance norm); after stop_grad
+    target_norm: str = "none"
 
     def __post_init__(self):
         for key, value, allowed in (
@@ -57,6 +63,7 @@ class ObjectiveConfig:
             ("target", self.target, TARGETS),
             ("order", self.order, ORDERS),
             ("head", self.head, HEADS),
+            ("target_norm", self.target_norm, TARGET_NORMS),
         ):
             if value not in allowed:
                 raise ValueError(
@@ -129,6 +136,27 @@ def normalise_patches(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (p - mean) / (var + eps).sqrt()
 
 
+def normalise_targets(
+    target: torch.Tensor, valid: torch.Tensor | None, n_prefix: int, kind: str, eps: float = 1e-6
+) -> torch.Tensor:
+    """Per sample and feature, centre the target tokens (B, T, D) over the sample's real,
+    non-prefix tokens (``center``) and scale them to unit variance (``instance``), in float32.
+    Prefix rows (never targets) are returned as they are. ``none``: ``target`` unchanged."""
+    if kind == "none":
+        return target
+    head, t = target[:, :n_prefix].float(), target[:, n_prefix:].float()
+    w = (
+        t.new_ones(t.shape[0], t.shape[1], 1)
+        if valid is None
+        else valid[:, n_prefix:, None].float()
+    )
+    count = w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    t = t - (t * w).sum(dim=1, keepdim=True) / count
+    if kind == "instance":
+        t = t / ((t.pow(2) * w).sum(dim=1, keepdim=True) / count + eps).sqrt()
+    return torch.cat([head, t], dim=1)
+
+
 # ---------------------------------------------------------------------------- output heads
 class MLPHead(nn.Module):
     """Linear -> GELU -> Linear: the optional predictor head between trunk and loss."""
@@ -179,6 +207,7 @@ class Objective(nn.Module):
         t + offset_k, over positions whose target is a real (non-prefix, non-padded) token."""
         T = hidden.shape[1]
         target = target.detach() if self.cfg.stop_grad else target
+        target = normalise_targets(target, valid, n_prefix, self.cfg.target_norm)
         losses = []
         for head, off in zip(self.heads, self.cfg.offsets):
             j0 = max(n_prefix, off)  # first target position: a token, with a source before it
