@@ -195,6 +195,17 @@ def test_shape_mistake_exits_2_in_one_line_before_any_folder(tmp_path, capsys):
         assert not run.exists()
 
 
+def test_a_recipe_that_reads_its_shape_from_the_data_needs_data_root(tmp_path, capsys):
+    run = tmp_path / "run"
+    for config in ("small/pretrain", "image/small_finetune"):
+        rc = main(["fit", config, f"run_dir={run}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "data.root is empty" in err and "data.aug.img_size" in err
+        assert not run.exists()
+    assert main(["fit", "small/pretrain", "--print-config"]) == 0  # printing needs no data
+
+
 def test_a_folder_without_images_is_refused(tmp_path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     (tmp_path / "d" / "a" / "x.wav").write_bytes(b"RIFF")
@@ -332,7 +343,9 @@ def test_size_and_channels_zero_come_from_the_data(tmp_path, config):
 
 def test_size_from_the_data_without_data_is_one_clear_line(tmp_path):
     zero = ["data.aug.img_size=0", "model.tokenizer_args.in_chans=0"]
-    cfg = load_config("small/pretrain", zero)  # no data named yet: loads (--help, tests) ...
+    with pytest.raises(ConfigError, match=r"data.root is empty: data.aug.img_size and"):
+        load_config("small/pretrain", zero)  # a run needs the data to read the shape from
+    cfg = load_config("small/pretrain", zero, check_paths=False)  # --help, --print-config ...
     task = TASKS.get(cfg.task)(cfg)
     with pytest.raises(ValueError, match=r"img_size and model.tokenizer_args.in_chans=0 .*data"):
         task.build_model()  # ... but nothing is built on it

@@ -156,7 +156,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     _check_choices(cfg)
     if check_paths:
         check_data_paths(cfg)
-    check_task(cfg)
+    check_task(cfg, run=check_paths)
     return cfg
 
 
@@ -207,11 +207,14 @@ def _exists(p: str) -> bool:
         return False
 
 
-def check_task(cfg) -> None:
+def check_task(cfg, run: bool = False) -> None:
     """The task's own config checks (``Task.check_config``: patch vs input size, channels,
-    tokenizer, classes vs the data), as one-line ``ConfigError``s before anything is built."""
+    tokenizer, classes vs the data; with ``run``, also ``Task.check_run``: what only a run
+    needs), as one-line ``ConfigError``s before anything is built."""
     try:
         TASKS.get(cfg.task).check_config(cfg)
+        if run:
+            TASKS.get(cfg.task).check_run(cfg)
     except ConfigError:
         raise
     except (ValueError, KeyError, TypeError) as e:

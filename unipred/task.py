@@ -111,6 +111,12 @@ class DataSource:
         Raise ``ValueError`` with one line naming the keys. Default: no check."""
 
     @classmethod
+    def check_run(cls, cfg: Any, objective: str) -> None:
+        """What only a run needs, checked when a config is loaded for a run (not for
+        ``--help`` / ``--print-config``), e.g. a value to be read from data that is not named.
+        Raise ``ValueError`` with one line. Default: no check."""
+
+    @classmethod
     def smoke_config(cls, objective: str) -> dict[str, Any]:
         return dict(cls.smoke)
 
@@ -168,6 +174,13 @@ class Task:
         Default: the data source's checks."""
         if cls.data_class is not None:
             cls.data_class.check_config(cfg, cls.objective)
+
+    @classmethod
+    def check_run(cls, cfg: Any) -> None:
+        """Checks only a run needs (``load_config`` for a run; not under ``--help`` or
+        ``--print-config``). Default: the data source's ``check_run``."""
+        if cls.data_class is not None:
+            cls.data_class.check_run(cfg, cls.objective)
 
     # -- building ---------------------------------------------------------------------------
     def build_model(self) -> nn.Module:

@@ -220,6 +220,15 @@ class ImageFolders(DataSource):
         check_image_config(cfg, classify=objective == "classify")
 
     @classmethod
+    def check_run(cls, cfg, objective):
+        keys = _unresolved(cfg)
+        if keys:  # 0 = "as the data", and no data named to read it from
+            raise ValueError(
+                f"data.root is empty: {keys}=0 are read from the data; give data.root=DIR/train "
+                f"(a folder of class sub-folders: docs/small-data.md) or set {keys}"
+            )
+
+    @classmethod
     def smoke_config(cls, objective):
         return {**cls.smoke, "data.num_classes": 4} if objective == "classify" else cls.smoke
 
