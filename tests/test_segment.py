@@ -141,3 +141,11 @@ def test_the_moved_class_count_key_says_where_it_went():
 
     with pytest.raises(ConfigError, match="'data.head.num_classes'.* is now 'data.num_classes'"):
         load_config(None, ["task=segment_ade20k", "data.head.num_classes=150"])
+
+
+def test_batch_size_counts_samples_of_tensor_dict_and_list_batches():
+    task = TASKS.get("audio_events_segment")(_cfg("audio_events_segment"))
+    batch = task.collate_fn("train")([task.build_dataset("train")[i] for i in range(3)])
+    assert isinstance(batch[0], dict) and task.batch_size(batch) == 3
+    assert task.batch_size(([torch.zeros(3, 8, 8)] * 5, [torch.zeros(8, 8)] * 5)) == 5
+    assert task.batch_size((torch.zeros(4, 3, 8, 8), torch.zeros(4, 8, 8))) == 4

@@ -250,4 +250,5 @@ class SegmentTask(Task):
         return next(model.parameters()).device
 
     def batch_size(self, batch) -> int:
-        return len(batch[0])
+        x = batch[0]  # a list of differently sized samples, or what Task.batch_size reads
+        return len(x) if isinstance(x, (list, tuple)) else super().batch_size(batch)
