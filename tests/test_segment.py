@@ -88,9 +88,35 @@ def test_a_pretrained_backbone_loads_and_the_probe_trains_the_decoder_alone():
 
 
 def test_upernet_needs_an_image_backbone_and_says_so():
-    cfg = _cfg("audio_events_segment", "data.decoder=upernet")
-    with pytest.raises(ValueError, match="data.decoder=linear"):
-        TASKS.get("audio_events_segment")(cfg).build_model()
+    from unipred.config import ConfigError
+
+    for task in ("audio_events_segment", "video_segment"):
+        with pytest.raises(ConfigError, match="needs the image tokenizer.*data.decoder=linear"):
+            _cfg(task, "data.decoder=upernet")
+    # an image source without UperNet settings: four blocks spread over the depth
+    model = TASKS.get("debug_image_segment")(_cfg("debug_image_segment", "data.decoder=upernet"))
+    assert model.build_model().layers == (0, 0, 1, 1)  # nepa_debug: depth 2
+
+
+def test_class_count_below_the_labels_is_one_clear_line(tmp_path, capsys):
+    from unipred.cli import main
+    from unipred.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.num_classes=2 but the data have 5 classes"):
+        _cfg("debug_image_segment", "data.num_classes=2")
+    labels = torch.tensor([[0, 1, 4, 255]])  # a source that does not report its classes
+    with pytest.raises(ValueError, match="class 4 but the model has 3 outputs.*num_classes=5"):
+        segment_loss(SegmentOutput(torch.zeros(1, 3, 4)), labels, 255)
+    # a ValueError while a run is built is one line and exit 2, not a traceback
+    run = tmp_path / "run"
+    rc = main(["fit", "debug/shapes_segment", "data.labels_per_class=1", f"run_dir={run}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unknown config key" in err[0]
+    rc = main(["fit", "small/finetune", "data.val_root=/nonexistent-but-remote{0..1}.tar",
+               "data.aug.img_size=20", "model.tokenizer_args.in_chans=1", "data.num_classes=3",
+               f"run_dir={run}", "trainer.accelerator=cpu"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("unipred fit: error: ") and "data.root" in err[-1], err
 
 
 def test_unknown_decoder_and_classification_protocols_are_refused():

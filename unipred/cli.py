@@ -17,6 +17,7 @@ the others.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 USAGE = """usage: unipred COMMAND ...
@@ -296,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
             return _registered("visualize", rest)
     except (ConfigError, CheckpointError, RecipeError, MissingExtra, ProtocolError) as e:
         print(f"unipred {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        # what the data or the model refused while a run was being built or fed (a class
+        # count below the labels, a label budget above a class, a decoder that does not fit
+        # the backbone): the message names it; the traceback only on request
+        if cmd not in ("fit", "eval", "evaluate-suite") or os.environ.get("UNIPRED_DEBUG"):
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"unipred {cmd}: error: {msg} (UNIPRED_DEBUG=1 shows the traceback)",
+              file=sys.stderr)  # fmt: skip
         return 2
     print(f"unipred: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")
     return 2

@@ -174,7 +174,8 @@ class LitTask(L.LightningModule):
     def train_dataloader(self):
         loader = self._loader("train")
         if loader is None:
-            raise ValueError(f"task {self.cfg.task!r} returned no training dataset")
+            raise ValueError(f"task {self.cfg.task!r} returned no training dataset: is data.root "
+                             "set? (data.val_root is only validated on)")  # fmt: skip
         # Lightning builds the loader early (to count steps) and then skips its own restore of
         # the loader state, so the position saved in the checkpoint is applied here
         state = getattr(self, "_loader_state", None)

@@ -155,6 +155,15 @@ def segment_loss(out: SegmentOutput, labels: torch.Tensor, ignore_index: int):
     ``aux_weight`` x the auxiliary head's; -> (loss, logs)."""
     labels = labels.long()
     size = labels.shape[1:]
+    n = out.logits.shape[1]
+    real = labels[labels != ignore_index]
+    if real.numel() and (int(real.max()) >= n or int(real.min()) < 0):
+        bad = int(real.max()) if int(real.max()) >= n else int(real.min())
+        raise ValueError(
+            f"the labels hold class {bad} but the model has {n} outputs (data.num_classes="
+            f"{n}): set data.num_classes={max(bad + 1, n)}, or mark the position with "
+            f"data.ignore_index={ignore_index}"
+        )
     main = F.cross_entropy(resize_to(out.logits, size).float(), labels, ignore_index=ignore_index)
     logs = {"loss_decode": main.detach()}
     loss = main
@@ -186,7 +195,26 @@ class SegmentTask(Task):
             raise ValueError(f"data.decoder={d.decoder!r}; known: {DECODERS.names()}")
         if d.num_classes < 0:
             raise ValueError(f"data.num_classes={d.num_classes} must be >= 0 (0 = from the data)")
+        # a decoder may name the tokenizers it works on (``fn.tokenizers``: upernet's image)
+        wants = getattr(DECODERS.get(d.decoder), "tokenizers", None)
+        if wants:
+            from unipred.task import model_tokenizer
+
+            tok = model_tokenizer(cfg)[0]
+            if tok not in wants:
+                raise ValueError(f"data.decoder={d.decoder} needs the {' or '.join(wants)} "
+                                 f"tokenizer, not {tok!r}; use data.decoder=linear")  # fmt: skip
         super().check_config(cfg)
+
+    @classmethod
+    def check_run(cls, cfg) -> None:
+        super().check_run(cfg)
+        n = cfg.data.num_classes
+        if n and cls.data_class is not None:
+            have = cls.data_class(cfg, cls.objective).num_classes()
+            if have and n < have:
+                raise ValueError(f"data.num_classes={n} but the data have {have} classes: "
+                                 f"set data.num_classes={have} (or 0: from the data)")  # fmt: skip
 
     def num_classes(self) -> int:
         n = self.cfg.data.num_classes or (self.source.num_classes() if self.source else None)

@@ -62,11 +62,17 @@ def upernet_decoder(mc, num_classes: int, task) -> nn.Module:
     settings are ``data.head`` and, for evaluation, ``data.eval`` (where the data source's
     config has them)."""
     d = task.cfg.data
-    head = getattr(d, "head", None) or SegHeadConfig()
+    head = getattr(d, "head", None)
+    if head is None:  # a source without UperNet settings: 4 blocks spread over the depth
+        depth = mc.predictor.depth
+        head = SegHeadConfig(layers=[max(round((i + 1) * depth / 4) - 1, 0) for i in range(4)])
     ev = getattr(d, "eval", None)
     inference = {} if ev is None else {k: getattr(ev, k) for k in
                                        ("mode", "crop", "stride", "scales", "flip", "window_batch")}  # fmt: skip
     return SegmentationModel(mc, head, num_classes, d.ignore_index, inference)
+
+
+upernet_decoder.tokenizers = ("image",)  # SegmentTask.check_config refuses others
 
 
 @register_data("ade20k", objectives=("segment",), tasks={"segment": "segment_ade20k"})
