@@ -262,20 +262,18 @@ class SegmentTask(Task):
         x, y = batch[0], batch[1]
         was_training = model.training
         model.eval()  # the EMA copy is not switched by Lightning
-        pairs = zip(x, y) if isinstance(x, (list, tuple)) else [(x, y)]
+        if isinstance(x, (list, tuple)):  # each sample at its own size: a batch of one
+            pairs = [(xi[None], yi[None]) for xi, yi in zip(x, y)]
+        else:
+            pairs = [(x, y)]
+        device = next(model.parameters()).device
         for xi, yi in pairs:
-            single = isinstance(x, (list, tuple))
-            xi = xi[None] if single else xi
-            yi = (yi[None] if single else yi).to(self._device(model))
+            yi = yi.to(device)
             pred = model.predict(xi, yi.shape[1:]).argmax(dim=1)
             for m in metrics.values():
                 m.update(pred, yi)
         model.train(was_training)
         return {}
-
-    @staticmethod
-    def _device(model):
-        return next(model.parameters()).device
 
     def batch_size(self, batch) -> int:
         x = batch[0]  # a list of differently sized samples, or what Task.batch_size reads
