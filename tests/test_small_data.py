@@ -368,3 +368,16 @@ def test_frozen_protocols_load_a_backbone_pretrained_with_an_objective_head(tmp_
     clf = NEPA(model_config("nepa_debug", head="probe", num_classes=3))
     load_backbone_weights(clf, sd, "pre")
     assert torch.equal(clf.tokenizer.proj.weight, pre.tokenizer.proj.weight)
+
+
+def test_a_size_read_from_the_data_that_the_patch_changes_is_announced(tmp_path, caplog):
+    root = _grey_folder(tmp_path / "d", size=16)
+    with caplog.at_level("WARNING"):
+        cfg = load_config("small/pretrain", [f"data.root={root}"])  # patch 4 divides 16
+    assert cfg.data.aug.img_size == 16 and "resized" not in caplog.text
+    with caplog.at_level("WARNING"):
+        cfg = load_config(
+            "small/pretrain", [f"data.root={root}", "model.tokenizer_args.patch_size=3"]
+        )
+    assert cfg.data.aug.img_size == 15
+    assert "is 16x16 and the patch is 3, so images are resized to 15 px" in caplog.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from functools import lru_cache
@@ -200,6 +201,12 @@ def resolve_from_data(cfg, patch) -> list[str]:
         side = max(img.size)
         d.aug.img_size = max(p, p * round(side / p))
         set_.append(f"data.aug.img_size={d.aug.img_size} ({name} is {img.size[0]}x{img.size[1]})")
+        if d.aug.img_size != side:  # the patch does not divide the data's side: say so
+            logging.getLogger(__name__).warning(
+                "data.aug.img_size=%d: %s is %dx%d and the patch is %d, so images are resized "
+                "to %d px; set data.aug.img_size or the patch size to change it",
+                d.aug.img_size, name, img.size[0], img.size[1], p, d.aug.img_size,
+            )  # fmt: skip
     if want_chans:
         args["in_chans"] = 1 if is_grey(img) else 3
         kind = "grey" if args["in_chans"] == 1 else f"colour ({img.mode})"
