@@ -13,6 +13,8 @@ from unipred.segment import (
     LinearSegmenter,
     SegmentOutput,
     SegmentTask,
+    check_labels,
+    grid_cells,
     resize_to,
     segment_loss,
     tokens_to_grid,
@@ -33,6 +35,9 @@ def test_image_tokens_land_on_their_patch_grid():
     grid = tokens_to_grid(vals, tk.coords)
     assert grid.shape == (2, 5, 6, 8)
     torch.testing.assert_close(grid, vals.transpose(1, 2).reshape(2, 5, 6, 8))
+    # the cells computed once serve every batch with these coordinates
+    cells = grid_cells(tk.coords)
+    torch.testing.assert_close(tokens_to_grid(vals, tk.coords, cells=cells), grid)
 
 
 def test_dropped_axes_are_averaged_and_padding_is_left_out():
@@ -106,7 +111,7 @@ def test_class_count_below_the_labels_is_one_clear_line(tmp_path, capsys):
         _cfg("debug_image_segment", "data.num_classes=2")
     labels = torch.tensor([[0, 1, 4, 255]])  # a source that does not report its classes
     with pytest.raises(ValueError, match="class 4 but the model has 3 outputs.*num_classes=5"):
-        segment_loss(SegmentOutput(torch.zeros(1, 3, 4)), labels, 255)
+        check_labels(labels, 3, 255)
     # a ValueError while a run is built is one line and exit 2, not a traceback
     run = tmp_path / "run"
     rc = main(["fit", "debug/shapes_segment", "data.labels_per_class=1", f"run_dir={run}"])
@@ -175,3 +180,17 @@ def test_batch_size_counts_samples_of_tensor_dict_and_list_batches():
     assert isinstance(batch[0], dict) and task.batch_size(batch) == 3
     assert task.batch_size(([torch.zeros(3, 8, 8)] * 5, [torch.zeros(8, 8)] * 5)) == 5
     assert task.batch_size((torch.zeros(4, 3, 8, 8), torch.zeros(4, 8, 8))) == 4
+
+
+def test_the_task_checks_the_labels_of_its_first_training_batch():
+    cfg = _cfg("debug_image_segment")
+    cfg.data.num_classes = 3  # past the config checks: the shapes have 5 classes
+    task = TASKS.get("debug_image_segment")(cfg)
+    model = task.build_model()
+    x, y = torch.utils.data.default_collate([task.build_dataset("train")[i] for i in range(4)])
+    assert int(y.max()) >= 3
+    with pytest.raises(ValueError, match="the model has 3 outputs"):
+        task.training_step(model, (x, y))
+    ok = y.clamp_max(2)
+    task.training_step(model, (x, ok))  # checked once, then no host sync on later steps
+    assert task._labels_checked

@@ -81,34 +81,43 @@ def resize_to(logits: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode=_MODES_BY_NDIM[nd], align_corners=False)
 
 
-def tokens_to_grid(values: torch.Tensor, coords: torch.Tensor, valid=None, axes=None):
+def grid_cells(coords: torch.Tensor, valid=None, axes=None):
+    """The grid of ``tokens_to_grid``: -> (flat cell index of every token, (B, N) or (1, N)
+    for coordinates shared by the batch, and the grid's size per axis). One host sync per
+    axis (the distinct values), so a model caches it for coordinates that do not change."""
+    if coords.dim() == 2:
+        coords = coords.unsqueeze(0)
+    k = coords.shape[-1]
+    axes = tuple(range(k)) if axes is None else tuple(axes)
+    if not axes or any(not 0 <= a < k for a in axes):
+        raise ValueError(f"label_axes={axes}: the tokenizer's coordinates have {k} axes")
+    flat = torch.zeros(coords.shape[:2], dtype=torch.long, device=coords.device)
+    sizes = []
+    for a in axes:
+        q = torch.round(coords[..., a].float() * 8192)  # tolerate float noise in the centres
+        cells = torch.unique(q if valid is None else q.expand(valid.shape)[valid])
+        idx = torch.searchsorted(cells, q.contiguous()).clamp_max(len(cells) - 1)
+        flat = flat * len(cells) + idx
+        sizes.append(len(cells))
+    return flat, tuple(sizes)
+
+
+def tokens_to_grid(values: torch.Tensor, coords: torch.Tensor, valid=None, axes=None, cells=None):
     """Per-token values (B, N, C) at ``coords`` ((N, k) or (B, N, k), in [-1, 1]) -> a dense
     grid (B, C, *G) over the coordinate axes ``axes`` (default all, in that order).
 
     The grid along an axis has one cell per distinct coordinate value of the real tokens of
     the batch (a regular patch grid: its patch centres), so it needs no knowledge of the
     tokenizer. Tokens that fall into the same cell (other axes dropped) are averaged; cells
-    no real token reaches (padding of a shorter sample) stay 0."""
+    no real token reaches (padding of a shorter sample) stay 0. ``cells``: ``grid_cells``
+    of these coordinates, when already known."""
     B, N, C = values.shape
-    if coords.dim() == 2:
-        coords = coords.unsqueeze(0).expand(B, -1, -1)
-    k = coords.shape[-1]
-    axes = tuple(range(k)) if axes is None else tuple(axes)
-    if not axes or any(not 0 <= a < k for a in axes):
-        raise ValueError(f"label_axes={axes}: the tokenizer's coordinates have {k} axes")
-    real = torch.ones(B, N, dtype=torch.bool, device=values.device) if valid is None else valid
-    flat = torch.zeros(B, N, dtype=torch.long, device=values.device)
-    sizes = []
-    for a in axes:
-        q = torch.round(coords[..., a].float() * 8192)  # tolerate float noise in the centres
-        cells = torch.unique(q[real])
-        idx = torch.searchsorted(cells, q.contiguous()).clamp_max(len(cells) - 1)
-        flat = flat * len(cells) + idx
-        sizes.append(len(cells))
-    cells = math.prod(sizes)
-    w = real.to(values.dtype).unsqueeze(-1)
-    total = values.new_zeros(B, cells, C).scatter_add_(1, flat.unsqueeze(-1).expand(-1, -1, C), values * w)  # fmt: skip
-    count = values.new_zeros(B, cells, 1).scatter_add_(1, flat.unsqueeze(-1), w)
+    flat, sizes = cells if cells is not None else grid_cells(coords, valid, axes)
+    flat = flat.expand(B, N)
+    w = values.new_ones(B, N, 1) if valid is None else valid.to(values.dtype).unsqueeze(-1)
+    n = math.prod(sizes)
+    total = values.new_zeros(B, n, C).scatter_add_(1, flat.unsqueeze(-1).expand(-1, -1, C), values * w)  # fmt: skip
+    count = values.new_zeros(B, n, 1).scatter_add_(1, flat.unsqueeze(-1), w)
     grid = total / count.clamp_min(1.0)
     return grid.transpose(1, 2).reshape(B, C, *sizes)
 
@@ -123,6 +132,7 @@ class LinearSegmenter(NEPA):
         super().__init__(cfg)
         self.objective = None  # a segmenter has no pretraining objective
         self.label_axes = None if label_axes is None else tuple(label_axes)
+        self._cells = None  # grid_cells of the last shared coordinates (a cache, not state)
         dim = cfg.predictor.dim
         self.head = nn.Sequential(
             nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, num_classes)
@@ -134,8 +144,14 @@ class LinearSegmenter(NEPA):
         seq, coords, valid = self.embed(x)
         hidden = self.predictor(seq, coords, valid, causal)[:, self.n_prefix :]
         v = None if valid is None else valid[:, self.n_prefix :]
+        cells = None
+        if coords.dim() == 2 and v is None:  # the batch shares fixed coordinates (images)
+            key = (coords.data_ptr(), tuple(coords.shape), coords.device)
+            if self._cells is None or self._cells[0] != key:
+                self._cells = (key, grid_cells(coords, None, self.label_axes))
+            cells = self._cells[1]
         logits = self.head(hidden)
-        return SegmentOutput(tokens_to_grid(logits, coords, v, self.label_axes))
+        return SegmentOutput(tokens_to_grid(logits, coords, v, self.label_axes, cells))
 
     @torch.no_grad()
     def predict(self, x, out_size) -> torch.Tensor:
@@ -150,20 +166,26 @@ def linear_decoder(mc: ModelConfig, num_classes: int, task: SegmentTask) -> nn.M
     return LinearSegmenter(mc, num_classes, axes, task.cfg.data.dropout)
 
 
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """One clear line for labels outside [0, num_classes) that are not ``ignore_index`` (the
+    loss would fail deep inside torch, on a GPU as an opaque device assert). It syncs with
+    the host: the task runs it on its first training batch only."""
+    real = labels[labels != ignore_index]
+    if real.numel() and (int(real.max()) >= num_classes or int(real.min()) < 0):
+        bad = int(real.max()) if int(real.max()) >= num_classes else int(real.min())
+        raise ValueError(
+            f"the labels hold class {bad} but the model has {num_classes} outputs "
+            f"(data.num_classes={num_classes}): set data.num_classes="
+            f"{max(bad + 1, num_classes)}, or mark the position with "
+            f"data.ignore_index={ignore_index}"
+        )
+
+
 def segment_loss(out: SegmentOutput, labels: torch.Tensor, ignore_index: int):
     """Cross-entropy over the labelled positions (logits resized to the label map), plus
     ``aux_weight`` x the auxiliary head's; -> (loss, logs)."""
     labels = labels.long()
     size = labels.shape[1:]
-    n = out.logits.shape[1]
-    real = labels[labels != ignore_index]
-    if real.numel() and (int(real.max()) >= n or int(real.min()) < 0):
-        bad = int(real.max()) if int(real.max()) >= n else int(real.min())
-        raise ValueError(
-            f"the labels hold class {bad} but the model has {n} outputs (data.num_classes="
-            f"{n}): set data.num_classes={max(bad + 1, n)}, or mark the position with "
-            f"data.ignore_index={ignore_index}"
-        )
     main = F.cross_entropy(resize_to(out.logits, size).float(), labels, ignore_index=ignore_index)
     logs = {"loss_decode": main.detach()}
     loss = main
@@ -185,6 +207,7 @@ class SegmentTask(Task):
     data_config: ClassVar[type[DataConfig]] = SegmentData
     monitor: ClassVar[str | None] = "val/mIoU"
     monitor_mode: ClassVar[str] = "max"
+    _labels_checked: bool = False  # check_labels ran on the first training batch
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -251,7 +274,11 @@ class SegmentTask(Task):
         if self.cfg.data.mode == "probe":  # frozen backbone: eval mode (no drop path)
             model.tokenizer.eval()
             model.predictor.eval()
-        loss, logs = segment_loss(model(x), y, self.cfg.data.ignore_index)
+        out = model(x)
+        if not self._labels_checked:
+            check_labels(y, out.logits.shape[1], self.cfg.data.ignore_index)
+            self._labels_checked = True
+        loss, logs = segment_loss(out, y, self.cfg.data.ignore_index)
         logs["loss"] = loss.detach()
         if self.source is not None:
             logs.update(self.source.step_logs())
