@@ -96,7 +96,7 @@ def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_w
     assert bad.returncode == 2, bad.stderr[-3000:]
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
-    assert "unknown task 'toy_broken_task'" in lines[0]
+    assert "task='toy_broken_task' is not one of the choices" in lines[0]
     assert (
         "plugin unipred_toy.broken failed to load: RuntimeError: the toy broken plugin"
         in (lines[0])

@@ -32,35 +32,90 @@ commands:
   export CKPT OUT [--ema] [--push REPO_ID]      checkpoint -> save_pretrained folder (docs/hub.md)
   list                                          registered tokenizers, tasks and model sizes
   data SUBCOMMAND ...                           data preparation (unipred data --help)
-  demo NAME ...                                 runnable demos
+  demo NAME ...                                 runnable demos (unipred demo --help)
   visualize ...                                 attention / prediction maps
-  convert ...                                   official NEPA checkpoints <-> ours
+  convert SRC DST                               an official NEPA folder -> ours
+
+`unipred COMMAND --help` describes one command; `python -m unipred ...` is the same program.
 """
+
+# the usage of the commands this module runs itself; the others bring their own (argparse)
+COMMAND_USAGE = {
+    "fit": """usage: unipred fit CONFIG [key=value ...] [--print-config]
+       unipred fit task=NAME [key=value ...] [--print-config]
+
+Train a task. CONFIG is a YAML file or a packaged recipe (`unipred list` names them); without
+one, task=NAME picks the task and every other key keeps its default.
+
+options:
+  --print-config  print the effective config, the resolved model and the batch recipe (total
+                  optimizer steps included), then exit without training
+  -h, --help      this text; after CONFIG or task=NAME: every key of that task, with its type,
+                  default and the recipe's value
+
+resume=auto continues the newest checkpoint of run_dir; RUN_DIR/results.json holds the final
+metrics of a run.
+""",
+    "eval": """usage: unipred eval CONFIG ckpt=PATH [protocol=NAME] [ema=true|false|both] [key=value ...]
+
+Evaluate a checkpoint: the task's own validation (raw and EMA weights), or one protocol on
+frozen features: protocol=knn|linear|attentive|layers, or protocol=finetune. Each protocol
+writes RUN_DIR/eval/<protocol>.json beside the checkpoint (docs/evaluation.md).
+
+options:
+  --print-config  print the effective config, then exit
+  -h, --help      this text; after CONFIG: every key of that task
+""",
+    "evaluate-suite": """usage: unipred evaluate-suite CONFIG ckpt=PATH [protocols=knn,linear,...] [out=DIR] [key=value ...]
+
+Run every frozen-feature protocol on a checkpoint (and its baselines); results.md and
+results.json go to out (default: the checkpoint's run folder, eval/).
+
+options:
+  --print-config  print the effective config, then exit
+  -h, --help      this text; after CONFIG: every key of that task
+""",
+    "list": """usage: unipred list
+
+Every registered tokenizer, data source, task, segmentation decoder, model size and command,
+and the packaged recipes.
+""",
+}
 
 LAZY = {"data": "unipred.data.cli", "convert": "unipred.hub", "export": "unipred.pretrained"}
 
 
 def _split(argv: list[str]):
-    flags = [a for a in argv if a.startswith("--")]
-    rest = [a for a in argv if not a.startswith("--")]
+    flags = [a for a in argv if a.startswith("-") and "=" not in a]
+    rest = [a for a in argv if a not in flags]
     config = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if config else rest
     return config, overrides, flags
 
 
-def _load(argv: list[str]):
+class UsageError(Exception):
+    """A command line that cannot be run as written: one line, exit 2."""
+
+
+FLAGS = ("--print-config",)
+
+
+def _load(argv: list[str], command: str = "fit"):
     from unipred.config import load_config
 
     config, overrides, flags = _split(argv)
-    if "--help" in flags or "-h" in argv:
-        if config:  # the keys of this config's task, with types, defaults and the recipe's values
+    if "--help" in flags or "-h" in flags:
+        if config or overrides:  # the keys of this task, with types, defaults, the recipe's values
             print(config_keys_help(config, overrides), end="")
         else:
-            print(USAGE + "\nkeys: `unipred fit CONFIG --help` lists the task's keys")
+            print(COMMAND_USAGE[command], end="")
         raise SystemExit(0)
-    unknown = [f for f in flags if f not in ("--print-config",)]
+    unknown = [f for f in flags if f not in FLAGS]
     if unknown:
-        raise SystemExit(f"unipred: unknown option(s) {unknown}; only --print-config is accepted")
+        raise UsageError(
+            f"unknown option {' '.join(unknown)}; `unipred {command}` accepts {', '.join(FLAGS)}"
+            f" and --help"
+        )
     printing = "--print-config" in flags
     cfg = load_config(config, overrides, check_paths=not printing)
     return cfg, printing
@@ -110,12 +165,14 @@ def _walk_keys(cls, value, prefix: str):
         yield key, _type_name(tp), default, cur, notes.get(f.name, "")
 
 
-def config_keys_help(config: str, overrides: list[str] = ()) -> str:
-    """Every key of CONFIG's task: type, default, and this recipe's value where it differs."""
+def config_keys_help(config: str | None, overrides: list[str] = ()) -> str:
+    """Every key of CONFIG's task (or of ``task=NAME`` among the overrides): type, default, and
+    this recipe's value where it differs."""
     from unipred.config import load_config, schema_for
 
     cfg = load_config(config, list(overrides), check_paths=False)
-    lines = [f"keys of {config} (task {cfg.task}); set any with key=value:"]
+    what = f"{config} (task {cfg.task})" if config else f"task {cfg.task}"
+    lines = [f"keys of {what}; set any with key=value:"]
     rows = list(_walk_keys(schema_for(cfg.task), cfg, ""))
     width = max(len(k) for k, *_ in rows)
     for key, tp, default, cur, comment in rows:
@@ -166,12 +223,12 @@ def cmd_eval(argv: list[str]) -> int:
     from unipred.config import to_yaml
 
     settings, argv, _ = _eval_settings(argv)
-    cfg, printing = _load(argv)
+    cfg, printing = _load(argv, "eval")
     if printing:
         print(to_yaml(cfg), end="")
         return 0
     if not cfg.ckpt and not cfg.model.init:
-        raise SystemExit("unipred eval: give ckpt=PATH (or model.init=...) to evaluate")
+        raise UsageError("give ckpt=PATH (or model.init=...) to evaluate")
     if settings.protocol == "finetune":
         from unipred.protocols import run_finetune
 
@@ -198,7 +255,7 @@ def cmd_suite(argv: list[str]) -> int:
     from unipred.protocols import evaluate_suite
 
     settings, argv, config = _eval_settings(argv)
-    cfg, printing = _load(argv)
+    cfg, printing = _load(argv, "evaluate-suite")
     if printing:
         from unipred.config import to_yaml
 
@@ -208,36 +265,47 @@ def cmd_suite(argv: list[str]) -> int:
     return 0
 
 
-def cmd_list(argv: list[str]) -> int:
-    from unipred.config import packaged_configs
-    from unipred.registry import (
-        COMMANDS,
-        DATASETS,
-        DECODERS,
-        MODELS,
-        PLUGIN_ERRORS,
-        TASKS,
-        TOKENIZERS,
-    )
+def _packaged_configs():
+    """The packaged recipes' folder, found without importing unipred.config (and Lightning)."""
+    from importlib.resources import files
+    from pathlib import Path
 
-    for title, reg in (("tokenizers", TOKENIZERS), ("data sources", DATASETS), ("tasks", TASKS),
-                       ("segmentation decoders", DECODERS), ("model sizes", MODELS)):  # fmt: skip
+    return Path(str(files("unipred.configs")))
+
+
+def cmd_list(argv: list[str]) -> int:
+    from unipred.listing import listing
+
+    if argv:
+        raise UsageError(f"`unipred list` takes no arguments, got {' '.join(argv)}")
+    data = listing()
+    for title, rows in data["sections"]:
         print(f"{title}:")
-        for name in reg.names():
-            doc = (reg.get(name).__doc__ or "").strip().splitlines()
-            print(f"  {name:<28} {doc[0] if doc else ''}")
+        for name, doc in rows:
+            print(f"  {name:<28} {doc}")
     print("commands (unipred demo NAME, unipred data NAME, ...):")
-    for name in COMMANDS.names():
-        print(f"  {name:<28} {COMMANDS.get(name)}")
-    root = packaged_configs()
+    for name, module in data["commands"]:
+        print(f"  {name:<28} {module}")
+    root = _packaged_configs()
     print(f"recipes (unipred fit NAME; files in {root}):")
     for path in sorted(root.glob("*/*.yaml")):
         print(f"  {path.relative_to(root).with_suffix('')}")
-    if PLUGIN_ERRORS:  # what they registered is missing above; using it names the error
+    if data["errors"]:  # what they registered is missing above; using it names the error
         print("plugins that failed to load:")
-        for module, err in sorted(PLUGIN_ERRORS.items()):
+        for module, err in sorted(data["errors"].items()):
             print(f"  {module:<28} {err}")
     return 0
+
+
+def demo_usage() -> str:
+    """``unipred demo`` usage with the demos the installed modalities registered."""
+    from unipred.listing import listing
+
+    names = [n.split(" ", 1)[1] for n, _ in listing()["commands"] if n.startswith("demo ")]
+    lines = ["usage: unipred demo NAME [options]", "", "demos:"]
+    lines += [f"  {n}" for n in names] or ["  (none registered)"]
+    lines.append("\n`unipred demo NAME --help` describes one.")
+    return "\n".join(lines) + "\n"
 
 
 def _lazy(module: str, argv: list[str]) -> int:
@@ -265,51 +333,75 @@ def _registered(command: str, argv: list[str]) -> int:
     return _lazy(module, argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``unipred`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
-        return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this input is wrong" (one line, exit 2), imported only when
+    one was raised: ``unipred --help`` and ``unipred list`` never load torch for them."""
     from unipred.checkpoint import CheckpointError
     from unipred.config import ConfigError, RecipeError
     from unipred.extras import MissingExtra
     from unipred.protocols import ProtocolError
 
+    return ConfigError, CheckpointError, RecipeError, MissingExtra, ProtocolError
+
+
+def _dispatch(cmd: str, rest: list[str]) -> int | None:
+    if cmd == "fit":
+        return cmd_fit(rest)
+    if cmd == "eval":
+        return cmd_eval(rest)
+    if cmd == "evaluate-suite":
+        return cmd_suite(rest)
+    if cmd == "list":
+        return cmd_list(rest)
+    if cmd in LAZY:
+        return _lazy(LAZY[cmd], rest)
+    if cmd == "demo":
+        return _registered(f"demo {rest[0]}", rest[1:])
+    if cmd == "visualize":
+        return _registered("visualize", rest)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``unipred`` console script (and of ``python -m unipred``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd in COMMAND_USAGE and (rest in (["-h"], ["--help"]) or (not rest and cmd != "list")):
+        # bare `unipred fit` is a question, not a request to train a default task
+        print(COMMAND_USAGE[cmd], end="", file=sys.stdout if rest else sys.stderr)
+        return 0 if rest else 2
+    if cmd == "demo" and (not rest or rest[0] in ("-h", "--help")):
+        print(demo_usage(), end="", file=sys.stdout if rest else sys.stderr)
+        return 0 if rest else 2
     try:
-        if cmd == "fit":
-            return cmd_fit(rest)
-        if cmd == "eval":
-            return cmd_eval(rest)
-        if cmd == "evaluate-suite":
-            return cmd_suite(rest)
-        if cmd == "list":
-            return cmd_list(rest)
-        if cmd in LAZY:
-            return _lazy(LAZY[cmd], rest)
-        if cmd == "demo":
-            if not rest:
-                print("usage: unipred demo NAME [...]", file=sys.stderr)
-                return 2
-            return _registered(f"demo {rest[0]}", rest[1:])
-        if cmd == "visualize":
-            return _registered("visualize", rest)
-    except (ConfigError, CheckpointError, RecipeError, MissingExtra, ProtocolError) as e:
+        code = _dispatch(cmd, rest)
+    except UsageError as e:
         print(f"unipred {cmd}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"unipred {cmd}: error: {e}", file=sys.stderr)
+            return 2
         # what the data or the model refused while a run was being built or fed (a class
         # count below the labels, a label budget above a class, a decoder that does not fit
         # the backbone): the message names it; the traceback only on request
-        if cmd not in ("fit", "eval", "evaluate-suite") or os.environ.get("UNIPRED_DEBUG"):
+        if (
+            not isinstance(e, ValueError)
+            or cmd not in ("fit", "eval", "evaluate-suite")
+            or os.environ.get("UNIPRED_DEBUG")
+        ):
             raise
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"unipred {cmd}: error: {msg} (UNIPRED_DEBUG=1 shows the traceback)",
               file=sys.stderr)  # fmt: skip
         return 2
-    print(f"unipred: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")
-    return 2
+    if code is None:
+        print(f"unipred: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")
+        return 2
+    return code
 
 
 if __name__ == "__main__":

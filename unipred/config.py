@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from unipred.callbacks import EMAConfig
+from unipred.choices import choice_problem, device_problem, registered_problem
 from unipred.model import ModelSection, _set_fields, build_model_config  # noqa: F401
 from unipred.objectives import ObjectiveConfig
 from unipred.optim import OptimConfig
@@ -57,10 +58,10 @@ class RunConfig:
 
 def schema_for(task: str) -> type:
     """The RunConfig dataclass whose ``data`` field is the task's data config."""
-    try:
-        task_cls = TASKS.get(task)
-    except KeyError as e:
-        raise ConfigError(f"task: {e.args[0]}") from None
+    problem = registered_problem("task", task, TASKS)
+    if problem:
+        raise ConfigError(problem)
+    task_cls = TASKS.get(task)
     data_cls = task_cls.data_config
     return dataclasses.make_dataclass(
         f"RunConfig[{task}]",
@@ -139,25 +140,41 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
         task = raw.get("task", RunConfig.task)
     except Exception as e:  # e.g. an interpolation that does not resolve
         raise ConfigError(f"task: {_one_line(e)}") from None
-    if not isinstance(task, str) or not task:
+    if not isinstance(task, str):
         raise ConfigError(f"task: expected the name of a task, got {_short(task)}")
     schema = OmegaConf.structured(schema_for(task))
     try:
         merged = OmegaConf.merge(schema, raw)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e, schema, path)) from None
+        raise ConfigError(_explain(e, schema, _where(e, path, overrides))) from None
     except (TypeError, ValueError) as e:  # a value OmegaConf accepted but a field refuses
-        where = f" in {path}" if path else ""
         key = _culprit(schema, raw) or "?"
+        where = _where(key, path, overrides)
+        where = f" {where}" if where else ""
         raise ConfigError(f"invalid value for config key '{key}'{where}: {_one_line(e)}") from None
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.task)
     _check_choices(cfg)
     if check_paths:
+        problem = device_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
         check_data_paths(cfg)
     check_task(cfg, run=check_paths)
     return cfg
+
+
+def _where(key_or_error, path, overrides) -> str:
+    """ " on the command line" when the key came from an override, else " in FILE" (or "")."""
+    key = key_or_error
+    if isinstance(key_or_error, BaseException):
+        key = getattr(key_or_error, "full_key", None) or getattr(key_or_error, "key", None)
+    key = str(key or "")
+    given = {str(o).partition("=")[0].strip() for o in overrides}
+    if key and any(key == g or key.startswith(g + ".") or g.startswith(key + ".") for g in given):
+        return "on the command line"
+    return f"in {path}" if path else ""
 
 
 def _leaves(node, prefix=""):
@@ -234,6 +251,9 @@ def _check_choices(cfg) -> None:
         raise ConfigError(str(e)) from None
     if cfg.model.registers is not None and cfg.model.registers < 0:
         raise ConfigError(f"model.registers must be >= 0, got {cfg.model.registers}")
+    problem = choice_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 # keys that moved: old dotted key -> (new key, why); a config with the old key is told where
@@ -243,10 +263,11 @@ MOVED_KEYS = {
 }  # fmt: skip
 
 
-def _explain(e: OmegaConfBaseException, schema: DictConfig, path) -> str:
-    """Turn an OmegaConf error into one line naming the key and the closest valid key."""
+def _explain(e: OmegaConfBaseException, schema: DictConfig, where: str) -> str:
+    """Turn an OmegaConf error into one line naming the key and the closest valid key;
+    ``where`` is " in FILE", " on the command line" or ""."""
     key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
-    where = f" in {path}" if path else ""
+    where = f" {where}" if where else ""
     if str(key) in MOVED_KEYS:
         new, why = MOVED_KEYS[str(key)]
         return f"config key '{key}'{where} is now '{new}' ({why}); rename it"

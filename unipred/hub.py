@@ -266,7 +266,7 @@ def _atomic(dest: Path, write) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``unipred convert SRC DST``: official folder -> our export, or back with --to-official."""
+    """``unipred convert SRC DST``: an official NEPA folder -> our from_pretrained folder."""
     ap = argparse.ArgumentParser(prog="unipred convert", description=main.__doc__)
     ap.add_argument("src", help="official Hugging Face folder (config.json + weights)")
     ap.add_argument("dst", help="output folder")
