@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
 from unipred.data.accounting import COUNTER, BadSampleCounter
+from unipred.data.seeding import seeded
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 
@@ -134,9 +135,20 @@ class ShardReader(IterableDataset):
         self._passes[slot] += 1
         return int(self._state[0]) + k
 
+    def _role(self, epoch: int) -> tuple[int, int, int, int]:
+        """(rank, world, role, workers): the worker whose share this worker reads.
+
+        A resumed epoch's DataLoader takes its first batch from worker 0, but the next batch
+        of the interrupted epoch (batch ``b``) was worker ``b % W``'s: worker w then reads
+        worker ``(w + b) % W``'s share, so the batches come in the uninterrupted order."""
+        rank, world, worker, workers = pytorch_worker_info()
+        if int(self._state[1]) == epoch:
+            worker = (worker + int(self._state[2])) % workers
+        return rank, world, worker, workers
+
     def _assign(self, epoch: int):
         """-> (my shard urls, sample stride, sample offset, quota or None, samples to skip)."""
-        rank, world, worker, workers = pytorch_worker_info()
+        rank, world, worker, workers = self._role(epoch)
         urls = list(self.urls)
         if self.training:
             random.Random(self.seed + epoch).shuffle(urls)
@@ -182,7 +194,8 @@ class ShardReader(IterableDataset):
         urls, stride, offset, quota, skip = self._assign(epoch)
         if quota is not None and skip >= quota:
             return  # this worker had delivered all of its share before the restart
-        rng = random.Random(hash((self.seed, epoch, info)))  # ints only: stable across runs
+        # ints only (stable across runs); the role, not the worker id, on a resumed epoch
+        rng = random.Random(hash((self.seed, epoch, self._role(epoch))))
         produced, passes = 0, 0
         while quota is None or produced < quota:
             got = 0
@@ -191,7 +204,10 @@ class ShardReader(IterableDataset):
                 if produced < skip:  # resumed: delivered before the restart
                     produced += self._good(raw)
                     continue
-                out = self.decode(raw)
+                # random choices of decode/transform: a function of (seed, epoch, sample key),
+                # not of this worker's stream (unipred.data.seeding)
+                with seeded(self.seed, epoch, str(raw.get("__key__", "")), passes):
+                    out = self.decode(raw)
                 if out is None:
                     continue
                 yield out
