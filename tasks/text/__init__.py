@@ -8,5 +8,4 @@ from unipred.tasks.text import tasks  # noqa: F401 (registrations)
 
 from unipred.registry import COMMANDS
 
-COMMANDS.add("demo text", "unipred.tasks.text.demo")
 COMMANDS.add("data pack-text", "unipred.tasks.text.pack")
