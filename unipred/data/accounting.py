@@ -110,7 +110,8 @@ class BadSampleCounter:
         """Counts since the last ``reset()`` of every registered reason, summed over all
         workers (and the attached books of map-style readers unless ``books=False``), plus
         ``skipped/total`` and ``converted/total``."""
-        sums = self._t.sum(dim=0).tolist()
+        # read through numpy: a plain read of shared CPU memory (no torch op, no device)
+        sums = self._t.numpy().sum(axis=0).tolist()
         out = {k: int(sums[i]) for k, i in self._columns.items()}
         for book in list(self._books) if books else ():
             for k, v in book.counts().items():

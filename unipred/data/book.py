@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from unipred.data.accounting import COUNTER, BadSampleCounter, reading
@@ -130,7 +131,8 @@ class SampleBook:
 
     def counts(self) -> dict[str, int]:
         """{"skipped/<reason>": files, ...} recorded this epoch (reasons met only)."""
-        hist = torch.bincount(self.marks.long(), minlength=1).tolist()
+        # numpy: a plain read of shared CPU memory (the engine checks it between steps)
+        hist = np.bincount(self.marks.numpy().astype(np.int64), minlength=1).tolist()
         keys = {col + 1: k for k, col in self.counter._columns.items()}
         return {keys[c]: n for c, n in enumerate(hist) if c and n}
 
