@@ -81,9 +81,19 @@ class AttentiveSettings:
 class FeatureSettings:
     batch: int = 256  # batch of the feature pass
     pool: str = "mean"  # mean over patch tokens | last | cls
+    # k-NN and linear read this block's output (negative: from the top) instead of the final
+    # norm; autoregressive models probe best in the middle (iGPT, AIM)
+    block: int | None = None
     max_train: int = 0  # use the first N training samples (0 = all)
     max_val: int = 0
     num_workers: int = -1  # -1 = data.num_workers
+
+
+@dataclass
+class RawSettings:
+    """The raw-input baseline (unipred.baselines): flattened patches of the tokenizer."""
+
+    max_dim: int = 4096  # values per sample above which each patch is averaged down
 
 
 @dataclass
@@ -100,6 +110,10 @@ class EvalSettings:
     attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
     layers: ProbeSettings = field(default_factory=ProbeSettings)  # the linear probe's recipe
     features: FeatureSettings = field(default_factory=FeatureSettings)
+    # print the random-init backbone, the raw input and the data source's own baselines
+    # beside the backbone's rows (unipred.baselines)
+    baselines: bool = True
+    raw: RawSettings = field(default_factory=RawSettings)
 
 
 EVAL_ROOTS = tuple(f.name for f in dataclasses.fields(EvalSettings))
@@ -141,6 +155,8 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
         raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last or cls")
     if s.knn.k < 1 or s.knn.temperature <= 0:
         raise ProtocolError(f"knn.k={s.knn.k} must be >= 1 and knn.temperature > 0")
+    if s.raw.max_dim < 0:
+        raise ProtocolError(f"raw.max_dim={s.raw.max_dim} must be >= 0 (0 = no limit)")
     return s
 
 
@@ -256,12 +272,17 @@ def extract_features(
     device: torch.device | str = "cpu",
     autocast: torch.dtype | None = None,
     max_samples: int = 0,
+    block: int | None = None,
 ) -> Features:
-    """One pass of the frozen backbone (eval mode, no grad) over labelled batches."""
+    """One pass of the frozen backbone (eval mode, no grad) over labelled batches. ``pooled``
+    is the final norm's output, or that of block ``block`` (negative: from the top)."""
     model.eval()
     device = torch.device(device)
     n_prefix = int(getattr(model, "n_prefix", 0))
-    depth = len(model.predictor.blocks) if layers else 0
+    n_blocks = len(model.predictor.blocks)
+    if block is not None and not -n_blocks <= block < n_blocks:
+        raise ProtocolError(f"features.block={block}: the backbone has {n_blocks} blocks")
+    want = tuple(range(n_blocks)) if layers else ((block % n_blocks,) if block is not None else ())
     pooled, labels, per_layer, toks, valid = [], [], [], [], []
     n = 0
     for batch in batches:
@@ -273,9 +294,10 @@ def extract_features(
         x = _to(inputs(batch), device)
         y = _labels(batch[1])
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            out = model.forward_features(x, layers=tuple(range(depth)))
+            out = model.forward_features(x, layers=want)
         v = out.valid
-        pooled.append(pool_tokens(out.hidden, n_prefix, v, pool).float().cpu())
+        src = out.hidden if block is None else out.layers[want.index(block % n_blocks)]
+        pooled.append(pool_tokens(src, n_prefix, v, pool).float().cpu())
         if layers:
             hs = [pool_tokens(h, n_prefix, v, pool) for h in (*out.layers, out.hidden)]
             per_layer.append(torch.stack(hs).float().cpu())
@@ -651,14 +673,16 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
             feats[split] = extract_features(
                 model, _loader(task, split, fs, workers), inputs=task.inputs, pool=fs.pool,
                 layers=want_layers, tokens=want_tokens, device=device, autocast=autocast,
-                max_samples=limit,
+                max_samples=limit, block=fs.block,
             )  # fmt: skip
         meta["feature_seconds"][name] = round(time.perf_counter() - t0, 2)
         tr, va = feats["train"], feats["val"]
         meta.update(train_samples=len(tr.labels), val_samples=len(va.labels))
         C = _num_classes(task, tr.labels, va.labels)
-        log(f"[{name}] features: {len(tr.labels)} train / {len(va.labels)} val samples, "
-            f"width {tr.pooled.shape[1]}, {meta['feature_seconds'][name]} s")  # fmt: skip
+        where = "final norm" if fs.block is None else f"block {fs.block}"
+        log(f"[{name}] features ({where}, {fs.pool} pooling): {len(tr.labels)} train / "
+            f"{len(va.labels)} val samples, width {tr.pooled.shape[1]}, "
+            f"{meta['feature_seconds'][name]} s")  # fmt: skip
         for proto in protocols:
             t0 = time.perf_counter()
             if proto == "knn":
@@ -698,7 +722,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
     step = 0
     for _ in range(s.epochs):
         f = extract_features(model, loader, inputs=task.inputs, pool=fs.pool, device=device,
-                             autocast=autocast)  # fmt: skip
+                             autocast=autocast, block=fs.block)  # fmt: skip
         probe.train()
         for i in range(0, len(f.labels), s.batch):
             x, y = f.pooled[i : i + s.batch].to(device), f.labels[i : i + s.batch].to(device)
@@ -760,14 +784,19 @@ def run_finetune(cfg, settings: EvalSettings, log=print) -> dict:
 
 
 # ------------------------------------------------------------------------------ results
+def _pct(v) -> str:
+    """A fraction as a percentage; "-" where the row has none (a baseline's top-5)."""
+    return "-" if v is None else f"{100 * v:.2f} %"
+
+
 def format_row(r: dict) -> str:
     extra = ""
     if r["protocol"] == "layers":
         extra = f"  best: {r['best_layer']}"
     elif r["protocol"] == "knn":
         extra = f"  k={r['k']} T={r['temperature']}"
-    return (f"{r['protocol']:<10} {r['weights']:<4} top-1 {100 * r['top1']:6.2f} %  "
-            f"top-5 {100 * r['top5']:6.2f} %  ({r['seconds']:.1f} s){extra}")  # fmt: skip
+    return (f"{r['protocol']:<10} {r['weights']:<6} top-1 {_pct(r['top1']):>8}  "
+            f"top-5 {_pct(r['top5']):>8}  ({r['seconds']:.1f} s){extra}")  # fmt: skip
 
 
 def row_details(r: dict) -> str:
@@ -777,7 +806,8 @@ def row_details(r: dict) -> str:
     if r["protocol"] == "layers":
         return f"best: {r['best_layer']}"
     if r["protocol"] in ("linear", "attentive"):
-        return f"{r['epochs']} epochs, lr {r['lr']}"
+        dim = f", {r['dim']} raw values" if "dim" in r else ""
+        return f"{r['epochs']} epochs, lr {r['lr']}{dim}"
     return r.get("run_dir", "")
 
 
@@ -795,8 +825,8 @@ def results_markdown(results: dict) -> str:
     ]
     for r in results["rows"]:
         det = row_details(r)
-        lines.append(f"| {r['protocol']} | {r['weights']} | {100 * r['top1']:.2f} % | "
-                     f"{100 * r['top5']:.2f} % | {det} | {r['seconds']:.1f} |")  # fmt: skip
+        lines.append(f"| {r['protocol']} | {r['weights']} | {_pct(r['top1'])} | "
+                     f"{_pct(r['top5'])} | {det} | {r['seconds']:.1f} |")  # fmt: skip
     for r in results["rows"]:
         if r["protocol"] == "layers":
             lines += ["", f"Per-layer probe ({r['weights']} weights):", "",
@@ -830,11 +860,10 @@ def write_results(results: dict, folder: Path) -> tuple[Path, Path]:
 
 def evaluate_suite(cfg, settings: EvalSettings, config_name: str = "", log=print) -> dict:
     """Every requested protocol on ``cfg.ckpt``; results.md / results.json in the run folder."""
-    frozen = [p for p in settings.protocols if p in FROZEN]
+    from unipred.baselines import run_with_baselines
+
     t0 = time.perf_counter()
-    results = run_protocols(cfg, settings, frozen, log) if frozen else {"rows": [], "meta": {}}
-    if "finetune" in settings.protocols:
-        results["rows"] += run_finetune(cfg, settings, log)["rows"]
+    results = run_with_baselines(cfg, settings, settings.protocols, log)
     results["meta"].update(
         checkpoint=str(cfg.ckpt), config=config_name, task=cfg.task,
         settings=dataclasses.asdict(settings), total_seconds=round(time.perf_counter() - t0, 1),

@@ -59,6 +59,10 @@ class DataConfig:
     val_root: str = ""  # validation data, same forms; "" disables validation
     num_workers: int = 4
     shuffle_buffer: int = 5000  # streaming (webdataset) shuffle buffer
+    # unreadable training samples are skipped and counted; more than this fraction of an
+    # epoch's samples stops the run (one line naming the folder); 1 = never stop
+    max_bad_fraction: float = 0.05
+    follow_symlinks: bool = False  # also follow symlinks leading out of a data folder
 
 
 class DataSource:
@@ -127,6 +131,16 @@ class DataSource:
 
     def step_logs(self) -> dict[str, torch.Tensor]:
         """Extra scalars logged with every training step (e.g. bad-sample counts)."""
+        return {}
+
+    def baseline_scores(self, train: list, test: list) -> dict[str, float]:
+        """Modality-specific baselines that every evaluation of this data prints beside the
+        backbone (``unipred eval protocol=...``, ``evaluate-suite``, ``unipred compare``):
+        ``{name: top-1 accuracy as a fraction}``, e.g. a character n-gram classifier for text.
+        ``train`` / ``test`` are lists of ``(input, label)`` items as ``build(split,
+        augment=False)`` returns them, the training list cut to the run's label budget
+        (``data.labels_per_class``). Default: none ({}); the core adds the random-init backbone
+        and k-NN / linear on the tokenizer's raw patches for every source itself."""
         return {}
 
 
