@@ -152,8 +152,16 @@ class LitTask(L.LightningModule):
         return int(self.trainer.estimated_stepping_batches)
 
     # -- data -----------------------------------------------------------------------------
+    def dataset(self, split: str):
+        """The task's dataset of ``split`` (None when absent), built once per run: the loader,
+        the best-checkpoint check and the data line (unipred.run_report) share it."""
+        cache = self.__dict__.setdefault("_datasets", {})
+        if split not in cache:
+            cache[split] = self.task.build_dataset(split)
+        return cache[split]
+
     def _loader(self, split: str):
-        ds = self.task.build_dataset(split)
+        ds = self.dataset(split)
         if ds is None:
             return None
         plan = self.plan
@@ -250,15 +258,25 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
     """Train ``cfg`` (a validated RunConfig); resumes per ``cfg.resume``. ``task`` may be a
     ready Task instance (benchmarks, notebooks); by default ``cfg.task`` is built. The
     effective recipe is printed unless ``show_recipe`` is False (a demo's later stages) and
-    always saved to ``run_dir/recipe.json``."""
+    always saved to ``run_dir/recipe.json``. The run folder is locked while the run trains
+    (unipred.run_lock): a second process on it is refused."""
+    from unipred.run_lock import RunLock
+
+    if cfg.trainer.fast_dev_run:  # writes nothing into the run folder
+        return _fit(cfg, callbacks, task, show_recipe)
+    from unipred.rundir import check_run_dir
+
+    check_run_dir(cfg.run_dir)  # a bad run_dir: one line now, not after the model
+    with RunLock(cfg.run_dir):
+        return _fit(cfg, callbacks, task, show_recipe)
+
+
+def _fit(cfg, callbacks, task, show_recipe: bool) -> L.Trainer:
     from unipred.callbacks import format_recipe, save_recipe
     from unipred.checkpoint import find_resume_checkpoint, validate_resume
     from unipred.config import to_yaml
+    from unipred.run_report import DataLine, RunSummary
 
-    if not cfg.trainer.fast_dev_run:  # a bad run_dir: one line now, not after the model
-        from unipred.rundir import check_run_dir
-
-        check_run_dir(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _threads(cfg)
     lit = LitTask(cfg, task)
@@ -287,7 +305,10 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
                 if not cfg.trainer.fast_dev_run and not (ckpt and (out / "recipe.json").exists()):
                     save_recipe(r, out / "recipe.json")  # the original is never overwritten
 
-    trainer = build_trainer(cfg.trainer, cfg.ema, out, lit, [*callbacks, _Recipe()])
+    summary = RunSummary(out, write=not cfg.trainer.fast_dev_run)
+    trainer = build_trainer(
+        cfg.trainer, cfg.ema, out, lit, [*callbacks, _Recipe(), DataLine(), summary]
+    )
     # model init is identical on every rank; the training randomness differs per rank
     L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
@@ -297,6 +318,7 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
         if ckpt is not None:  # a resumed run appends a record; the original files stay
             _append_resume_record(out, ckpt, changes, cfg)
     trainer.fit(lit, ckpt_path=str(ckpt) if ckpt else None)
+    summary.finish(trainer, lit)  # the closing line and results.json
     return trainer
 
 

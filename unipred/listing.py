@@ -74,7 +74,10 @@ def fingerprint() -> str:
     h.update(f"{_FORMAT}|{__version__}|{sys.executable}|{sys.version}\n".encode())
     for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: (e.name, e.value)):
         h.update(f"ep|{ep.name}|{ep.value}\n".encode())
+    cwd = os.getcwd()
     for entry in sys.path:
+        if entry in ("", ".", cwd):  # the working folder changes with every run; plugins
+            continue  # found there are fingerprinted by their source files below
         try:
             h.update(f"path|{entry}|{os.stat(entry or '.').st_mtime_ns}\n".encode())
         except OSError:

@@ -534,6 +534,8 @@ class ClassifyTask(Task):
         if k > 0:
             what = self.cfg.data.root or "the generated data"
             idx = per_class_indices(dataset_labels(ds), k, self.cfg.data.subset_seed, what)
+            # what the run's data line reports (unipred.run_report)
+            self.labelled = {"kept": len(idx), "of": len(ds), "per_class": k}
             logging.getLogger(__name__).info(
                 "data.labels_per_class=%d: %d of %d training samples", k, len(idx), len(ds)
             )

@@ -227,7 +227,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
 
 def _best_checkpoint(lit, monitor_ema: bool, out: Path) -> list:
     monitor = lit.task.monitor
-    if not monitor or lit.task.build_dataset("val") is None:
+    if not monitor or lit.dataset("val") is None:
         return []
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unipred.task import DataConfig, DataSource, register_data
+from unipred.task import DataConfig, DataSource, check_patch, model_tokenizer, register_data
 
 SHAPES = ("square", "disc", "triangle", "cross")
 
@@ -79,6 +79,14 @@ class DebugShapes(DataSource):
 
     def num_classes(self):
         return len(SHAPES) + (self.objective == "segment")
+
+    @classmethod
+    def check_config(cls, cfg, objective):
+        """The generated side must be a multiple of an image tokenizer's patch (checked when
+        the config loads: before any run folder exists)."""
+        tok, args = model_tokenizer(cfg)
+        if tok == "image":
+            check_patch(cfg.data.image_size, args.get("patch_size", 16), "data.image_size")
 
     def build(self, split, augment):
         d = self.cfg.data
