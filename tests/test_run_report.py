@@ -40,7 +40,9 @@ def test_a_classification_run_says_what_the_data_gave_how_far_it_is_and_what_it_
     assert "train 32 samples, labelled subset 12 (3 per class" in data[0]
     assert "val 16 samples" in data[0]
     steps = re.findall(r"step (\d+)/(\d+) eta (\d+)s", out)
-    assert steps and {t for _, t, _ in steps} == {"6"} and ("2", "6") in {(s, t) for s, t, _ in steps}
+    assert (
+        steps and {t for _, t, _ in steps} == {"6"} and ("2", "6") in {(s, t) for s, t, _ in steps}
+    )
     assert re.search(r"validated: val/acc1 \d+\.\d\d %", out), out[-2000:]
     result = [ln for ln in out.splitlines() if ln.startswith("result: ")]
     assert len(result) == 1 and result == out.strip().splitlines()[-1:], out[-2000:]
