@@ -271,3 +271,15 @@ def test_unknown_option_command_and_yaml_typo_are_one_line_and_exit_2(tmp_path):
     assert "give ckpt=PATH" in results[2]["err"]
     assert len(lines) == 1 and f"in {cfg}" in lines[0], lines  # the YAML's typo names the file
     assert "on the command line" not in lines[0]
+
+
+def test_unipreds_own_warnings_name_no_file(tmp_path):
+    """A warning raised from inside a Lightning hook (the collapse monitor's) is printed as
+    unipred's, not attributed to Lightning's file that called the hook."""
+    code = ("import warnings\nfrom unipred.warn import warn\n"
+            "def hook():\n    warn('step 50: embeddings may be collapsing')\nhook()\n"
+            "warnings.warn('a third-party warning')\n")  # fmt: skip
+    p = _run([sys.executable, "-c", code], tmp_path)
+    lines = p.stderr.splitlines()
+    assert lines[0] == "[unipred] warning: step 50: embeddings may be collapsing", p.stderr
+    assert "UserWarning: a third-party warning" in p.stderr  # others keep their format

@@ -56,6 +56,10 @@ def test_a_classification_run_says_what_the_data_gave_how_far_it_is_and_what_it_
     last = [r.split(",") for r in rows[1:] if r.split(",")[head.index("val/acc1")]][-1]
     assert abs(100 * float(last[head.index("val/acc1")]) - acc) < 1e-3
     assert not (run / LOCK_NAME).exists()  # released at the end
+    # the data report lists the generic reasons and the image modality's, no other's
+    keys = set(json.loads((run / "data_report.json").read_text())["total"])
+    assert {"skipped/corrupt", "converted/cmyk", "skipped/total"} <= keys, keys
+    assert not keys & {"converted/resampled", "skipped/invalid_utf8"}, keys
 
 
 def test_without_a_progress_bar_the_run_still_ends_with_its_result(tmp_path):
@@ -109,6 +113,21 @@ def test_a_second_process_on_a_run_folder_in_use_is_refused_naming_the_holder(tm
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"took over the lock of {run}" in p.stdout
     assert (run / "results.json").exists() and not (run / LOCK_NAME).exists()
+
+
+def test_reasons_belong_to_the_modality_that_registered_them():
+    import unipred.tasks.audio.data  # noqa: F401  (registrations)
+    import unipred.tasks.image.decode  # noqa: F401
+
+    from unipred.data.accounting import modality_of, reasons_for
+
+    assert modality_of("unipred.tasks.image.debug") == "unipred.tasks.image"
+    assert modality_of("unipred.data.shards") == "unipred" and modality_of("toy.x") == "toy"
+    image = reasons_for({"unipred.tasks.image.debug"})
+    assert {"skipped/truncated", "converted/cmyk"} <= image
+    assert "converted/resampled" not in image
+    audio = reasons_for({"unipred.tasks.audio.events"})
+    assert "converted/resampled" in audio and "converted/cmyk" not in audio
 
 
 def test_lock_rules(tmp_path, monkeypatch):

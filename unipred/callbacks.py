@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from unipred.warn import warn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -309,7 +310,7 @@ class CollapseMonitor(Callback):
             self.stopped_step = step
             trainer.should_stop = True
             msg += "; trainer.stop_on_collapse: training stopped at this step"
-        warnings.warn(msg, stacklevel=2)
+        warn(msg)
 
 
 def progress_bar(refresh_rate: int, keys=("train/loss", "lr", "perf/samples_per_s")):

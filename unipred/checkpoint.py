@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from unipred.warn import warn
 
 REQUIRED = ("state_dict", "global_step", "loops", "optimizer_states")
 
@@ -189,7 +190,7 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         except UnsafeCheckpointError:
             raise  # planted, not damaged: stop rather than resume around it
         except CheckpointError as e:
-            warnings.warn(f"resume=auto skips {e}", stacklevel=2)
+            warn(f"resume=auto skips {e}")
             continue
         step = int(ckpt["global_step"])
         if step > best_step:

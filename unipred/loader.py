@@ -18,11 +18,12 @@ so its position is stored in every checkpoint.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from unipred.warn import warn
 
 
 @runtime_checkable
@@ -143,10 +144,9 @@ class ResumableLoader(DataLoader):
             self.epoch, self.consumed = epoch, skip // int(self.batch_size or 1)
         elif isinstance(self.dataset, IterableDataset):
             if state.get("world_size", self.world) != self.world:
-                warnings.warn(
+                warn(
                     "streaming data resumed on a different world size: the stream "
-                    "position is approximate",
-                    stacklevel=2,
+                    "position is approximate"
                 )
             if isinstance(self.dataset, ResumableStream):
                 epoch, consumed = self.epoch, self.consumed
@@ -161,10 +161,9 @@ class ResumableLoader(DataLoader):
                 self.dataset.set_epoch(epoch)
                 self.dataset.resume(consumed, int(self.batch_size or 1))
             elif self.consumed:
-                warnings.warn(
+                warn(
                     f"{type(self.dataset).__name__} is no ResumableStream; the resumed epoch restarts "
-                    "its stream (some samples repeat)",
-                    stacklevel=2,
+                    "its stream (some samples repeat)"
                 )
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from unipred.warn import warn
 
 
 @dataclass
@@ -144,7 +145,7 @@ def build_adamw(groups: list[dict], betas, eps: float, fused: bool = True):
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)
         except (RuntimeError, TypeError) as e:
-            warnings.warn(f"fused AdamW unavailable ({e}); using the default kernel", stacklevel=2)
+            warn(f"fused AdamW unavailable ({e}); using the default kernel")
     return torch.optim.AdamW(groups, **kw)
 
 

@@ -9,13 +9,13 @@ itself (see ``LitTask.configure_gradient_clipping``), so no clip value is passed
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
 
 from unipred.callbacks import EMA, EMAConfig
+from unipred.warn import warn
 
 
 @dataclass
@@ -133,7 +133,7 @@ def _loggers(t: TrainerConfig, out: Path):
             try:
                 loggers.append(TensorBoardLogger(out, name="tb"))
             except ModuleNotFoundError:
-                warnings.warn("tensorboard is not installed; logging to CSV only", stacklevel=2)
+                warn("tensorboard is not installed; logging to CSV only")
         elif name == "wandb":
             if importlib.util.find_spec("wandb") is None:
                 raise ValueError(
@@ -169,9 +169,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
            bad_sample_logger(report=report), *callbacks]  # fmt: skip
     ema_ok = ema.enabled and t.strategy != "fsdp"
     if ema.enabled and not ema_ok:
-        warnings.warn(
-            "EMA is not supported with FSDP (sharded weights); ema disabled", stacklevel=2
-        )
+        warn("EMA is not supported with FSDP (sharded weights); ema disabled")
     if ema_ok:
         cbs.append(EMA.from_config(ema))
     if t.collapse_every_n_steps > 0 and hasattr(lit.task, "want_stats"):

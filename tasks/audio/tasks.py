@@ -20,7 +20,6 @@ import dataclasses
 import os
 import random
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from unipred.tasks.audio.spoken_digits import DIGITS, available_engines, synthes
 from unipred.model import ModelConfig, model_config
 from unipred.registry import MODELS
 from unipred.task import DataConfig, DataSource, check_tokenizer, model_tokenizer, register_data
+from unipred.warn import warn
 
 
 # ------------------------------------------------------------------------------ model sizes
@@ -137,8 +137,8 @@ def build_audio_dataset(cfg, split: str, augment: bool | None = None):
         if n <= 0:
             return None
         if not available_engines():
-            warnings.warn("espeak-ng/flite not found: tone patterns stand in for spoken digits "
-                          "(apt-get install -y espeak-ng flite)", stacklevel=2)  # fmt: skip
+            warn("espeak-ng/flite not found: tone patterns stand in for spoken digits "
+                 "(apt-get install -y espeak-ng flite)")  # fmt: skip
             return ToneDigits(n, cfg.seed + (0 if train else 7919))
         root = synthesize(digits_cache(d), d.train_per_class, d.val_per_class, d.digits_seed)
         spec, csv_path, where = str(root / ("train" if train else "test")), "", ""

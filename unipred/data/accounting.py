@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import weakref
 
 import torch
@@ -33,17 +34,53 @@ _MAX_REASONS = 64  # columns of the shared tensor
 _WARN_FIRST = 20  # log the first few bad files of each process by name, then only count
 # "skipped/<reason>" or "converted/<reason>" -> its column, in registration order
 _COLUMNS: dict[str, int] = {}
+# "skipped/<reason>" -> the module that registered it (which modality a reason belongs to)
+_OWNERS: dict[str, str] = {}
 
 
 def register_reasons(skipped: tuple[str, ...] = (), converted: tuple[str, ...] = ()) -> None:
-    """Declare the reasons a reader counts samples under (idempotent; call at import)."""
+    """Declare the reasons a reader counts samples under (idempotent; call at import). The
+    calling module is remembered as the reason's owner: a run's data_report.json lists the
+    generic reasons and those of the modalities it reads (:func:`reasons_for`)."""
+    owner = sys._getframe(1).f_globals.get("__name__", "")
     for kind, names in (("skipped", skipped), ("converted", converted)):
         for name in names:
             key = f"{kind}/{name}"
+            _OWNERS.setdefault(key, owner)
             if key not in _COLUMNS:
                 if len(_COLUMNS) >= _MAX_REASONS:
                     raise ValueError(f"too many bad-sample reasons (max {_MAX_REASONS})")
                 _COLUMNS[key] = len(_COLUMNS)
+
+
+def modality_of(module: str) -> str:
+    """``unipred.tasks.image.decode`` -> ``unipred.tasks.image``; any other core module ->
+    ``unipred`` (generic); a plugin's module -> its top-level package."""
+    parts = module.split(".")
+    if parts[:2] == ["unipred", "tasks"] and len(parts) > 2:
+        return ".".join(parts[:3])
+    return parts[0]
+
+
+def reasons_for(modules) -> set[str]:
+    """The reasons a run whose data code lives in ``modules`` can meet: the generic ones and
+    those registered by the same modalities."""
+    mine = {modality_of(m) for m in modules} | {"unipred"}
+    return {k for k, owner in _OWNERS.items() if modality_of(owner) in mine}
+
+
+def data_modules(task) -> set[str]:
+    """The modules of ``task``'s data code (its class, its data source; a joint task's
+    sources' too)."""
+    out = set()
+    for t in [task, *(getattr(s, "task", None) for s in getattr(task, "sources", None) or [])]:
+        if t is None:
+            continue
+        out.add(type(t).__module__)
+        src = getattr(t, "data_class", None)
+        if src is not None:
+            out.add(src.__module__)
+    return out
 
 
 # every modality's readers meet these

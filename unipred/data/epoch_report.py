@@ -60,6 +60,7 @@ class BadSampleLogger(L.Callback):
         self.max_bad_fraction, self.root = max_bad_fraction, root
         self.seen: set[str] = set()
         self._val_rows, self._v0 = 0, 0
+        self.keep: set[str] | None = None  # the reasons of the run's modalities (setup)
 
     # -- configuration ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
@@ -67,6 +68,11 @@ class BadSampleLogger(L.Callback):
         if self.max_bad_fraction is None:
             self.max_bad_fraction = getattr(data, "max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
         self.root = self.root or getattr(data, "root", "")
+        task = getattr(pl_module, "task", None)
+        if task is not None:  # a text run's report lists no image or audio reasons
+            from unipred.data.accounting import data_modules, reasons_for
+
+            self.keep = reasons_for(data_modules(task))
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -153,7 +159,9 @@ class BadSampleLogger(L.Callback):
             names = _gather(names, trainer.world_size)
         epoch = trainer.current_epoch
         if self.report is not None and trainer.is_global_zero:
-            write_report(self.report, epoch, trainer.global_step, total, names)
+            shown = {k: v for k, v in total.items()
+                     if self.keep is None or k in self.keep or v or k.endswith("/total")}  # fmt: skip
+            write_report(self.report, epoch, trainer.global_step, shown, names)
             if total["skipped/total"] + total["converted/total"]:
                 log.info("epoch %d bad samples (all ranks): %s; names in %s",
                          epoch, {k: v for k, v in total.items() if v}, self.report)  # fmt: skip
