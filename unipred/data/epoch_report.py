@@ -63,6 +63,8 @@ class BadSampleLogger(L.Callback):
 
     # -- configuration ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
+        if stage == "fit":  # before this run builds its data and loads its checkpoint
+            self.counter.begin_run()
         data = getattr(getattr(pl_module, "cfg", None), "data", None)
         if self.max_bad_fraction is None:
             self.max_bad_fraction = getattr(data, "max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
