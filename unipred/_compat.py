@@ -37,6 +37,7 @@ MOVED = {
     "unipred.segment": "unipred.task.segment",
     "unipred.joint": "unipred.task.joint",
     "unipred.seg_metrics": "unipred.task.seg_metrics",
+    "unipred.baselines": "unipred.protocols.baselines",
     "unipred.hub": "unipred.weights.hub",
     "unipred.pretrained": "unipred.weights.pretrained",
 }
