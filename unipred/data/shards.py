@@ -15,7 +15,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
-from unipred.data.accounting import COUNTER, BadSampleCounter
+from unipred.data.accounting import COUNTER, BadSampleCounter, Once, reading
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 
@@ -81,8 +81,10 @@ class ShardReader(IterableDataset):
       makes worker w skip the good samples of the batches it had delivered (batch i of an
       epoch comes from worker ``i % W``). The stream of each (epoch, rank, worker) is a
       function of the seed only and a skipped sample is decoded (silently) only to learn
-      whether it was good, so the resumed epoch continues exactly where the interrupted
-      one stopped: no sample repeated, none lost.
+      whether it was good (and counted, so the epoch's bad-sample report is whole), so the
+      resumed epoch continues exactly where the interrupted one stopped: no sample repeated,
+      none lost. Each bad sample is counted once per epoch, in the first pass over the
+      shards (a quota may make a worker read its shards again).
     """
 
     def __init__(
@@ -168,11 +170,14 @@ class ShardReader(IterableDataset):
         """A raw webdataset sample dict -> an item, or None when skipped (count it)."""
         raise NotImplementedError(f"{type(self).__name__} must implement decode(sample)")
 
-    def _good(self, raw: dict) -> bool:
-        """Whether ``raw`` decodes (for skipping on resume; counted in the first run only)."""
-        counter, self.counter = self.counter, _SILENT
+    def _decode_once(self, raw: dict, count: bool):
+        """``decode(raw)`` counting at most one reason for the sample (``count=False``:
+        nothing, for a sample met again in a later pass of the same epoch)."""
+        counter = self.counter
+        self.counter = Once(counter) if count else _SILENT
         try:
-            return self.decode(raw) is not None
+            with reading(self.counter):
+                return self.decode(raw)
         finally:
             self.counter = counter
 
@@ -188,11 +193,12 @@ class ShardReader(IterableDataset):
             got = 0
             for raw in self._raw(urls, stride, offset, rng):
                 got += 1
-                if produced < skip:  # resumed: delivered before the restart
-                    produced += self._good(raw)
-                    continue
-                out = self.decode(raw)
+                # each sample counts once per epoch: in the first pass over the shards
+                out = self._decode_once(raw, count=passes == 0)
                 if out is None:
+                    continue
+                if produced < skip:  # resumed: delivered before the restart. Decoded and
+                    produced += 1  # counted again, so the epoch's report is whole
                     continue
                 yield out
                 produced += 1
