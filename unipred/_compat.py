@@ -34,6 +34,7 @@ MOVED = {
     "unipred.trainer": "unipred.train.trainer",
     "unipred.engine": "unipred.train.engine",
     "unipred.config": "unipred.train.config",
+    "unipred.rundir": "unipred.train.rundir",
     "unipred.segment": "unipred.task.segment",
     "unipred.joint": "unipred.task.joint",
     "unipred.seg_metrics": "unipred.task.seg_metrics",

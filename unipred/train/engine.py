@@ -256,7 +256,7 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
     from unipred.train.config import to_yaml
 
     if not cfg.trainer.fast_dev_run:  # a bad run_dir: one line now, not after the model
-        from unipred.rundir import check_run_dir
+        from unipred.train.rundir import check_run_dir
 
         check_run_dir(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
