@@ -16,6 +16,7 @@ from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
 from unipred.data.accounting import COUNTER, BadSampleCounter, Once, reading
+from unipred.data.seeding import seeded
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 
@@ -136,9 +137,20 @@ class ShardReader(IterableDataset):
         self._passes[slot] += 1
         return int(self._state[0]) + k
 
+    def _role(self, epoch: int) -> tuple[int, int, int, int]:
+        """(rank, world, role, workers): the worker whose share this worker reads.
+
+        A resumed epoch's DataLoader takes its first batch from worker 0, but the next batch
+        of the interrupted epoch (batch ``b``) was worker ``b % W``'s: worker w then reads
+        worker ``(w + b) % W``'s share, so the batches come in the uninterrupted order."""
+        rank, world, worker, workers = pytorch_worker_info()
+        if int(self._state[1]) == epoch:
+            worker = (worker + int(self._state[2])) % workers
+        return rank, world, worker, workers
+
     def _assign(self, epoch: int):
         """-> (my shard urls, sample stride, sample offset, quota or None, samples to skip)."""
-        rank, world, worker, workers = pytorch_worker_info()
+        rank, world, worker, workers = self._role(epoch)
         urls = list(self.urls)
         if self.training:
             random.Random(self.seed + epoch).shuffle(urls)
@@ -187,14 +199,18 @@ class ShardReader(IterableDataset):
         urls, stride, offset, quota, skip = self._assign(epoch)
         if quota is not None and skip >= quota:
             return  # this worker had delivered all of its share before the restart
-        rng = random.Random(hash((self.seed, epoch, info)))  # ints only: stable across runs
+        # ints only (stable across runs); the role, not the worker id, on a resumed epoch
+        rng = random.Random(hash((self.seed, epoch, self._role(epoch))))
         produced, passes = 0, 0
         while quota is None or produced < quota:
             got = 0
             for raw in self._raw(urls, stride, offset, rng):
                 got += 1
-                # each sample counts once per epoch: in the first pass over the shards
-                out = self._decode_once(raw, count=passes == 0)
+                # each sample counts once per epoch: in the first pass over the shards. Its
+                # random choices are a function of (seed, epoch, sample key, pass), not of
+                # this worker's stream (unipred.data.seeding)
+                with seeded(self.seed, epoch, str(raw.get("__key__", "")), passes):
+                    out = self._decode_once(raw, count=passes == 0)
                 if out is None:
                     continue
                 if produced < skip:  # resumed: delivered before the restart. Decoded and

@@ -30,6 +30,7 @@ from torch import nn
 
 from unipred.base.registry import TASKS, TOKENIZERS
 from unipred.base.tokens import Tokens
+from unipred.data.seeding import seeded
 from unipred.nn.model import build_tokenizer
 from unipred.nn.rope import lift_coords
 from unipred.task import DataConfig, PretrainTask, collapse_stats
@@ -374,7 +375,10 @@ class JointStream(torch.utils.data.IterableDataset):
             i, k = plan[j]
             name, ds = self.names[i], self.datasets[i]
             for idx in self.indices(i, k):
-                yield name, ds[idx]
+                # the sample's random choices: seeded by (seed, epoch, source, index)
+                with seeded(self.seed, epoch, name, idx):
+                    item = ds[idx]
+                yield name, item
 
     def _val_batches(self):
         b = self.batch_size
