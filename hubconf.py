@@ -80,7 +80,7 @@ def _ensure_unipred() -> None:
 
 
 def _eval(model):
-    from unipred.pretrained import for_inference
+    from unipred.weights.pretrained import for_inference
 
     return for_inference(lambda: model)()
 
@@ -90,7 +90,7 @@ def nepa(pretrained: str | None = None, name: str | None = None, **overrides):
     (``name``, default nepa_vit_b14) with random weights. With both, the weights must be of
     that size's architecture. Eval mode either way."""
     _ensure_unipred()
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     if pretrained:
         if overrides:
@@ -105,7 +105,7 @@ def nepa(pretrained: str | None = None, name: str | None = None, **overrides):
 def _check_architecture(model, name: str, src) -> None:
     """ValueError (one line) when ``model`` is not of the registered size ``name``: width,
     depth, heads, tokenizer and patch (a classifier of that backbone is accepted)."""
-    from unipred.model import model_config
+    from unipred.nn.model import model_config
 
     want, got = model_config(name), model.cfg
 

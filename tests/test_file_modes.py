@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipred.atomic import atomic_write
+from unipred.base.atomic import atomic_write
 from unipred.checkpoint import atomic_torch_save
 from unipred.hub import export_timm, save_official_nepa
 from unipred.model import NEPA

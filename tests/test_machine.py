@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from unipred.config import ConfigError, batch_plan, load_config
-from unipred.machine import CPU_PER_DEVICE, fit_to_machine
-from unipred.provenance import source_of
+from unipred.train.machine import CPU_PER_DEVICE, fit_to_machine
+from unipred.train.provenance import source_of
 from unipred.trainer import TrainerConfig
 
 

@@ -14,9 +14,9 @@ from unipred.tasks.image.decode import decode_image
 from unipred.cli import main
 from unipred.config import ConfigError, build_model_config, load_config
 from unipred.data.accounting import COUNTER, BadSampleCounter
-from unipred.provenance import source_of
 from unipred.registry import TASKS
 from unipred.task import dataset_labels, per_class_indices
+from unipred.train.provenance import source_of
 
 
 def _grey_folder(root, classes=3, per_class=6, size=12, colour_file=False):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipred.heads import LinearProbeHead, pool_tokens
+from unipred.nn.heads import LinearProbeHead, pool_tokens
 
 FROZEN = ("knn", "linear", "attentive", "layers")
 PROTOCOLS = (*FROZEN, "finetune")
@@ -81,6 +81,9 @@ class AttentiveSettings:
 class FeatureSettings:
     batch: int = 256  # batch of the feature pass
     pool: str = "mean"  # mean over patch tokens | last | cls
+    # k-NN and linear read this block's output (negative: from the top) instead of the final
+    # norm; autoregressive models probe best in the middle (iGPT, AIM)
+    block: int | None = None
     max_train: int = 0  # use the first N training samples (0 = all)
     max_val: int = 0
     num_workers: int = -1  # -1 = data.num_workers
@@ -183,10 +186,10 @@ def weight_sets(path: str, ema: str) -> list[tuple[str, dict]]:
     if p.is_dir():
         if ema == "true":
             raise ProtocolError(f"ema=true: {path} is a model folder with one weight set")
-        from unipred.pretrained import load_pretrained
+        from unipred.weights.pretrained import load_pretrained
 
         return [("raw", _backbone(load_pretrained(p).state_dict()))]
-    from unipred.checkpoint import CheckpointError, read_checkpoint
+    from unipred.train.checkpoint import CheckpointError, read_checkpoint
 
     ckpt = read_checkpoint(p)
     raw = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -209,7 +212,7 @@ def _backbone(sd: dict) -> dict:
 
 def load_backbone_weights(model: nn.Module, sd: dict, source: str) -> None:
     """Load every backbone tensor (strict: names and shapes); the model's head is left alone."""
-    from unipred.checkpoint import check_state_dict
+    from unipred.train.checkpoint import check_state_dict
 
     want = _backbone(model.state_dict())
     check_state_dict(source, sd, want)
@@ -269,12 +272,17 @@ def extract_features(
     device: torch.device | str = "cpu",
     autocast: torch.dtype | None = None,
     max_samples: int = 0,
+    block: int | None = None,
 ) -> Features:
-    """One pass of the frozen backbone (eval mode, no grad) over labelled batches."""
+    """One pass of the frozen backbone (eval mode, no grad) over labelled batches. ``pooled``
+    is the final norm's output, or that of block ``block`` (negative: from the top)."""
     model.eval()
     device = torch.device(device)
     n_prefix = int(getattr(model, "n_prefix", 0))
-    depth = len(model.predictor.blocks) if layers else 0
+    n_blocks = len(model.predictor.blocks)
+    if block is not None and not -n_blocks <= block < n_blocks:
+        raise ProtocolError(f"features.block={block}: the backbone has {n_blocks} blocks")
+    want = tuple(range(n_blocks)) if layers else ((block % n_blocks,) if block is not None else ())
     pooled, labels, per_layer, toks, valid = [], [], [], [], []
     n = 0
     for batch in batches:
@@ -286,9 +294,10 @@ def extract_features(
         x = _to(inputs(batch), device)
         y = _labels(batch[1])
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            out = model.forward_features(x, layers=tuple(range(depth)))
+            out = model.forward_features(x, layers=want)
         v = out.valid
-        pooled.append(pool_tokens(out.hidden, n_prefix, v, pool).float().cpu())
+        src = out.hidden if block is None else out.layers[want.index(block % n_blocks)]
+        pooled.append(pool_tokens(src, n_prefix, v, pool).float().cpu())
         if layers:
             hs = [pool_tokens(h, n_prefix, v, pool) for h in (*out.layers, out.hidden)]
             per_layer.append(torch.stack(hs).float().cpu())
@@ -637,7 +646,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     -> {"rows": [{protocol, weights, top1, top5, seconds, ...}], "meta": {...}}.
     The backbone is the CONFIG's model (``task.build_model()``: its attention mode, e.g.
     causal as pretrained, is the config's), with every backbone tensor from the checkpoint."""
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
 
     protocols = list(protocols)
     bad = [p for p in protocols if p not in FROZEN]
@@ -664,14 +673,16 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
             feats[split] = extract_features(
                 model, _loader(task, split, fs, workers), inputs=task.inputs, pool=fs.pool,
                 layers=want_layers, tokens=want_tokens, device=device, autocast=autocast,
-                max_samples=limit,
+                max_samples=limit, block=fs.block,
             )  # fmt: skip
         meta["feature_seconds"][name] = round(time.perf_counter() - t0, 2)
         tr, va = feats["train"], feats["val"]
         meta.update(train_samples=len(tr.labels), val_samples=len(va.labels))
         C = _num_classes(task, tr.labels, va.labels)
-        log(f"[{name}] features: {len(tr.labels)} train / {len(va.labels)} val samples, "
-            f"width {tr.pooled.shape[1]}, {meta['feature_seconds'][name]} s")  # fmt: skip
+        where = "final norm" if fs.block is None else f"block {fs.block}"
+        log(f"[{name}] features ({where}, {fs.pool} pooling): {len(tr.labels)} train / "
+            f"{len(va.labels)} val samples, width {tr.pooled.shape[1]}, "
+            f"{meta['feature_seconds'][name]} s")  # fmt: skip
         for proto in protocols:
             t0 = time.perf_counter()
             if proto == "knn":
@@ -711,7 +722,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
     step = 0
     for _ in range(s.epochs):
         f = extract_features(model, loader, inputs=task.inputs, pool=fs.pool, device=device,
-                             autocast=autocast)  # fmt: skip
+                             autocast=autocast, block=fs.block)  # fmt: skip
         probe.train()
         for i in range(0, len(f.labels), s.batch):
             x, y = f.pooled[i : i + s.batch].to(device), f.labels[i : i + s.batch].to(device)
@@ -732,7 +743,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
 
 def need_classification(cfg, what: str) -> None:
     """The protocols score class labels: a task of another objective is one clear error."""
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
     from unipred.task import ClassifyTask
 
     if not issubclass(TASKS.get(cfg.task), ClassifyTask):
@@ -745,7 +756,7 @@ def need_classification(cfg, what: str) -> None:
 def run_finetune(cfg, settings: EvalSettings, log=print) -> dict:
     """Fine-tune with the CONFIG's recipe from the checkpoint's backbone (raw and/or EMA);
     report the final validation accuracy of each run."""
-    from unipred.engine import fit
+    from unipred.train.engine import fit
 
     need_classification(cfg, "protocol=finetune")
     if not cfg.ckpt:
@@ -849,7 +860,7 @@ def write_results(results: dict, folder: Path) -> tuple[Path, Path]:
 
 def evaluate_suite(cfg, settings: EvalSettings, config_name: str = "", log=print) -> dict:
     """Every requested protocol on ``cfg.ckpt``; results.md / results.json in the run folder."""
-    from unipred.baselines import run_with_baselines
+    from unipred.protocols.baselines import run_with_baselines
 
     t0 = time.perf_counter()
     results = run_with_baselines(cfg, settings, settings.protocols, log)
@@ -876,7 +887,7 @@ def frozen_eval(config, overrides: list[str], ckpt: str, protocols=FROZEN, setti
     """The frozen protocols on one checkpoint (or ``"random"``) of ``config`` with ``overrides``:
     the rows of the demos' tables (raw weights only). ``settings`` are eval keys such as
     ``"linear.epochs=50"``."""
-    from unipred.config import load_config
+    from unipred.train.config import load_config
 
     s = parse_eval_settings([*settings, "ema=false"])
     cfg = load_config(config, [*overrides, f"ckpt={ckpt}"])

@@ -81,7 +81,7 @@ def apply_to_run(cfg, announce: bool = True) -> str | None:
 
     cfg.trainer, line = fit_to_machine(cfg.trainer)
     if line:
-        from unipred.provenance import set_source
+        from unipred.train.provenance import set_source
 
         for key in ("trainer.devices", "trainer.per_device_batch"):
             set_source(cfg, key, "this machine (see the line above)")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from unipred.model import NEPA, ModelConfig
-from unipred.predictor import PredictorConfig
-from unipred.pretrained import for_inference
+from unipred.nn.model import NEPA, ModelConfig
+from unipred.nn.predictor import PredictorConfig
+from unipred.weights.pretrained import for_inference
 
 _ACT = {"gelu": "gelu", "silu": "silu", "swish": "silu"}
 PREFIX = "vit_nepa."
@@ -195,7 +195,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             )
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
-    from unipred.checkpoint import CheckpointError, safe_load
+    from unipred.train.checkpoint import CheckpointError, safe_load
 
     try:
         if p.suffix == ".safetensors":
@@ -254,7 +254,7 @@ def save_official_nepa(model: NEPA, path: str | Path, image_size: int = 224) -> 
 
 
 def _atomic(dest: Path, write) -> None:
-    from unipred.atomic import atomic_write
+    from unipred.base.atomic import atomic_write
 
     atomic_write(dest, write)  # the user's umask (0644 under 022), never mkstemp's 0600
 
@@ -276,7 +276,7 @@ def main(argv: list[str]) -> int:
 # ------------------------------------------------------------------- what a layout can hold
 def official_layout_problems(model: NEPA) -> list[str]:
     """Why ``model`` cannot be written in the official ViTNepa layout (empty list: it can)."""
-    from unipred.registry import TOKENIZERS
+    from unipred.base.registry import TOKENIZERS
 
     cfg, out = model.cfg, []
     if not isinstance(model.tokenizer, TOKENIZERS.get("image")):
@@ -336,7 +336,7 @@ def timm_kwargs(model: NEPA, bidirectional: bool = False) -> dict:
         raise ValueError("cannot export to timm: " + "; ".join(problems))
     from functools import partial
 
-    from unipred.extras import require
+    from unipred.base.extras import require
 
     layers = require("timm.layers", "vision", "exporting to timm")
     pc, cfg = model.cfg.predictor, model.cfg
@@ -409,7 +409,7 @@ def timm_state_dict(model: NEPA) -> dict[str, torch.Tensor]:
 
 def to_timm(model: NEPA, bidirectional: bool = False):
     """A timm model (``timm.create_model``) with ``model``'s weights, in eval mode."""
-    from unipred.extras import require
+    from unipred.base.extras import require
 
     timm = require("timm", "vision", "exporting to timm")
     kw = timm_kwargs(model, bidirectional)
@@ -447,7 +447,7 @@ def load_timm(folder: str | Path):
     """``timm.create_model("local-dir:FOLDER", pretrained=True)`` with the LayerNorm epsilon
     of the export (``config.json: unipred.norm_eps``; timm's JSON cannot carry it and its
     Eva default is 1e-5), in eval mode: unipred's outputs to 1e-5."""
-    from unipred.extras import require
+    from unipred.base.extras import require
 
     timm = require("timm", "vision", "loading a timm export")
     folder = Path(folder)

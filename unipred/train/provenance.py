@@ -29,7 +29,7 @@ def _leaves(node, prefix: str = ""):
 def _show(path: Path) -> str:
     """A config path as a user reads it: relative to the working folder when inside it, else
     relative to the packaged recipes (``image/vit_b14_finetune.yaml``), else absolute."""
-    from unipred.config import packaged_configs
+    from unipred.train.config import packaged_configs
 
     path = Path(path).resolve()
     for root, label in ((Path.cwd(), ""), (packaged_configs().resolve(), "recipe ")):
@@ -107,7 +107,7 @@ _LINE = re.compile(r"^(\s*)([^\s:#-][^:]*):(.*)$")
 
 def annotated_yaml(cfg) -> str:
     """The effective config as YAML, each key followed by ``# <where it came from>``."""
-    from unipred.config import to_yaml
+    from unipred.train.config import to_yaml
 
     out, stack = [], []  # stack: (indent, key) of the enclosing mappings
     src = sources(cfg)

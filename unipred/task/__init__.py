@@ -59,6 +59,10 @@ class DataConfig:
     val_root: str = ""  # validation data, same forms; "" disables validation
     num_workers: int = 4
     shuffle_buffer: int = 5000  # streaming (webdataset) shuffle buffer
+    # unreadable training samples are skipped and counted; more than this fraction of an
+    # epoch's samples stops the run (one line naming the folder); 1 = never stop
+    max_bad_fraction: float = 0.05
+    follow_symlinks: bool = False  # also follow symlinks leading out of a data folder
 
 
 class DataSource:
@@ -253,7 +257,7 @@ class Task:
     def model_config(self, **defaults):
         """The ModelConfig of ``cfg.model``; ``defaults`` (e.g. head="mean", num_classes=10)
         fill in what the config leaves unset (None); the data source adapts it."""
-        from unipred.config import build_model_config
+        from unipred.train.config import build_model_config
 
         mc = build_model_config(self.cfg.model, **defaults)
         return self.source.adapt_model(mc) if self.source is not None else mc
@@ -267,7 +271,7 @@ class Task:
 # helpers for Task.check_config: each raises one ValueError line naming the keys to change
 def model_tokenizer(cfg) -> tuple[str, dict]:
     """(tokenizer name, tokenizer args) of the config's model (size + overrides)."""
-    from unipred.config import build_model_config
+    from unipred.train.config import build_model_config
 
     try:
         mc = build_model_config(cfg.model)
@@ -334,7 +338,7 @@ class PretrainTask(Task):
     want_stats: bool = False
 
     def build_model(self) -> nn.Module:
-        from unipred.model import NEPA
+        from unipred.nn.model import NEPA
 
         return NEPA(self.model_config(head="none"))
 
@@ -490,7 +494,7 @@ class ClassifyTask(Task):
             n = self.source.num_classes()
         n = int(n or self.default_num_classes)
         if n < 1:
-            from unipred.config import ConfigError
+            from unipred.train.config import ConfigError
 
             raise ConfigError(
                 f"task {self.cfg.task!r} does not know its number of classes: set "
@@ -519,7 +523,7 @@ class ClassifyTask(Task):
         """The class count, decided once (unipred/classes.py): the config, else the training
         data, else the checkpoint whose classifier is used, else what the data source knows
         without training data (a val folder, generated data); conflicts are one line."""
-        from unipred.classes import resolve_classes
+        from unipred.train.classes import resolve_classes
 
         source = cls.data_class(cfg, cls.objective) if cls.data_class is not None else None
         counts = source.num_classes if source is not None else (lambda: None)
@@ -528,7 +532,7 @@ class ClassifyTask(Task):
             n = counts()
             if n:
                 cfg.data.num_classes = n
-                from unipred.provenance import set_source
+                from unipred.train.provenance import set_source
 
                 set_source(cfg, "data.num_classes", "data source (no training data named)")
 
@@ -603,7 +607,7 @@ class ClassifyTask(Task):
 
     # -- model --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        from unipred.model import NEPA
+        from unipred.nn.model import NEPA
 
         head = "probe" if self.mode == "probe" else self.default_head
         model = NEPA(self.model_config(head=head, num_classes=self.num_classes()))
@@ -675,7 +679,7 @@ OBJECTIVES: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": Class
 
 def all_objectives() -> dict[str, type[Task]]:
     """Every generic objective by name (segmentation lives in unipred.segment)."""
-    from unipred.segment import SegmentTask
+    from unipred.task.segment import SegmentTask
 
     return {**OBJECTIVES, "segment": SegmentTask}
 
@@ -688,7 +692,7 @@ def register_data(name: str, objectives=("pretrain", "classify"), tasks: dict | 
     source yields dense label maps and may set ``label_axes``)."""
     import sys
 
-    from unipred.registry import DATASETS, TASKS
+    from unipred.base.registry import DATASETS, TASKS
 
     def deco(source: type[DataSource]):
         DATASETS.register(name)(source)

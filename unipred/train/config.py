@@ -22,12 +22,12 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from unipred.callbacks import EMAConfig
-from unipred.model import ModelSection, _set_fields, build_model_config  # noqa: F401
-from unipred.objectives import ObjectiveConfig
-from unipred.optim import OptimConfig
-from unipred.registry import TASKS
-from unipred.trainer import BatchPlan, TrainerConfig, batch_plan  # noqa: F401
+from unipred.base.registry import TASKS
+from unipred.nn.model import ModelSection, _set_fields, build_model_config  # noqa: F401
+from unipred.nn.objectives import ObjectiveConfig
+from unipred.train.callbacks import EMAConfig
+from unipred.train.optim import OptimConfig
+from unipred.train.trainer import BatchPlan, TrainerConfig, batch_plan  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -151,7 +151,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
         where = f" in {path}" if path else ""
         key = _culprit(schema, raw) or "?"
         raise ConfigError(f"invalid value for config key '{key}'{where}: {_one_line(e)}") from None
-    from unipred.provenance import record
+    from unipred.train.provenance import record
 
     record(cfg, path, overrides)  # where each value came from (--print-config)
     if not cfg.run_dir:
@@ -237,6 +237,9 @@ def _check_choices(cfg) -> None:
         raise ConfigError(str(e)) from None
     if cfg.model.registers is not None and cfg.model.registers < 0:
         raise ConfigError(f"model.registers must be >= 0, got {cfg.model.registers}")
+    frac = getattr(cfg.data, "max_bad_fraction", 0.0)
+    if not 0 <= frac <= 1:
+        raise ConfigError(f"data.max_bad_fraction must be in [0, 1] (1 = never stop), got {frac}")
 
 
 # keys that moved: old dotted key -> (new key, why); a config with the old key is told where
@@ -286,7 +289,7 @@ def check_data_paths(cfg) -> None:
     for key, spec in (("model.init", cfg.model.init), ("ckpt", cfg.ckpt)):
         p = spec.split(":", 1)[1] if ":" in spec and key == "model.init" else spec
         if key == "model.init" and spec.startswith("pretrain:"):
-            from unipred.checkpoint import split_source
+            from unipred.train.checkpoint import split_source
 
             p = split_source(p)[0]
             p = p[: -len(":ema")] if p.endswith(":ema") else p

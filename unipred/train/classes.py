@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unipred.provenance import set_source, source_of
+from unipred.train.provenance import set_source, source_of
 
 
 def _ckpt_classes(path: str) -> int | None:
     """Rows of the classifier of one of our checkpoints (None: no classifier, no file)."""
     if not path or not Path(path).is_file():
         return None
-    from unipred.checkpoint import safe_load
+    from unipred.train.checkpoint import safe_load
 
     ckpt = safe_load(path)  # memory-mapped: only the header and one tensor's shape are read
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
@@ -62,7 +62,7 @@ def resolve_classes(cfg, data_count) -> str | None:
     """Set ``cfg.data.num_classes`` from the config, the data or the checkpoint; one
     ``ConfigError`` line on a conflict. ``data_count()`` is the training data's class count
     (None: unknown or no training data). Returns "N (from ...)" or None when unknown."""
-    from unipred.config import ConfigError
+    from unipred.train.config import ConfigError
 
     d, m = cfg.data.num_classes or 0, cfg.model.num_classes or 0
     if d and m and d != m:
