@@ -15,7 +15,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
-from unipred.data.accounting import COUNTER, BadSampleCounter
+from unipred.data.accounting import COUNTER, BadSampleCounter, Once, reading
+from unipred.data.seeding import seeded
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 
@@ -81,8 +82,10 @@ class ShardReader(IterableDataset):
       makes worker w skip the good samples of the batches it had delivered (batch i of an
       epoch comes from worker ``i % W``). The stream of each (epoch, rank, worker) is a
       function of the seed only and a skipped sample is decoded (silently) only to learn
-      whether it was good, so the resumed epoch continues exactly where the interrupted
-      one stopped: no sample repeated, none lost.
+      whether it was good (and counted, so the epoch's bad-sample report is whole), so the
+      resumed epoch continues exactly where the interrupted one stopped: no sample repeated,
+      none lost. Each bad sample is counted once per epoch, in the first pass over the
+      shards (a quota may make a worker read its shards again).
     """
 
     def __init__(
@@ -134,9 +137,20 @@ class ShardReader(IterableDataset):
         self._passes[slot] += 1
         return int(self._state[0]) + k
 
+    def _role(self, epoch: int) -> tuple[int, int, int, int]:
+        """(rank, world, role, workers): the worker whose share this worker reads.
+
+        A resumed epoch's DataLoader takes its first batch from worker 0, but the next batch
+        of the interrupted epoch (batch ``b``) was worker ``b % W``'s: worker w then reads
+        worker ``(w + b) % W``'s share, so the batches come in the uninterrupted order."""
+        rank, world, worker, workers = pytorch_worker_info()
+        if int(self._state[1]) == epoch:
+            worker = (worker + int(self._state[2])) % workers
+        return rank, world, worker, workers
+
     def _assign(self, epoch: int):
         """-> (my shard urls, sample stride, sample offset, quota or None, samples to skip)."""
-        rank, world, worker, workers = pytorch_worker_info()
+        rank, world, worker, workers = self._role(epoch)
         urls = list(self.urls)
         if self.training:
             random.Random(self.seed + epoch).shuffle(urls)
@@ -168,11 +182,14 @@ class ShardReader(IterableDataset):
         """A raw webdataset sample dict -> an item, or None when skipped (count it)."""
         raise NotImplementedError(f"{type(self).__name__} must implement decode(sample)")
 
-    def _good(self, raw: dict) -> bool:
-        """Whether ``raw`` decodes (for skipping on resume; counted in the first run only)."""
-        counter, self.counter = self.counter, _SILENT
+    def _decode_once(self, raw: dict, count: bool):
+        """``decode(raw)`` counting at most one reason for the sample (``count=False``:
+        nothing, for a sample met again in a later pass of the same epoch)."""
+        counter = self.counter
+        self.counter = Once(counter) if count else _SILENT
         try:
-            return self.decode(raw) is not None
+            with reading(self.counter):
+                return self.decode(raw)
         finally:
             self.counter = counter
 
@@ -182,17 +199,22 @@ class ShardReader(IterableDataset):
         urls, stride, offset, quota, skip = self._assign(epoch)
         if quota is not None and skip >= quota:
             return  # this worker had delivered all of its share before the restart
-        rng = random.Random(hash((self.seed, epoch, info)))  # ints only: stable across runs
+        # ints only (stable across runs); the role, not the worker id, on a resumed epoch
+        rng = random.Random(hash((self.seed, epoch, self._role(epoch))))
         produced, passes = 0, 0
         while quota is None or produced < quota:
             got = 0
             for raw in self._raw(urls, stride, offset, rng):
                 got += 1
-                if produced < skip:  # resumed: delivered before the restart
-                    produced += self._good(raw)
-                    continue
-                out = self.decode(raw)
+                # each sample counts once per epoch: in the first pass over the shards. Its
+                # random choices are a function of (seed, epoch, sample key, pass), not of
+                # this worker's stream (unipred.data.seeding)
+                with seeded(self.seed, epoch, str(raw.get("__key__", "")), passes):
+                    out = self._decode_once(raw, count=passes == 0)
                 if out is None:
+                    continue
+                if produced < skip:  # resumed: delivered before the restart. Decoded and
+                    produced += 1  # counted again, so the epoch's report is whole
                     continue
                 yield out
                 produced += 1
