@@ -257,7 +257,7 @@ class Task:
     def model_config(self, **defaults):
         """The ModelConfig of ``cfg.model``; ``defaults`` (e.g. head="mean", num_classes=10)
         fill in what the config leaves unset (None); the data source adapts it."""
-        from unipred.config import build_model_config
+        from unipred.train.config import build_model_config
 
         mc = build_model_config(self.cfg.model, **defaults)
         return self.source.adapt_model(mc) if self.source is not None else mc
@@ -271,7 +271,7 @@ class Task:
 # helpers for Task.check_config: each raises one ValueError line naming the keys to change
 def model_tokenizer(cfg) -> tuple[str, dict]:
     """(tokenizer name, tokenizer args) of the config's model (size + overrides)."""
-    from unipred.config import build_model_config
+    from unipred.train.config import build_model_config
 
     try:
         mc = build_model_config(cfg.model)
@@ -338,7 +338,7 @@ class PretrainTask(Task):
     want_stats: bool = False
 
     def build_model(self) -> nn.Module:
-        from unipred.model import NEPA
+        from unipred.nn.model import NEPA
 
         mc = self.model_config(head="none")
         if mc.objective.auto and self.source is not None:
@@ -515,7 +515,7 @@ class ClassifyTask(Task):
             n = self.source.num_classes()
         n = int(n or self.default_num_classes)
         if n < 1:
-            from unipred.config import ConfigError
+            from unipred.train.config import ConfigError
 
             raise ConfigError(
                 f"task {self.cfg.task!r} does not know its number of classes: set "
@@ -609,7 +609,7 @@ class ClassifyTask(Task):
 
     # -- model --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        from unipred.model import NEPA
+        from unipred.nn.model import NEPA
 
         head = "probe" if self.mode == "probe" else self.default_head
         model = NEPA(self.model_config(head=head, num_classes=self.num_classes()))
@@ -681,7 +681,7 @@ OBJECTIVES: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": Class
 
 def all_objectives() -> dict[str, type[Task]]:
     """Every generic objective by name (segmentation lives in unipred.segment)."""
-    from unipred.segment import SegmentTask
+    from unipred.task.segment import SegmentTask
 
     return {**OBJECTIVES, "segment": SegmentTask}
 
@@ -694,7 +694,7 @@ def register_data(name: str, objectives=("pretrain", "classify"), tasks: dict | 
     source yields dense label maps and may set ``label_axes``)."""
     import sys
 
-    from unipred.registry import DATASETS, TASKS
+    from unipred.base.registry import DATASETS, TASKS
 
     def deco(source: type[DataSource]):
         DATASETS.register(name)(source)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from unipred.loss import LOSSES, pair_loss
+from unipred.nn.loss import LOSSES, pair_loss
 
 TARGETS = ("embedding", "layer", "patch", "ema")
 ORDERS = ("tokenizer", "reverse", "random_fixed", "random")
