@@ -3,6 +3,7 @@ collapse statistics it logs."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -45,7 +46,28 @@ class PretrainTask(Task):
     def build_model(self) -> nn.Module:
         from unipred.nn.model import NEPA
 
-        return NEPA(self.model_config(head="none"))
+        mc = self.model_config(head="none")
+        if mc.objective.auto and self.source is not None:
+            mc = self._auto_objective(mc)
+        return NEPA(mc)
+
+    def _auto_objective(self, mc):
+        """``model.objective.auto``: the objective chosen from the data (unipred.task.auto). The
+        choice is written into the run config (auto off, keys set), so checkpoints, exports
+        and resumed runs rebuild the same model without reading the data again."""
+        from unipred.nn.model import build_tokenizer
+        from unipred.task import auto
+
+        section = self.cfg.model.objective
+        explicit = {f.name for f in dataclasses.fields(section) if getattr(section, f.name)
+                    is not None} - {"auto"}  # fmt: skip
+        tok = build_tokenizer(mc.tokenizer, mc.predictor.dim, mc.tokenizer_args)
+        mc = auto.resolve(mc, self.source, tok, explicit)
+        for key in ("target_norm", "head", "horizon"):
+            setattr(section, key, getattr(mc.objective, key))
+        section.auto = False
+        mc.objective = dataclasses.replace(mc.objective, auto=False)
+        return mc
 
     def training_step(self, model, batch):
         out = model(self.inputs(batch))
