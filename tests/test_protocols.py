@@ -169,8 +169,9 @@ def test_evaluate_suite_writes_the_table(tiny_ckpt, capsys):
     folder = tiny_ckpt.parent.parent / "eval"
     res = json.loads((folder / "results.json").read_text())
     got = [(r["protocol"], r["weights"]) for r in res["rows"]]
-    want = [(p, w) for w in ("raw", "ema") for p in ("knn", "linear", "attentive", "layers")]
-    assert got == want
+    want = [(p, w) for w in ("raw", "ema", "random") for p in ("knn", "linear", "attentive",
+                                                               "layers")]  # fmt: skip
+    assert got == want + [("knn", "input"), ("linear", "input")]  # the baselines follow
     assert all(0.0 <= r["top1"] <= r["top5"] <= 1.0 for r in res["rows"])
     md = (folder / "results.md").read_text()
     assert "| knn | raw |" in md and "Per-layer probe (ema weights)" in md
@@ -183,6 +184,7 @@ def test_evaluate_suite_writes_the_table(tiny_ckpt, capsys):
     assert main(["export", str(tiny_ckpt), str(folder / "hf"), "--ema"]) == 0
     card = (folder / "hf" / "README.md").read_text()
     assert "| knn | ema |" in card and "| knn | raw |" not in card
+    assert "| knn | random |" in card and "| linear | input |" in card
     assert "task: fmnist_pretrain" in card and "| total_steps | 3 |" in card
     ema = read_checkpoint(tiny_ckpt)["ema_state_dict"]
     back = NEPA.from_pretrained(folder / "hf")
@@ -204,7 +206,8 @@ def test_eval_protocol_and_ema_switch(tiny_ckpt, capsys):
                "data.repeat=1", "trainer.global_batch=4", "trainer.max_steps=2",
                "trainer.loggers=[]"])  # fmt: skip
     out = capsys.readouterr().out
-    assert rc == 0 and "finetune   ema  top-1" in out and "nan" not in out
+    assert rc == 0 and "finetune   ema    top-1" in out and "nan" not in out
+    assert "finetune   random top-1" in out  # the scratch baseline beside it
     assert (run / "finetune_ema" / "checkpoints" / "last.ckpt").exists()
 
 

@@ -29,6 +29,9 @@ commands:
                                                 other protocols (docs/evaluation.md)
   evaluate-suite CONFIG ckpt=PATH [protocols=knn,linear,attentive,layers] [out=DIR]
                                                 every protocol; results.md/.json in the run folder
+  compare [key=value ...] [--labels 10,20 --seeds 0,1,2 --ckpt CKPT --out DIR]
+                                                fine-tune vs scratch, frozen vs random init vs
+                                                raw input, per label budget and seed
   export CKPT OUT [--ema] [--push REPO_ID]      checkpoint -> save_pretrained folder (docs/hub.md)
   list                                          registered tokenizers, tasks and model sizes
   data SUBCOMMAND ...                           data preparation (unipred data --help)
@@ -38,6 +41,7 @@ commands:
 """
 
 LAZY = {"data": "unipred.data.cli", "convert": "unipred.hub", "export": "unipred.pretrained"}
+LAZY["compare"] = "unipred.compare"  # NEPA vs scratch / random init / raw input (issue #23)
 
 
 def _split(argv: list[str]):
@@ -172,15 +176,10 @@ def cmd_eval(argv: list[str]) -> int:
         return 0
     if not cfg.ckpt and not cfg.model.init:
         raise SystemExit("unipred eval: give ckpt=PATH (or model.init=...) to evaluate")
-    if settings.protocol == "finetune":
-        from unipred.protocols import run_finetune
+    if settings.protocol:  # the backbone's rows, then its baselines' (unipred.baselines)
+        from unipred.baselines import run_with_baselines
 
-        run_finetune(cfg, settings)
-        return 0
-    if settings.protocol:
-        from unipred.protocols import run_protocols
-
-        run_protocols(cfg, settings, [settings.protocol])
+        run_with_baselines(cfg, settings, [settings.protocol])
         return 0
     from unipred.engine import evaluate
     from unipred.protocols import suite_folder

@@ -26,6 +26,11 @@ class Tokenizer(Protocol):
     """Turns a batch of raw samples into ``Tokens(tokens (B, N, D), coords (N, k) or (B, N, k)
     in [-1, 1], valid (B, N) or None)``.
 
+    Optional, and used when present: ``patches(x) -> (B, N, P)``, the raw values behind each
+    token in token order (pixels, log-mel patch, voxels, waveform frame), with ``patch_dim`` = P.
+    ``model.objective.target=patch`` predicts them and every evaluation's raw-input baseline
+    (unipred.baselines) is k-NN / linear on them flattened.
+
     Built as ``cls(dim=D, **model.tokenizer_args)``. ``coord_dims`` (k) is a class attribute:
     the predictor's RoPE is sized from it before the model is built. ``example_input(b)``
     returns a batch the tokenizer accepts, for automatic tests."""

@@ -165,7 +165,7 @@ def model_card(model, cfg: dict, training_config=None, recipe=None, evaluation=N
         "",
     ]
     if evaluation and evaluation.get("rows"):
-        from unipred.protocols import row_details
+        from unipred.protocols import _pct, row_details
 
         lines += [
             "Frozen-backbone protocols of `unipred evaluate-suite` on this checkpoint "
@@ -176,8 +176,8 @@ def model_card(model, cfg: dict, training_config=None, recipe=None, evaluation=N
         ]
         for r in evaluation["rows"]:
             det = row_details(r)
-            lines.append(f"| {r['protocol']} | {r['weights']} | {100 * r['top1']:.2f} % | "
-                         f"{100 * r['top5']:.2f} % | {det} |")  # fmt: skip
+            lines.append(f"| {r['protocol']} | {r['weights']} | {_pct(r['top1'])} | "
+                         f"{_pct(r['top5'])} | {det} |")  # fmt: skip
     else:
         lines.append("Not evaluated (run `unipred evaluate-suite CONFIG ckpt=...` and export "
                      "again to fill this table).")  # fmt: skip
@@ -355,7 +355,9 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
     ev = None
     if ev_path.is_file():
         ev = json.loads(ev_path.read_text())
-        ev["rows"] = [r for r in ev.get("rows", []) if r.get("weights") == weights]
+        # this weight set's rows and its baselines' (random init, raw input, the source's)
+        keep = (weights, "random", "input", "data")
+        ev["rows"] = [r for r in ev.get("rows", []) if r.get("weights") in keep]
     elif evaluation:
         raise PretrainedError(f"--eval {evaluation}: file not found")
     card = {"training_config": to_yaml(cfg), "recipe": ckpt.get("recipe") or None,

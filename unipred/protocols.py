@@ -87,6 +87,13 @@ class FeatureSettings:
 
 
 @dataclass
+class RawSettings:
+    """The raw-input baseline (unipred.baselines): flattened patches of the tokenizer."""
+
+    max_dim: int = 4096  # values per sample above which each patch is averaged down
+
+
+@dataclass
 class EvalSettings:
     """The ``unipred eval`` / ``evaluate-suite`` keys that are not run-config keys."""
 
@@ -100,6 +107,10 @@ class EvalSettings:
     attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
     layers: ProbeSettings = field(default_factory=ProbeSettings)  # the linear probe's recipe
     features: FeatureSettings = field(default_factory=FeatureSettings)
+    # print the random-init backbone, the raw input and the data source's own baselines
+    # beside the backbone's rows (unipred.baselines)
+    baselines: bool = True
+    raw: RawSettings = field(default_factory=RawSettings)
 
 
 EVAL_ROOTS = tuple(f.name for f in dataclasses.fields(EvalSettings))
@@ -141,6 +152,8 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
         raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last or cls")
     if s.knn.k < 1 or s.knn.temperature <= 0:
         raise ProtocolError(f"knn.k={s.knn.k} must be >= 1 and knn.temperature > 0")
+    if s.raw.max_dim < 0:
+        raise ProtocolError(f"raw.max_dim={s.raw.max_dim} must be >= 0 (0 = no limit)")
     return s
 
 
@@ -760,14 +773,19 @@ def run_finetune(cfg, settings: EvalSettings, log=print) -> dict:
 
 
 # ------------------------------------------------------------------------------ results
+def _pct(v) -> str:
+    """A fraction as a percentage; "-" where the row has none (a baseline's top-5)."""
+    return "-" if v is None else f"{100 * v:.2f} %"
+
+
 def format_row(r: dict) -> str:
     extra = ""
     if r["protocol"] == "layers":
         extra = f"  best: {r['best_layer']}"
     elif r["protocol"] == "knn":
         extra = f"  k={r['k']} T={r['temperature']}"
-    return (f"{r['protocol']:<10} {r['weights']:<4} top-1 {100 * r['top1']:6.2f} %  "
-            f"top-5 {100 * r['top5']:6.2f} %  ({r['seconds']:.1f} s){extra}")  # fmt: skip
+    return (f"{r['protocol']:<10} {r['weights']:<6} top-1 {_pct(r['top1']):>8}  "
+            f"top-5 {_pct(r['top5']):>8}  ({r['seconds']:.1f} s){extra}")  # fmt: skip
 
 
 def row_details(r: dict) -> str:
@@ -777,7 +795,8 @@ def row_details(r: dict) -> str:
     if r["protocol"] == "layers":
         return f"best: {r['best_layer']}"
     if r["protocol"] in ("linear", "attentive"):
-        return f"{r['epochs']} epochs, lr {r['lr']}"
+        dim = f", {r['dim']} raw values" if "dim" in r else ""
+        return f"{r['epochs']} epochs, lr {r['lr']}{dim}"
     return r.get("run_dir", "")
 
 
@@ -795,8 +814,8 @@ def results_markdown(results: dict) -> str:
     ]
     for r in results["rows"]:
         det = row_details(r)
-        lines.append(f"| {r['protocol']} | {r['weights']} | {100 * r['top1']:.2f} % | "
-                     f"{100 * r['top5']:.2f} % | {det} | {r['seconds']:.1f} |")  # fmt: skip
+        lines.append(f"| {r['protocol']} | {r['weights']} | {_pct(r['top1'])} | "
+                     f"{_pct(r['top5'])} | {det} | {r['seconds']:.1f} |")  # fmt: skip
     for r in results["rows"]:
         if r["protocol"] == "layers":
             lines += ["", f"Per-layer probe ({r['weights']} weights):", "",
@@ -830,11 +849,10 @@ def write_results(results: dict, folder: Path) -> tuple[Path, Path]:
 
 def evaluate_suite(cfg, settings: EvalSettings, config_name: str = "", log=print) -> dict:
     """Every requested protocol on ``cfg.ckpt``; results.md / results.json in the run folder."""
-    frozen = [p for p in settings.protocols if p in FROZEN]
+    from unipred.baselines import run_with_baselines
+
     t0 = time.perf_counter()
-    results = run_protocols(cfg, settings, frozen, log) if frozen else {"rows": [], "meta": {}}
-    if "finetune" in settings.protocols:
-        results["rows"] += run_finetune(cfg, settings, log)["rows"]
+    results = run_with_baselines(cfg, settings, settings.protocols, log)
     results["meta"].update(
         checkpoint=str(cfg.ckpt), config=config_name, task=cfg.task,
         settings=dataclasses.asdict(settings), total_seconds=round(time.perf_counter() - t0, 1),

@@ -129,6 +129,16 @@ class DataSource:
         """Extra scalars logged with every training step (e.g. bad-sample counts)."""
         return {}
 
+    def baseline_scores(self, train: list, test: list) -> dict[str, float]:
+        """Modality-specific baselines that every evaluation of this data prints beside the
+        backbone (``unipred eval protocol=...``, ``evaluate-suite``, ``unipred compare``):
+        ``{name: top-1 accuracy as a fraction}``, e.g. a character n-gram classifier for text.
+        ``train`` / ``test`` are lists of ``(input, label)`` items as ``build(split,
+        augment=False)`` returns them, the training list cut to the run's label budget
+        (``data.labels_per_class``). Default: none ({}); the core adds the random-init backbone
+        and k-NN / linear on the tokenizer's raw patches for every source itself."""
+        return {}
+
 
 class Task:
     """Base class of objectives. A task is an objective class bound to a ``DataSource``

@@ -1,0 +1,137 @@
+"""Baselines beside every evaluation: random-init backbone, raw input, the source's own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unipred.baselines import flatten_patches, raw_features
+from unipred.task import DataSource
+
+
+def test_a_data_source_has_no_modality_baselines_by_default():
+    src = DataSource(cfg=None, objective="classify")
+    assert src.baseline_scores([(0, 1)], [(0, 1)]) == {}
+
+
+TINY = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2",
+        "data.root=''", "data.generated_samples=48", "trainer.progress_bar=false",
+        "trainer.precision=32-true", "trainer.accelerator=cpu"]  # fmt: skip
+
+
+def test_raw_patches_flatten_and_shrink_above_the_budget():
+    p = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(2, 4, 6)
+    assert torch.equal(flatten_patches(p, 0), p.reshape(2, 24))
+    assert torch.equal(flatten_patches(p, 24), p.reshape(2, 24))
+    small = flatten_patches(p, 12)  # 4 tokens x 3 values: each patch averaged in pairs
+    assert small.shape == (2, 12)
+    assert torch.allclose(small[0, :3], torch.tensor([0.5, 2.5, 4.5]))
+
+
+def test_raw_features_pad_shorter_samples_and_name_a_tokenizer_without_patches():
+    from unipred.protocols import ProtocolError
+
+    class Toy:
+        def eval(self):
+            return self
+
+        def patches(self, x):
+            return x  # the batch already is (B, N, P)
+
+    batches = [(torch.ones(2, 3, 2), torch.tensor([0, 1])), (torch.ones(1, 1, 2), [1])]
+    f = raw_features(Toy(), batches, inputs=lambda b: b[0])
+    assert f.pooled.shape == (3, 6) and f.labels.tolist() == [0, 1, 1]
+    assert f.pooled[2].tolist() == [1, 1, 0, 0, 0, 0]  # zero-padded to the longest
+
+    class NoPatches(Toy):
+        patches = None
+
+    with pytest.raises(ProtocolError, match="NoPatches has no patches"):
+        raw_features(NoPatches(), batches, inputs=lambda b: b[0])
+
+
+def test_eval_prints_random_init_and_raw_input_rows_beside_the_backbone(tmp_path):
+    """The shipped CLI as a user runs it: `unipred eval protocol=knn` on a random backbone
+    (the fastest checkpoint there is) prints the raw-input rows; evaluate-suite writes them."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "unipred.cli",
+        "evaluate-suite",
+        "configs/demo/fmnist_probe.yaml",
+        "ckpt=random",
+        "protocols=knn,linear",
+        "linear.epochs=2",
+        f"out={tmp_path}",
+        *TINY,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "baselines (baselines=false skips them)" in out.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    got = [(r["protocol"], r["weights"]) for r in res["rows"]]
+    # ckpt=random is itself the random-init baseline: not repeated
+    assert got == [("knn", "random"), ("linear", "random"), ("knn", "input"), ("linear", "input")]
+    raw = res["rows"][2]
+    assert raw["dim"] == 28 * 28 and 0.0 <= raw["top1"] <= 1.0  # Fashion-MNIST's raw pixels
+    assert "| linear | input |" in (tmp_path / "results.md").read_text()
+    off = subprocess.run([*cmd, "baselines=false"], capture_output=True, text=True, timeout=300)
+    assert off.returncode == 0 and "baselines" not in off.stdout
+
+
+def test_a_data_sources_own_baselines_are_rows_with_the_label_budget(monkeypatch):
+    """DataSource.baseline_scores gets the protocols' items (training list cut to the budget)
+    and each name becomes a row; a value outside [0, 1] is one clear error."""
+    from unipred.baselines import run_source
+    from unipred.config import load_config
+    from unipred.protocols import EvalSettings, ProtocolError
+    from unipred.registry import TASKS
+
+    cfg = load_config("configs/demo/fmnist_probe.yaml", [*TINY, "data.labels_per_class=2"])
+    source = TASKS.get(cfg.task).data_class
+    seen = {}
+
+    def scores(self, train, test):
+        seen.update(train=len(train), test=len(test), label=type(train[0][1]))
+        return {"majority": 0.25, "bad": seen.get("bad", 0.5)}
+
+    monkeypatch.setattr(source, "baseline_scores", scores, raising=False)
+    rows = run_source(cfg, EvalSettings(), log=lambda *_: None)
+    assert [(r["protocol"], r["weights"], r["top1"]) for r in rows] == [
+        ("majority", "data", 0.25), ("bad", "data", 0.5)]  # fmt: skip
+    assert seen["train"] == 2 * 10 and seen["label"] is int
+    seen["bad"] = 25.0  # a percentage where a fraction is due
+    with pytest.raises(ProtocolError, match=r"\['bad'\] = 25.0"):
+        run_source(cfg, EvalSettings(), log=lambda *_: None)
+
+
+@pytest.mark.slow  # five unipred subprocesses (~1 min on 2 shared cores)
+def test_compare_writes_one_table_of_every_system(tmp_path):
+    """`unipred compare` as a user runs it, on the generated Fashion-MNIST stand-in: one
+    pretraining, NEPA and scratch fine-tunes, the frozen protocols with their baselines."""
+    small = ["trainer.global_batch=8", "data.repeat=1"]  # 1 epoch of 30 images, then validated
+    cmd = [sys.executable, "-m", "unipred.cli", "compare", *TINY, "--labels", "3",
+           "--seeds", "0", "--out", str(tmp_path),
+           "--pretrain-config", "configs/demo/fmnist_pretrain.yaml",
+           "--finetune-config", "configs/demo/fmnist_finetune.yaml",
+           "--probe-config", "configs/demo/fmnist_probe.yaml", "--set-probe", "linear.epochs=2",
+           "--set-pretrain=trainer.max_steps=2", *(f"--set-pretrain={o}" for o in small), *(f"--set-finetune={o}" for o in small)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    row = res["rows"]["3"]
+    want = {"ft_nepa", "ft_scratch", "knn_raw", "knn_random", "knn_input", "linear_raw",
+            "linear_random", "linear_input"}  # fmt: skip
+    assert set(row) == want and res["units"] == "percent top-1"
+    assert all(0 <= c["mean"] <= 100 and len(c["seeds"]) == 1 for c in row.values())
+    md = (tmp_path / "results.md").read_text()
+    assert "| NEPA fine-tune | scratch fine-tune | NEPA k-NN | random-init k-NN |" in md
+    # a second call reuses every finished run
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "done (0 s)" in again.stdout
+    bad = subprocess.run([*cmd[:4], "data.root"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'data.root' is not key=value" in bad.stderr
