@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         # the backbone): the message names it; the traceback only on request
         if cmd not in ("fit", "eval", "evaluate-suite") or os.environ.get("UNIPRED_DEBUG"):
             raise
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        from unipred.data.book import error_line
+
+        msg = error_line(e)  # (a DataLoader worker's error: its own message)
         print(f"unipred {cmd}: error: {msg} (UNIPRED_DEBUG=1 shows the traceback)",
               file=sys.stderr)  # fmt: skip
         return 2

@@ -234,6 +234,9 @@ def _check_choices(cfg) -> None:
         raise ConfigError(str(e)) from None
     if cfg.model.registers is not None and cfg.model.registers < 0:
         raise ConfigError(f"model.registers must be >= 0, got {cfg.model.registers}")
+    frac = getattr(cfg.data, "max_bad_fraction", 0.0)
+    if not 0 <= frac <= 1:
+        raise ConfigError(f"data.max_bad_fraction must be in [0, 1] (1 = never stop), got {frac}")
 
 
 # keys that moved: old dotted key -> (new key, why); a config with the old key is told where

@@ -30,6 +30,7 @@ class LitTask(L.LightningModule):
     def __init__(self, cfg, task=None, plan: BatchPlan | None = None):
         super().__init__()
         self.cfg = cfg
+        _data_policy(cfg)
         self.task = task or TASKS.get(cfg.task)(cfg)
         # the batch recipe, computed once: the loader, the optimizer and the trainer read it
         self.plan = plan or BatchPlan.of(cfg.trainer, cfg.optim)
@@ -205,6 +206,13 @@ class LitTask(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def _data_policy(cfg) -> None:
+    """Folder scans follow symlinks out of the data folder only when the config asks."""
+    from unipred.data.scan import set_follow_symlinks
+
+    set_follow_symlinks(bool(getattr(cfg.data, "follow_symlinks", False)))
+
+
 def _map_tensors(batch, fn):
     if isinstance(batch, torch.Tensor):
         return fn(batch)
@@ -258,6 +266,10 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
     from unipred.checkpoint import find_resume_checkpoint, validate_resume
     from unipred.config import to_yaml
 
+    if not cfg.trainer.fast_dev_run:  # a bad run_dir: one line now, not after the model
+        from unipred.rundir import check_run_dir
+
+        check_run_dir(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _threads(cfg)
     lit = LitTask(cfg, task)

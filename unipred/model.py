@@ -11,6 +11,7 @@ overrides); ``build_model_config`` turns it into the core ``ModelConfig``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ class NEPA(PretrainedMixin, nn.Module):
             nn.init.trunc_normal_(self.register_tokens, std=cfg.init_std)
         if cfg.head is None and self.objective.mask_token is not None:
             nn.init.trunc_normal_(self.objective.mask_token, std=cfg.init_std)
+        if cfg.head is None and cfg.objective.target == "ema":
+            # the teacher starts as the student; the optimizer never sees it (no grad) and
+            # downstream runs drop it with the rest of objective.*
+            self.objective.teacher = copy.deepcopy(self.predictor).requires_grad_(False)
         if cfg.head in ("mean", "last") and cfg.num_classes:
             # the release zeroes the classifier of a freshly converted model
             nn.init.zeros_(self.head.classifier.weight)
@@ -142,6 +147,12 @@ class NEPA(PretrainedMixin, nn.Module):
         out = self.predictor.forward_features(seq, coords, valid, causal, layers)
         if ocfg.target == "embedding":  # the unmasked input sequence
             target = seq if obj.mask_token is None else self.with_prefix(tokens)[0]
+        elif ocfg.target == "ema":
+            if self.training and torch.is_grad_enabled():  # one EMA step per training forward
+                objectives.ema_update(obj.teacher, self.predictor, ocfg.ema_momentum)
+            clean = seq if obj.mask_token is None else self.with_prefix(tokens)[0]
+            target = objectives.teacher_target(obj.teacher, clean, coords, valid,
+                                               self.n_prefix, ocfg)  # fmt: skip
         elif ocfg.target == "layer":
             target = objectives.layer_target(out, len(self.predictor.blocks), ocfg.target_layer)
         else:  # prefix rows are never targets: zeros keep the positions aligned

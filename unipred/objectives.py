@@ -33,7 +33,7 @@ from torch import nn
 
 from unipred.loss import LOSSES, pair_loss
 
-TARGETS = ("embedding", "layer", "patch")
+TARGETS = ("embedding", "layer", "patch", "ema")
 ORDERS = ("tokenizer", "reverse", "random_fixed", "random")
 HEADS = ("none", "mlp")
 TARGET_NORMS = ("none", "center", "instance")
@@ -46,7 +46,7 @@ class ObjectiveConfig:
     mask_ratio: float = 0.0  # fraction of input tokens replaced by a learned mask token
     loss: str = "cosine"  # cosine | mse | smooth_l1 | infonce
     temperature: float = 0.1  # infonce only
-    target: str = "embedding"  # embedding | layer | patch
+    target: str = "embedding"  # embedding | layer | patch | ema
     target_layer: int = -1  # target == "layer": that block's output (negative: from the top)
     horizon: int = 1  # K: predict the next K targets, losses averaged
     order: str = "tokenizer"  # tokenizer | reverse | random_fixed | random (per sample)
@@ -56,6 +56,12 @@ class ObjectiveConfig:
     # none | center | instance: per feature, subtract the mean over the sample's target tokens
     # (center), and divide by their std (instance, data2vec's instance norm); after stop_grad
     target_norm: str = "none"
+    # target == "ema" (data2vec / I-JEPA): a teacher, an EMA copy of the predictor, reads the
+    # student's token embeddings (detached, unmasked) and its top ema_layers block outputs
+    # (each instance-normalised when averaging more than one) are the targets
+    ema_momentum: float = 0.996  # teacher <- m * teacher + (1 - m) * student, every step
+    ema_layers: int = 1  # average of the teacher's top K block outputs
+    ema_causal: bool = False  # the teacher's attention: bidirectional (sees every token)
 
     def __post_init__(self):
         for key, value, allowed in (
@@ -75,6 +81,11 @@ class ObjectiveConfig:
             raise ValueError(f"model.objective.horizon must be >= 1, got {self.horizon}")
         if self.temperature <= 0:
             raise ValueError(f"model.objective.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.ema_momentum <= 1.0:
+            raise ValueError(f"model.objective.ema_momentum must be in [0, 1], got "
+                             f"{self.ema_momentum}")  # fmt: skip
+        if self.ema_layers < 1:
+            raise ValueError(f"model.objective.ema_layers must be >= 1, got {self.ema_layers}")
         if self.head_ratio <= 0:
             raise ValueError(f"model.objective.head_ratio must be > 0, got {self.head_ratio}")
 
@@ -244,6 +255,29 @@ def target_dim(tokenizer, cfg: ObjectiveConfig, dim: int) -> int:
             f"{type(tokenizer).__name__} has none"
         )
     return tokenizer.patch_dim
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s.detach().to(t.dtype), 1.0 - momentum)
+
+
+@torch.no_grad()
+def teacher_target(teacher, seq, coords, valid, n_prefix: int, cfg: ObjectiveConfig):
+    """The EMA teacher's targets (B, T, D): its top ``ema_layers`` block outputs on ``seq``
+    (the student's unmasked input sequence, detached), averaged after instance-normalising
+    each over the sample's tokens (data2vec) when there are several."""
+    depth = len(teacher.blocks)
+    k = min(cfg.ema_layers, depth)
+    teacher.train(False)  # no drop path, no coordinate augmentation in the teacher
+    out = teacher.forward_features(seq.detach(), coords, valid, cfg.ema_causal,
+                                   tuple(range(depth - k, depth)))  # fmt: skip
+    if k == 1:
+        return out.layers[0]
+    return torch.stack([normalise_targets(h, valid, n_prefix, "instance") for h in out.layers]
+                       ).mean(0)  # fmt: skip
 
 
 def layer_target(out, depth: int, k: int) -> torch.Tensor:

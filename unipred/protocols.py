@@ -81,6 +81,9 @@ class AttentiveSettings:
 class FeatureSettings:
     batch: int = 256  # batch of the feature pass
     pool: str = "mean"  # mean over patch tokens | last | cls
+    # k-NN and linear read this block's output (negative: from the top) instead of the final
+    # norm; autoregressive models probe best in the middle (iGPT, AIM)
+    block: int | None = None
     max_train: int = 0  # use the first N training samples (0 = all)
     max_val: int = 0
     num_workers: int = -1  # -1 = data.num_workers
@@ -269,12 +272,17 @@ def extract_features(
     device: torch.device | str = "cpu",
     autocast: torch.dtype | None = None,
     max_samples: int = 0,
+    block: int | None = None,
 ) -> Features:
-    """One pass of the frozen backbone (eval mode, no grad) over labelled batches."""
+    """One pass of the frozen backbone (eval mode, no grad) over labelled batches. ``pooled``
+    is the final norm's output, or that of block ``block`` (negative: from the top)."""
     model.eval()
     device = torch.device(device)
     n_prefix = int(getattr(model, "n_prefix", 0))
-    depth = len(model.predictor.blocks) if layers else 0
+    n_blocks = len(model.predictor.blocks)
+    if block is not None and not -n_blocks <= block < n_blocks:
+        raise ProtocolError(f"features.block={block}: the backbone has {n_blocks} blocks")
+    want = tuple(range(n_blocks)) if layers else ((block % n_blocks,) if block is not None else ())
     pooled, labels, per_layer, toks, valid = [], [], [], [], []
     n = 0
     for batch in batches:
@@ -286,9 +294,10 @@ def extract_features(
         x = _to(inputs(batch), device)
         y = _labels(batch[1])
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            out = model.forward_features(x, layers=tuple(range(depth)))
+            out = model.forward_features(x, layers=want)
         v = out.valid
-        pooled.append(pool_tokens(out.hidden, n_prefix, v, pool).float().cpu())
+        src = out.hidden if block is None else out.layers[want.index(block % n_blocks)]
+        pooled.append(pool_tokens(src, n_prefix, v, pool).float().cpu())
         if layers:
             hs = [pool_tokens(h, n_prefix, v, pool) for h in (*out.layers, out.hidden)]
             per_layer.append(torch.stack(hs).float().cpu())
@@ -664,14 +673,16 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
             feats[split] = extract_features(
                 model, _loader(task, split, fs, workers), inputs=task.inputs, pool=fs.pool,
                 layers=want_layers, tokens=want_tokens, device=device, autocast=autocast,
-                max_samples=limit,
+                max_samples=limit, block=fs.block,
             )  # fmt: skip
         meta["feature_seconds"][name] = round(time.perf_counter() - t0, 2)
         tr, va = feats["train"], feats["val"]
         meta.update(train_samples=len(tr.labels), val_samples=len(va.labels))
         C = _num_classes(task, tr.labels, va.labels)
-        log(f"[{name}] features: {len(tr.labels)} train / {len(va.labels)} val samples, "
-            f"width {tr.pooled.shape[1]}, {meta['feature_seconds'][name]} s")  # fmt: skip
+        where = "final norm" if fs.block is None else f"block {fs.block}"
+        log(f"[{name}] features ({where}, {fs.pool} pooling): {len(tr.labels)} train / "
+            f"{len(va.labels)} val samples, width {tr.pooled.shape[1]}, "
+            f"{meta['feature_seconds'][name]} s")  # fmt: skip
         for proto in protocols:
             t0 = time.perf_counter()
             if proto == "knn":
@@ -711,7 +722,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
     step = 0
     for _ in range(s.epochs):
         f = extract_features(model, loader, inputs=task.inputs, pool=fs.pool, device=device,
-                             autocast=autocast)  # fmt: skip
+                             autocast=autocast, block=fs.block)  # fmt: skip
         probe.train()
         for i in range(0, len(f.labels), s.batch):
             x, y = f.pooled[i : i + s.batch].to(device), f.labels[i : i + s.batch].to(device)

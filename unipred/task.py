@@ -59,6 +59,10 @@ class DataConfig:
     val_root: str = ""  # validation data, same forms; "" disables validation
     num_workers: int = 4
     shuffle_buffer: int = 5000  # streaming (webdataset) shuffle buffer
+    # unreadable training samples are skipped and counted; more than this fraction of an
+    # epoch's samples stops the run (one line naming the folder); 1 = never stop
+    max_bad_fraction: float = 0.05
+    follow_symlinks: bool = False  # also follow symlinks leading out of a data folder
 
 
 class DataSource:

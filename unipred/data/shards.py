@@ -24,7 +24,7 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from unipred.data import elastic
-from unipred.data.accounting import COUNTER, BadSampleCounter
+from unipred.data.accounting import COUNTER, BadSampleCounter, Once, reading
 from unipred.data.remote import NetworkPolicy, ShardGone, is_remote, open_shard, read_small
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
@@ -253,11 +253,14 @@ class ShardReader(IterableDataset):
         """A raw webdataset sample dict -> an item, or None when skipped (count it)."""
         raise NotImplementedError(f"{type(self).__name__} must implement decode(sample)")
 
-    def _good(self, raw: dict) -> bool:
-        """Whether ``raw`` decodes (for skipping on resume; counted in the first run only)."""
-        counter, self.counter = self.counter, _SILENT
+    def _decode_once(self, raw: dict, count: bool):
+        """``decode(raw)`` counting at most one reason for the sample (``count=False``:
+        nothing, for a sample met again in a later pass of the same epoch)."""
+        counter = self.counter
+        self.counter = Once(counter) if count else _SILENT
         try:
-            return self.decode(raw) is not None
+            with reading(self.counter):
+                return self.decode(raw)
         finally:
             self.counter = counter
 
@@ -370,11 +373,12 @@ class ShardReader(IterableDataset):
             for si, (url, a, b) in enumerate(mine):
                 for pos, raw in self._segment(url, a, b, epoch, stride, offset):
                     got += 1
-                    if produced < skip:  # resumed: delivered before the restart
-                        produced += self._good(raw)
-                        continue
-                    out = self.decode(raw)
+                    # each sample counts once per epoch: in the first pass over the shards
+                    out = self._decode_once(raw, count=rep == 0)
                     if out is None:
+                        continue
+                    if produced < skip:  # resumed: delivered before the restart. Decoded and
+                        produced += 1  # counted again, so the epoch's report is whole
                         continue
                     if rep:
                         self.counter.count("repeated", url)
