@@ -109,7 +109,7 @@ def test_a_run_over_a_failing_http_server_sees_every_other_sample_once(tmp_path,
             "trainer.progress_bar=false", "trainer.loggers=[csv]", "trainer.accelerator=cpu",
             "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "ema.enabled=false",
             "trainer.collapse_every_n_steps=0", "data.num_workers=2", "data.val_root=''",
-            f"run_dir={run}"])  # fmt: skip
+            "data.max_bad_fraction=0.5", f"run_dir={run}"])  # fmt: skip
         labels = Labels()
         t0 = time.monotonic()
         fit(cfg, callbacks=[labels])
