@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unipred.data.seeding import seeded
 from unipred.model import build_tokenizer
 from unipred.registry import TASKS, TOKENIZERS
 from unipred.rope import lift_coords
@@ -374,7 +375,10 @@ class JointStream(torch.utils.data.IterableDataset):
             i, k = plan[j]
             name, ds = self.names[i], self.datasets[i]
             for idx in self.indices(i, k):
-                yield name, ds[idx]
+                # the sample's random choices: seeded by (seed, epoch, source, index)
+                with seeded(self.seed, epoch, name, idx):
+                    item = ds[idx]
+                yield name, item
 
     def _val_batches(self):
         b = self.batch_size

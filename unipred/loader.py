@@ -17,6 +17,7 @@ so its position is stored in every checkpoint.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Protocol, runtime_checkable
 
@@ -54,10 +55,20 @@ class EpochSampler(Sampler[int]):
     the accumulation, so every epoch has a whole number of optimizer steps)."""
 
     def __init__(
-        self, n: int, world: int, rank: int, samples_per_rank: int, seed: int, shuffle: bool = True
+        self,
+        n: int,
+        world: int,
+        rank: int,
+        samples_per_rank: int,
+        seed: int,
+        shuffle: bool = True,
+        keyed: bool = False,
     ):
         self.n, self.world, self.rank = n, world, rank
         self.samples_per_rank, self.seed, self.shuffle = samples_per_rank, seed, shuffle
+        # keyed: yield (epoch, index), the key SeededDataset reads a sample with. The epoch
+        # travels with each index because persistent workers never see set_epoch
+        self.keyed = keyed
         self.epoch, self._skip = 0, (None, 0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -80,6 +91,8 @@ class EpochSampler(Sampler[int]):
         epoch, n = self._skip
         if epoch == self.epoch:  # kept (not cleared): Lightning may call iter() more than once
             idx = idx[n:]
+        if self.keyed:
+            return iter([(self.epoch, i) for i in idx])
         return iter(idx)
 
 
@@ -131,8 +144,17 @@ class ResumableLoader(DataLoader):
                 raise ValueError(
                     f"cannot resume: {total} consumed samples do not split over {self.world} ranks"
                 )
-            self.sampler.skip(self.epoch, total // self.world)
-            self.consumed = self.since_plan = total // self.world // int(self.batch_size or 1)
+            epoch, skip = self.epoch, total // self.world
+            if skip >= len(self.sampler):
+                # saved at the end of the epoch: the resumed run starts the next one
+                epoch, skip = epoch + 1, 0
+            self.sampler.skip(epoch, skip)
+            # Lightning makes the resumed epoch's iterator before it calls set_epoch, and a
+            # worker loader draws its first indices right then: the sampler must already
+            # be at the saved epoch (with 0 workers the draw came later, which hid this)
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.consumed = epoch, skip // int(self.batch_size or 1)
+            self.since_plan = self.consumed
         elif self._elastic() and state.get("stream") is not None:
             # what the epoch had left, split again over this world size and worker count
             self.samples_before = int(state.get("samples_global", 0))
@@ -181,15 +203,22 @@ def build_loader(
     collate_fn=None,
     pin_memory: bool = False,
 ):
-    """A ResumableLoader (train) or a plain sharded DataLoader (val)."""
+    """A ResumableLoader (train) or a plain sharded DataLoader (val).
+
+    Training data is read with per-sample randomness (``unipred.data.seeding``): a map-style
+    set through :class:`SeededDataset` (random choices seeded by (seed, epoch, index)), and
+    the collate inside the seed of its batch; streams seed their samples themselves."""
+    from unipred.data.seeding import SeededCollate, SeededDataset
+
     common = dict(
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=collate_fn,
+        collate_fn=SeededCollate(collate_fn) if train else collate_fn,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
-    )  # keeps the global RNG untouched
+        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+    )
     if isinstance(dataset, IterableDataset):
         common["persistent_workers"] = False  # workers must see set_epoch / resume
         if train and isinstance(dataset, ResumableStream):
@@ -210,14 +239,43 @@ def build_loader(
             )
     else:
         per_rank = -(-n // world)  # validation sees every sample (the last rank may repeat a few)
-    sampler = EpochSampler(n, world, rank, per_rank, seed, shuffle=train)
-    if not train:
-        sampler = _PaddedSampler(n, world, rank, per_rank)
     if train:
+        sampler = EpochSampler(n, world, rank, per_rank, seed, shuffle=True, keyed=True)
+        seeded = SeededDataset(dataset, seed)
         return ResumableLoader(
-            dataset, sampler=sampler, drop_last=True, world=world, rank=rank, **common
+            seeded, sampler=sampler, drop_last=True, world=world, rank=rank, **common
         )
+    sampler = _PaddedSampler(n, world, rank, per_rank)
     return DataLoader(dataset, sampler=sampler, drop_last=False, **common)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers survive a scheduler's SIGTERM and SIGUSR1 (``worker_init_fn``).
+
+    A scheduler (SLURM, Kubernetes, ``timeout``, ``kill -TERM -PGID``) signals every process
+    of the job, the workers too. torch's worker handler dies of a SIGTERM that its parent did
+    not send, and the main process then fails its batch with "worker killed by signal"
+    before it can write ``last.ckpt``. Here a worker takes SIGTERM from a thread that sees
+    the sender: from its parent (the DataLoader shutting it down) it exits at once, as torch's
+    handler does; from anyone else it is ignored, and the main process finishes its batch,
+    saves and shuts the workers down itself. SIGUSR1 (SLURM's warning) would kill a worker by
+    default: ignored. SIGINT keeps torch's handling."""
+    import signal
+    import threading
+
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # no sender to tell apart (macOS): torch's handler
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="unipred-sigterm", daemon=True).start()
 
 
 class _PaddedSampler(Sampler[int]):

@@ -26,6 +26,7 @@ from webdataset.utils import pytorch_worker_info
 from unipred.data import elastic
 from unipred.data.accounting import COUNTER, BadSampleCounter, Once, reading
 from unipred.data.remote import NetworkPolicy, ShardGone, is_remote, open_shard, read_small
+from unipred.data.seeding import seeded
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 _RING = 32  # batch-end positions kept per worker: more than a worker can run ahead (prefetch)
@@ -352,6 +353,11 @@ class ShardReader(IterableDataset):
         rank, world, worker, workers = pytorch_worker_info()
         slot = _worker_slot()
         epoch = self._next_epoch(worker)
+        if int(self._state[1]) == epoch:
+            # resume(b, bs): the resumed DataLoader takes its first batch from worker 0, but
+            # batch b of the interrupted epoch was worker b % W's: worker w reads worker
+            # (w + b) % W's share, so the batches come in the uninterrupted order
+            worker = (worker + int(self._state[2])) % workers
         self._ended[slot] = torch.tensor([-1, -1])
         segs = self.epoch_segments(epoch)
         bs = max(1, int(self._state[3]))
@@ -373,8 +379,11 @@ class ShardReader(IterableDataset):
             for si, (url, a, b) in enumerate(mine):
                 for pos, raw in self._segment(url, a, b, epoch, stride, offset):
                     got += 1
-                    # each sample counts once per epoch: in the first pass over the shards
-                    out = self._decode_once(raw, count=rep == 0)
+                    # each sample counts once per epoch: in the first pass over the shards. Its
+                    # random choices are a function of (seed, epoch, sample key, pass), not of
+                    # this worker's stream (unipred.data.seeding)
+                    with seeded(self.seed, epoch, str(raw.get("__key__", "")), rep):
+                        out = self._decode_once(raw, count=rep == 0)
                     if out is None:
                         continue
                     if produced < skip:  # resumed: delivered before the restart. Decoded and
