@@ -158,7 +158,9 @@ class ResumableLoader(DataLoader):
         elif self._elastic() and state.get("stream") is not None:
             # what the epoch had left, split again over this world size and worker count
             self.samples_before = int(state.get("samples_global", 0))
-            self.epoch = self.dataset.load_stream_state(state["stream"], self.world, bs)
+            self.epoch = self.dataset.load_stream_state(
+                state["stream"], self.world, bs, self.num_workers
+            )
             if self.epoch != int(state["epoch"]):
                 self.samples_before = 0
             self.consumed = self.samples_before // (bs * self.world)

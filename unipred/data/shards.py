@@ -167,7 +167,9 @@ class ShardReader(IterableDataset):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.counter = counter or COUNTER
         self.network = network or NetworkPolicy.from_env()
-        self._plan = None  # (epoch, segments): what is left of a resumed epoch
+        # what is left of a resumed epoch: {"epoch", "segments"} and, resumed on the same
+        # ranks and workers, each reader's own rest ("readers", "rotation")
+        self._plan: dict | None = None
         # shared memory: set_epoch/resume in the main process must reach the workers, and what
         # the workers read must reach the main process when it writes a checkpoint
         # [epoch base, epoch to skip in, batches to skip, batch size (0: not told)]
@@ -196,9 +198,24 @@ class ShardReader(IterableDataset):
 
     def epoch_segments(self, epoch: int) -> list:
         """The segments of ``epoch``: what is left of it after a resume, else every shard."""
-        if self._plan is not None and self._plan[0] == epoch:
-            return self._plan[1]
+        if self._plan is not None and self._plan["epoch"] == epoch:
+            return self._plan["segments"]
         return elastic.epoch_segments(self.urls, self.sizes, self.seed, epoch, self.training)
+
+    def _own_rest(self, epoch: int) -> bool:
+        p = self._plan
+        return p is not None and p["epoch"] == epoch and p.get("readers") is not None
+
+    def _rotation(self, epoch: int) -> int:
+        return int(self._plan["rotation"]) if self._own_rest(epoch) else 0
+
+    def _reader_plan(self, epoch, rank, world, role, workers, bs):
+        """-> (segments, quota, stride, offset) of reader ``role`` of ``rank``."""
+        if self._own_rest(epoch):
+            segs, quota = self._plan["readers"][rank * workers + role]
+            return [tuple(x) for x in segs], quota, 1, 0
+        segs = self.epoch_segments(epoch)
+        return elastic.assign(segs, rank, world, role, workers, bs, self.training)
 
     def stream_state(self, epoch: int, consumed: int, world: int, rank: int, workers: int):
         """What is left of ``epoch`` after this rank's loader took ``consumed`` batches (in
@@ -210,37 +227,51 @@ class ShardReader(IterableDataset):
         ended = {w: int(self._ended[s, 1]) for w, s in enumerate(slots)
                  if int(self._ended[s, 0]) == epoch}  # fmt: skip
         taken = elastic.consumed_per_worker(consumed, nw, ended)
-        parts = []
+        rot = self._rotation(epoch)
+        parts, readers = [], []
         for w, slot in enumerate(slots):
-            mine, _, stride, _ = elastic.assign(segs, rank, world, w, nw, bs, self.training)
+            role = (w + rot) % nw
+            mine, quota, stride, _ = self._reader_plan(epoch, rank, world, role, nw, bs)
             if stride > 1:
                 return None
-            if taken[w] == 0:
-                parts.append(mine)
-                continue
-            e = self._ring[slot, (taken[w] - 1) % _RING].tolist()
-            if e[0] != epoch or e[1] != taken[w]:
-                raise RuntimeError(f"{self.spec}: no record of worker {w}'s batch {taken[w]} "
-                                   f"of epoch {epoch} (found {e[:2]})")  # fmt: skip
-            parts.append(elastic.remaining(mine, e[2], e[3], bool(e[4])))
+            left = mine
+            if taken[w]:
+                e = self._ring[slot, (taken[w] - 1) % _RING].tolist()
+                if e[0] != epoch or e[1] != taken[w]:
+                    raise RuntimeError(f"{self.spec}: no record of worker {w}'s batch {taken[w]}"
+                                       f" of epoch {epoch} (found {e[:2]})")  # fmt: skip
+                left = elastic.remaining(mine, e[2], e[3], bool(e[4]))
+            parts.append(left)
+            rest = None if quota is None else max(0, quota - taken[w] * bs)
+            readers.append((role, [list(x) for x in left], rest))
+        mine_readers = [[segs_, rest] for _, segs_, rest in sorted(readers)]
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             every = [None] * world
-            torch.distributed.all_gather_object(every, parts)
-            parts = [p for rank_parts in every for p in rank_parts]
+            torch.distributed.all_gather_object(every, (parts, mine_readers))
+            parts = [p for rank_parts, _ in every for p in rank_parts]
+            mine_readers = [r for _, rank_readers in every for r in rank_readers]
         left = elastic.merge(parts, [u for u, _, _ in segs])
-        return {"epoch": int(epoch), "segments": [list(s) for s in left]}
+        return {"epoch": int(epoch), "segments": [list(x) for x in left], "world": world,
+                "workers": nw, "batch_size": bs, "rotation": (rot + consumed) % nw,
+                "readers": mine_readers}  # fmt: skip
 
-    def load_stream_state(self, state: dict, world: int, batch_size: int) -> int:
+    def load_stream_state(self, state: dict, world: int, batch_size: int, workers: int) -> int:
         """Continue the epoch of ``state`` (from :meth:`stream_state`, any world size) with
         what it had left; returns the epoch the next pass reads (the next one when too little
-        was left for a batch on every rank)."""
-        epoch, segs = int(state["epoch"]), [tuple(s) for s in state["segments"]]
+        was left for a batch on every rank). On the same ranks, workers and batch size each
+        reader goes on with its own rest, so the batches come in the uninterrupted order;
+        otherwise the rest is split again."""
+        epoch, segs = int(state["epoch"]), [tuple(x) for x in state["segments"]]
         self._state[3] = int(batch_size)
         if self.training and elastic.total(segs) // world // batch_size == 0:
             self._plan = None
             self.set_epoch(epoch + 1)
             return epoch + 1
-        self._plan = (epoch, segs)
+        same = (state.get("world"), state.get("workers"), state.get("batch_size")) == (
+            world, max(1, workers), batch_size)  # fmt: skip
+        self._plan = {"epoch": epoch, "segments": segs,
+                      "readers": state.get("readers") if same else None,
+                      "rotation": int(state.get("rotation", 0)) if same else 0}  # fmt: skip
         self.set_epoch(epoch)
         return epoch
 
@@ -353,26 +384,27 @@ class ShardReader(IterableDataset):
         rank, world, worker, workers = pytorch_worker_info()
         slot = _worker_slot()
         epoch = self._next_epoch(worker)
-        if int(self._state[1]) == epoch:
-            # resume(b, bs): the resumed DataLoader takes its first batch from worker 0, but
-            # batch b of the interrupted epoch was worker b % W's: worker w reads worker
-            # (w + b) % W's share, so the batches come in the uninterrupted order
-            worker = (worker + int(self._state[2])) % workers
+        # a resumed epoch: the DataLoader takes its first batch from worker 0, but batch b of
+        # the interrupted epoch was worker b % W's: worker w reads worker (w + b) % W's
+        # share, so the batches come in the uninterrupted order
+        role = (worker + self._rotation(epoch)) % workers
+        if int(self._state[1]) == epoch:  # resume(b, bs)
+            role = (role + int(self._state[2])) % workers
         self._ended[slot] = torch.tensor([-1, -1])
-        segs = self.epoch_segments(epoch)
         bs = max(1, int(self._state[3]))
-        mine, quota, stride, offset = elastic.assign(
-            segs, rank, world, worker, workers, bs, self.training
-        )
+        mine, quota, stride, offset = self._reader_plan(epoch, rank, world, role, workers, bs)
+        if quota is not None and quota <= 0:
+            self._ended[slot] = torch.tensor([epoch, 0])
+            return
         pad = quota is not None and world > 1  # ranks must stay in step
         if quota is None and self.training and self.num_samples and not self.known:
             # sizes unknown: the epoch length the user gave, re-reading to fill it
             batches = self.num_samples // world // bs
-            quota = elastic.batches_per_worker(batches, workers)[worker] * bs
+            quota = elastic.batches_per_worker(batches, workers)[role] * bs
             pad = True
         skip = 0
         if int(self._state[1]) == epoch:  # resume(batches, bs): the same-world-size contract
-            skip = len(range(worker, int(self._state[2]), workers)) * bs
+            skip = len(range(role, int(self._state[2]), workers)) * bs
         produced, si, pos = 0, 0, 0
         for rep in range(1000):
             got = 0
