@@ -351,7 +351,7 @@ def apply_init(model, spec: str) -> None:
         load_weights(model, path)
         print(f"model.init: loaded {path}: all {len(model.state_dict())} tensors matched, 0 new")
     elif kind == "official":
-        from unipred.hub import load_official_nepa
+        from unipred.weights.hub import load_official_nepa
 
         src = load_official_nepa(path).state_dict()
         head = {k: tuple(v.shape) for k, v in src.items() if k.startswith("head.")}
@@ -369,7 +369,7 @@ def apply_init(model, spec: str) -> None:
         if use_ema and "ema_state_dict" not in ckpt:
             raise CheckpointError(f"{path}: missing key 'ema_state_dict' (asked for :ema)")
         sd = ckpt["ema_state_dict"] if use_ema else _strip(ckpt["state_dict"])
-        from unipred.joint import is_joint_state, single_from_joint
+        from unipred.task.joint import is_joint_state, single_from_joint
 
         if is_joint_state(sd):  # joint pretraining: that modality's tokenizer (docs/joint.md)
             sd = single_from_joint(model, sd, path, source)
