@@ -39,8 +39,11 @@ def measure(source, tokenizer) -> DataScale:
     ds = source.build("train", augment=False)
     if ds is None:
         raise ValueError("model.objective.auto: the data have no training split to read sizes from")
+    from torch.utils.data import IterableDataset
+
+    streamed = isinstance(ds, IterableDataset)  # a stream may know its length, not index
     n = len(ds) if hasattr(ds, "__len__") else None
-    item = ds[0] if n is not None else next(iter(ds))
+    item = next(iter(ds)) if streamed or n is None else ds[0]
     collate = source.collate("train", False) or default_collate
     batch = collate([item])
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
