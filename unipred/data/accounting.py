@@ -143,6 +143,12 @@ class BadSampleCounter:
             book.reset()
         self._pending.clear()
 
+    def begin_run(self) -> None:
+        """Forget the readers and counts of earlier runs in this process (a run stopped
+        mid-epoch, a notebook's previous ``fit``): a run counts only the readers it builds."""
+        self.reset()
+        self._books = weakref.WeakSet()
+
     def attach(self, book) -> None:
         """Count a map-style reader's :class:`~unipred.data.book.SampleBook` in this counter
         (its reader calls this); entries a checkpoint holds for its key are put back."""

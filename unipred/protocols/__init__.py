@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipred.heads import LinearProbeHead, pool_tokens
+from unipred.nn.heads import LinearProbeHead, pool_tokens
 
 FROZEN = ("knn", "linear", "attentive", "layers")
 PROTOCOLS = (*FROZEN, "finetune")
@@ -186,10 +186,10 @@ def weight_sets(path: str, ema: str) -> list[tuple[str, dict]]:
     if p.is_dir():
         if ema == "true":
             raise ProtocolError(f"ema=true: {path} is a model folder with one weight set")
-        from unipred.pretrained import load_pretrained
+        from unipred.weights.pretrained import load_pretrained
 
         return [("raw", _backbone(load_pretrained(p).state_dict()))]
-    from unipred.checkpoint import CheckpointError, read_checkpoint
+    from unipred.train.checkpoint import CheckpointError, read_checkpoint
 
     ckpt = read_checkpoint(p)
     raw = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -212,7 +212,7 @@ def _backbone(sd: dict) -> dict:
 
 def load_backbone_weights(model: nn.Module, sd: dict, source: str) -> None:
     """Load every backbone tensor (strict: names and shapes); the model's head is left alone."""
-    from unipred.checkpoint import check_state_dict
+    from unipred.train.checkpoint import check_state_dict
 
     want = _backbone(model.state_dict())
     check_state_dict(source, sd, want)
@@ -646,7 +646,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     -> {"rows": [{protocol, weights, top1, top5, seconds, ...}], "meta": {...}}.
     The backbone is the CONFIG's model (``task.build_model()``: its attention mode, e.g.
     causal as pretrained, is the config's), with every backbone tensor from the checkpoint."""
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
 
     protocols = list(protocols)
     bad = [p for p in protocols if p not in FROZEN]
@@ -743,7 +743,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
 
 def need_classification(cfg, what: str) -> None:
     """The protocols score class labels: a task of another objective is one clear error."""
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
     from unipred.task import ClassifyTask
 
     if not issubclass(TASKS.get(cfg.task), ClassifyTask):
@@ -756,7 +756,7 @@ def need_classification(cfg, what: str) -> None:
 def run_finetune(cfg, settings: EvalSettings, log=print) -> dict:
     """Fine-tune with the CONFIG's recipe from the checkpoint's backbone (raw and/or EMA);
     report the final validation accuracy of each run."""
-    from unipred.engine import fit
+    from unipred.train.engine import fit
 
     need_classification(cfg, "protocol=finetune")
     if not cfg.ckpt:
@@ -860,7 +860,7 @@ def write_results(results: dict, folder: Path) -> tuple[Path, Path]:
 
 def evaluate_suite(cfg, settings: EvalSettings, config_name: str = "", log=print) -> dict:
     """Every requested protocol on ``cfg.ckpt``; results.md / results.json in the run folder."""
-    from unipred.baselines import run_with_baselines
+    from unipred.protocols.baselines import run_with_baselines
 
     t0 = time.perf_counter()
     results = run_with_baselines(cfg, settings, settings.protocols, log)
@@ -887,7 +887,7 @@ def frozen_eval(config, overrides: list[str], ckpt: str, protocols=FROZEN, setti
     """The frozen protocols on one checkpoint (or ``"random"``) of ``config`` with ``overrides``:
     the rows of the demos' tables (raw weights only). ``settings`` are eval keys such as
     ``"linear.epochs=50"``."""
-    from unipred.config import load_config
+    from unipred.train.config import load_config
 
     s = parse_eval_settings([*settings, "ema=false"])
     cfg = load_config(config, [*overrides, f"ckpt={ckpt}"])

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from unipred import objectives
-from unipred.heads import ClassifierHead, LinearProbeHead
-from unipred.objectives import Objective, ObjectiveConfig
-from unipred.predictor import Predictor, PredictorConfig, PredictorOutput, init_weights
-from unipred.pretrained import PretrainedMixin
-from unipred.registry import MODELS, TOKENIZERS
+from unipred.base.registry import MODELS, TOKENIZERS
+from unipred.nn import objectives
+from unipred.nn.heads import ClassifierHead, LinearProbeHead
+from unipred.nn.objectives import Objective, ObjectiveConfig
+from unipred.nn.predictor import Predictor, PredictorConfig, PredictorOutput, init_weights
+from unipred.weights.pretrained import PretrainedMixin
 
 
 @dataclass

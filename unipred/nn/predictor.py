@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from unipred.rope import AxialRoPE, apply_rope, lift_coords
+from unipred.nn.rope import AxialRoPE, apply_rope, lift_coords
 
 
 @dataclass

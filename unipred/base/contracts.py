@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from unipred.tokens import Tokens
+from unipred.base.tokens import Tokens
 
 
 @runtime_checkable

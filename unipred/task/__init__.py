@@ -257,7 +257,7 @@ class Task:
     def model_config(self, **defaults):
         """The ModelConfig of ``cfg.model``; ``defaults`` (e.g. head="mean", num_classes=10)
         fill in what the config leaves unset (None); the data source adapts it."""
-        from unipred.config import build_model_config
+        from unipred.train.config import build_model_config
 
         mc = build_model_config(self.cfg.model, **defaults)
         return self.source.adapt_model(mc) if self.source is not None else mc
@@ -271,7 +271,7 @@ class Task:
 # helpers for Task.check_config: each raises one ValueError line naming the keys to change
 def model_tokenizer(cfg) -> tuple[str, dict]:
     """(tokenizer name, tokenizer args) of the config's model (size + overrides)."""
-    from unipred.config import build_model_config
+    from unipred.train.config import build_model_config
 
     try:
         mc = build_model_config(cfg.model)
@@ -338,9 +338,30 @@ class PretrainTask(Task):
     want_stats: bool = False
 
     def build_model(self) -> nn.Module:
-        from unipred.model import NEPA
+        from unipred.nn.model import NEPA
 
-        return NEPA(self.model_config(head="none"))
+        mc = self.model_config(head="none")
+        if mc.objective.auto and self.source is not None:
+            mc = self._auto_objective(mc)
+        return NEPA(mc)
+
+    def _auto_objective(self, mc):
+        """``model.objective.auto``: the objective chosen from the data (unipred.auto). The
+        choice is written into the run config (auto off, keys set), so checkpoints, exports
+        and resumed runs rebuild the same model without reading the data again."""
+        from unipred import auto
+        from unipred.model import build_tokenizer
+
+        section = self.cfg.model.objective
+        explicit = {f.name for f in dataclasses.fields(section) if getattr(section, f.name)
+                    is not None} - {"auto"}  # fmt: skip
+        tok = build_tokenizer(mc.tokenizer, mc.predictor.dim, mc.tokenizer_args)
+        mc = auto.resolve(mc, self.source, tok, explicit)
+        for key in ("target_norm", "head", "horizon"):
+            setattr(section, key, getattr(mc.objective, key))
+        section.auto = False
+        mc.objective = dataclasses.replace(mc.objective, auto=False)
+        return mc
 
     def training_step(self, model, batch):
         out = model(self.inputs(batch))
@@ -494,7 +515,7 @@ class ClassifyTask(Task):
             n = self.source.num_classes()
         n = int(n or self.default_num_classes)
         if n < 1:
-            from unipred.config import ConfigError
+            from unipred.train.config import ConfigError
 
             raise ConfigError(
                 f"task {self.cfg.task!r} does not know its number of classes: set "
@@ -588,7 +609,7 @@ class ClassifyTask(Task):
 
     # -- model --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        from unipred.model import NEPA
+        from unipred.nn.model import NEPA
 
         head = "probe" if self.mode == "probe" else self.default_head
         model = NEPA(self.model_config(head=head, num_classes=self.num_classes()))
@@ -660,7 +681,7 @@ OBJECTIVES: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": Class
 
 def all_objectives() -> dict[str, type[Task]]:
     """Every generic objective by name (segmentation lives in unipred.segment)."""
-    from unipred.segment import SegmentTask
+    from unipred.task.segment import SegmentTask
 
     return {**OBJECTIVES, "segment": SegmentTask}
 
@@ -673,7 +694,7 @@ def register_data(name: str, objectives=("pretrain", "classify"), tasks: dict | 
     source yields dense label maps and may set ``label_axes``)."""
     import sys
 
-    from unipred.registry import DATASETS, TASKS
+    from unipred.base.registry import DATASETS, TASKS
 
     def deco(source: type[DataSource]):
         DATASETS.register(name)(source)

@@ -77,7 +77,7 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
     raises :class:`UnsafeCheckpointError` for a pickle naming anything outside the allow-list
     and :class:`CheckpointError` for an unreadable file, each one line naming ``path``.
 
-    Which of the two is decided from the pickle's opcodes (:mod:`unipred.pickle_scan`), not
+    Which of the two is decided from the pickle's opcodes (:mod:`unipred.train.pickle_scan`), not
     from torch's wording, which changes between releases."""
     path = Path(path)
     _regular_file(path)
@@ -94,7 +94,7 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
     except PermissionError as e:
         raise CheckpointError(f"{path}: cannot be opened ({e.strerror})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        from unipred.pickle_scan import unsafe_globals
+        from unipred.train.pickle_scan import unsafe_globals
 
         try:
             unsafe = unsafe_globals(path, SAFE_GLOBALS)
@@ -291,8 +291,8 @@ def _step_of(p: Path) -> int:
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, model_state: dict | None = None):
     """The checkpoint ``resume=auto`` continues (or None): see
-    :func:`unipred.resume_auto.find_resume_checkpoint`."""
-    from unipred.resume_auto import find_resume_checkpoint as find
+    :func:`unipred.train.resume_auto.find_resume_checkpoint`."""
+    from unipred.train.resume_auto import find_resume_checkpoint as find
 
     return find(run_dir, model_state)
 
@@ -452,7 +452,7 @@ def apply_init(model, spec: str) -> None:
         load_weights(model, path)
         print(f"model.init: loaded {path}: all {len(model.state_dict())} tensors matched, 0 new")
     elif kind == "official":
-        from unipred.hub import load_official_nepa
+        from unipred.weights.hub import load_official_nepa
 
         src = load_official_nepa(path).state_dict()
         head = {k: tuple(v.shape) for k, v in src.items() if k.startswith("head.")}
@@ -470,7 +470,7 @@ def apply_init(model, spec: str) -> None:
         if use_ema and "ema_state_dict" not in ckpt:
             raise CheckpointError(f"{path}: missing key 'ema_state_dict' (asked for :ema)")
         sd = ckpt["ema_state_dict"] if use_ema else _strip(ckpt["state_dict"])
-        from unipred.joint import is_joint_state, single_from_joint
+        from unipred.task.joint import is_joint_state, single_from_joint
 
         if is_joint_state(sd):  # joint pretraining: that modality's tokenizer (docs/joint.md)
             sd = single_from_joint(model, sd, path, source)

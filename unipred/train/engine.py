@@ -15,13 +15,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from unipred import optim
-from unipred.callbacks import EMA
-from unipred.config import RecipeError, recipe_changes, to_dict  # noqa: F401
-from unipred.loader import build_loader
-from unipred.registry import TASKS
-from unipred.threads import threads_for_run
-from unipred.trainer import BatchPlan, batch_plan, build_trainer  # noqa: F401
+from unipred.base.registry import TASKS
+from unipred.base.threads import threads_for_run
+from unipred.data.loader import build_loader
+from unipred.train import optim
+from unipred.train.callbacks import EMA
+from unipred.train.config import RecipeError, recipe_changes, to_dict  # noqa: F401
+from unipred.train.trainer import BatchPlan, batch_plan, build_trainer  # noqa: F401
 
 
 class LitTask(L.LightningModule):
@@ -36,7 +36,7 @@ class LitTask(L.LightningModule):
         self.plan = plan or BatchPlan.of(cfg.trainer, cfg.optim)
         self.model = self.task.build_model()
         if cfg.model.init:
-            from unipred.checkpoint import apply_init
+            from unipred.train.checkpoint import apply_init
 
             apply_init(self.model, cfg.model.init)
         self.frozen = optim.freeze(self.model, list(cfg.optim.freeze))
@@ -238,7 +238,7 @@ def _append_resume_record(out: Path, ckpt, changes: list[str], cfg) -> None:
     import json
     import time
 
-    from unipred.config import to_yaml
+    from unipred.train.config import to_yaml
 
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed_from": str(ckpt),
               "recipe_changes": changes, "config": to_yaml(cfg)}  # fmt: skip
@@ -251,12 +251,12 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
     ready Task instance (benchmarks, notebooks); by default ``cfg.task`` is built. The
     effective recipe is printed unless ``show_recipe`` is False (a demo's later stages) and
     always saved to ``run_dir/recipe.json``."""
-    from unipred.callbacks import format_recipe, save_recipe
-    from unipred.checkpoint import find_resume_checkpoint, validate_resume
-    from unipred.config import to_yaml
+    from unipred.train.callbacks import format_recipe, save_recipe
+    from unipred.train.checkpoint import find_resume_checkpoint, validate_resume
+    from unipred.train.config import to_yaml
 
     if not cfg.trainer.fast_dev_run:  # a bad run_dir: one line now, not after the model
-        from unipred.rundir import check_run_dir
+        from unipred.train.rundir import check_run_dir
 
         check_run_dir(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -302,7 +302,7 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
 
 def evaluate(cfg) -> dict:
     """Validate the weights of ``cfg.ckpt`` (raw and, when stored, EMA) on the val split."""
-    from unipred.checkpoint import load_weights
+    from unipred.train.checkpoint import load_weights
 
     _threads(cfg)
     lit = LitTask(cfg)

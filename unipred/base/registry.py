@@ -31,7 +31,7 @@ class Registry:
             if key in self._items and self._items[key] is not fn:
                 raise KeyError(f"{self.kind} {key!r} is already registered")
             if self._check:
-                from unipred import contracts
+                from unipred.base import contracts
 
                 getattr(contracts, self._check)(key, fn)
             self._items[key] = fn
@@ -94,7 +94,7 @@ def plugin_modules() -> list[str]:
     for pkg_name in BUILTIN_PACKAGES:
         pkg = importlib.import_module(pkg_name)
         mods += [f"{pkg_name}.{info.name}" for info in pkgutil.iter_modules(pkg.__path__)]
-    mods.append("unipred.joint")  # the modality-free joint pretraining task and tokenizer
+    mods.append("unipred.task.joint")  # the modality-free joint pretraining task and tokenizer
     mods += [ep.value.split(":")[0] for ep in entry_points(group=PLUGIN_GROUP)]
     return mods
 

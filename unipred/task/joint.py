@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from unipred.base.registry import TASKS, TOKENIZERS
+from unipred.base.tokens import Tokens
 from unipred.data.seeding import seeded
-from unipred.model import build_tokenizer
-from unipred.registry import TASKS, TOKENIZERS
-from unipred.rope import lift_coords
+from unipred.nn.model import build_tokenizer
+from unipred.nn.rope import lift_coords
 from unipred.task import DataConfig, PretrainTask, collapse_stats
-from unipred.tokens import Tokens
 
 AXIS_NAMES = ("t", "y", "x")  # the default 3-axis space; docs/joint.md
 SOURCE_KEYS = ("config", "task", "weight", "data", "model", "axes")
@@ -189,7 +189,7 @@ def _dotlist(d: dict, prefix: str = "") -> list[str]:
 def source_config(cfg, name: str, spec: dict):
     """The validated RunConfig of source ``name``: its recipe (``config``) or task, its
     overrides, the joint run's seed and width; errors name ``data.sources.NAME``."""
-    from unipred.config import ConfigError, load_config
+    from unipred.train.config import ConfigError, load_config
 
     where = f"data.sources.{name}"
     if not isinstance(spec, dict):
@@ -221,7 +221,7 @@ def source_config(cfg, name: str, spec: dict):
 
 
 def build_sources(cfg) -> list[Source]:
-    from unipred.config import ConfigError
+    from unipred.train.config import ConfigError
 
     d = cfg.data
     if not d.sources:
@@ -483,7 +483,7 @@ class JointPretrain(PretrainTask):
     def build_model(self):
         import dataclasses
 
-        from unipred.model import NEPA
+        from unipred.nn.model import NEPA
 
         d = self.cfg.data
         mc = self.model_config(head="none")
@@ -495,7 +495,7 @@ class JointPretrain(PretrainTask):
 
     # -- data -------------------------------------------------------------------------------
     def build_dataset(self, split):
-        from unipred.config import batch_plan
+        from unipred.train.config import batch_plan
 
         names, sets, weights = [], [], []
         for s in self.sources:
@@ -561,7 +561,7 @@ def single_from_joint(model, sd: dict, where, source: str = "") -> dict:
     tokenizer's projection bias (adding a constant to every token is exactly that), the other
     sources are dropped. The source is ``source`` or the only one whose tokenizer tensors fit
     ``model``'s. Refuses a model whose RoPE layout differs from the one pretrained."""
-    from unipred.checkpoint import CheckpointError
+    from unipred.train.checkpoint import CheckpointError
 
     names = sorted({k.split(".")[2] for k in sd if k.startswith("tokenizer.tokenizers.")})
     want = {k[len("tokenizer.") :]: v for k, v in model.state_dict().items()

@@ -94,7 +94,7 @@ def raw_features(tokenizer, batches, inputs, max_dim: int = 4096, max_samples: i
 
 
 def _task_and_model(cfg):
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
 
     task = TASKS.get(cfg.task)(cfg)
     torch.manual_seed(cfg.seed)
@@ -150,7 +150,7 @@ def has_source_baselines(task) -> bool:
 def run_source(cfg, settings: EvalSettings, log=print) -> list[dict]:
     """The data source's ``baseline_scores`` on the protocols' train (label budget) and val
     items; one row per name. Nothing is read when the source has none."""
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
 
     task = TASKS.get(cfg.task)(cfg)
     if not has_source_baselines(task):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from unipred.model import NEPA, ModelConfig
-from unipred.predictor import PredictorConfig
+from unipred.nn.model import NEPA, ModelConfig
+from unipred.nn.predictor import PredictorConfig
 
 _ACT = {"gelu": "gelu", "silu": "silu", "swish": "silu"}
 PREFIX = "vit_nepa."
@@ -196,7 +196,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             )
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
-    from unipred.checkpoint import CheckpointError, safe_load
+    from unipred.train.checkpoint import CheckpointError, safe_load
 
     try:
         if p.suffix == ".safetensors":
@@ -282,7 +282,7 @@ def main(argv: list[str]) -> int:
 # ------------------------------------------------------------------- what a layout can hold
 def official_layout_problems(model: NEPA) -> list[str]:
     """Why ``model`` cannot be written in the official ViTNepa layout (empty list: it can)."""
-    from unipred.registry import TOKENIZERS
+    from unipred.base.registry import TOKENIZERS
 
     cfg, out = model.cfg, []
     if not isinstance(model.tokenizer, TOKENIZERS.get("image")):
@@ -342,7 +342,7 @@ def timm_kwargs(model: NEPA, bidirectional: bool = False) -> dict:
         raise ValueError("cannot export to timm: " + "; ".join(problems))
     from functools import partial
 
-    from unipred.extras import require
+    from unipred.base.extras import require
 
     layers = require("timm.layers", "vision", "exporting to timm")
     pc, cfg = model.cfg.predictor, model.cfg
@@ -415,7 +415,7 @@ def timm_state_dict(model: NEPA) -> dict[str, torch.Tensor]:
 
 def to_timm(model: NEPA, bidirectional: bool = False):
     """A timm model (``timm.create_model``) with ``model``'s weights, in eval mode."""
-    from unipred.extras import require
+    from unipred.base.extras import require
 
     timm = require("timm", "vision", "exporting to timm")
     kw = timm_kwargs(model, bidirectional)

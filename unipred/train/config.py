@@ -22,12 +22,12 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from unipred.callbacks import EMAConfig
-from unipred.model import ModelSection, _set_fields, build_model_config  # noqa: F401
-from unipred.objectives import ObjectiveConfig
-from unipred.optim import OptimConfig
-from unipred.registry import TASKS
-from unipred.trainer import BatchPlan, TrainerConfig, batch_plan  # noqa: F401
+from unipred.base.registry import TASKS
+from unipred.nn.model import ModelSection, _set_fields, build_model_config  # noqa: F401
+from unipred.nn.objectives import ObjectiveConfig
+from unipred.train.callbacks import EMAConfig
+from unipred.train.optim import OptimConfig
+from unipred.train.trainer import BatchPlan, TrainerConfig, batch_plan  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -286,7 +286,7 @@ def check_data_paths(cfg) -> None:
     for key, spec in (("model.init", cfg.model.init), ("ckpt", cfg.ckpt)):
         p = spec.split(":", 1)[1] if ":" in spec and key == "model.init" else spec
         if key == "model.init" and spec.startswith("pretrain:"):
-            from unipred.checkpoint import split_source
+            from unipred.train.checkpoint import split_source
 
             p = split_source(p)[0]
             p = p[: -len(":ema")] if p.endswith(":ema") else p

@@ -14,7 +14,7 @@ import os
 import warnings
 from pathlib import Path
 
-from unipred.checkpoint import (
+from unipred.train.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     _regular_file,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 
-from unipred.callbacks import EMA, EMAConfig
+from unipred.train.callbacks import EMA, EMAConfig
 
 
 @dataclass
@@ -79,7 +79,7 @@ class BatchPlan:
         world = devices * t.num_nodes
         per_dev = t.per_device_batch or t.global_batch // world
         if per_dev < 1 or t.global_batch % (per_dev * world):
-            from unipred.config import RecipeError
+            from unipred.train.config import RecipeError
 
             raise RecipeError(
                 f"trainer.global_batch={t.global_batch} is not a multiple of per_device_batch "
@@ -112,7 +112,7 @@ def _strategy(t: TrainerConfig):
     if t.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from unipred.predictor import Block
+        from unipred.nn.predictor import Block
 
         return FSDPStrategy(
             auto_wrap_policy={Block},
@@ -154,9 +154,9 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
     plan ``lit.plan``; checkpoints and logs go under ``out``."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from unipred.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
-    from unipred.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint, Preemption
-    from unipred.quiet import PlainProgress, quiet_third_party, use_tqdm
+    from unipred.base.quiet import PlainProgress, quiet_third_party, use_tqdm
+    from unipred.train.callbacks import CollapseMonitor, NonFiniteLossStop, Throughput
+    from unipred.train.checkpoint import AtomicCheckpointIO, PeriodicCheckpoint, Preemption
 
     quiet_third_party()
     plan, out = lit.plan, Path(out)
@@ -187,7 +187,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
         cbs += _best_checkpoint(lit, ema_ok and ema.monitor_ema, out)
     tqdm = t.progress_bar and use_tqdm()  # a file or a pipe gets plain lines, no escape codes
     if tqdm:
-        from unipred.callbacks import progress_bar
+        from unipred.train.callbacks import progress_bar
 
         cbs.append(progress_bar(max(1, min(t.log_every_n_steps, 20))))
     elif t.progress_bar:

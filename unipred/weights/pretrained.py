@@ -34,7 +34,7 @@ class PretrainedError(ValueError):
 
 
 def _hub():
-    from unipred.extras import require
+    from unipred.base.extras import require
 
     return require("huggingface_hub", "hub", "loading from or pushing to the Hugging Face Hub")
 
@@ -58,8 +58,8 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 def config_from_dict(d: dict, source: str = CONFIG):
     """The ``config.json`` dict -> ModelConfig; unknown or missing fields are named."""
-    from unipred.model import ModelConfig
-    from unipred.predictor import PredictorConfig
+    from unipred.nn.model import ModelConfig
+    from unipred.nn.predictor import PredictorConfig
 
     if d.get("format") != FORMAT:
         raise PretrainedError(f"{source}: not a unipred model config (format={d.get('format')!r})")
@@ -79,7 +79,7 @@ def config_from_dict(d: dict, source: str = CONFIG):
     if unknown:
         raise PretrainedError(f"{source}: unknown predictor key(s) {unknown} (newer unipred?)")
     if isinstance(body.get("objective"), dict):  # the pretraining objective's switches
-        from unipred.objectives import ObjectiveConfig
+        from unipred.nn.objectives import ObjectiveConfig
 
         ofields = {f.name for f in dataclasses.fields(ObjectiveConfig)}
         bad = sorted(set(body["objective"]) - ofields)
@@ -239,7 +239,7 @@ def resolve_folder(
 
 def load_pretrained(src, *, cls=None, map_location="cpu", **hub_kwargs):
     """Build and load a model from a folder or repo id (ours or the official NEPA layout)."""
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     cls = cls or NEPA
     folder = resolve_folder(src, **hub_kwargs)
@@ -251,7 +251,7 @@ def load_pretrained(src, *, cls=None, map_location="cpu", **hub_kwargs):
     except json.JSONDecodeError as e:
         raise PretrainedError(f"{cfg_path}: not valid JSON ({e})") from None
     if d.get("model_type") == "vit_nepa":  # a released NEPA checkpoint
-        from unipred.hub import load_official_nepa
+        from unipred.weights.hub import load_official_nepa
 
         return load_official_nepa(folder)
     cfg = config_from_dict(d, str(cfg_path))
@@ -264,7 +264,7 @@ def load_pretrained(src, *, cls=None, map_location="cpu", **hub_kwargs):
         raise PretrainedError(f"{folder}: no {WEIGHTS}")
     from safetensors.torch import load_file
 
-    from unipred.checkpoint import check_state_dict
+    from unipred.train.checkpoint import check_state_dict
 
     try:
         sd = load_file(str(wpath), device=str(map_location))
@@ -313,7 +313,7 @@ def run_config_of(ckpt: dict, source: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from unipred.config import schema_for
+    from unipred.train.config import schema_for
 
     d = ckpt.get("unipred_config")
     if not d:
@@ -327,8 +327,8 @@ def run_config_of(ckpt: dict, source: str):
 
 def model_from_checkpoint(path, ema: bool = False):
     """(model, run config, checkpoint dict) of a training checkpoint, raw or EMA weights."""
-    from unipred.checkpoint import CheckpointError, check_state_dict, read_checkpoint
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.checkpoint import CheckpointError, check_state_dict, read_checkpoint
 
     ckpt = read_checkpoint(path)
     cfg = run_config_of(ckpt, str(path))
@@ -347,9 +347,9 @@ def model_from_checkpoint(path, ema: bool = False):
 def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = None,
                       push: str | None = None) -> Path:  # fmt: skip
     """A training checkpoint -> a save_pretrained folder (and optionally the Hub)."""
-    from unipred.checkpoint import non_finite_key
-    from unipred.config import to_yaml
     from unipred.protocols import suite_folder
+    from unipred.train.checkpoint import non_finite_key
+    from unipred.train.config import to_yaml
 
     model, cfg, ckpt = model_from_checkpoint(path, ema)
     weights = "ema" if ema else "raw"

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipred.model import NEPA, ModelConfig
-from unipred.registry import DECODERS
+from unipred.base.registry import DECODERS
+from unipred.nn.model import NEPA, ModelConfig
 from unipred.task import DataConfig, Task
 
 SEG_MODES = ("finetune", "probe", "eval")
@@ -242,7 +242,7 @@ class SegmentTask(Task):
     def num_classes(self) -> int:
         n = self.cfg.data.num_classes or (self.source.num_classes() if self.source else None)
         if not n:
-            from unipred.config import ConfigError
+            from unipred.train.config import ConfigError
 
             raise ConfigError(f"task {self.cfg.task!r} does not know its number of classes: "
                               "set data.num_classes")  # fmt: skip
@@ -264,7 +264,7 @@ class SegmentTask(Task):
         return model
 
     def build_metrics(self) -> dict[str, Any]:
-        from unipred.seg_metrics import MeanAccuracy, MeanIoU, PixelAccuracy
+        from unipred.task.seg_metrics import MeanAccuracy, MeanIoU, PixelAccuracy
 
         n, ign = self.num_classes(), self.cfg.data.ignore_index
         return {"mIoU": MeanIoU(n, ign), "mAcc": MeanAccuracy(n, ign), "aAcc": PixelAccuracy(n, ign)}  # fmt: skip
