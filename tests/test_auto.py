@@ -1,13 +1,13 @@
-"""model.objective.auto: the objective chosen from the data's sizes (unipred/auto.py)."""
+"""model.objective.auto: the objective chosen from the data's sizes (unipred/task/auto.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from unipred.auto import DataScale, choose
 from unipred.config import load_config
 from unipred.registry import TASKS
+from unipred.task.auto import DataScale, choose
 
 
 def _folder(root, size, classes=2, per_class=3):

@@ -346,11 +346,11 @@ class PretrainTask(Task):
         return NEPA(mc)
 
     def _auto_objective(self, mc):
-        """``model.objective.auto``: the objective chosen from the data (unipred.auto). The
+        """``model.objective.auto``: the objective chosen from the data (unipred.task.auto). The
         choice is written into the run config (auto off, keys set), so checkpoints, exports
         and resumed runs rebuild the same model without reading the data again."""
-        from unipred import auto
-        from unipred.model import build_tokenizer
+        from unipred.nn.model import build_tokenizer
+        from unipred.task import auto
 
         section = self.cfg.model.objective
         explicit = {f.name for f in dataclasses.fields(section) if getattr(section, f.name)
