@@ -275,7 +275,7 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
     lit = LitTask(cfg, task)
     ckpt = None
     if cfg.resume == "auto":
-        ckpt = find_resume_checkpoint(cfg.run_dir)
+        ckpt = find_resume_checkpoint(cfg.run_dir, lit.state_dict())  # loads and matches
     elif cfg.resume:
         ckpt = Path(cfg.resume)
     changes = []
