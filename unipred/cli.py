@@ -150,11 +150,15 @@ def cmd_fit(argv: list[str]) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from unipred.train.callbacks import NonFiniteLossError
+    from unipred.train.checkpoint import DiskFullError
     from unipred.train.engine import fit
 
     try:
         fit(cfg)
     except NonFiniteLossError as e:
+        print(f"unipred fit: stopped: {e}", file=sys.stderr)
+        return 1
+    except DiskFullError as e:  # the write failed, the previous checkpoint did not
         print(f"unipred fit: stopped: {e}", file=sys.stderr)
         return 1
     except SIGTERMException:  # SIGTERM / SIGUSR1: checkpoint.Preemption wrote last.ckpt

@@ -391,10 +391,15 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
                       push: str | None = None) -> Path:  # fmt: skip
     """A training checkpoint -> a save_pretrained folder (and optionally the Hub)."""
     from unipred.protocols import suite_folder
+    from unipred.train.checkpoint import non_finite_key
     from unipred.train.config import to_yaml
 
     model, cfg, ckpt = model_from_checkpoint(path, ema)
     weights = "ema" if ema else "raw"
+    bad = non_finite_key(model.state_dict())
+    if bad is not None:  # exported as they are (a diverged run is still worth looking at)
+        print(f"unipred export: warning: {path}: key '{bad}' holds NaN or infinite values "
+              "(a diverged run?); exported as they are", file=sys.stderr)  # fmt: skip
     ev_path = Path(evaluation) if evaluation else suite_folder(str(path)) / "results.json"
     ev = None
     if ev_path.is_file():
