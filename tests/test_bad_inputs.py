@@ -274,17 +274,16 @@ def test_audio_corpus_in_a_folder_and_in_shards(tmp_path):
 
 
 # --------------------------------------------------------------------------------- video
-def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
-    pytest.importorskip("torchcodec")
+def video_corpus(root: Path, n_good: int = 4) -> dict[str, str | None]:
+    """root/{a,b}/: n_good tiny mp4s plus a truncated, a zero-byte, a zero-frame and an
+    audio-only mp4 -> {relative path: reason}."""
     from torchcodec.encoders import AudioEncoder
-    from unipred.tasks.video.data import ClipTransform, VideoFolder, VideoShardDataset, write_video
-    from unipred.tasks.video.pack import pack_videos
+    from unipred.tasks.video.data import write_video
 
-    root = tmp_path / "src"
     for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
+        (root / c).mkdir(parents=True, exist_ok=True)
     corpus = {}
-    for i in range(4):
+    for i in range(n_good):
         rel = f"{'ab'[i % 2]}/good{i}.mp4"
         write_video(root / rel, torch.full((8, 3, 16, 16), 30 * i, dtype=torch.uint8))
         corpus[rel] = None
@@ -301,6 +300,16 @@ def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
     corpus["a/zero_frames.mp4"] = "skipped/corrupt"
     AudioEncoder(torch.zeros(1, 8000), sample_rate=16000).to_file(str(root / "b/audio_only.mp4"))
     corpus["b/audio_only.mp4"] = "skipped/empty"  # no video stream
+    return corpus
+
+
+def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
+    pytest.importorskip("torchcodec")
+    from unipred.tasks.video.data import ClipTransform, VideoFolder, VideoShardDataset
+    from unipred.tasks.video.pack import pack_videos
+
+    root = tmp_path / "src"
+    corpus = video_corpus(root)
     counter = BadSampleCounter()
     ds = VideoFolder(root, 4, 1, ClipTransform(size=8, scale=1.0), counter=counter)
     assert len(ds) == len(corpus)

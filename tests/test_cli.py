@@ -276,7 +276,7 @@ def test_unknown_option_command_and_yaml_typo_are_one_line_and_exit_2(tmp_path):
 def test_unipreds_own_warnings_name_no_file(tmp_path):
     """A warning raised from inside a Lightning hook (the collapse monitor's) is printed as
     unipred's, not attributed to Lightning's file that called the hook."""
-    code = ("import warnings\nfrom unipred.warn import warn\n"
+    code = ("import warnings\nfrom unipred.base.warn import warn\n"
             "def hook():\n    warn('step 50: embeddings may be collapsing')\nhook()\n"
             "warnings.warn('a third-party warning')\n")  # fmt: skip
     p = _run([sys.executable, "-c", code], tmp_path)

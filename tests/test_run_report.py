@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from unipred.run_lock import LOCK_NAME, RunDirBusy, RunLock
+from unipred.train.run_lock import LOCK_NAME, RunDirBusy, RunLock
 
 UNIPRED = str(Path(sys.executable).with_name("unipred"))
 TINY = ["debug/image_nepa_tiny", "task=debug_image_classify", "data.train_samples=32", "trainer.global_batch=4",

@@ -16,26 +16,29 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from unipred import _compat
 from unipred._version import __version__
+
+_compat.install()  # the old flat module paths (unipred.model, ...) stay importable
 
 # public name -> the module that defines it
 _WHERE = {
-    "DatasetBuilder": "unipred.contracts",
-    "Tokenizer": "unipred.contracts",
-    "next_embedding_loss": "unipred.loss",
-    "NEPA": "unipred.model",
-    "ModelConfig": "unipred.model",
-    "model_config": "unipred.model",
-    "Predictor": "unipred.predictor",
-    "PredictorConfig": "unipred.predictor",
-    "DATASETS": "unipred.registry",
-    "DECODERS": "unipred.registry",
-    "MODELS": "unipred.registry",
-    "TASKS": "unipred.registry",
-    "TOKENIZERS": "unipred.registry",
-    "SegmentData": "unipred.segment",
-    "SegmentOutput": "unipred.segment",
-    "SegmentTask": "unipred.segment",
+    "DatasetBuilder": "unipred.base.contracts",
+    "Tokenizer": "unipred.base.contracts",
+    "next_embedding_loss": "unipred.nn.loss",
+    "NEPA": "unipred.nn.model",
+    "ModelConfig": "unipred.nn.model",
+    "model_config": "unipred.nn.model",
+    "Predictor": "unipred.nn.predictor",
+    "PredictorConfig": "unipred.nn.predictor",
+    "DATASETS": "unipred.base.registry",
+    "DECODERS": "unipred.base.registry",
+    "MODELS": "unipred.base.registry",
+    "TASKS": "unipred.base.registry",
+    "TOKENIZERS": "unipred.base.registry",
+    "SegmentData": "unipred.task.segment",
+    "SegmentOutput": "unipred.task.segment",
+    "SegmentTask": "unipred.task.segment",
     "ClassifyData": "unipred.task",
     "ClassifyTask": "unipred.task",
     "DataConfig": "unipred.task",
@@ -43,7 +46,7 @@ _WHERE = {
     "PretrainTask": "unipred.task",
     "Task": "unipred.task",
     "register_data": "unipred.task",
-    "Tokens": "unipred.tokens",
+    "Tokens": "unipred.base.tokens",
 }
 
 
@@ -61,12 +64,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from unipred.contracts import DatasetBuilder, Tokenizer
-    from unipred.loss import next_embedding_loss
-    from unipred.model import NEPA, ModelConfig, model_config
-    from unipred.predictor import Predictor, PredictorConfig
-    from unipred.registry import DATASETS, DECODERS, MODELS, TASKS, TOKENIZERS
-    from unipred.segment import SegmentData, SegmentOutput, SegmentTask
+    from unipred.base.contracts import DatasetBuilder, Tokenizer
+    from unipred.base.registry import DATASETS, DECODERS, MODELS, TASKS, TOKENIZERS
+    from unipred.base.tokens import Tokens
+    from unipred.nn.loss import next_embedding_loss
+    from unipred.nn.model import NEPA, ModelConfig, model_config
+    from unipred.nn.predictor import Predictor, PredictorConfig
     from unipred.task import (
         ClassifyData,
         ClassifyTask,
@@ -76,7 +79,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         Task,
         register_data,
     )
-    from unipred.tokens import Tokens
+    from unipred.task.segment import SegmentData, SegmentOutput, SegmentTask
 
 __all__ = [
     "DATASETS",

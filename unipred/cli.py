@@ -85,8 +85,14 @@ and the packaged recipes.
 """,
 }
 
-LAZY = {"data": "unipred.data.cli", "convert": "unipred.hub", "export": "unipred.pretrained"}
-LAZY["compare"] = "unipred.compare"  # NEPA vs scratch / random init / raw input (issue #23)
+LAZY = {
+    "data": "unipred.data.cli",
+    "convert": "unipred.weights.hub",
+    "export": "unipred.weights.pretrained",
+}
+LAZY["compare"] = (
+    "unipred.protocols.compare"  # NEPA vs scratch / random init / raw input (issue #23)
+)
 
 
 def _split(argv: list[str]):
@@ -105,7 +111,7 @@ FLAGS = ("--print-config",)
 
 
 def _load(argv: list[str], command: str = "fit"):
-    from unipred.config import load_config
+    from unipred.train.config import load_config
 
     config, overrides, flags = _split(argv)
     if "--help" in flags or "-h" in flags:
@@ -172,7 +178,7 @@ def _walk_keys(cls, value, prefix: str):
 def config_keys_help(config: str | None, overrides: list[str] = ()) -> str:
     """Every key of CONFIG's task (or of ``task=NAME`` among the overrides): type, default, and
     this recipe's value where it differs."""
-    from unipred.config import load_config, schema_for
+    from unipred.train.config import load_config, schema_for
 
     cfg = load_config(config, list(overrides), check_paths=False)
     what = f"{config} (task {cfg.task})" if config else f"task {cfg.task}"
@@ -188,20 +194,28 @@ def config_keys_help(config: str | None, overrides: list[str] = ()) -> str:
 
 
 def cmd_fit(argv: list[str]) -> int:
-    from unipred.config import explain, to_yaml
+    from unipred.train.config import explain
 
     cfg, printing = _load(argv)
     if printing:
-        print(to_yaml(cfg) + explain(cfg), end="")
+        from unipred.train.machine import apply_to_run
+        from unipred.train.provenance import annotated_yaml
+
+        apply_to_run(cfg)  # what a run on this machine would use, and the line saying so
+        print(annotated_yaml(cfg) + explain(cfg), end="")
         return 0
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from unipred.callbacks import NonFiniteLossError
-    from unipred.engine import fit
+    from unipred.train.callbacks import NonFiniteLossError
+    from unipred.train.checkpoint import DiskFullError
+    from unipred.train.engine import fit
 
     try:
         fit(cfg)
     except NonFiniteLossError as e:
+        print(f"unipred fit: stopped: {e}", file=sys.stderr)
+        return 1
+    except DiskFullError as e:  # the write failed, the previous checkpoint did not
         print(f"unipred fit: stopped: {e}", file=sys.stderr)
         return 1
     except SIGTERMException:  # SIGTERM / SIGUSR1: checkpoint.Preemption wrote last.ckpt
@@ -224,7 +238,7 @@ def _eval_settings(argv: list[str]):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from unipred.config import to_yaml
+    from unipred.train.config import to_yaml
 
     settings, argv, _ = _eval_settings(argv)
     cfg, printing = _load(argv, "eval")
@@ -234,12 +248,12 @@ def cmd_eval(argv: list[str]) -> int:
     if not cfg.ckpt and not cfg.model.init:
         raise UsageError("give ckpt=PATH (or model.init=...) to evaluate")
     if settings.protocol:  # the backbone's rows, then its baselines' (unipred.baselines)
-        from unipred.baselines import run_with_baselines
+        from unipred.protocols.baselines import run_with_baselines
 
         run_with_baselines(cfg, settings, [settings.protocol])
         return 0
-    from unipred.engine import evaluate
     from unipred.protocols import suite_folder
+    from unipred.train.engine import evaluate
 
     # logs go beside the checkpoint (its run folder's eval/), never into the run_dir of the
     # YAML, which is usually someone's training run
@@ -256,7 +270,7 @@ def cmd_suite(argv: list[str]) -> int:
     settings, argv, config = _eval_settings(argv)
     cfg, printing = _load(argv, "evaluate-suite")
     if printing:
-        from unipred.config import to_yaml
+        from unipred.train.config import to_yaml
 
         print(to_yaml(cfg), end="")
         return 0
@@ -322,7 +336,7 @@ def _lazy(module: str, argv: list[str]) -> int:
 
 
 def _registered(command: str, argv: list[str]) -> int:
-    from unipred.registry import COMMANDS
+    from unipred.base.registry import COMMANDS
 
     try:
         module = COMMANDS.get(command)
@@ -335,10 +349,10 @@ def _registered(command: str, argv: list[str]) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "this input is wrong" (one line, exit 2), imported only when
     one was raised: ``unipred --help`` and ``unipred list`` never load torch for them."""
-    from unipred.checkpoint import CheckpointError
-    from unipred.config import ConfigError, RecipeError
-    from unipred.extras import MissingExtra
+    from unipred.base.extras import MissingExtra
     from unipred.protocols import ProtocolError
+    from unipred.train.checkpoint import CheckpointError
+    from unipred.train.config import ConfigError, RecipeError
 
     return ConfigError, CheckpointError, RecipeError, MissingExtra, ProtocolError
 

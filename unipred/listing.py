@@ -44,7 +44,7 @@ def _plugin_roots() -> list[Path]:
     any of them."""
     from importlib.metadata import entry_points
 
-    from unipred.registry import BUILTIN_PACKAGES, PLUGIN_GROUP
+    from unipred.base.registry import BUILTIN_PACKAGES, PLUGIN_GROUP
 
     roots = [Path(__file__).resolve().parent]
     names = list(BUILTIN_PACKAGES)
@@ -68,7 +68,7 @@ def fingerprint() -> str:
     from importlib.metadata import entry_points
 
     from unipred import __version__
-    from unipred.registry import PLUGIN_GROUP
+    from unipred.base.registry import PLUGIN_GROUP
 
     h = hashlib.sha256()
     h.update(f"{_FORMAT}|{__version__}|{sys.executable}|{sys.version}\n".encode())

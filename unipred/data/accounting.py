@@ -85,6 +85,9 @@ def data_modules(task) -> set[str]:
 
 # every modality's readers meet these
 register_reasons(skipped=("corrupt", "truncated", "tiny", "read_error", "too_large", "empty"))
+# shards read over a network (unipred.data.remote): a shard gone for good (404, no progress
+# within the deadline) counts its planned samples; repeated = re-read to keep ranks in step
+register_reasons(skipped=("shard_gone",), converted=("repeated",))
 _NAMES, _NAME_BYTES = 32, 256  # the first bad files of each process slot, kept by name
 
 
@@ -118,14 +121,17 @@ class BadSampleCounter:
         info = torch.utils.data.get_worker_info()
         return 0 if info is None else 1 + info.id % (_MAX_SLOTS - 1)
 
-    def count(self, reason: str, what: str = "", exc: BaseException | None = None) -> None:
-        """Record one sample under a registered ``reason`` ("truncated" or "skipped/truncated")."""
+    def count(
+        self, reason: str, what: str = "", exc: BaseException | None = None, n: int = 1
+    ) -> None:
+        """Record ``n`` samples (one by default) under a registered ``reason`` ("truncated"
+        or "skipped/truncated"); ``what`` names them (a file, a shard URL)."""
         key = reason if "/" in reason else self._full_key(reason)
         if key not in self._columns:
             raise KeyError(f"unknown bad-sample reason {reason!r}; register it with "
                            f"register_reasons(); known: {sorted(self._columns)}")  # fmt: skip
         slot = self._slot()
-        self._t[slot, self._columns[key]] += 1
+        self._t[slot, self._columns[key]] += n
         n = int(self._n_names[slot])
         if n < _NAMES:
             raw = f"{key}\t{what or '?'}".encode("utf-8", "replace")[:_NAME_BYTES]
@@ -179,6 +185,12 @@ class BadSampleCounter:
         for book in list(self._books):
             book.reset()
         self._pending.clear()
+
+    def begin_run(self) -> None:
+        """Forget the readers and counts of earlier runs in this process (a run stopped
+        mid-epoch, a notebook's previous ``fit``): a run counts only the readers it builds."""
+        self.reset()
+        self._books = weakref.WeakSet()
 
     def attach(self, book) -> None:
         """Count a map-style reader's :class:`~unipred.data.book.SampleBook` in this counter

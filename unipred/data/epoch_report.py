@@ -40,6 +40,20 @@ def _skipped(counts: dict) -> int:
     return sum(v for k, v in counts.items() if k.startswith("skipped/") and k != "skipped/total")
 
 
+def books_of(ds, depth: int = 0) -> list:
+    """The :class:`~unipred.data.book.SampleBook` of a map-style reader, looked for through
+    the wrappers a loader or a task puts around it (``.dataset``, ``.datasets``)."""
+    if ds is None or depth > 5:
+        return []
+    vars_ = getattr(ds, "__dict__", {})
+    if "book" in vars_:
+        return [vars_["book"]]
+    inner = vars_.get("dataset")
+    if inner is not None:
+        return books_of(inner, depth + 1)
+    return [b for d in vars_.get("datasets", ()) or () for b in books_of(d, depth + 1)]
+
+
 def most_common_folder(names: list[dict]) -> tuple[str, int]:
     """The folder (or shard) holding most of the skipped files named, and how many."""
     where = Counter()
@@ -64,6 +78,8 @@ class BadSampleLogger(L.Callback):
 
     # -- configuration ------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
+        if stage == "fit":  # before this run builds its data and loads its checkpoint
+            self.counter.begin_run()
         data = getattr(getattr(pl_module, "cfg", None), "data", None)
         if self.max_bad_fraction is None:
             self.max_bad_fraction = getattr(data, "max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
@@ -96,10 +112,12 @@ class BadSampleLogger(L.Callback):
         """(skipped samples of the training split this epoch on this rank, the samples the
         epoch plans to read on this rank or None when unknown, their skip reasons)."""
         loader = trainer.train_dataloader
-        ds = getattr(loader, "dataset", None)
-        book = getattr(ds, "book", None)
-        if book is not None:
-            reasons = book.counts()
+        books = books_of(getattr(loader, "dataset", None))
+        if books:
+            reasons = {}
+            for book in books:
+                for k, v in book.counts().items():
+                    reasons[k] = reasons.get(k, 0) + v
             skipped = _skipped(reasons)
         else:  # streaming readers count into the rows, validation's share taken out
             reasons = self.counter.snapshot(books=False)
