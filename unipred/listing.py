@@ -95,7 +95,7 @@ def fingerprint() -> str:
 
 def compute() -> dict:
     """The listing, from the registries (imports every plugin)."""
-    from unipred import registry
+    from unipred.base import registry
 
     sections = []
     for title, attr in SECTIONS:
