@@ -5,9 +5,12 @@
         blur and noise) as OUT/train/<digit>/*.png and OUT/val/<digit>/*.png
     python benchmarks/small_data.py fmnist OUT [--train 500 --val 100 --root DIR]
         a class-balanced Fashion-MNIST subset as PNG folders (same layout)
-    python benchmarks/small_data.py knn OUT [--labels-per-class 20 --subset-seed 0]
-        1-nearest-neighbour on raw pixels, training subset chosen exactly as
-        ``data.labels_per_class`` / ``data.subset_seed`` choose it (unipred.task)
+    python benchmarks/small_data.py knn DATA [--labels-per-class 20 --subset-seed 0]
+        1-nearest-neighbour on raw pixels of DATA (the folder ``digits``/``fmnist`` wrote:
+        DATA/train, DATA/val); the training subset is the one ``data.labels_per_class`` /
+        ``data.subset_seed`` pick for a run (unipred.task.classify.per_class_indices: for
+        every class, ``k`` images drawn by ``subset_seed`` alone, so a fine-tune, a probe and
+        this baseline with the same budget and seed see the same labelled images)
     python benchmarks/small_data.py compare DATA RUNS [--labels 10,20 --seeds 0,1,2
                                     --pretrain CKPT --jobs 2 --set KEY=VALUE ...]
         the small-image recipe end to end with ``unipred fit``: one NEPA pretraining on
@@ -222,10 +225,14 @@ def main(argv=None) -> int:
     b.add_argument("--val", type=int, default=100)
     b.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
     b.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("knn")
-    c.add_argument("out")
-    c.add_argument("--labels-per-class", type=int, default=0)
-    c.add_argument("--subset-seed", type=int, default=0)
+    c = sub.add_parser("knn", help="pixel 1-NN on a data folder (the raw-input baseline)")
+    c.add_argument(
+        "out", metavar="data", help="the folder made by `digits`/`fmnist` (train/, val/)"
+    )
+    c.add_argument("--labels-per-class", type=int, default=0,
+                   help="training images per class (0 = all): the same subset a run with "
+                   "data.labels_per_class and data.subset_seed trains on")  # fmt: skip
+    c.add_argument("--subset-seed", type=int, default=0, help="picks the subset (data.subset_seed)")
     e = sub.add_parser("compare")
     e.add_argument("data", help="DATA/train and DATA/val, class sub-folders")
     e.add_argument("runs", help="run folders go here (a finished run is reused)")

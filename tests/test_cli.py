@@ -152,7 +152,7 @@ def test_every_subcommand_help_works_and_names_only_flags_that_exist(tmp_path):
         assert "Traceback" not in r["out"] + r["err"], (cmd, r)
         listed = re.findall(r"^  (\S+)$", r["out"], re.M)
         if cmd in (["data"], ["demo"]):  # the subcommands it lists are the registered ones
-            assert sorted(listed) == sorted(c[1] for c in cmds if c[0] == cmd[0]), r["out"]
+            assert sorted(listed) == sorted(c[1] for c in cmds if c[0] == cmd[0] and len(c) > 1)
         for flag in _flags(r["out"]):
             if cmd[0] in ("fit", "eval", "evaluate-suite"):  # ours: run the flag for real
                 config = (

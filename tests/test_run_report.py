@@ -36,7 +36,7 @@ def test_a_classification_run_says_what_the_data_gave_how_far_it_is_and_what_it_
     assert p.returncode == 0, p.stderr[-3000:]
     data = [ln for ln in out.splitlines() if "] data: " in ln]
     assert len(data) == 1, out[-3000:]
-    assert "4 classes (read from the data)" in data[0]
+    assert "4 classes (data.num_classes: data source" in data[0]
     assert "train 32 samples, labelled subset 12 (3 per class" in data[0]
     assert "val 16 samples" in data[0]
     steps = re.findall(r"step (\d+)/(\d+) eta (\d+)s", out)
@@ -77,7 +77,7 @@ def test_print_config_shows_the_total_step_count_and_the_class_count(tmp_path):
               "--print-config"], tmp_path)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     assert "#   total_steps: 12  (3 epochs x 4 steps (32 training samples" in p.stdout
-    assert "# classes: 4 (read from the data)" in p.stdout
+    assert re.search(r"^  num_classes: 4  # data source", p.stdout, re.M), p.stdout[:3000]
     p = _fit([*TINY, "trainer.max_steps=150", "--print-config"], tmp_path)
     assert "#   total_steps: 150  (trainer.max_steps)" in p.stdout, p.stdout[-1500:]
 
@@ -151,3 +151,19 @@ def test_lock_rules(tmp_path, monkeypatch):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": "x"}))
     with RunLock(tmp_path) as lock:
         assert not lock.held
+
+
+def test_an_eval_protocol_writes_its_json_with_the_printed_percentages(tmp_path):
+    out = tmp_path / "eval"
+    p = subprocess.run(
+        [UNIPRED, "eval", *TINY, "ckpt=random", f"out={out}", "protocol=knn", "baselines=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = json.loads((out / "knn.json").read_text())
+    row = saved["rows"][0]
+    assert row["protocol"] == "knn" and saved["units"]["top1_pct"] == "%"
+    assert row["top1_pct"] == round(100 * row["top1"], 4)
+    assert f"top-1 {row['top1_pct']:6.2f} %" in p.stdout, p.stdout[-2000:]
+    assert f"wrote {out / 'knn.json'}" in p.stdout

@@ -250,7 +250,8 @@ def cmd_eval(argv: list[str]) -> int:
     if settings.protocol:  # the backbone's rows, then its baselines' (unipred.baselines)
         from unipred.protocols.baselines import run_with_baselines
 
-        run_with_baselines(cfg, settings, [settings.protocol])
+        results = run_with_baselines(cfg, settings, [settings.protocol])
+        _save_eval(results, cfg, settings, settings.protocol)
         return 0
     from unipred.protocols import suite_folder
     from unipred.train.engine import evaluate
@@ -259,9 +260,32 @@ def cmd_eval(argv: list[str]) -> int:
     # YAML, which is usually someone's training run
     cfg.run_dir = str(suite_folder(cfg.ckpt or cfg.model.init.split(":", 1)[-1], settings.out))
     print(f"unipred eval: logs in {cfg.run_dir}", flush=True)
-    for k, v in sorted(evaluate(cfg).items()):
+    metrics = evaluate(cfg)
+    for k, v in sorted(metrics.items()):
         print(f"{k}: {v:.6g}")
+    _save_eval({"metrics": metrics, "units": "as logged: accuracies and IoUs as fractions (0-1)"},
+               cfg, settings, "validate")  # fmt: skip
     return 0
+
+
+def _save_eval(results: dict, cfg, settings, protocol: str) -> None:
+    """``<run folder of the checkpoint>/eval/<protocol>.json`` (or ``out=DIR``)."""
+    import dataclasses
+
+    from unipred.protocols import suite_folder
+    from unipred.protocols.report import write_protocol_result
+
+    ckpt = cfg.ckpt or cfg.model.init.split(":", 1)[-1]
+    results.setdefault("meta", {}).update(
+        checkpoint=str(ckpt), task=cfg.task, protocol=protocol,
+        settings=dataclasses.asdict(settings),
+    )  # fmt: skip
+    try:
+        folder = suite_folder(ckpt, settings.out)
+    except ValueError as e:  # ckpt=random: no run folder
+        print(f"unipred eval: results not saved: {e}", flush=True)
+        return
+    print(f"unipred eval: wrote {write_protocol_result(results, folder, protocol)}", flush=True)
 
 
 def cmd_suite(argv: list[str]) -> int:

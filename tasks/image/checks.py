@@ -167,6 +167,26 @@ def classes_in(spec: str, label_file: str = "", classes_file: str = "") -> int |
 
 
 # ----------------------------------------------------------------- sizes from the data
+def _note_explicit_size(d) -> None:
+    """An explicit ``data.aug.img_size`` that differs from the side of small data (at most
+    twice the size: digits, icons, tiles) resizes every image: said in one line, with the
+    image it was read from. Photos far larger than the crop (ImageNet's) are cropped and
+    resized by design and get no line."""
+    found = (first_image(d.root) or first_image(d.val_root)) if (d.root or d.val_root) else None
+    if found is None:
+        return
+    try:
+        img = Image.open(io.BytesIO(found[1]))
+    except Exception:  # noqa: BLE001 - the reader counts unreadable files itself
+        return
+    if max(img.size) != d.aug.img_size and max(img.size) <= 2 * d.aug.img_size:
+        logging.getLogger(__name__).warning(
+            "data.aug.img_size=%d: %s is %dx%d, so images are resized to %d px "
+            "(data.aug.img_size=0 keeps the data's side)",
+            d.aug.img_size, found[0], img.size[0], img.size[1], d.aug.img_size,
+        )  # fmt: skip
+
+
 def resolve_from_data(cfg, patch) -> list[str]:
     """``data.aug.img_size: 0`` and ``model.tokenizer_args.in_chans: 0`` mean "as the data":
     the side of the first image of ``data.root`` (else ``data.val_root``), rounded to the
@@ -175,6 +195,8 @@ def resolve_from_data(cfg, patch) -> list[str]:
     error line naming the key to set instead."""
     d, args = cfg.data, cfg.model.tokenizer_args
     want_size, want_chans = d.aug.img_size == 0, args.get("in_chans", 3) == 0
+    if not want_size:
+        _note_explicit_size(d)
     if not (want_size or want_chans):
         return []
     pairs = (("data.aug.img_size", want_size), ("model.tokenizer_args.in_chans", want_chans))

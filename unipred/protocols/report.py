@@ -76,12 +76,47 @@ def suite_folder(ckpt: str, out: str = "") -> Path:
     return run / "eval"
 
 
+# the JSON files keep top-1/top-5 as fractions (what unipred compare and scripts read) and
+# carry the percentages every printed table shows beside them, each unit named
+UNITS = {"top1": "fraction (0-1)", "top5": "fraction (0-1)", "top1_pct": "%", "top5_pct": "%"}
+
+
+def with_percent(results: dict) -> dict:
+    """``results`` with ``top1_pct`` / ``top5_pct`` on every row and the units named."""
+    rows = []
+    for r in results.get("rows", []):
+        r = dict(r)
+        for k in ("top1", "top5"):
+            v = r.get(k)
+            ok = isinstance(v, (int, float)) and v == v
+            r[f"{k}_pct"] = round(100 * v, 4) if ok else None
+        rows.append(r)
+    return {**results, "rows": rows, "units": UNITS}
+
+
+def _write_json(data: dict, path: Path) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def write_results(results: dict, folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     md, js = folder / "results.md", folder / "results.json"
     md.write_text(results_markdown(results))
-    js.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    _write_json(with_percent(results), js)
     return md, js
+
+
+def write_protocol_result(results: dict, folder: Path, protocol: str) -> Path:
+    """``unipred eval ... protocol=NAME``'s rows (and its baselines') as
+    ``folder/NAME.json`` (``folder``: the checkpoint's run folder's eval/)."""
+    path = Path(folder) / f"{protocol}.json"
+    _write_json(with_percent(results) if "rows" in results else results, path)
+    return path
 
 
 # ------------------------------------------------------------------------ demo tables

@@ -18,7 +18,8 @@ class DataConfig:
 
     root: str = ""  # training data: a folder, a shard pattern ("/d/train-{000000..000127}.tar"),
     #                 a "pipe:" command or a URL; "" means the task's generated/demo data
-    val_root: str = ""  # validation data, same forms; "" disables validation
+    val_root: str = ""  # validation data, same forms; "": the data source decides (generated
+    #                     data brings its own val split; data read from root has none)
     num_workers: int = 4
     shuffle_buffer: int = 5000  # streaming (webdataset) shuffle buffer
     # unreadable training samples are skipped and counted; more than this fraction of an

@@ -327,13 +327,6 @@ def explain(cfg) -> str:
     mc = build_model_config(cfg.model)
     lines = [f"resolved model ({cfg.model.name} + overrides; the task may add its head):"]
     lines += OmegaConf.to_yaml(OmegaConf.structured(mc)).splitlines()
-    try:  # the class count the run will use (data.num_classes 0 = what the data say)
-        task = TASKS.get(cfg.task)(cfg)
-        if hasattr(task, "num_classes"):
-            n, said = task.num_classes(), getattr(cfg.data, "num_classes", 0)
-            lines.append(f"classes: {n} ({'data.num_classes' if said else 'read from the data'})")
-    except Exception as e:  # noqa: BLE001 - data not readable here: the run will say
-        lines.append(f"classes: unknown until the data is read ({_one_line(e, 120)})")
     try:
         plan = BatchPlan.of(cfg.trainer, cfg.optim)
         lines += ["batch recipe:"] + [f"  {k}: {v}" for k, v in plan.as_dict().items()]

@@ -28,17 +28,18 @@ def _size(ds) -> int | None:
 
 
 def data_line(lit) -> str | None:
-    """``data: 10 classes (read from the data); train 6000 samples, labelled subset 100 of
-    6000 (10 per class, data.subset_seed=0); val 1000 samples`` for a task with classes; None
-    for one without (pretraining)."""
+    """``data: 10 classes (data.num_classes: data: 10 class folders in DIR/train); train 6000
+    samples, labelled subset 100 (10 per class, data.subset_seed=0); val 1000 samples`` for
+    a task with classes; None for one without (pretraining)."""
     task = lit.task
     if not hasattr(task, "num_classes"):
         return None
     n = task.num_classes()
     d = lit.cfg.data
-    said = getattr(d, "num_classes", 0) or lit.cfg.model.num_classes
-    origin = "data.num_classes" if getattr(d, "num_classes", 0) else "model.num_classes"
-    parts = [f"{n} classes ({origin if said else 'read from the data'})"]
+    from unipred.train.provenance import source_of
+
+    origin = source_of(lit.cfg, "data.num_classes")  # who set it: the recipe, the data, ...
+    parts = [f"{n} classes (data.num_classes: {origin})"]
     for split in ("train", "val"):
         ds = lit.dataset(split)
         if ds is None:
@@ -180,7 +181,8 @@ def planned_steps(cfg) -> tuple[int | None, str]:
         ds = TASKS.get(cfg.task)(cfg).build_dataset("train")
         n = len(ds) if ds is not None else None
     except Exception as e:  # noqa: BLE001 - missing data is reported by the run itself
-        return None, f"unknown until the training data is read ({type(e).__name__})"
+        msg = " ".join(str(e).split())[:160] or type(e).__name__
+        return None, f"unknown: the training data cannot be read: {msg}"
     if n is None:
         return None, "unknown: no training split"
     chunk = plan.per_device_batch * plan.accumulate_grad_batches
