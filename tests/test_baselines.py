@@ -151,3 +151,16 @@ def test_compare_reads_every_row_of_a_suite_and_tabulates_percentages(tmp_path):
     assert cell == {"mean": 60.0, "min": 50.0, "max": 70.0, "seeds": [50.0, 60.0, 70.0]}
     md = table({10: {"knn_raw": cell}}, [("knn_raw", "NEPA k-NN"), ("ft_nepa", "NEPA ft")])
     assert "| 10 | 60.0 % (50.0-70.0) | - |" in md
+
+
+def test_train_and_val_of_different_lengths_flatten_to_one_width():
+    """Variable-length samples (audio): both splits are padded to the longest of either, so a
+    k-NN can compare them (a split padded alone had another width)."""
+    from unipred.protocols.baselines import flatten_chunks
+
+    train = [torch.ones(2, 5, 3)]
+    val = [torch.ones(2, 7, 3)]
+    y = torch.tensor([0, 1])
+    a, b = flatten_chunks(train, y, 7, 0), flatten_chunks(val, y, 7, 0)
+    assert a.pooled.shape == b.pooled.shape == (2, 21)
+    assert flatten_chunks(val, y, 7, 14).pooled.shape == (2, 14)  # 7 tokens x 2 values
