@@ -40,7 +40,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 # file name -> the reason it must be counted under (None: a good image)
 BAD_IMAGES = {
     "truncated.jpg": "skipped/truncated",
-    "zero.jpg": "skipped/corrupt",
+    "zero.jpg": "skipped/empty",
     "text.jpg": "skipped/corrupt",
     "tiny_3x2.png": "skipped/tiny",
     "bomb_60000.png": "skipped/too_large",  # header 60000 x 60000: refused by PIL while opening
@@ -129,10 +129,20 @@ def _report(run_dir):
     return json.loads((Path(run_dir) / "data_report.json").read_text())
 
 
-PRE = ["task=image_pretrain", "model.name=nepa_debug", "trainer.progress_bar=false",
-       "trainer.loggers=[]", "trainer.accelerator=cpu", "data.aug.img_size=16",
-       "trainer.global_batch=8", "trainer.max_epochs=2", "data.num_workers=2",
-       "ema.enabled=false", "trainer.collapse_every_n_steps=0"]  # fmt: skip
+PRE = [
+    "task=image_pretrain",
+    "model.name=nepa_debug",
+    "trainer.progress_bar=false",
+    "trainer.loggers=[]",
+    "trainer.accelerator=cpu",
+    "data.aug.img_size=16",
+    "trainer.global_batch=8",
+    "trainer.max_epochs=2",
+    "data.num_workers=2",
+    "ema.enabled=false",
+    "trainer.collapse_every_n_steps=0",
+    "data.max_bad_fraction=1",
+]  # fmt: skip  (a quarter of the corpus is broken: go on)
 
 
 @pytest.mark.slow  # two epochs with two workers: ~19 s on a loaded 2-core box
@@ -264,17 +274,16 @@ def test_audio_corpus_in_a_folder_and_in_shards(tmp_path):
 
 
 # --------------------------------------------------------------------------------- video
-def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
-    pytest.importorskip("torchcodec")
+def video_corpus(root: Path, n_good: int = 4) -> dict[str, str | None]:
+    """root/{a,b}/: n_good tiny mp4s plus a truncated, a zero-byte, a zero-frame and an
+    audio-only mp4 -> {relative path: reason}."""
     from torchcodec.encoders import AudioEncoder
-    from unipred.tasks.video.data import ClipTransform, VideoFolder, VideoShardDataset, write_video
-    from unipred.tasks.video.pack import pack_videos
+    from unipred.tasks.video.data import write_video
 
-    root = tmp_path / "src"
     for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
+        (root / c).mkdir(parents=True, exist_ok=True)
     corpus = {}
-    for i in range(4):
+    for i in range(n_good):
         rel = f"{'ab'[i % 2]}/good{i}.mp4"
         write_video(root / rel, torch.full((8, 3, 16, 16), 30 * i, dtype=torch.uint8))
         corpus[rel] = None
@@ -291,6 +300,16 @@ def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
     corpus["a/zero_frames.mp4"] = "skipped/corrupt"
     AudioEncoder(torch.zeros(1, 8000), sample_rate=16000).to_file(str(root / "b/audio_only.mp4"))
     corpus["b/audio_only.mp4"] = "skipped/empty"  # no video stream
+    return corpus
+
+
+def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
+    pytest.importorskip("torchcodec")
+    from unipred.tasks.video.data import ClipTransform, VideoFolder, VideoShardDataset
+    from unipred.tasks.video.pack import pack_videos
+
+    root = tmp_path / "src"
+    corpus = video_corpus(root)
     counter = BadSampleCounter()
     ds = VideoFolder(root, 4, 1, ClipTransform(size=8, scale=1.0), counter=counter)
     assert len(ds) == len(corpus)

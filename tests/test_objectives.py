@@ -235,6 +235,33 @@ def test_layer_target_is_that_blocks_output():
         _model(target="layer", target_layer=5)(x)
 
 
+def test_ema_target_is_the_teachers_top_blocks_and_the_teacher_follows_the_student():
+    m, x = _model(target="ema", ema_momentum=0.5), _input("image")
+    seq, coords, valid = m.embed(x)
+    m.eval()  # no EMA step outside training
+    t = m(x).targets
+    top = len(m.predictor.blocks) - 1
+    want = m.predictor.forward_features(seq, coords, valid, False, (top,)).layers[0]
+    torch.testing.assert_close(t, want)  # the teacher starts as the student, bidirectional
+    assert not any(p.requires_grad for p in m.objective.teacher.parameters())
+    m.train()
+    w0 = m.objective.teacher.blocks[0].attn.qkv.weight.clone()
+    with torch.no_grad():
+        m.predictor.blocks[0].attn.qkv.weight.add_(1.0)
+    m(x).loss.backward()  # one training forward = one EMA step with momentum 0.5
+    torch.testing.assert_close(m.objective.teacher.blocks[0].attn.qkv.weight, w0 + 0.5)
+    assert m.objective.teacher.blocks[0].attn.qkv.weight.grad is None
+    # two layers: the instance-normalised outputs of the top two blocks, averaged
+    m2 = _model(target="ema", ema_layers=2).eval()
+    seq, coords, valid = m2.embed(x)
+    hs = m2.predictor.forward_features(seq, coords, valid, False, (top - 1, top)).layers
+    avg = (normalise_targets(hs[0], None, 1, "instance") + normalise_targets(hs[1], None, 1,
+           "instance")) / 2  # fmt: skip
+    torch.testing.assert_close(m2(x).targets, avg)
+    with pytest.raises(ValueError, match="ema_layers must be >= 1"):
+        ObjectiveConfig(target="ema", ema_layers=0)
+
+
 def _conv_of_patches(tk, patches):
     """What the tokenizer's patch embedding computes from its raw patches, if the patches are
     in token order and laid out as the kernel expects."""
@@ -307,7 +334,7 @@ SWITCHES = [
     {"loss": "smooth_l1"}, {"loss": "infonce"}, {"target": "layer", "target_layer": -1},
     {"target": "patch"}, {"horizon": 3}, {"order": "reverse"}, {"order": "random_fixed"},
     {"order": "random"}, {"head": "mlp"}, {"registers": 2}, {"target_norm": "center"},
-    {"target_norm": "instance"},
+    {"target_norm": "instance"}, {"target": "ema"}, {"target": "ema", "ema_layers": 2},
 ]  # fmt: skip
 
 

@@ -234,3 +234,17 @@ def test_random_init_baseline_is_the_seeded_untrained_model(tmp_path, capsys):
     rc = main(["evaluate-suite", "configs/demo/fmnist_probe.yaml", "ckpt=random", *TINY,
                "protocols=knn", f"out={tmp_path}"])  # fmt: skip
     assert rc == 0 and "| knn | random |" in (tmp_path / "results.md").read_text()
+
+
+def test_features_can_come_from_a_middle_block():
+    """features.block=i pools block i's output (before the final norm) for k-NN and linear."""
+    torch.manual_seed(0)
+    model = NEPA.from_name("nepa_debug", depth=3)
+    x = torch.randn(4, 3, 28, 28)
+    batches = [(x, torch.tensor([0, 1, 0, 1]))]
+    f = extract_features(model, batches, block=1)
+    out = model.forward_features(x, layers=(1,))
+    assert torch.allclose(f.pooled, pool_tokens(out.layers[0], 1, None, "mean"), atol=1e-5)
+    assert torch.allclose(extract_features(model, batches, block=-2).pooled, f.pooled)
+    with pytest.raises(ProtocolError, match="features.block=3: the backbone has 3 blocks"):
+        extract_features(model, batches, block=3)

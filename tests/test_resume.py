@@ -119,14 +119,14 @@ def test_resume_on_another_world_size_skips_the_same_samples():
     for _ in range(5):
         one.mark_consumed(2)
     state = one.state_dict()
-    seen = list(one.sampler)[:40]
+    seen = [i for _, i in one.sampler][:40]  # the sampler yields (epoch, index) keys
     # ... resumed on 4 ranks x batch 2: the rest of the epoch, no sample repeated or lost
     rest = []
     for r in range(4):
         ld = build_loader(data, 2, 4, r, 1, seed=3, train=True, num_workers=0)
         ld.load_state_dict(state)
         ld.sampler.set_epoch(2)
-        rest += list(ld.sampler)
+        rest += [i for _, i in ld.sampler]
     assert sorted(seen + rest) == data
 
 

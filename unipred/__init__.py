@@ -7,13 +7,14 @@ wants, segmentation decoders (``DECODERS``); see
 docs/adding-a-modality.md. Importing ``unipred`` loads no modality library.
 """
 
+from unipred import _compat
 from unipred._version import __version__
-from unipred.contracts import DatasetBuilder, Tokenizer
-from unipred.loss import next_embedding_loss
-from unipred.model import NEPA, ModelConfig, model_config
-from unipred.predictor import Predictor, PredictorConfig
-from unipred.registry import DATASETS, DECODERS, MODELS, TASKS, TOKENIZERS
-from unipred.segment import SegmentData, SegmentOutput, SegmentTask
+from unipred.base.contracts import DatasetBuilder, Tokenizer
+from unipred.base.registry import DATASETS, DECODERS, MODELS, TASKS, TOKENIZERS
+from unipred.base.tokens import Tokens
+from unipred.nn.loss import next_embedding_loss
+from unipred.nn.model import NEPA, ModelConfig, model_config
+from unipred.nn.predictor import Predictor, PredictorConfig
 from unipred.task import (
     ClassifyData,
     ClassifyTask,
@@ -23,7 +24,9 @@ from unipred.task import (
     Task,
     register_data,
 )
-from unipred.tokens import Tokens
+from unipred.task.segment import SegmentData, SegmentOutput, SegmentTask
+
+_compat.install()  # the old flat module paths (unipred.model, ...) stay importable
 
 __all__ = [
     "DATASETS",

@@ -40,8 +40,14 @@ commands:
   convert ...                                   official NEPA checkpoints <-> ours
 """
 
-LAZY = {"data": "unipred.data.cli", "convert": "unipred.hub", "export": "unipred.pretrained"}
-LAZY["compare"] = "unipred.compare"  # NEPA vs scratch / random init / raw input (issue #23)
+LAZY = {
+    "data": "unipred.data.cli",
+    "convert": "unipred.weights.hub",
+    "export": "unipred.weights.pretrained",
+}
+LAZY["compare"] = (
+    "unipred.protocols.compare"  # NEPA vs scratch / random init / raw input (issue #23)
+)
 
 
 def _split(argv: list[str]):
@@ -53,7 +59,7 @@ def _split(argv: list[str]):
 
 
 def _load(argv: list[str]):
-    from unipred.config import load_config
+    from unipred.train.config import load_config
 
     config, overrides, flags = _split(argv)
     if "--help" in flags or "-h" in argv:
@@ -116,7 +122,7 @@ def _walk_keys(cls, value, prefix: str):
 
 def config_keys_help(config: str, overrides: list[str] = ()) -> str:
     """Every key of CONFIG's task: type, default, and this recipe's value where it differs."""
-    from unipred.config import load_config, schema_for
+    from unipred.train.config import load_config, schema_for
 
     cfg = load_config(config, list(overrides), check_paths=False)
     lines = [f"keys of {config} (task {cfg.task}); set any with key=value:"]
@@ -131,7 +137,7 @@ def config_keys_help(config: str, overrides: list[str] = ()) -> str:
 
 
 def cmd_fit(argv: list[str]) -> int:
-    from unipred.config import explain, to_yaml
+    from unipred.train.config import explain, to_yaml
 
     cfg, printing = _load(argv)
     if printing:
@@ -139,12 +145,16 @@ def cmd_fit(argv: list[str]) -> int:
         return 0
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from unipred.callbacks import NonFiniteLossError
-    from unipred.engine import fit
+    from unipred.train.callbacks import NonFiniteLossError
+    from unipred.train.checkpoint import DiskFullError
+    from unipred.train.engine import fit
 
     try:
         fit(cfg)
     except NonFiniteLossError as e:
+        print(f"unipred fit: stopped: {e}", file=sys.stderr)
+        return 1
+    except DiskFullError as e:  # the write failed, the previous checkpoint did not
         print(f"unipred fit: stopped: {e}", file=sys.stderr)
         return 1
     except SIGTERMException:  # SIGTERM / SIGUSR1: checkpoint.Preemption wrote last.ckpt
@@ -167,7 +177,7 @@ def _eval_settings(argv: list[str]):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from unipred.config import to_yaml
+    from unipred.train.config import to_yaml
 
     settings, argv, _ = _eval_settings(argv)
     cfg, printing = _load(argv)
@@ -177,12 +187,12 @@ def cmd_eval(argv: list[str]) -> int:
     if not cfg.ckpt and not cfg.model.init:
         raise SystemExit("unipred eval: give ckpt=PATH (or model.init=...) to evaluate")
     if settings.protocol:  # the backbone's rows, then its baselines' (unipred.baselines)
-        from unipred.baselines import run_with_baselines
+        from unipred.protocols.baselines import run_with_baselines
 
         run_with_baselines(cfg, settings, [settings.protocol])
         return 0
-    from unipred.engine import evaluate
     from unipred.protocols import suite_folder
+    from unipred.train.engine import evaluate
 
     # logs go beside the checkpoint (its run folder's eval/), never into the run_dir of the
     # YAML, which is usually someone's training run
@@ -199,7 +209,7 @@ def cmd_suite(argv: list[str]) -> int:
     settings, argv, config = _eval_settings(argv)
     cfg, printing = _load(argv)
     if printing:
-        from unipred.config import to_yaml
+        from unipred.train.config import to_yaml
 
         print(to_yaml(cfg), end="")
         return 0
@@ -208,8 +218,7 @@ def cmd_suite(argv: list[str]) -> int:
 
 
 def cmd_list(argv: list[str]) -> int:
-    from unipred.config import packaged_configs
-    from unipred.registry import (
+    from unipred.base.registry import (
         COMMANDS,
         DATASETS,
         DECODERS,
@@ -218,6 +227,7 @@ def cmd_list(argv: list[str]) -> int:
         TASKS,
         TOKENIZERS,
     )
+    from unipred.train.config import packaged_configs
 
     for title, reg in (("tokenizers", TOKENIZERS), ("data sources", DATASETS), ("tasks", TASKS),
                        ("segmentation decoders", DECODERS), ("model sizes", MODELS)):  # fmt: skip
@@ -254,7 +264,7 @@ def _lazy(module: str, argv: list[str]) -> int:
 
 
 def _registered(command: str, argv: list[str]) -> int:
-    from unipred.registry import COMMANDS
+    from unipred.base.registry import COMMANDS
 
     try:
         module = COMMANDS.get(command)
@@ -271,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    from unipred.checkpoint import CheckpointError
-    from unipred.config import ConfigError, RecipeError
-    from unipred.extras import MissingExtra
+    from unipred.base.extras import MissingExtra
     from unipred.protocols import ProtocolError
+    from unipred.train.checkpoint import CheckpointError
+    from unipred.train.config import ConfigError, RecipeError
 
     try:
         if cmd == "fit":
@@ -303,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         # the backbone): the message names it; the traceback only on request
         if cmd not in ("fit", "eval", "evaluate-suite") or os.environ.get("UNIPRED_DEBUG"):
             raise
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        from unipred.data.book import error_line
+
+        msg = error_line(e)  # (a DataLoader worker's error: its own message)
         print(f"unipred {cmd}: error: {msg} (UNIPRED_DEBUG=1 shows the traceback)",
               file=sys.stderr)  # fmt: skip
         return 2

@@ -39,7 +39,9 @@ from unipred.data.accounting import (
     reason_of,
     register_reasons,
 )
-from unipred.data.shards import _SILENT, ShardReader, is_shard_spec
+from unipred.data.book import SampleBook
+from unipred.data.scan import Scan, ScanReport, list_dir, log_classes, read_regular
+from unipred.data.shards import ShardReader, is_shard_spec
 from unipred.extras import require
 
 # conversions only audio makes (the skip reasons are the core's)
@@ -84,7 +86,7 @@ def decode_audio(
     data = source
     if not isinstance(source, (bytes, bytearray)):
         ext = ext or Path(source).suffix
-        data = Path(source).read_bytes()
+        data = read_regular(str(source))  # a FIFO named .wav never blocks a worker
     ext = ext.lower() if not ext or ext.startswith(".") else "." + ext.lower()
     if len(data) == 0:
         raise SkipSample("empty", "zero-length file")
@@ -253,63 +255,79 @@ def list_audio(
         return _read_csv(root, csv_path, path_column, label_column, where)
     if not root.is_dir():
         raise ValueError(f"audio data folder does not exist: {root}")
-    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in SKIP_DIRS)
+    report = ScanReport()
+    entries = list_dir(str(root), report)
+    subdirs = [
+        e.name for e in entries if e.is_dir(follow_symlinks=True) and e.name not in SKIP_DIRS
+    ]
     if not subdirs:  # flat folder: unlabelled clips
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in AUDIO_EXTS)
+        files = [Path(e.path) for e in entries if Path(e.name).suffix.lower() in AUDIO_EXTS]
+        _log_scan(root, report)
         return [(p, -1) for p in files], []
     classes = list(classes) if classes else subdirs
     index = {c: i for i, c in enumerate(classes)}
     unknown = [d for d in subdirs if d not in index]
     if unknown:
         log.warning("%s: sub-folders %s are not known classes; left out", root, unknown)
-    items = []
+    # each file once, no symlink loop or link out of root (unipred.data.scan)
+    scan = Scan(str(root), report=report)
     for name in subdirs:
         if name in index:
-            files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in AUDIO_EXTS)
-            items += [(p, index[name]) for p in files]
+            scan.add(str(root / name), index[name])
+    items = [(Path(p), y) for p, y in scan.finish() if Path(p).suffix.lower() in AUDIO_EXTS]
+    _log_scan(root, report)
     return items, classes
+
+
+def _log_scan(root, report: ScanReport) -> None:
+    if report.line():
+        log.warning("%s: %s", root, report.line())
 
 
 class AudioFolder(Dataset):
     """Map-style clips from ``list_audio``; items are (wave (S,), label).
 
-    A clip that fails to decode is counted and replaced by the next readable one, so one
-    broken file never stops an epoch (and batches keep their size).
+    A clip that fails to decode is recorded in the reader's
+    :class:`~unipred.data.book.SampleBook` (once per epoch, under one reason) and replaced by
+    the next readable one, so broken files never stop an epoch (and batches keep their size);
+    the engine stops a run only above ``data.max_bad_fraction``.
     """
 
     def __init__(self, items, classes, transform: ClipTransform, max_retries: int = 20,
-                 counter: BadSampleCounter | None = None, cache: DecodeCache | None = None):  # fmt: skip
+                 counter: BadSampleCounter | None = None, cache: DecodeCache | None = None,
+                 root: str = ""):  # fmt: skip
         if not items:
             raise ValueError("no audio clips found")
         self.items, self.classes, self.transform = list(items), list(classes), transform
+        # max_retries is kept for callers; a substitute is searched over the whole set
         self.max_retries, self.counter, self.cache = max_retries, counter or COUNTER, cache
+        root = root or os.path.commonpath([str(self.items[0][0]), str(self.items[-1][0])])
+        self.book = SampleBook(self.items, root, self.counter)
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _fetch(self, j: int, counter):
+        path, label = self.items[j]
+        notes: list = []
+        try:
+            rate = self.transform.sample_rate
+            if self.cache:  # (conversions are noted when a clip is decoded, not on hits)
+                wave = self.cache.get(path, rate)
+            else:
+                wave = decode_audio(str(path), rate, notes)
+        except Exception as err:  # any decoder failure: skip the file, never the epoch
+            counter.count(reason_of(err), str(path), err)
+            return None
+        if notes:  # one reason per file: the first
+            counter.count(notes[0], str(path))
+        return self.transform(wave), label
+
     def __getitem__(self, i: int):
         if not 0 <= i < len(self.items):
             raise IndexError(i)  # also ends plain `for x in dataset` loops
-        for k in range(min(self.max_retries, len(self.items))):
-            path, label = self.items[(i + k) % len(self.items)]
-            # a substitute is counted when its own index comes up, so each file counts once
-            counter = self.counter if k == 0 else _SILENT
-            notes: list = []
-            try:
-                rate = self.transform.sample_rate
-                if self.cache:  # (conversions are noted when a clip is decoded, not on hits)
-                    wave = self.cache.get(path, rate)
-                else:
-                    wave = decode_audio(str(path), rate, notes)
-            except Exception as err:  # any decoder failure: skip the file, never the epoch
-                counter.count(reason_of(err), str(path), err)
-                continue
-            for note in notes:
-                counter.count(note, str(path))
-            return self.transform(wave), label
-        raise RuntimeError(
-            f"{self.max_retries} clips in a row from index {i} failed to decode; see warnings"
-        )
+        # a substitute is recorded when its own index comes up, so each file counts once
+        return self.book.first_good(i, self._fetch)
 
 
 class AudioShardDataset(ShardReader):
@@ -335,8 +353,8 @@ class AudioShardDataset(ShardReader):
         except Exception as err:  # any decoder failure: drop the sample, never the epoch
             self.counter.count(reason_of(err), what, err)
             return None
-        for note in notes:
-            self.counter.count(note, what)
+        if notes:  # one reason per sample: the first
+            self.counter.count(notes[0], what)
         label = int(sample["cls"]) if "cls" in sample else -1
         return self.transform(wave), label
 
@@ -355,7 +373,10 @@ def audio_dataset(spec: str, transform: ClipTransform, csv_path: str = "",
     if is_shard_spec(spec) and not csv_path:
         return AudioShardDataset(spec, transform, shuffle_buffer, seed, counter)
     items, names = list_audio(spec, csv_path, path_column, label_column, where, classes)
-    return AudioFolder(items, names, transform, counter=counter, cache=shared_cache(cache_mb))
+    if items:
+        log_classes(spec, [y for _, y in items], names, "clips")
+    return AudioFolder(items, names, transform, counter=counter, cache=shared_cache(cache_mb),
+                       root=spec)  # fmt: skip
 
 
 def pad_collate(batch: list) -> tuple[dict, torch.Tensor]:

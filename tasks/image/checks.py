@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from unipred.data.accounting import COUNTER
+from unipred.data.accounting import note
 from unipred.task import check_patch, model_tokenizer
 from unipred.task import check_tokenizer as _check_tokenizer
 
@@ -227,7 +227,9 @@ class ToChannels:
         if img.mode == "L":
             return img
         if not is_grey(img):
-            COUNTER.count("color_to_gray")  # the colour is lost: the content changed
+            # the colour is lost: the content changed. Counted for the sample being read
+            # (named, once; never for a substitute)
+            note("color_to_gray")
         return img.convert("L")
 
     def __repr__(self) -> str:

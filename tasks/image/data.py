@@ -22,6 +22,8 @@ from torch.utils.data import Dataset
 from unipred.tasks.image.decode import decode_image
 
 from unipred.data.accounting import COUNTER, BadSampleCounter
+from unipred.data.book import SampleBook
+from unipred.data.scan import Scan, ScanReport, list_dir, log_classes, read_regular
 from unipred.data.shards import (  # noqa: F401  (re-exported for the image readers' users)
     _SILENT,
     ShardReader,
@@ -79,18 +81,25 @@ def read_label_file(path: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------- folder trees
 def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], int]:
-    """Class sub-folders (sorted names -> 0..C-1) -> (samples, classes, n_ignored_files)."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    """Class sub-folders (sorted names -> 0..C-1) -> (samples, classes, n_ignored_files).
+
+    Walked by :class:`unipred.data.scan.Scan`: each file once, no symlink loop, no link out
+    of ``root`` unless ``data.follow_symlinks``, no FIFO; what was left out is logged."""
+    report = ScanReport()
+    classes = [e.name for e in list_dir(root, report) if e.is_dir(follow_symlinks=True)]
     if not classes:
         raise ValueError(f"{root}: no class sub-folders (and no label_file for a flat folder)")
-    samples, ignored = [], 0
+    scan = Scan(root, report=report)
     for idx, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            for f in sorted(files):
-                if is_image_file(f):
-                    samples.append((os.path.join(dirpath, f), idx))
-                elif not f.startswith("."):
-                    ignored += 1
+        scan.add(os.path.join(root, name), idx)
+    samples, ignored = [], 0
+    for path, idx in scan.finish():
+        if is_image_file(path):
+            samples.append((path, idx))
+        else:
+            ignored += 1
+    if report.line():
+        log.warning("%s: %s", root, report.line())
     if not samples:
         raise ValueError(f"{root}: class folders hold no image files ({IMAGE_EXTENSIONS})")
     return samples, classes, ignored
@@ -107,7 +116,7 @@ def scan_flat_folder(
         classes = sorted(names) if names else []
     index = {c: i for i, c in enumerate(classes)}
     samples, ignored, unlabeled = [], 0, 0
-    for f in sorted(os.listdir(root)):
+    for f in sorted(e.name for e in list_dir(root) if not e.is_dir(follow_symlinks=True)):
         if not is_image_file(f):
             ignored += not f.startswith(".")
             continue
@@ -138,8 +147,10 @@ def _wants_bytes(transform) -> bool:
 class ImageFolderDataset(Dataset):
     """Map-style reader of an image tree; returns ``(transform(img), label)``.
 
-    A bad file is counted and replaced by the next good one (so batches stay full and the
-    default collate works); the count, not the substitution, is what gets logged.
+    A bad file is recorded in the reader's :class:`~unipred.data.book.SampleBook` (once per
+    epoch, under one reason, with its name) and replaced by the next readable file, so
+    batches stay full and the default collate works; however many bad files follow each
+    other, the epoch goes on (the engine stops a run only above ``data.max_bad_fraction``).
     """
 
     def __init__(
@@ -162,19 +173,20 @@ class ImageFolderDataset(Dataset):
                 raise ValueError(f"{root}: class folders differ from {classes_file}")
         if ignored:
             log.warning("%s: %d files without an image extension were ignored", root, ignored)
+        log_classes(root, [y for _, y in self.samples], self.classes, "images")
         self.root, self.transform, self.min_size = root, transform, min_size
         self.counter = counter or COUNTER
+        self.book = SampleBook(self.samples, root, self.counter)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, i: int, counter=None):
         """PIL RGB image of sample i, or None (counted) if it is unusable."""
-        counter = counter or self.counter
+        counter = counter or self.book.at(i)
         path = self.samples[i][0]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular(path)
         except OSError as e:
             counter.count("read_error", path, e)
             return None
@@ -182,15 +194,16 @@ class ImageFolderDataset(Dataset):
             return self.transform.from_bytes(data, path, self.min_size, counter)
         return decode_image(data, path, self.min_size, counter)
 
+    def _fetch(self, j: int, counter):
+        img = self.load(j, counter)
+        if img is None:
+            return None
+        plain = self.transform is None or _wants_bytes(self.transform)
+        return (img if plain else self.transform(img)), self.samples[j][1]
+
     def __getitem__(self, i: int):
-        for k in range(min(len(self), 64)):
-            j = (i + k) % len(self)
-            # a substitute is counted when its own index comes up, so each file counts once
-            img = self.load(j, None if k == 0 else _SILENT)
-            if img is not None:
-                plain = self.transform is None or _wants_bytes(self.transform)
-                return (img if plain else self.transform(img)), self.samples[j][1]
-        raise RuntimeError(f"{self.root}: 64 consecutive unreadable images from index {i}")
+        # a substitute is recorded when its own index comes up, so each file counts once
+        return self.book.first_good(i, self._fetch)
 
 
 class ShardDataset(ShardReader):

@@ -40,6 +40,9 @@ def decode_image(
     Truncated files are never padded with grey (PIL's LOAD_TRUNCATED_IMAGES stays off).
     """
     counter = counter or COUNTER
+    if not data:  # a zero-byte file (a sync cut short): "empty", as for every modality
+        counter.count("empty", what)
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", palette transparency

@@ -30,6 +30,8 @@ from PIL import Image
 from unipred.tasks.image.data import read_classes, scan_flat_folder, scan_image_folder
 from unipred.tasks.image.decode import decode_image
 
+from unipred.data.shards import folder_shard_samples
+
 _FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 _FORMAT_KEYS.update({"GIF": "gif", "PPM": "ppm", "MPO": "jpg"})  # MPO: multi-picture JPEG
 
@@ -119,7 +121,8 @@ def pack(args: argparse.Namespace) -> dict:
     prefix = _prepare_out(args)
     pattern = os.path.join(args.out, f"{prefix}-%06d.tar")
     jobs = [(p, y, args.min_size, not args.no_verify) for p, y in samples]
-    counts: Counter = Counter()
+    counts: Counter = Counter()  # reason -> files, each file under one reason
+    left_out: Counter = Counter()  # the reasons of the files not written
     n, t0 = 0, time.time()
     writer = wds.ShardWriter(
         pattern, maxcount=args.max_per_shard, maxsize=args.shard_size_mb * 1e6, verbose=0
@@ -128,8 +131,11 @@ def pack(args: argparse.Namespace) -> dict:
     results = pool.imap(_load, jobs, chunksize=32) if pool else map(_load, jobs)
     try:
         for (path, label), (data, key, reasons) in zip(samples, results):
-            counts.update(reasons)
+            reason = (reasons or ["corrupt" if data is None else ""])[0]
+            if reason:
+                counts[reason] += 1
             if data is None:
+                left_out[reason] += 1
                 continue
             rel = os.path.relpath(path, args.src)
             stem = os.path.splitext(os.path.basename(path))[0].replace(".", "_")
@@ -143,20 +149,25 @@ def pack(args: argparse.Namespace) -> dict:
         writer.close()
         if pool:
             pool.close()
-    return _write_meta(args, prefix, n_shards, n, classes, counts)
+    return _write_meta(args, prefix, n_shards, n, classes, counts, left_out)
 
 
-def _write_meta(args, prefix, n_shards, n, classes, counts) -> dict:
+def _write_meta(args, prefix, n_shards, n, classes, counts, left_out) -> dict:
     shards = [f"{prefix}-{i:06d}.tar" for i in range(n_shards)]
     meta = {
         "num_samples": n,
         "num_shards": n_shards,
         "pattern": os.path.join(args.out, f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar"),
         "shards": shards,
+        "shard_samples": folder_shard_samples(args.out),
         "classes": classes,
         "source": os.path.abspath(args.src),
         "seed": args.seed,
         "bad_samples": dict(counts),
+        # what the summary says: files not written (by reason), and written files the
+        # reader will convert (by reason); each file under one reason
+        "left_out": dict(left_out),
+        "kept_for_conversion": dict(counts - left_out),
     }
     with open(os.path.join(args.out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -172,13 +183,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pack-images: {e}", file=sys.stderr)
         return 2
-    bad = meta["bad_samples"]
-    skipped = sum(v for k, v in bad.items() if k in ("corrupt", "truncated", "tiny", "read_error"))
+    left, kept = meta["left_out"], meta["kept_for_conversion"]
     print(
         f"wrote {meta['num_samples']} images in {meta['num_shards']} shards: {meta['pattern']}\n"
-        f"left out {skipped} bad images; kept for conversion at read time: "
-        f"{ {k: v for k, v in bad.items() if v and k not in ('corrupt', 'truncated', 'tiny', 'read_error')} }\n"
-        f"bad-sample counts: {bad}"
+        f"left out {sum(left.values())} bad images: {left}\n"
+        f"kept for conversion at read time: {sum(kept.values())} images: {kept}"
     )
     return 0
 

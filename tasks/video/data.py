@@ -18,7 +18,10 @@ A clip that fails to decode is skipped and counted in the shared bad-sample coun
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,9 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
 from unipred.data.accounting import COUNTER, BadSampleCounter, SkipSample
-from unipred.data.shards import _SILENT, ShardReader, is_shard_spec
+from unipred.data.book import SampleBook
+from unipred.data.scan import ScanReport, list_dir, log_classes, once_each
+from unipred.data.shards import ShardReader, is_shard_spec
 from unipred.extras import require
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -116,11 +121,13 @@ def _is_frame_dir(p: Path) -> bool:
     return p.is_dir() and any(f.suffix.lower() in FRAME_EXTS for f in p.iterdir())
 
 
-def _clips_in(folder: Path) -> list[Path]:
-    """Video files and frame folders directly inside ``folder``."""
+def _clips_in(folder: Path, report: ScanReport | None = None, root=None) -> list[Path]:
+    """Video files and frame folders directly inside ``folder`` (regular files only, no link
+    leaving the data root: :func:`unipred.data.scan.list_dir`)."""
     out = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in VIDEO_EXTS and p.is_file() or _is_frame_dir(p):
+    for e in list_dir(str(folder), report, str(root or folder)):
+        p = Path(e.path)
+        if p.suffix.lower() in VIDEO_EXTS and e.is_file(follow_symlinks=True) or _is_frame_dir(p):
             out.append(p)
     return out
 
@@ -149,10 +156,15 @@ def list_videos(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
         return _read_csv(root)
     if not root.is_dir():
         raise ValueError(f"video data root {root} is neither a folder nor a CSV file")
-    samples = [(p, -1) for p in _clips_in(root)]
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_frame_dir(p))
+    report = ScanReport()
+    samples = [(p, -1) for p in _clips_in(root, report)]
+    classes = [e.name for e in list_dir(str(root)) if e.is_dir(follow_symlinks=True)
+               and not _is_frame_dir(Path(e.path))]  # fmt: skip
     for i, c in enumerate(classes):
-        samples += [(p, i) for p in _clips_in(root / c)]
+        samples += [(p, i) for p in _clips_in(root / c, report, root)]
+    samples = once_each(samples, str(root), report)  # a clip reached twice counts once
+    if report.line():
+        logging.getLogger(__name__).warning("%s: %s", root, report.line())
     if not samples:
         raise ValueError(f"no videos ({', '.join(VIDEO_EXTS)}) or frame folders under {root}")
     return samples, classes
@@ -163,15 +175,18 @@ def load_clip(path: Path, num_frames: int, stride: int, train: bool, rng=random)
     if path.is_dir():
         frames = sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_EXTS)
         return decode_frames(frames, num_frames, stride, train, rng)
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the decoder forever
+        raise OSError(f"{path} is not a regular file")
     return decode_video(str(path), num_frames, stride, train, rng)
 
 
 class VideoFolder(Dataset):
     """Map-style clips from ``list_videos(root)``; items are (clip (C, T, H, W), label).
 
-    A clip that fails to decode is counted (as ``skipped/corrupt`` in the bad-sample
-    counter the engine logs) and replaced by the next readable one, so one broken file never
-    stops an epoch.
+    A clip that fails to decode is recorded in the reader's
+    :class:`~unipred.data.book.SampleBook` (once per epoch, under one reason) and replaced by
+    the next readable one, so broken files never stop an epoch; the engine stops a run only
+    above ``data.max_bad_fraction``.
     """
 
     def __init__(
@@ -181,25 +196,27 @@ class VideoFolder(Dataset):
         self.samples, self.classes = list_videos(root)
         if any(not _is_frame_dir(p) for p, _ in self.samples):  # frame folders need no torchcodec
             _require_decoder()
+        log_classes(str(root), [y for _, y in self.samples], self.classes, "clips")
         self.num_frames, self.stride, self.transform = num_frames, stride, transform
+        # max_retries is kept for callers; a substitute is searched over the whole set
         self.max_retries, self.counter = max_retries, counter or COUNTER
+        self.book = SampleBook(self.samples, str(root), self.counter)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _fetch(self, j: int, counter):
+        path, label = self.samples[j]
+        try:
+            clip = load_clip(path, self.num_frames, self.stride, self.transform.train)
+        except Exception as err:  # any decoder failure: skip the file, never the epoch
+            counter.count(_video_reason(err), str(path), err)
+            return None
+        return self.transform(clip), label
+
     def __getitem__(self, i: int):
-        for k in range(min(self.max_retries, len(self.samples))):
-            path, label = self.samples[(i + k) % len(self.samples)]
-            try:
-                clip = load_clip(path, self.num_frames, self.stride, self.transform.train)
-            except Exception as err:  # any decoder failure: skip the file, never the epoch
-                # a substitute is counted when its own index comes up: each file counts once
-                (self.counter if k == 0 else _SILENT).count(_video_reason(err), str(path), err)
-                continue
-            return self.transform(clip), label
-        raise RuntimeError(
-            f"{self.max_retries} clips in a row from index {i} failed to decode; see warnings"
-        )
+        # a substitute is recorded when its own index comes up: each file counts once
+        return self.book.first_good(i, self._fetch)
 
 
 class VideoShardDataset(ShardReader):

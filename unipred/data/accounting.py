@@ -20,7 +20,9 @@ without locks: each worker only writes its own row. Typical use by the engine::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
 
 import torch
 
@@ -46,7 +48,10 @@ def register_reasons(skipped: tuple[str, ...] = (), converted: tuple[str, ...] =
 
 # every modality's readers meet these
 register_reasons(skipped=("corrupt", "truncated", "tiny", "read_error", "too_large", "empty"))
-_NAMES, _NAME_BYTES = 8, 256  # the first bad files of each process slot, kept by name
+# shards read over a network (unipred.data.remote): a shard gone for good (404, no progress
+# within the deadline) counts its planned samples; repeated = re-read to keep ranks in step
+register_reasons(skipped=("shard_gone",), converted=("repeated",))
+_NAMES, _NAME_BYTES = 32, 256  # the first bad files of each process slot, kept by name
 
 
 class BadSampleCounter:
@@ -69,20 +74,27 @@ class BadSampleCounter:
         self._names.share_memory_()
         self._n_names = torch.zeros(_MAX_SLOTS, dtype=torch.int64).share_memory_()
         self._warned = 0
+        # the per-file books of map-style readers (unipred.data.book), counted in snapshots;
+        # weak: a book lives as long as its reader
+        self._books: weakref.WeakSet = weakref.WeakSet()
+        self._pending: dict[str, dict] = {}  # book states from a checkpoint, by reader key
 
     @staticmethod
     def _slot() -> int:
         info = torch.utils.data.get_worker_info()
         return 0 if info is None else 1 + info.id % (_MAX_SLOTS - 1)
 
-    def count(self, reason: str, what: str = "", exc: BaseException | None = None) -> None:
-        """Record one sample under a registered ``reason`` ("truncated" or "skipped/truncated")."""
+    def count(
+        self, reason: str, what: str = "", exc: BaseException | None = None, n: int = 1
+    ) -> None:
+        """Record ``n`` samples (one by default) under a registered ``reason`` ("truncated"
+        or "skipped/truncated"); ``what`` names them (a file, a shard URL)."""
         key = reason if "/" in reason else self._full_key(reason)
         if key not in self._columns:
             raise KeyError(f"unknown bad-sample reason {reason!r}; register it with "
                            f"register_reasons(); known: {sorted(self._columns)}")  # fmt: skip
         slot = self._slot()
-        self._t[slot, self._columns[key]] += 1
+        self._t[slot, self._columns[key]] += n
         n = int(self._n_names[slot])
         if n < _NAMES:
             raw = f"{key}\t{what or '?'}".encode("utf-8", "replace")[:_NAME_BYTES]
@@ -100,19 +112,27 @@ class BadSampleCounter:
         raise KeyError(f"unknown bad-sample reason {reason!r}; register it with "
                        f"register_reasons(); known: {sorted(self._columns)}")  # fmt: skip
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self, books: bool = True) -> dict[str, int]:
         """Counts since the last ``reset()`` of every registered reason, summed over all
-        workers, plus ``skipped/total`` and ``converted/total``."""
-        sums = self._t.sum(dim=0).tolist()
+        workers (and the attached books of map-style readers unless ``books=False``), plus
+        ``skipped/total`` and ``converted/total``."""
+        # read through numpy: a plain read of shared CPU memory (no torch op, no device)
+        sums = self._t.numpy().sum(axis=0).tolist()
         out = {k: int(sums[i]) for k, i in self._columns.items()}
+        for book in list(self._books) if books else ():
+            for k, v in book.counts().items():
+                out[k] = out.get(k, 0) + v
         for kind in ("skipped", "converted"):
             out[f"{kind}/total"] = sum(v for k, v in out.items() if k.startswith(f"{kind}/"))
         return out
 
-    def bad_files(self) -> list[dict[str, str]]:
-        """``[{"reason": "skipped/truncated", "file": ...}, ...]``: the first few bad files
-        of every process since the last ``reset()`` (up to 8 per process)."""
+    def bad_files(self, limit: int = 100) -> list[dict[str, str]]:
+        """``[{"reason": "skipped/truncated", "file": ...}, ...]`` since the last ``reset()``:
+        every file recorded by a map-style reader's book (up to ``limit`` per reader), and
+        the first bad samples of every process of the streaming readers (32 per process)."""
         out = []
+        for book in list(self._books):
+            out += book.entries(limit)
         for slot in range(_MAX_SLOTS):
             for i in range(int(self._n_names[slot])):
                 raw = bytes(self._names[slot, i].tolist()).rstrip(b"\0")
@@ -125,6 +145,35 @@ class BadSampleCounter:
         self._t.zero_()
         self._names.zero_()
         self._n_names.zero_()
+        for book in list(self._books):
+            book.reset()
+        self._pending.clear()
+
+    def begin_run(self) -> None:
+        """Forget the readers and counts of earlier runs in this process (a run stopped
+        mid-epoch, a notebook's previous ``fit``): a run counts only the readers it builds."""
+        self.reset()
+        self._books = weakref.WeakSet()
+
+    def attach(self, book) -> None:
+        """Count a map-style reader's :class:`~unipred.data.book.SampleBook` in this counter
+        (its reader calls this); entries a checkpoint holds for its key are put back."""
+        self._books.add(book)
+        if book.key in self._pending:
+            book.restore(self._pending[book.key])
+
+    def state_dict(self) -> dict:
+        """The books' entries of the current epoch, for a checkpoint. Streaming readers need
+        none: a resumed stream decodes (and counts) again what it had delivered."""
+        return {"books": {b.key: b.state() for b in list(self._books)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Entries of :meth:`state_dict`, put back into the books of these keys now and into
+        readers built later (a resumed run builds its data after loading the checkpoint)."""
+        self._pending = dict(state.get("books", {}))
+        for book in list(self._books):
+            if book.key in self._pending:
+                book.restore(self._pending[book.key])
 
     def handler(self, exn: BaseException) -> bool:
         """A webdataset exception handler: count the error as a skipped sample, go on."""
@@ -134,7 +183,27 @@ class BadSampleCounter:
 
     def __getstate__(self):
         return {"_t": self._t, "_names": self._names, "_n_names": self._n_names, "_warned": 0,
-                "_columns": dict(self._columns)}  # fmt: skip
+                "_columns": dict(self._columns), "_pending": {}}  # fmt: skip
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._books = weakref.WeakSet()  # a worker's copy: books are summed in the parent
+
+
+class Once:
+    """A counter for one sample: only its first reason is counted (a sample counts once,
+    under one reason, however many conversions it goes through)."""
+
+    def __init__(self, inner):
+        self.inner, self.done = inner, False
+
+    def count(self, reason: str, what: str = "", exc: BaseException | None = None) -> None:
+        if not self.done:
+            self.done = True
+            self.inner.count(reason, what, exc)
+
+    def handler(self, exn: BaseException) -> bool:
+        return self.inner.handler(exn)
 
 
 class SkipSample(ValueError):
@@ -154,6 +223,26 @@ def reason_of(err: BaseException) -> str:
 # The process-wide default counter the readers use unless given their own.
 COUNTER = BadSampleCounter()
 
+# the counter of the sample being read in this process: a transform that changes a sample's
+# content (a colour image greyed for a one-channel model) counts through it, so the count
+# carries the file's name and a substitute's conversion is not counted twice
+_READING: list = []
+
+
+@contextlib.contextmanager
+def reading(counter):
+    """Make ``counter`` the one :func:`note` uses while a sample is read and transformed."""
+    _READING.append(counter)
+    try:
+        yield counter
+    finally:
+        _READING.pop()
+
+
+def note(reason: str, what: str = "") -> None:
+    """Count ``reason`` for the sample being read (see :func:`reading`), else in COUNTER."""
+    (_READING[-1] if _READING else COUNTER).count(reason, what)
+
 
 def wds_handler(exn: BaseException) -> bool:
     """webdataset handler bound to the process-wide ``COUNTER``."""
@@ -169,41 +258,14 @@ def epoch_logs(counter: BadSampleCounter | None = None, reset: bool = True) -> d
     return {f"data/{k}": v for k, v in snap.items()}
 
 
-def lightning_callback(counter: BadSampleCounter | None = None, report=None):
-    """A Lightning callback that logs the bad-sample counts at the end of every training
-    epoch, summed over DataLoader workers (shared memory) and ranks (Lightning's
-    ``sync_dist`` sum), then resets them. The totals are always logged, a reason's own
-    column once it has occurred in the run. With ``report`` (a path, e.g.
-    ``RUN_DIR/data_report.json``) global rank 0 also writes the summed counts and the first
-    names of bad files of every rank there, one entry per epoch."""
-    import lightning as L
+def lightning_callback(counter: BadSampleCounter | None = None, report=None,
+                       max_bad_fraction: float | None = None, root: str = ""):  # fmt: skip
+    """The engine's bad-sample callback (:class:`unipred.data.epoch_report.BadSampleLogger`):
+    per-epoch counts logged and written to ``report``, and the run stopped when more than
+    ``max_bad_fraction`` of the training split is unreadable."""
+    from unipred.data.epoch_report import BadSampleLogger
 
-    class BadSampleLogger(L.Callback):
-        def __init__(self):
-            self.seen: set[str] = set()
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            c = counter or COUNTER
-            snap, names = c.snapshot(), c.bad_files()
-            c.reset()
-            t = torch.tensor(list(snap.values()), dtype=torch.float64, device=pl_module.device)
-            total = dict(
-                zip(snap, (int(v) for v in trainer.strategy.reduce(t, reduce_op="sum").tolist()))
-            )
-            # a reason logged once stays in the columns (CSV needs them stable); totals always
-            self.seen.update(k for k, v in total.items() if v or k.endswith("/total"))
-            for k in sorted(self.seen):  # this rank's counts; Lightning sums them over ranks
-                pl_module.log(f"data/{k}", float(snap[k]), sync_dist=True, reduce_fx="sum")
-            if report is None:
-                return
-            names = _gather(names, trainer.world_size)
-            if trainer.is_global_zero:
-                write_report(report, trainer.current_epoch, trainer.global_step, total, names)
-                if total["skipped/total"] + total["converted/total"]:
-                    log.info("epoch %d bad samples (all ranks): %s; names in %s",
-                             trainer.current_epoch, {k: v for k, v in total.items() if v}, report)  # fmt: skip
-
-    return BadSampleLogger()
+    return BadSampleLogger(counter or COUNTER, report, max_bad_fraction, root)
 
 
 def _gather(names: list, world: int) -> list:

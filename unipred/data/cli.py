@@ -20,7 +20,7 @@ import sys
 
 def subcommands() -> dict[str, str]:
     """name -> module path, from every modality's registrations."""
-    from unipred.registry import COMMANDS
+    from unipred.base.registry import COMMANDS
 
     names = [n for n in COMMANDS.names() if n.startswith("data ")]
     return {n.split(" ", 1)[1]: COMMANDS.get(n) for n in names}

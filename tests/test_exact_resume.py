@@ -1,0 +1,263 @@
+"""Exact resume with DataLoader workers and random augmentations, on the shipped image reader
+with the small/pretrain recipe's augmentation (random resized crop).
+
+* position: a map-style run stopped mid-epoch and resumed continues at the exact epoch and
+  batch, with 0, 1 and 3 workers (before the fix a worker loader replayed epoch 0);
+* per-sample randomness: the augmented batches are the same with 0, 1 and 3 workers, and the
+  same after a resume, because every random choice is seeded by (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unipred.checkpoint import read_checkpoint
+from unipred.config import load_config
+from unipred.engine import fit
+from unipred.loader import build_loader
+from unipred.registry import TASKS
+
+
+def image_folder(root: Path, classes=2, per_class=24, size=14) -> Path:
+    """Class folders of small RGB PNGs with structure a crop changes."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(a, mode="RGB").save(root / f"c{c}" / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("img") / "train")
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory):
+    """The same 48 images packed by the project's packer into 12 shards."""
+    from unipred.data.cli import main
+
+    out = tmp_path_factory.mktemp("shards") / "train"
+    assert main(["pack-images", str(folder), str(out), "--workers", "1",
+                 "--max-per-shard", "4"]) == 0  # fmt: skip
+    return out
+
+
+# the small/pretrain recipe (its augmentation: random resized crop 0.5-1.0), made tiny
+SMALL = ["trainer.progress_bar=false", "trainer.loggers=[]", "trainer.precision=32-true",
+         "model.predictor.dim=32", "model.predictor.depth=1", "model.predictor.heads=2",
+         "trainer.global_batch=8", "trainer.collapse_every_n_steps=0", "trainer.threads=1",
+         "ema.enabled=true", "ema.decay=0.9", "trainer.log_every_n_steps=1"]  # fmt: skip
+
+
+def small(folder, run_dir, *over):
+    return load_config("small/pretrain", [*SMALL, f"data.root={folder}", f"run_dir={run_dir}",
+                                          *over])  # fmt: skip
+
+
+def digest(x) -> str:
+    h = hashlib.sha1()
+    for t in x if isinstance(x, (list, tuple)) else [x]:
+        if isinstance(t, torch.Tensor):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def batches(folder, workers: int, epochs=(0, 1)) -> list[str]:
+    cfg = small(folder, "unused", f"data.num_workers={workers}")
+    task = TASKS.get(cfg.task)(cfg)
+    ds = task.build_dataset("train")
+    loader = build_loader(ds, 8, 1, 0, 1, cfg.seed, True, workers, task.collate_fn("train"))
+    out = []
+    for e in epochs:
+        loader.sampler.set_epoch(e)
+        out += [digest(b) for b in loader]
+    return out
+
+
+def test_same_augmented_batches_with_0_1_and_3_workers(folder):
+    ref = batches(folder, 0)
+    assert len(ref) == 12 and len(set(ref)) == 12
+    assert batches(folder, 1) == ref
+    assert batches(folder, 3) == ref
+
+
+def test_every_epoch_draws_new_augmentations(folder):
+    """The seed includes the epoch: the same sample is cropped differently in epoch 1."""
+    cfg = small(folder, "unused")
+    task = TASKS.get(cfg.task)(cfg)
+    ds = task.build_dataset("train")
+    loader = build_loader(ds, 8, 1, 0, 1, cfg.seed, True, 0, task.collate_fn("train"))
+    a, b = loader.dataset[(0, 5)], loader.dataset[(1, 5)]
+    assert torch.equal(loader.dataset[(0, 5)][0], a[0])  # a function of (seed, epoch, index)
+    assert not torch.equal(a[0], b[0])
+
+
+def samples(root, workers: int) -> list[str]:
+    """Digests of every augmented sample of epoch 0 of a shard stream, sorted."""
+    cfg = small(root, "unused", f"data.num_workers={workers}")
+    task = TASKS.get(cfg.task)(cfg)
+    loader = build_loader(task.build_dataset("train"), 8, 1, 0, 1, cfg.seed, True, workers,
+                          task.collate_fn("train"))  # fmt: skip
+    loader.dataset.set_epoch(0)
+    return sorted(digest(x) for images, _ in loader for x in images)
+
+
+def test_shards_augment_each_sample_the_same_with_1_2_and_3_workers(shards):
+    """Workers read different shards, so the order differs; each sample's crop does not."""
+    one = samples(shards, 1)
+    assert len(one) == 48 and len(set(one)) == 48
+    assert samples(shards, 2) == one
+    assert samples(shards, 3) == one
+
+
+class Batches(L.Callback):
+    """The digest of every training batch, by the optimizer step it produces."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen[trainer.global_step + 1] = (trainer.current_epoch, batch_idx, digest(batch))
+
+
+class Stop(L.Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("killed")  # stands in for a killed job
+
+
+def final(run_dir):
+    return read_checkpoint(Path(run_dir) / "checkpoints/last.ckpt", require_training_state=True)
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a["global_step"] == b["global_step"]
+    for key in ("state_dict", "ema_state_dict"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"]):
+        for p, st in sa["state"].items():
+            for k, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb["state"][p][k])), (p, k)
+
+
+# 48 images / batch 8 = 6 steps per epoch; checkpoint at step 9 = epoch 1 after batch 3
+RUN = ["trainer.max_steps=14", "trainer.ckpt_every_n_steps=3"]
+
+
+@pytest.mark.parametrize("source,workers", [("folder", 0), ("folder", 1), ("folder", 3),
+                                            ("shards", 2)])  # fmt: skip
+def test_resume_continues_at_the_exact_batch(folder, shards, tmp_path, source, workers):
+    """Stopped one step after the step-9 checkpoint, resume=auto: the batches of the
+    uninterrupted run, step for step, and bit-identical weights, EMA and optimizer state."""
+    folder = {"folder": folder, "shards": shards}[source]
+    over = [*RUN, f"data.num_workers={workers}"]
+    full = Batches()
+    fit(small(folder, tmp_path / "full", *over), callbacks=[full], show_recipe=False)
+    assert sorted(full.seen) == list(range(1, 15))
+    first = Batches()
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(small(folder, tmp_path / "cut", *over), callbacks=[first, Stop(10)], show_recipe=False)
+    second = Batches()
+    fit(small(folder, tmp_path / "cut", *over, "resume=auto"), callbacks=[second],
+        show_recipe=False)  # fmt: skip
+    assert sorted(second.seen) == list(range(10, 15))
+    assert second.seen[10][:2] == (1, 3)  # epoch 1, batch 3: where the checkpoint was taken
+    for step, want in full.seen.items():
+        got = second.seen.get(step) or first.seen[step]
+        assert got == want, (step, got, want)
+    assert_same_state(final(tmp_path / "full"), final(tmp_path / "cut"))
+
+
+# --------------------------------------------------------------- signals, as schedulers send
+SIG_RUN = ["trainer.max_steps=18", "trainer.ckpt_every_n_steps=4", "data.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, shards, tmp_path_factory):
+    """The final checkpoint of an uninterrupted run, per data source (made on first use)."""
+    done = {}
+
+    def get(source):
+        if source not in done:
+            d = tmp_path_factory.mktemp(f"full_{source}")
+            root = {"folder": folder, "shards": shards}[source]
+            fit(small(root, d, *SIG_RUN), show_recipe=False)
+            done[source] = final(d)
+        return done[source]
+
+    return get
+
+
+def signalled_run(root, run_dir, how: str):
+    """`unipred fit` in its own session; once step00000008.ckpt exists, stop it ``how``:
+    SIGTERM / SIGUSR1 to the main process, SIGTERM to the whole process group (what SLURM and
+    most schedulers do: the DataLoader workers get it too), or SIGKILL to the group.
+    Returns (exit code, stderr)."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "unipred.cli", "fit", "small/pretrain", *SMALL, *SIG_RUN,
+           f"data.root={root}", f"run_dir={run_dir}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    t0 = time.time()
+    while not (Path(run_dir) / "checkpoints/step00000008.ckpt").exists():
+        assert proc.poll() is None and time.time() - t0 < 240, "run ended before the signal"
+        time.sleep(0.05)
+    if how == "group-SIGTERM":
+        os.killpg(proc.pid, signal.SIGTERM)
+    elif how == "SIGKILL":
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=240)
+    return proc.returncode, err
+
+
+def check_signalled(root, tmp_path, how, uninterrupted, source):
+    d = tmp_path / "run"
+    rc, err = signalled_run(root, d, how)
+    if how == "SIGKILL":
+        assert rc == -signal.SIGKILL
+    else:
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert rc == 143, err[-3000:]
+        assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+        assert lines[-1].startswith("unipred fit: stopped by a signal"), lines[-1]
+        stopped = read_checkpoint(d / "checkpoints/last.ckpt")["global_step"]
+        assert 8 <= stopped < 18, stopped  # written when the signal came, not at the end
+    trainer = fit(small(root, d, *SIG_RUN, "resume=auto"), show_recipe=False)
+    assert trainer.global_step == 18
+    assert_same_state(final(d), uninterrupted(source))
+
+
+def test_sigterm_to_the_process_group_writes_last_ckpt_and_resume_is_exact(
+    folder, tmp_path, uninterrupted
+):
+    check_signalled(folder, tmp_path, "group-SIGTERM", uninterrupted, "folder")
+
+
+@pytest.mark.slow  # one `unipred fit` process and a resumed run per case: ~30 s each
+@pytest.mark.parametrize("source", ["folder", "shards"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGUSR1", "group-SIGTERM", "SIGKILL"])
+def test_every_stop_signal_resumes_exactly(folder, shards, tmp_path, how, source, uninterrupted):
+    root = {"folder": folder, "shards": shards}[source]
+    check_signalled(root, tmp_path, how, uninterrupted, source)

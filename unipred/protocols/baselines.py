@@ -1,0 +1,215 @@
+"""The baselines every evaluation of a backbone prints beside it, for any modality.
+
+A frozen-feature number means little alone: on small data a random network or the raw input
+often does as well. ``unipred eval protocol=...`` and ``unipred evaluate-suite`` therefore add,
+unless ``baselines=false``:
+
+* **random init**: the same protocols on the config's model at its random init (``ckpt=random``,
+  seeded by the run's ``seed``); for ``protocol=finetune`` the same recipe from scratch.
+* **raw input**: k-NN and the linear probe on the tokenizer's raw patches (``patches(x)``, the
+  view ``model.objective.target=patch`` predicts: pixels, log-mel patches, voxels, waveform
+  frames), flattened per sample. Above ``raw.max_dim`` values per sample each patch is averaged
+  down to ``max_dim // tokens`` values (``adaptive_avg_pool1d``): a lower-resolution input, so
+  the features of a 224 px image fit in memory. Samples with fewer tokens are zero-padded.
+* **the data source's own**: ``DataSource.baseline_scores(train, test)`` (default none), e.g. a
+  character n-gram classifier for text; each name becomes one row.
+
+Nothing here knows a modality: the tokenizer and the data source supply the views.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from unipred.protocols.features import Features, _labels, _to
+from unipred.protocols.knn import run_knn
+from unipred.protocols.linear import run_linear
+from unipred.protocols.report import format_row
+from unipred.protocols.settings import RANDOM, EvalSettings, ProtocolError
+from unipred.protocols.suite import _loader, _num_classes
+
+INPUT = "input"  # the weights column of the raw-input rows
+SOURCE = "data"  # ... of the data source's own baselines
+RAW_PROTOCOLS = ("knn", "linear")
+
+
+def raw_patches(tokenizer, x) -> torch.Tensor:
+    """The tokenizer's raw patch view (B, N, P) of a batch; ProtocolError naming the tokenizer
+    when it has none (``patches(x)`` is optional in the Tokenizer contract)."""
+    if not callable(getattr(tokenizer, "patches", None)):
+        raise ProtocolError(
+            f"tokenizer {type(tokenizer).__name__} has no patches(x): no raw-input baseline "
+            "(implement patches(x) -> (B, N, P), see docs/adding-a-modality.md)"
+        )
+    return tokenizer.patches(x)
+
+
+def flatten_patches(p: torch.Tensor, max_dim: int) -> torch.Tensor:
+    """(B, N, P) -> (B, N * P'), P' = P, or ``max(1, max_dim // N)`` when N * P > max_dim (each
+    patch averaged down to P' values)."""
+    B, N, P = p.shape
+    p = p.float()
+    if max_dim and N * P > max_dim:
+        keep = max(1, max_dim // N)
+        p = F.adaptive_avg_pool1d(p.reshape(B * N, 1, P), keep).reshape(B, N, keep)
+    return p.reshape(B, -1)
+
+
+@torch.no_grad()
+def raw_features(tokenizer, batches, inputs, max_dim: int = 4096, max_samples: int = 0):
+    """Features of the raw input: flattened patches (fp32) and labels, one pass."""
+    tokenizer.eval()
+    rows, labels, n = [], [], 0
+    for batch in batches:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ProtocolError("the data carry no labels: give a classification config")
+        p = raw_patches(tokenizer, _to(inputs(batch), "cpu"))
+        rows.append(p)
+        labels.append(_labels(batch[1]))
+        n += p.shape[0]
+        if max_samples and n >= max_samples:
+            break
+    if not rows:
+        raise ProtocolError("the data set yielded no batches")
+    N = max(r.shape[1] for r in rows)
+    # a shared patch budget: every sample flattens to the same length
+    rows = [F.pad(r.float(), (0, 0, 0, N - r.shape[1])) for r in rows]
+    x = torch.cat([flatten_patches(r, max_dim) for r in rows])
+    y = torch.cat(labels)
+    if max_samples:
+        x, y = x[:max_samples], y[:max_samples]
+    return Features(x, y)
+
+
+def _task_and_model(cfg):
+    from unipred.base.registry import TASKS
+
+    task = TASKS.get(cfg.task)(cfg)
+    torch.manual_seed(cfg.seed)
+    return task, task.build_model()
+
+
+def run_raw(cfg, settings: EvalSettings, log=print) -> list[dict]:
+    """k-NN and linear probe on the raw patches of ``cfg``'s data (the label budget applied)."""
+    task, model = _task_and_model(cfg)
+    fs = settings.features
+    workers = int(getattr(cfg.data, "num_workers", 0))
+    t0 = time.perf_counter()
+    feats = {}
+    for split, limit in (("train", fs.max_train), ("val", fs.max_val)):
+        loader = _loader(task, split, fs, workers)
+        feats[split] = raw_features(model.tokenizer, loader, task.inputs, settings.raw.max_dim,
+                                    limit)  # fmt: skip
+    tr, va = feats["train"], feats["val"]
+    C = _num_classes(task, tr.labels, va.labels)
+    log(f"[{INPUT}] raw patches of {type(model.tokenizer).__name__}: {len(tr.labels)} train / "
+        f"{len(va.labels)} val samples, {tr.pooled.shape[1]} values each, "
+        f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    rows = []
+    for proto in RAW_PROTOCOLS:
+        t0 = time.perf_counter()
+        if proto == "knn":
+            r = run_knn(tr, va, C, settings.knn)
+        else:
+            r = run_linear(tr, va, C, settings.linear, settings.seed)
+        rows.append({"protocol": proto, "weights": INPUT, **r, "dim": tr.pooled.shape[1],
+                     "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+        log(format_row(rows[-1]))
+    return rows
+
+
+def _items(ds, limit: int) -> list[tuple]:
+    out = []
+    for i in range(len(ds)):
+        if limit and len(out) >= limit:
+            break
+        item = ds[i]
+        out.append((item[0], int(torch.as_tensor(item[1]).reshape(-1)[0])))
+    return out
+
+
+def has_source_baselines(task) -> bool:
+    from unipred.task import DataSource
+
+    src = getattr(task, "source", None)
+    return src is not None and type(src).baseline_scores is not DataSource.baseline_scores
+
+
+def run_source(cfg, settings: EvalSettings, log=print) -> list[dict]:
+    """The data source's ``baseline_scores`` on the protocols' train (label budget) and val
+    items; one row per name. Nothing is read when the source has none."""
+    from unipred.base.registry import TASKS
+
+    task = TASKS.get(cfg.task)(cfg)
+    if not has_source_baselines(task):
+        return []
+    t0 = time.perf_counter()
+    train, _ = task.feature_dataset("train")
+    val, _ = task.feature_dataset("val")
+    if train is None or val is None or not hasattr(train, "__len__"):
+        log("[data] the source's baselines need map-style train and val splits: skipped")
+        return []
+    fs = settings.features
+    scores = task.source.baseline_scores(_items(train, fs.max_train), _items(val, fs.max_val))
+    sec = round(time.perf_counter() - t0, 2)
+    rows = []
+    for name, acc in scores.items():
+        acc = float(acc)
+        if not 0.0 <= acc <= 1.0 or math.isnan(acc):
+            raise ProtocolError(f"baseline_scores()[{name!r}] = {acc}: give a fraction in [0, 1]")
+        rows.append({"protocol": str(name), "weights": SOURCE, "top1": acc, "top5": None,
+                     "seconds": sec})  # fmt: skip
+        log(format_row(rows[-1]))
+    return rows
+
+
+def run_random(cfg, settings: EvalSettings, protocols, log=print) -> list[dict]:
+    """The requested frozen protocols on the config's model at its random init."""
+    from unipred.protocols.suite import run_protocols
+
+    s = dataclasses.replace(settings, ema="false")
+    return run_protocols(dataclasses.replace(cfg, ckpt=RANDOM), s, protocols, log)["rows"]
+
+
+def baseline_rows(cfg, settings: EvalSettings, protocols, log=print) -> list[dict]:
+    """Every baseline for ``protocols`` (frozen names and/or "finetune"): random init (scratch
+    for fine-tuning; skipped when ``cfg.ckpt`` is already random), raw input, the source's."""
+    if not settings.baselines:
+        return []
+    log("baselines (baselines=false skips them):")
+    rows = []
+    frozen = [p for p in protocols if p != "finetune"]
+    if cfg.ckpt != RANDOM:
+        if frozen:
+            rows += run_random(cfg, settings, frozen, log)
+        if "finetune" in protocols:
+            from unipred.protocols.suite import run_finetune
+
+            s = dataclasses.replace(settings, ema="false")
+            rows += run_finetune(dataclasses.replace(cfg, ckpt=RANDOM), s, log)["rows"]
+    try:
+        rows += run_raw(cfg, settings, log)
+    except ProtocolError as e:
+        if "patches(x)" not in str(e):
+            raise
+        log(f"[{INPUT}] {e}")
+    rows += run_source(cfg, settings, log)
+    return rows
+
+
+def run_with_baselines(cfg, settings: EvalSettings, protocols, log=print) -> dict:
+    """``run_protocols`` (or ``run_finetune``) on ``cfg.ckpt``, then the baselines' rows."""
+    from unipred.protocols.suite import run_finetune, run_protocols
+
+    protocols = list(protocols)
+    frozen = [p for p in protocols if p != "finetune"]
+    out = run_protocols(cfg, settings, frozen, log) if frozen else {"rows": [], "meta": {}}
+    if "finetune" in protocols:
+        out["rows"] += run_finetune(cfg, settings, log)["rows"]
+    out["rows"] += baseline_rows(cfg, settings, protocols, log)
+    return out

@@ -1,0 +1,393 @@
+"""Weights that travel: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for any modality.
+
+A model folder holds ``model.safetensors`` (our parameter names), ``config.json`` (everything
+needed to rebuild the model: the tokenizer's registered name and arguments, the predictor,
+the head) and ``README.md`` (a model card: the training config, the recipe and the
+evaluation table of that checkpoint). ``from_pretrained`` takes such a folder, a Hub repo id
+(downloaded through huggingface_hub, so its cache layout, ``HF_HUB_OFFLINE=1`` and
+``local_files_only`` are honoured), or an official NEPA folder (``model_type: vit_nepa``).
+
+``unipred export CKPT OUT [--ema] [--push REPO_ID]`` turns a training checkpoint into such a
+folder, rebuilding the model from the run config stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FORMAT = "unipred-nepa"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+
+
+class PretrainedError(ValueError):
+    """A model folder or repo that cannot be loaded; the message names the file and key."""
+
+
+def _hub():
+    from unipred.base.extras import require
+
+    return require("huggingface_hub", "hub", "loading from or pushing to the Hugging Face Hub")
+
+
+# ------------------------------------------------------------------------------- config
+def config_to_dict(cfg) -> dict[str, Any]:
+    """ModelConfig -> the ``config.json`` dict (JSON types only)."""
+    from unipred._version import __version__
+
+    d = dataclasses.asdict(cfg)
+    tok = d.pop("tokenizer")
+    return {
+        "library_name": "unipred",
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "unipred_version": __version__,
+        "tokenizer": tok,
+        **json.loads(json.dumps(d, default=list)),
+    }
+
+
+def config_from_dict(d: dict, source: str = CONFIG):
+    """The ``config.json`` dict -> ModelConfig; unknown or missing fields are named."""
+    from unipred.nn.model import ModelConfig
+    from unipred.nn.predictor import PredictorConfig
+
+    if d.get("format") != FORMAT:
+        raise PretrainedError(f"{source}: not a unipred model config (format={d.get('format')!r})")
+    if int(d.get("format_version", 0)) > FORMAT_VERSION:
+        raise PretrainedError(
+            f"{source}: format_version {d['format_version']} is newer than this unipred "
+            f"understands ({FORMAT_VERSION}); upgrade unipred"
+        )
+    mfields = {f.name for f in dataclasses.fields(ModelConfig)}
+    pfields = {f.name for f in dataclasses.fields(PredictorConfig)}
+    body = {k: v for k, v in d.items() if k in mfields}
+    missing = sorted({"tokenizer", "predictor"} - set(body))
+    if missing:
+        raise PretrainedError(f"{source}: missing key(s) {missing}")
+    pred = dict(body.pop("predictor"))
+    unknown = sorted(set(pred) - pfields)
+    if unknown:
+        raise PretrainedError(f"{source}: unknown predictor key(s) {unknown} (newer unipred?)")
+    if isinstance(body.get("objective"), dict):  # the pretraining objective's switches
+        from unipred.nn.objectives import ObjectiveConfig
+
+        ofields = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+        bad = sorted(set(body["objective"]) - ofields)
+        if bad:
+            raise PretrainedError(f"{source}: unknown objective key(s) {bad} (newer unipred?)")
+        body["objective"] = ObjectiveConfig(**body["objective"])
+    return ModelConfig(**{**body, "predictor": PredictorConfig(**pred)})
+
+
+# ------------------------------------------------------------------------------ saving
+def _atomic_write(dest: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(
+    model,
+    folder: str | os.PathLike,
+    *,
+    training_config: str | dict | None = None,
+    recipe: dict | None = None,
+    evaluation: dict | None = None,
+    weights: str = "raw",
+) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and a ``README.md`` model card."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", "unipred_format": FORMAT, "weights": weights}
+    _atomic_write(folder / WEIGHTS, lambda f: save_file(sd, f, metadata=meta))
+    cfg = config_to_dict(model.cfg)
+    cfg["weights"] = weights
+    cfg["n_parameters"] = sum(p.numel() for p in model.parameters())
+    _atomic_write(folder / CONFIG, lambda f: Path(f).write_text(json.dumps(cfg, indent=2) + "\n"))
+    card = model_card(model, cfg, training_config, recipe, evaluation)
+    _atomic_write(folder / CARD, lambda f: Path(f).write_text(card))
+    return folder
+
+
+def model_card(model, cfg: dict, training_config=None, recipe=None, evaluation=None) -> str:
+    """The README.md of a model folder (Hub metadata header + Markdown)."""
+    pc = cfg["predictor"]
+    tags = ["unipred", "nepa", "self-supervised", f"tokenizer-{cfg['tokenizer']}"]
+    head = cfg.get("head") or "none (pretraining: next-embedding prediction)"
+    lines = [
+        "---",
+        "library_name: unipred",
+        "license: apache-2.0",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "---",
+        "",
+        f"# NEPA model ({cfg['tokenizer']} tokenizer, width {pc['dim']}, depth {pc['depth']})",
+        "",
+        "Pretrained with unipred (next-embedding prediction, NEPA). Load it with:",
+        "",
+        "```python",
+        "from unipred import NEPA",
+        'model = NEPA.from_pretrained("THIS_REPO_OR_FOLDER")',
+        "```",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| tokenizer | `{cfg['tokenizer']}` {json.dumps(cfg.get('tokenizer_args', {}))} |",
+        f"| width / depth / heads | {pc['dim']} / {pc['depth']} / {pc['heads']} |",
+        f"| MLP | {pc['mlp']}, ratio {pc['mlp_ratio']} |",
+        f"| attention | {'causal' if pc['causal'] else 'bidirectional'}, QK-norm "
+        f"{'on' if pc['qk_norm'] else 'off'}, {pc['coord_dims']}-D RoPE (theta {pc['rope_theta']}) |",
+        f"| head | {head} |",
+        f"| parameters | {cfg.get('n_parameters', 0):,} |",
+        f"| weights | {cfg.get('weights', 'raw')} |",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if evaluation and evaluation.get("rows"):
+        from unipred.protocols import _pct, row_details
+
+        lines += [
+            "Frozen-backbone protocols of `unipred evaluate-suite` on this checkpoint "
+            f"({evaluation.get('meta', {}).get('config', '')}):",
+            "",
+            "| protocol | weights | top-1 | top-5 | details |",
+            "|---|---|---|---|---|",
+        ]
+        for r in evaluation["rows"]:
+            det = row_details(r)
+            lines.append(f"| {r['protocol']} | {r['weights']} | {_pct(r['top1'])} | "
+                         f"{_pct(r['top5'])} | {det} |")  # fmt: skip
+    else:
+        lines.append("Not evaluated (run `unipred evaluate-suite CONFIG ckpt=...` and export "
+                     "again to fill this table).")  # fmt: skip
+    lines += ["", "## Recipe", ""]
+    if recipe:
+        lines += ["| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in recipe.items() if not isinstance(v, dict)]
+    else:
+        lines.append("Not recorded.")
+    lines += ["", "## Training config", ""]
+    if training_config:
+        if isinstance(training_config, dict):
+            from omegaconf import OmegaConf
+
+            training_config = OmegaConf.to_yaml(OmegaConf.create(training_config))
+        lines += ["```yaml", training_config.rstrip(), "```"]
+    else:
+        lines.append("Not recorded.")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- loading
+def resolve_folder(
+    src: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """A local folder as is; otherwise a Hub repo id, fetched into (or found in) the Hub cache."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return p
+    s = str(src)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise PretrainedError(f"{src}: not a model folder (expected a folder or a repo id)")
+    hub = _hub()
+    try:
+        path = hub.snapshot_download(
+            repo_id=s,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"],
+        )
+    except hub.errors.LocalEntryNotFoundError:
+        raise PretrainedError(
+            f"{src}: not a local folder and not in the Hugging Face cache "
+            f"({cache_dir or hub.constants.HF_HUB_CACHE}); offline mode (HF_HUB_OFFLINE=1 or "
+            "local_files_only) cannot download it"
+        ) from None
+    except hub.errors.HfHubHTTPError as e:
+        raise PretrainedError(f"{src}: cannot fetch from the Hub ({e})") from None
+    return Path(path)
+
+
+def load_pretrained(src, *, cls=None, map_location="cpu", **hub_kwargs):
+    """Build and load a model from a folder or repo id (ours or the official NEPA layout)."""
+    from unipred.nn.model import NEPA
+
+    cls = cls or NEPA
+    folder = resolve_folder(src, **hub_kwargs)
+    cfg_path = folder / CONFIG
+    if not cfg_path.is_file():
+        raise PretrainedError(f"{folder}: no {CONFIG}")
+    try:
+        d = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise PretrainedError(f"{cfg_path}: not valid JSON ({e})") from None
+    if d.get("model_type") == "vit_nepa":  # a released NEPA checkpoint
+        from unipred.weights.hub import load_official_nepa
+
+        return load_official_nepa(folder)
+    cfg = config_from_dict(d, str(cfg_path))
+    try:
+        model = cls(cfg)
+    except KeyError as e:  # an unregistered tokenizer (a plugin that is not installed)
+        raise PretrainedError(f"{cfg_path}: {e.args[0]}") from None
+    wpath = folder / WEIGHTS
+    if not wpath.is_file():
+        raise PretrainedError(f"{folder}: no {WEIGHTS}")
+    from safetensors.torch import load_file
+
+    from unipred.train.checkpoint import check_state_dict
+
+    try:
+        sd = load_file(str(wpath), device=str(map_location))
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
+        raise PretrainedError(f"{wpath}: cannot read ({type(e).__name__}: {e})") from None
+    check_state_dict(wpath, sd, model.state_dict())
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for NEPA models."""
+
+    def save_pretrained(self, folder, **card) -> Path:
+        """Write the model folder; ``training_config``, ``recipe``, ``evaluation`` (the
+        ``evaluate-suite`` results dict) and ``weights`` ("raw" | "ema") go into the card."""
+        return save_pretrained(self, folder, **card)
+
+    @classmethod
+    def from_pretrained(cls, src, *, revision=None, cache_dir=None, local_files_only=False,
+                        token=None, map_location="cpu"):  # fmt: skip
+        """A folder, a Hub repo id (Hub cache honoured; HF_HUB_OFFLINE=1 works from the
+        cache) or an official NEPA folder -> the model, in eval mode."""
+        return load_pretrained(
+            src, cls=cls, map_location=map_location, revision=revision, cache_dir=cache_dir,
+            local_files_only=local_files_only, token=token,
+        )  # fmt: skip
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
+                    commit_message: str = "Upload unipred model", revision=None, **card):  # fmt: skip
+        """Save into a temporary folder and upload it to ``repo_id`` (created if needed)."""
+        hub = _hub()
+        api = hub.HfApi(token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, **card)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                revision=revision,
+            )  # fmt: skip
+
+
+# ------------------------------------------------------------------ checkpoints -> folder
+def run_config_of(ckpt: dict, source: str):
+    """The RunConfig stored in a training checkpoint (``unipred_config``)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from unipred.train.config import schema_for
+
+    d = ckpt.get("unipred_config")
+    if not d:
+        raise PretrainedError(f"{source}: missing key 'unipred_config' (not a unipred run)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema_for(d["task"])), d)
+        return OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, KeyError) as e:
+        raise PretrainedError(f"{source}: stored run config does not load ({e})") from None
+
+
+def model_from_checkpoint(path, ema: bool = False):
+    """(model, run config, checkpoint dict) of a training checkpoint, raw or EMA weights."""
+    from unipred.base.registry import TASKS
+    from unipred.train.checkpoint import CheckpointError, check_state_dict, read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    cfg = run_config_of(ckpt, str(path))
+    model = TASKS.get(cfg.task)(cfg).build_model()
+    if ema:
+        sd = ckpt.get("ema_state_dict")
+        if sd is None:
+            raise CheckpointError(f"{path}: missing key 'ema_state_dict' (asked for --ema)")
+    else:
+        sd = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    check_state_dict(path, sd, model.state_dict())
+    model.load_state_dict(sd)
+    return model.eval(), cfg, ckpt
+
+
+def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = None,
+                      push: str | None = None) -> Path:  # fmt: skip
+    """A training checkpoint -> a save_pretrained folder (and optionally the Hub)."""
+    from unipred.protocols import suite_folder
+    from unipred.train.checkpoint import non_finite_key
+    from unipred.train.config import to_yaml
+
+    model, cfg, ckpt = model_from_checkpoint(path, ema)
+    weights = "ema" if ema else "raw"
+    bad = non_finite_key(model.state_dict())
+    if bad is not None:  # exported as they are (a diverged run is still worth looking at)
+        print(f"unipred export: warning: {path}: key '{bad}' holds NaN or infinite values "
+              "(a diverged run?); exported as they are", file=sys.stderr)  # fmt: skip
+    ev_path = Path(evaluation) if evaluation else suite_folder(str(path)) / "results.json"
+    ev = None
+    if ev_path.is_file():
+        ev = json.loads(ev_path.read_text())
+        # this weight set's rows and its baselines' (random init, raw input, the source's)
+        keep = (weights, "random", "input", "data")
+        ev["rows"] = [r for r in ev.get("rows", []) if r.get("weights") in keep]
+    elif evaluation:
+        raise PretrainedError(f"--eval {evaluation}: file not found")
+    card = {"training_config": to_yaml(cfg), "recipe": ckpt.get("recipe") or None,
+            "evaluation": ev, "weights": weights}  # fmt: skip
+    folder = model.save_pretrained(out, **card)
+    if push:
+        model.push_to_hub(push, **card)
+    return folder
+
+
+def main(argv: list[str]) -> int:
+    """``unipred export CKPT OUT``: a training checkpoint -> a from_pretrained folder."""
+    ap = argparse.ArgumentParser(prog="unipred export", description=main.__doc__)
+    ap.add_argument("ckpt", help="a training checkpoint (e.g. runs/x/checkpoints/last.ckpt)")
+    ap.add_argument("out", help="output folder")
+    ap.add_argument("--ema", action="store_true", help="export the EMA weights")
+    ap.add_argument("--eval", default=None,
+                    help="evaluate-suite results.json (default: <run>/eval/results.json)")  # fmt: skip
+    ap.add_argument("--push", default=None, metavar="REPO_ID", help="also upload to the Hub")
+    a = ap.parse_args(argv)
+    try:
+        folder = export_checkpoint(a.ckpt, a.out, ema=a.ema, evaluation=a.eval, push=a.push)
+    except PretrainedError as e:
+        print(f"unipred export: error: {e}")
+        return 2
+    print(f"exported {a.ckpt} ({'ema' if a.ema else 'raw'} weights) -> {folder}")
+    return 0
