@@ -225,7 +225,8 @@ def test_fit_on_a_folder_with_bad_input_reports_it(tmp_path):
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     cmd = [sys.executable, "-m", "unipred.cli", "fit", "task=text_pretrain",
            f"data.root={tmp_path / 'data'}", "model.name=nepa_text_debug", "data.num_workers=0",
-           "data.max_record_bytes=1000", "trainer.global_batch=2", "trainer.max_steps=2",
+           "data.max_record_bytes=1000", "data.max_bad_fraction=1.0", "trainer.global_batch=2",
+           "trainer.max_steps=2",
            "trainer.accelerator=cpu", "trainer.precision=32-true", f"run_dir={run}",
            "trainer.loggers=[]", "trainer.progress_bar=false"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
