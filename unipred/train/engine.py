@@ -228,6 +228,9 @@ def run_dir(cfg) -> Path:
 
 
 def _threads(cfg) -> None:
+    from unipred.train.machine import apply_to_run
+
+    apply_to_run(cfg)  # a recipe for 8 GPUs on this machine: before anything is built
     t = cfg.trainer
     line = threads_for_run(t.threads, t.accelerator, t.devices if t.devices > 0 else 1)
     if line:
