@@ -209,7 +209,8 @@ def test_a_wrong_value_for_every_registry_key_is_one_line_naming_key_and_choices
                 continue  # not a list element a shell user could type
             value = f"[csv,{bad}]" if key == "trainer.loggers" else bad
             value = f"'{value}'" if " " in value or value == "" else value
-            for cmd in (["fit", "debug/image_nepa_tiny"], ["eval", "debug/image_nepa_tiny"]):
+            for cmd in (["fit", "debug/image_nepa_tiny"], ["eval", "debug/image_nepa_tiny"],
+                        ["evaluate-suite", "debug/image_nepa_tiny"]):  # fmt: skip
                 argvs.append([*cmd, *extra, f"{key}={value}", "ckpt=random",
                               f"run_dir={tmp_path / 'never'}"])  # fmt: skip
                 cases.append((key, bad))
