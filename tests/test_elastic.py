@@ -151,7 +151,8 @@ def _steps(run_dir) -> dict[int, list[int]]:
 
 @pytest.mark.slow  # 4 + 2 gloo processes with workers on 2 cores: about a minute or two
 @pytest.mark.parametrize(("data", "first", "second"),
-                         [("shards", "4:1", "2:2"), ("folders", "2:0", "4:1")])  # fmt: skip
+                         [("shards", "4:1", "2:2"), ("shards", "2:2", "4:0"),
+                          ("folders", "2:0", "4:1")])  # fmt: skip
 def test_gloo_run_killed_at_one_world_size_resumes_at_another(tmp_path, data, first, second):
     """A real DDP run (gloo, CPU) is killed after the step-2 checkpoint of a 6-step epoch and
     resumed with resume=auto on another number of ranks and workers: every sample once, the
