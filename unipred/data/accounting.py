@@ -175,6 +175,20 @@ class BadSampleCounter:
             if book.key in self._pending:
                 book.restore(self._pending[book.key])
 
+    def add(self, counts: dict[str, int], names: list[dict] = ()) -> None:
+        """Put back counts (and bad-file names) of an epoch's earlier part, which a resumed
+        stream does not read again (unipred.data.shards: elastic resume)."""
+        for key, n in counts.items():
+            if key in self._columns and n:
+                self._t[0, self._columns[key]] += int(n)
+        for entry in names:
+            n = int(self._n_names[0])
+            if n >= _NAMES:
+                break
+            raw = f"{entry['reason']}\t{entry['file']}".encode("utf-8", "replace")[:_NAME_BYTES]
+            self._names[0, n, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            self._n_names[0] = n + 1
+
     def handler(self, exn: BaseException) -> bool:
         """A webdataset exception handler: count the error as a skipped sample, go on."""
         what = str(exn.args[-1]) if getattr(exn, "args", None) else ""

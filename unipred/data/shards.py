@@ -249,17 +249,28 @@ class ShardReader(IterableDataset):
             rest = None if quota is None else max(0, quota - taken[w] * bs)
             readers.append((role, [list(x) for x in left], rest))
         mine_readers = [[segs_, rest] for _, segs_, rest in sorted(readers)]
+        # what the epoch counted so far: the resumed run does not read that part again
+        counts = {k: v for k, v in self.counter.snapshot(books=False).items()
+                  if v and not k.endswith("/total")}  # fmt: skip
+        names = self.counter.bad_files()
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             every = [None] * world
-            torch.distributed.all_gather_object(every, (parts, mine_readers))
-            parts = [p for rank_parts, _ in every for p in rank_parts]
-            mine_readers = [r for _, rank_readers in every for r in rank_readers]
+            torch.distributed.all_gather_object(every, (parts, mine_readers, counts, names))
+            parts = [p for e in every for p in e[0]]
+            mine_readers = [r for e in every for r in e[1]]
+            counts = {}
+            for e in every:
+                for k, v in e[2].items():
+                    counts[k] = counts.get(k, 0) + v
+            names = [n for e in every for n in e[3]][:100]
         left = elastic.merge(parts, [u for u, _, _ in segs])
         return {"epoch": int(epoch), "segments": [list(x) for x in left], "world": world,
                 "workers": nw, "batch_size": bs, "rotation": (rot + consumed) % nw,
-                "readers": mine_readers}  # fmt: skip
+                "readers": mine_readers, "counts": counts, "bad_files": names}  # fmt: skip
 
-    def load_stream_state(self, state: dict, world: int, batch_size: int, workers: int) -> int:
+    def load_stream_state(
+        self, state: dict, world: int, batch_size: int, workers: int, rank: int = 0
+    ) -> int:
         """Continue the epoch of ``state`` (from :meth:`stream_state`, any world size) with
         what it had left; returns the epoch the next pass reads (the next one when too little
         was left for a batch on every rank). On the same ranks, workers and batch size each
@@ -271,6 +282,8 @@ class ShardReader(IterableDataset):
             self._plan = None
             self.set_epoch(epoch + 1)
             return epoch + 1
+        if rank == 0:  # the epoch's bad samples so far, once over all ranks
+            self.counter.add(state.get("counts", {}), state.get("bad_files", []))
         same = (state.get("world"), state.get("workers"), state.get("batch_size")) == (
             world, max(1, workers), batch_size)  # fmt: skip
         self._plan = {"epoch": epoch, "segments": segs,
