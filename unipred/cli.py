@@ -45,7 +45,9 @@ LAZY = {
     "convert": "unipred.weights.hub",
     "export": "unipred.weights.pretrained",
 }
-LAZY["compare"] = "unipred.compare"  # NEPA vs scratch / random init / raw input (issue #23)
+LAZY["compare"] = (
+    "unipred.protocols.compare"  # NEPA vs scratch / random init / raw input (issue #23)
+)
 
 
 def _split(argv: list[str]):

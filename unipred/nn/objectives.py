@@ -62,6 +62,9 @@ class ObjectiveConfig:
     ema_momentum: float = 0.996  # teacher <- m * teacher + (1 - m) * student, every step
     ema_layers: int = 1  # average of the teacher's top K block outputs
     ema_causal: bool = False  # the teacher's attention: bidirectional (sees every token)
+    # choose target_norm / head / horizon from the data's sizes when the model is built
+    # (unipred.task.auto; one line says what and why); keys the config sets are kept
+    auto: bool = False
 
     def __post_init__(self):
         for key, value, allowed in (

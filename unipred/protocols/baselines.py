@@ -26,19 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from unipred.protocols import (
-    RANDOM,
-    EvalSettings,
-    Features,
-    ProtocolError,
-    _labels,
-    _loader,
-    _num_classes,
-    _to,
-    format_row,
-    run_knn,
-    run_linear,
-)
+from unipred.protocols.features import Features, _labels, _to
+from unipred.protocols.knn import run_knn
+from unipred.protocols.linear import run_linear
+from unipred.protocols.report import format_row
+from unipred.protocols.settings import RANDOM, EvalSettings, ProtocolError
+from unipred.protocols.suite import _loader, _num_classes
 
 INPUT = "input"  # the weights column of the raw-input rows
 SOURCE = "data"  # ... of the data source's own baselines
@@ -177,7 +170,7 @@ def run_source(cfg, settings: EvalSettings, log=print) -> list[dict]:
 
 def run_random(cfg, settings: EvalSettings, protocols, log=print) -> list[dict]:
     """The requested frozen protocols on the config's model at its random init."""
-    from unipred.protocols import run_protocols
+    from unipred.protocols.suite import run_protocols
 
     s = dataclasses.replace(settings, ema="false")
     return run_protocols(dataclasses.replace(cfg, ckpt=RANDOM), s, protocols, log)["rows"]
@@ -195,7 +188,7 @@ def baseline_rows(cfg, settings: EvalSettings, protocols, log=print) -> list[dic
         if frozen:
             rows += run_random(cfg, settings, frozen, log)
         if "finetune" in protocols:
-            from unipred.protocols import run_finetune
+            from unipred.protocols.suite import run_finetune
 
             s = dataclasses.replace(settings, ema="false")
             rows += run_finetune(dataclasses.replace(cfg, ckpt=RANDOM), s, log)["rows"]
@@ -211,7 +204,7 @@ def baseline_rows(cfg, settings: EvalSettings, protocols, log=print) -> list[dic
 
 def run_with_baselines(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     """``run_protocols`` (or ``run_finetune``) on ``cfg.ckpt``, then the baselines' rows."""
-    from unipred.protocols import run_finetune, run_protocols
+    from unipred.protocols.suite import run_finetune, run_protocols
 
     protocols = list(protocols)
     frozen = [p for p in protocols if p != "finetune"]

@@ -40,7 +40,7 @@ from torch import nn
 
 from unipred.base.registry import DECODERS
 from unipred.nn.model import NEPA, ModelConfig
-from unipred.task import DataConfig, Task
+from unipred.task.base import DataConfig, Task
 
 SEG_MODES = ("finetune", "probe", "eval")
 _MODES_BY_NDIM = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -221,7 +221,7 @@ class SegmentTask(Task):
         # a decoder may name the tokenizers it works on (``fn.tokenizers``: upernet's image)
         wants = getattr(DECODERS.get(d.decoder), "tokenizers", None)
         if wants:
-            from unipred.task import model_tokenizer
+            from unipred.task.base import model_tokenizer
 
             tok = model_tokenizer(cfg)[0]
             if tok not in wants:

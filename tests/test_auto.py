@@ -1,0 +1,48 @@
+"""model.objective.auto: the objective chosen from the data's sizes (unipred/task/auto.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from unipred.config import load_config
+from unipred.registry import TASKS
+from unipred.task.auto import DataScale, choose
+
+
+def _folder(root, size, classes=2, per_class=3):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 255, (size, size), dtype=np.uint8)
+            Image.fromarray(a, mode="L").save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_the_choice_follows_the_data_scale_and_keeps_explicit_keys():
+    keys, line = choose(DataScale(5000, 25), set())
+    assert keys == {"target_norm": "instance", "head": "mlp", "horizon": 5}
+    assert "5,000 training samples, 25 tokens per sample" in line and "small data" in line
+    assert choose(DataScale(5000, 64), set())[0]["horizon"] == 8  # a row of an 8 x 8 grid
+    assert choose(DataScale(5000, 2), set())[0]["horizon"] == 1  # no target two steps ahead
+    keys, line = choose(DataScale(1_281_167, 256), set())
+    assert keys == {} and "the release objective" in line
+    assert choose(DataScale(None, 256), set())[0] == {}  # a streamed set counts as large
+    keys, line = choose(DataScale(5000, 25), {"horizon"})
+    assert "horizon" not in keys and "kept your horizon" in line
+
+
+def test_small_pretrain_reads_the_sizes_prints_one_line_and_records_the_choice(tmp_path, capsys):
+    root = _folder(tmp_path / "d", size=20)  # 20 px, patch 4: 25 tokens
+    cfg = load_config("small/pretrain", [f"data.root={root}", "model.objective.horizon=3"])
+    model = TASKS.get(cfg.task)(cfg).build_model()
+    o = model.cfg.objective
+    assert (o.target_norm, o.head, o.horizon, o.auto) == ("instance", "mlp", 3, False)
+    out = capsys.readouterr().out
+    assert out.count("model.objective.auto:") == 1
+    assert "6 training samples, 25 tokens per sample" in out and "kept your horizon" in out
+    # written into the run config: a rebuild (resume, export) needs no data and says nothing
+    assert cfg.model.objective.auto is False and cfg.model.objective.target_norm == "instance"
+    TASKS.get(cfg.task)(cfg).build_model()
+    assert "model.objective.auto" not in capsys.readouterr().out

@@ -1,0 +1,183 @@
+"""The frozen backbone and its features: which weight sets a checkpoint holds (raw, EMA, the
+random-init baseline), loading them into the config's model, and one feature pass over a split
+(pooled, per layer, per token) that every frozen protocol shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unipred.nn.heads import pool_tokens
+from unipred.protocols.settings import RANDOM, ProtocolError
+
+
+# ------------------------------------------------------------------------------ weights
+def weight_sets(path: str, ema: str) -> list[tuple[str, dict]]:
+    """[(name, backbone state dict)] of a checkpoint for ``ema`` = true | false | both.
+
+    Our training checkpoints hold raw weights (``state_dict``) and, when EMA ran,
+    ``ema_state_dict``; ``ema=both`` evaluates both (only raw when there is no EMA), ``true``
+    requires the EMA weights. A folder written by ``save_pretrained`` (or an official NEPA
+    folder) holds one weight set, reported as "raw". ``path="random"`` is the baseline every
+    SSL table needs: the config's model at its random init (seeded by the run's ``seed``),
+    reported as "random", with no weights to load (None)."""
+    if path == RANDOM:
+        if ema == "true":
+            raise ProtocolError("ema=true: ckpt=random has no EMA weights")
+        return [(RANDOM, None)]
+    p = Path(path)
+    if p.is_dir():
+        if ema == "true":
+            raise ProtocolError(f"ema=true: {path} is a model folder with one weight set")
+        from unipred.weights.pretrained import load_pretrained
+
+        return [("raw", _backbone(load_pretrained(p).state_dict()))]
+    from unipred.train.checkpoint import CheckpointError, read_checkpoint
+
+    ckpt = read_checkpoint(p)
+    raw = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    sets = []
+    if ema in ("false", "both"):
+        sets.append(("raw", _backbone(raw)))
+    if ema in ("true", "both"):
+        if ckpt.get("ema_state_dict") is not None:
+            sets.append(("ema", _backbone(ckpt["ema_state_dict"])))
+        elif ema == "true":
+            raise CheckpointError(f"{path}: missing key 'ema_state_dict' (asked for ema=true)")
+    return sets
+
+
+def _backbone(sd: dict) -> dict:
+    """The backbone's tensors: no classifier head, no pretraining objective's own parameters
+    (a pixel-target or MLP head, a mask token: model.objective)."""
+    return {k: v for k, v in sd.items() if not k.startswith(("head.", "objective."))}
+
+
+def load_backbone_weights(model: nn.Module, sd: dict, source: str) -> None:
+    """Load every backbone tensor (strict: names and shapes); the model's head is left alone."""
+    from unipred.train.checkpoint import check_state_dict
+
+    want = _backbone(model.state_dict())
+    check_state_dict(source, sd, want)
+    model.load_state_dict(sd, strict=False)
+
+
+# ----------------------------------------------------------------------------- features
+@dataclass
+class Features:
+    """Frozen features of one split: what the protocols train and test on."""
+
+    pooled: torch.Tensor  # (N, D) pooled final-norm output, fp32
+    labels: torch.Tensor  # (N,) int64
+    layers: torch.Tensor | None = None  # (L + 1, N, D) pooled block outputs, then final norm
+    tokens: torch.Tensor | None = None  # (N, T, D) final-norm patch tokens, bf16
+    valid: torch.Tensor | None = None  # (N, T) bool, when tokens are padded
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _labels(y) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.is_floating_point() and y.dim() == 2:  # soft targets
+        y = y.argmax(dim=-1)
+    return y.long().reshape(-1)
+
+
+def _pad_cat(chunks: list[torch.Tensor], value) -> torch.Tensor:
+    """Concatenate (B_i, T_i, ...) chunks along dim 0, padding T to the longest."""
+    T = max(c.shape[1] for c in chunks)
+    out = []
+    for c in chunks:
+        if c.shape[1] < T:
+            pad = c.new_full((c.shape[0], T - c.shape[1], *c.shape[2:]), value)
+            c = torch.cat([c, pad], dim=1)
+        out.append(c)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    batches,
+    *,
+    inputs=lambda b: b[0],
+    pool: str = "mean",
+    layers: bool = False,
+    tokens: bool = False,
+    device: torch.device | str = "cpu",
+    autocast: torch.dtype | None = None,
+    max_samples: int = 0,
+    block: int | None = None,
+) -> Features:
+    """One pass of the frozen backbone (eval mode, no grad) over labelled batches. ``pooled``
+    is the final norm's output, or that of block ``block`` (negative: from the top)."""
+    model.eval()
+    device = torch.device(device)
+    n_prefix = int(getattr(model, "n_prefix", 0))
+    n_blocks = len(model.predictor.blocks)
+    if block is not None and not -n_blocks <= block < n_blocks:
+        raise ProtocolError(f"features.block={block}: the backbone has {n_blocks} blocks")
+    want = tuple(range(n_blocks)) if layers else ((block % n_blocks,) if block is not None else ())
+    pooled, labels, per_layer, toks, valid = [], [], [], [], []
+    n = 0
+    for batch in batches:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ProtocolError(
+                "the data carry no labels (batches are not (input, label, ...)): give a "
+                "classification config (e.g. a *_probe / *_classify / *_finetune recipe)"
+            )
+        x = _to(inputs(batch), device)
+        y = _labels(batch[1])
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = model.forward_features(x, layers=want)
+        v = out.valid
+        src = out.hidden if block is None else out.layers[want.index(block % n_blocks)]
+        pooled.append(pool_tokens(src, n_prefix, v, pool).float().cpu())
+        if layers:
+            hs = [pool_tokens(h, n_prefix, v, pool) for h in (*out.layers, out.hidden)]
+            per_layer.append(torch.stack(hs).float().cpu())
+        if tokens:
+            toks.append(out.hidden[:, n_prefix:].to(torch.bfloat16).cpu())
+            vv = v[:, n_prefix:] if v is not None else None
+            valid.append(
+                vv.cpu()
+                if vv is not None
+                else torch.ones(out.hidden.shape[0], toks[-1].shape[1], dtype=torch.bool)
+            )
+        labels.append(y)
+        n += y.shape[0]
+        if max_samples and n >= max_samples:
+            break
+    if not labels:
+        raise ProtocolError("the data set yielded no batches")
+    f = Features(torch.cat(pooled), torch.cat(labels))
+    if layers:
+        f.layers = torch.cat(per_layer, dim=1)
+    if tokens:
+        f.tokens, f.valid = _pad_cat(toks, 0.0), _pad_cat(valid, False)
+        if bool(f.valid.all()):
+            f.valid = None
+    if max_samples:
+        f = _head(f, max_samples)
+    return f
+
+
+def _head(f: Features, n: int) -> Features:
+    return Features(
+        f.pooled[:n],
+        f.labels[:n],
+        None if f.layers is None else f.layers[:, :n],
+        None if f.tokens is None else f.tokens[:n],
+        None if f.valid is None else f.valid[:n],
+    )

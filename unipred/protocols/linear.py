@@ -1,0 +1,95 @@
+"""``linear``: MAE's linear probe (BatchNorm without affine + one linear layer) on cached pooled
+features, and the probe trainer the attentive and per-layer probes share."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unipred.nn.heads import LinearProbeHead
+from unipred.protocols.features import Features
+from unipred.protocols.knn import _scores, topk_accuracy
+from unipred.protocols.settings import AttentiveSettings, ProbeSettings
+
+
+class LinearProbe(LinearProbeHead):
+    """MAE's probe, the model's ``head: probe`` (BatchNorm1d without affine, then a linear
+    layer initialised N(0, 0.01)), applied to features that are already pooled."""
+
+    def forward(self, x):
+        return self.classifier(self.bn(x))
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def train_probe(
+    probe: nn.Module,
+    train_inputs: tuple,
+    labels: torch.Tensor,
+    s: ProbeSettings | AttentiveSettings,
+    *,
+    seed: int = 0,
+    device="cpu",
+    batch_dim: tuple[int, ...] | None = None,
+    loss_fn=None,
+) -> nn.Module:
+    """Train ``probe(*inputs)`` with AdamW (cosine lr) on cached inputs; ``batch_dim`` gives
+    the batch axis of each input (default 0); inputs that are None pass through."""
+    probe.to(device).train()
+    dims = batch_dim or (0,) * len(train_inputs)
+    n = labels.shape[0]
+    opt = torch.optim.AdamW(probe.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    steps_per_epoch = max(1, math.ceil(n / s.batch))
+    total = s.epochs * steps_per_epoch
+    g = torch.Generator().manual_seed(seed)
+    loss_fn = loss_fn or F.cross_entropy
+    step = 0
+    for _ in range(s.epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, s.batch):
+            idx = perm[i : i + s.batch]
+            if idx.numel() < 2:  # BatchNorm needs two samples
+                continue
+            xs = [
+                None if x is None else x.index_select(d, idx).to(device).float()
+                if x.is_floating_point() else x.index_select(d, idx).to(device)
+                for x, d in zip(train_inputs, dims)
+            ]  # fmt: skip
+            for gr in opt.param_groups:
+                gr["lr"] = s.lr * _cosine(step, total)
+            loss = loss_fn(probe(*xs), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return probe.eval()
+
+
+@torch.no_grad()
+def predict(probe: nn.Module, inputs: tuple, batch: int = 4096, device="cpu", batch_dim=None):
+    dims = batch_dim or (0,) * len(inputs)
+    n = next(x for x in inputs if x is not None).shape[dims[0]]
+    outs = []
+    for i in range(0, n, batch):
+        xs = [
+            None if x is None else x.narrow(d, i, min(batch, n - i)).to(device)
+            for x, d in zip(inputs, dims)
+        ]
+        xs = [x.float() if x is not None and x.is_floating_point() else x for x in xs]
+        outs.append(probe(*xs).float().cpu())
+    return torch.cat(outs, dim=-2)
+
+
+def run_linear(train: Features, val: Features, num_classes: int, s: ProbeSettings, seed=0,
+               device="cpu") -> dict:  # fmt: skip
+    torch.manual_seed(seed)
+    probe = LinearProbe(train.pooled.shape[1], num_classes)
+    train_probe(probe, (train.pooled,), train.labels, s, seed=seed, device=device)
+    scores = predict(probe, (val.pooled,), device=device)
+    return _scores(topk_accuracy(scores, val.labels), topk_accuracy(scores, val.labels, 5),
+                   epochs=s.epochs, lr=s.lr)  # fmt: skip

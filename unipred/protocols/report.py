@@ -1,0 +1,105 @@
+"""Results: one line per row for the log, results.md / results.json in the run folder, and the
+demos' comparison tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from unipred.protocols.settings import RANDOM, ProtocolError
+
+
+# ------------------------------------------------------------------------------ results
+def _pct(v) -> str:
+    """A fraction as a percentage; "-" where the row has none (a baseline's top-5)."""
+    return "-" if v is None else f"{100 * v:.2f} %"
+
+
+def format_row(r: dict) -> str:
+    extra = ""
+    if r["protocol"] == "layers":
+        extra = f"  best: {r['best_layer']}"
+    elif r["protocol"] == "knn":
+        extra = f"  k={r['k']} T={r['temperature']}"
+    return (f"{r['protocol']:<10} {r['weights']:<6} top-1 {_pct(r['top1']):>8}  "
+            f"top-5 {_pct(r['top5']):>8}  ({r['seconds']:.1f} s){extra}")  # fmt: skip
+
+
+def row_details(r: dict) -> str:
+    """The "details" cell of a results row."""
+    if r["protocol"] == "knn":
+        return f"k={r['k']}, T={r['temperature']}"
+    if r["protocol"] == "layers":
+        return f"best: {r['best_layer']}"
+    if r["protocol"] in ("linear", "attentive"):
+        dim = f", {r['dim']} raw values" if "dim" in r else ""
+        return f"{r['epochs']} epochs, lr {r['lr']}{dim}"
+    return r.get("run_dir", "")
+
+
+def results_markdown(results: dict) -> str:
+    m = results.get("meta", {})
+    lines = [
+        f"# Evaluation of `{m.get('checkpoint', '?')}`",
+        "",
+        f"Config `{m.get('config', '?')}` (task `{m.get('task', '?')}`); "
+        f"{m.get('train_samples', '?')} training / {m.get('val_samples', '?')} validation "
+        "samples; frozen backbone in eval mode.",
+        "",
+        "| protocol | weights | top-1 | top-5 | details | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        det = row_details(r)
+        lines.append(f"| {r['protocol']} | {r['weights']} | {_pct(r['top1'])} | "
+                     f"{_pct(r['top5'])} | {det} | {r['seconds']:.1f} |")  # fmt: skip
+    for r in results["rows"]:
+        if r["protocol"] == "layers":
+            lines += ["", f"Per-layer probe ({r['weights']} weights):", "",
+                      "| layer | top-1 |", "|---|---|"]  # fmt: skip
+            for layer, acc in r["per_layer"].items():
+                star = " (best)" if layer == r["best_layer"] else ""
+                lines.append(f"| {layer}{star} | {100 * acc['top1']:.2f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def suite_folder(ckpt: str, out: str = "") -> Path:
+    """Where ``evaluate-suite`` writes: ``out``, else ``<run folder of the checkpoint>/eval``."""
+    if out:
+        return Path(out)
+    if ckpt == RANDOM:
+        raise ProtocolError("ckpt=random has no run folder: give out=DIR for the results")
+    p = Path(ckpt)
+    if p.is_dir():
+        return p / "eval"
+    run = p.parent.parent if p.parent.name in ("checkpoints", "best") else p.parent
+    return run / "eval"
+
+
+def write_results(results: dict, folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    md, js = folder / "results.md", folder / "results.json"
+    md.write_text(results_markdown(results))
+    js.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return md, js
+
+
+# ------------------------------------------------------------------------ demo tables
+LABELS = {"knn": "kNN (k=20, T=0.07)", "linear": "linear probe", "attentive": "attentive probe",
+          "layers": "per-layer probe, best layer"}  # fmt: skip
+
+
+def comparison_markdown(columns: dict[str, list[dict]]) -> str:
+    """One row per protocol, one column per backbone (e.g. NEPA vs random init): top-1, with
+    the best layer named for the per-layer sweep."""
+    names = list(columns)
+    protos = [r["protocol"] for r in columns[names[0]]]
+    lines = ["| protocol | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for p in protos:
+        cells = []
+        for n in names:
+            r = next(r for r in columns[n] if r["protocol"] == p)
+            best = f" ({r['best_layer']})" if p == "layers" else ""
+            cells.append(f"{100 * r['top1']:.1f} %{best}")
+        lines.append(f"| {LABELS.get(p, p)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""What ``unipred eval`` accepts: the protocol names, their settings (``knn.*``, ``linear.*``,
+``attentive.*``, ``layers.*``, ``features.*``) and how the command line is parsed into them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FROZEN = ("knn", "linear", "attentive", "layers")
+
+
+PROTOCOLS = (*FROZEN, "finetune")
+
+
+RANDOM = "random"  # ckpt=random: the random-init baseline
+
+
+class ProtocolError(ValueError):
+    """Bad protocol settings or data; the message names the key or the problem."""
+
+
+# ------------------------------------------------------------------------------- settings
+@dataclass
+class KNNSettings:
+    k: int = 20  # DINO's protocol
+    temperature: float = 0.07
+
+
+@dataclass
+class ProbeSettings:
+    """Training of a probe on frozen features (AdamW, cosine schedule, no warmup)."""
+
+    epochs: int = 100
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    batch: int = 1024
+    augment: bool = False  # linear only: run the training pipeline every epoch (no cache)
+
+
+@dataclass
+class AttentiveSettings:
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # V-JEPA's attentive probe
+    batch: int = 256
+    heads: int = 0  # 0 = the backbone's head count
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class FeatureSettings:
+    batch: int = 256  # batch of the feature pass
+    pool: str = "mean"  # mean over patch tokens | last | cls
+    # k-NN and linear read this block's output (negative: from the top) instead of the final
+    # norm; autoregressive models probe best in the middle (iGPT, AIM)
+    block: int | None = None
+    max_train: int = 0  # use the first N training samples (0 = all)
+    max_val: int = 0
+    num_workers: int = -1  # -1 = data.num_workers
+
+
+@dataclass
+class RawSettings:
+    """The raw-input baseline (unipred.baselines): flattened patches of the tokenizer."""
+
+    max_dim: int = 4096  # values per sample above which each patch is averaged down
+
+
+@dataclass
+class EvalSettings:
+    """The ``unipred eval`` / ``evaluate-suite`` keys that are not run-config keys."""
+
+    protocol: str = ""  # "" = the task's own validation (engine.evaluate)
+    protocols: list[str] = field(default_factory=lambda: list(FROZEN))  # evaluate-suite
+    ema: str = "both"  # true | false | both (raw and EMA weights)
+    out: str = ""  # evaluate-suite: results folder ("" = <run folder of ckpt>/eval)
+    seed: int = 0  # probe initialisation and batch order
+    knn: KNNSettings = field(default_factory=KNNSettings)
+    linear: ProbeSettings = field(default_factory=ProbeSettings)
+    attentive: AttentiveSettings = field(default_factory=AttentiveSettings)
+    layers: ProbeSettings = field(default_factory=ProbeSettings)  # the linear probe's recipe
+    features: FeatureSettings = field(default_factory=FeatureSettings)
+    # print the random-init backbone, the raw input and the data source's own baselines
+    # beside the backbone's rows (unipred.baselines)
+    baselines: bool = True
+    raw: RawSettings = field(default_factory=RawSettings)
+
+
+EVAL_ROOTS = tuple(f.name for f in dataclasses.fields(EvalSettings))
+
+
+def split_eval_args(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``key=value`` arguments into (eval settings, run-config overrides)."""
+    mine, rest = [], []
+    for a in overrides:
+        key = a.split("=", 1)[0]
+        root = key.split(".", 1)[0]
+        # ``ema=both`` is ours; ``ema.enabled=...`` stays the run config's EMA section
+        if root in EVAL_ROOTS and (root != "ema" or "." not in key):
+            mine.append(a)
+        else:
+            rest.append(a)
+    return mine, rest
+
+
+def parse_eval_settings(args: list[str]) -> EvalSettings:
+    """``protocol=knn knn.k=10 ema=false`` -> EvalSettings; a bad key or value names it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = [_list_arg(a) for a in args]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EvalSettings), OmegaConf.from_dotlist(args))
+        s: EvalSettings = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ProtocolError(f"eval setting '{key}': {str(e).splitlines()[0]}") from None
+    s.ema = str(s.ema).lower()
+    if s.ema not in ("true", "false", "both"):
+        raise ProtocolError(f"ema={s.ema!r}: use true, false or both")
+    for name in ([s.protocol] if s.protocol else []) + list(s.protocols):
+        if name not in PROTOCOLS:
+            raise ProtocolError(f"protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
+    if s.features.pool not in ("mean", "last", "cls"):
+        raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last or cls")
+    if s.knn.k < 1 or s.knn.temperature <= 0:
+        raise ProtocolError(f"knn.k={s.knn.k} must be >= 1 and knn.temperature > 0")
+    if s.raw.max_dim < 0:
+        raise ProtocolError(f"raw.max_dim={s.raw.max_dim} must be >= 0 (0 = no limit)")
+    return s
+
+
+def _list_arg(a: str) -> str:
+    """``protocols=knn,linear`` -> ``protocols=[knn,linear]`` (OmegaConf's list syntax)."""
+    k, _, v = a.partition("=")
+    if k == "protocols" and v and not v.startswith("["):
+        return f"{k}=[{v}]"
+    return a
+
+
+def settings_dict(s: EvalSettings) -> dict[str, Any]:
+    return dataclasses.asdict(s)
