@@ -145,6 +145,8 @@ class BadSampleLogger(L.Callback):
         batches, bs = trainer.num_training_batches, getattr(loader, "batch_size", None) or 1
         if isinstance(batches, int) or (isinstance(batches, float) and batches != float("inf")):
             planned = int(batches) * int(bs)
+            if not books:  # a stream drops bad samples: it reads the good ones plus those
+                planned += skipped
         return skipped, planned, reasons
 
     def _judged(self, trainer) -> bool:
