@@ -29,7 +29,6 @@ BASE = [
     "data.aug.img_size=32",
     "data.num_workers=0",
     "data.shuffle_buffer=8",
-    "data.max_bad_fraction=1",  # 2 of the 16 files are unreadable on purpose: go on
 ]
 
 
