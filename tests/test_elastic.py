@@ -176,32 +176,6 @@ def test_gloo_run_killed_at_one_world_size_resumes_at_another(tmp_path, data, fi
     )
 
 
-def test_the_bad_samples_counted_before_the_cut_stay_in_the_epochs_report(tmp_path, monkeypatch):
-    """A resumed stream does not read the consumed part again, so the checkpoint carries what
-    that part counted; rank 0 of the resumed run puts it back (once over all ranks)."""
-    from unipred.tasks.image.data import ShardDataset
-
-    from unipred.data.accounting import BadSampleCounter
-
-    shards = _shards(tmp_path, 16, 4)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    before = BadSampleCounter()
-    ds = ShardDataset(str(shards), transform=lambda im: 0, seed=3, counter=before)
-    ld = build_loader(ds, 4, 1, 0, 1, seed=3, train=True, num_workers=0)
-    ds.set_epoch(0)
-    next(iter(ld))
-    ld.mark_consumed(0)
-    before.count("corrupt", "shard-x.tar:000000003")
-    state = json.loads(json.dumps(ld.state_dict()))
-    for rank, want in ((0, 1), (1, 0)):
-        after = BadSampleCounter()
-        ds2 = ShardDataset(str(shards), transform=lambda im: 0, seed=3, counter=after)
-        ds2.load_stream_state(state["stream"], 2, 2, 0, rank=rank)
-        assert after.snapshot()["skipped/corrupt"] == want
-        assert any(b["file"] == "shard-x.tar:000000003" for b in after.bad_files()) == bool(want)
-
-
 def test_the_resume_guard_line_names_both_world_sizes():
     from unipred.engine import BatchPlan, world_size_line
 
