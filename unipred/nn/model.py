@@ -25,7 +25,7 @@ from unipred.nn import objectives
 from unipred.nn.heads import ClassifierHead, LinearProbeHead
 from unipred.nn.objectives import Objective, ObjectiveConfig
 from unipred.nn.predictor import Predictor, PredictorConfig, PredictorOutput, init_weights
-from unipred.weights.pretrained import PretrainedMixin
+from unipred.nn.saving import PretrainedMixin
 
 
 @dataclass

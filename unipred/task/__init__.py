@@ -47,6 +47,7 @@ from unipred.task.base import (
     check_tokenizer,
     model_tokenizer,
 )
+from unipred.task.checks import check_data, check_task  # registers them with base.contracts
 from unipred.task.classify import (
     MODES,
     ClassifyData,
@@ -67,6 +68,8 @@ from unipred.task.register import (
 )
 
 __all__ = [
+    "check_data",
+    "check_task",
     "DataConfig",
     "DataSource",
     "Task",
