@@ -5,7 +5,7 @@ names it, not at the first forward pass).
 * :class:`Tokenizer` -- raw samples -> ``Tokens``; registered with ``@TOKENIZERS.register``.
 * :class:`DatasetBuilder` -- what a task provides to the engine for its data.
 * The streaming-dataset resume contract lives next to the loader that uses it
-  (``unipred.loader``).
+  (``unipred.data.loader``).
 
 docs/adding-a-modality.md walks through a complete plugin.
 """
@@ -28,7 +28,7 @@ class Tokenizer(Protocol):
     Optional, and used when present: ``patches(x) -> (B, N, P)``, the raw values behind each
     token in token order (pixels, log-mel patch, voxels, waveform frame), with ``patch_dim`` = P.
     ``model.objective.target=patch`` predicts them and every evaluation's raw-input baseline
-    (unipred.baselines) is k-NN / linear on them flattened.
+    (unipred.protocols.baselines) is k-NN / linear on them flattened.
 
     Built as ``cls(dim=D, **model.tokenizer_args)``. ``coord_dims`` (k) is a class attribute:
     the predictor's RoPE is sized from it before the model is built. ``example_input(b)``

@@ -68,7 +68,7 @@ TASKS = Registry("task", check="check_task")
 MODELS = Registry("model")
 # data sources of the modalities (unipred.task.DataSource, registered with register_data)
 DATASETS = Registry("data source", check="check_data")
-# segmentation decoders (unipred.segment): name -> fn(model_config, num_classes, task) -> model
+# segmentation decoders (unipred.task.segment): name -> fn(model_config, num_classes, task) -> model
 DECODERS = Registry("segmentation decoder")
 # extra `unipred` commands a modality brings: "demo NAME", "data NAME", "visualize" -> the
 # module that runs it (imported only when the command runs; it defines main(argv) -> int, or

@@ -1,6 +1,6 @@
 """Streaming webdataset shards for any modality: the shard-spec helpers and
 :class:`ShardReader`, the base of every shard reader the modalities ship (images, audio, video,
-segmentation). It implements the resume contract of :class:`unipred.loader.ResumableStream`.
+segmentation). It implements the resume contract of :class:`unipred.data.loader.ResumableStream`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class ShardReader(IterableDataset):
       shards if needed), so distributed ranks never run out of step; once the loader has
       told the batch size (``resume(0, batch_size)``), each worker's share is a whole
       number of batches, so the DataLoader's round-robin over workers never breaks.
-    * It implements :class:`unipred.loader.ResumableStream`: ``resume(batches, batch_size)``
+    * It implements :class:`unipred.data.loader.ResumableStream`: ``resume(batches, batch_size)``
       makes worker w skip the good samples of the batches it had delivered (batch i of an
       epoch comes from worker ``i % W``). The stream of each (epoch, rank, worker) is a
       function of the seed only and a skipped sample is decoded (silently) only to learn
