@@ -104,13 +104,14 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere(run, tmp_path, legacy,
         lambda: apply_init(cls_model, f"pretrain:{bad}:ema"),
         lambda: ckpt_mod.AtomicCheckpointIO().load_checkpoint(bad),  # Lightning's restore
     ):
-        # zip format: refused for naming `exec`; legacy protocol-4 stream: refused by torch's
-        # safe reader at its first frame opcode. Either way one line, nothing run.
-        with pytest.raises(CheckpointError) as e:
+        # both formats: classed unsafe from the pickle's opcodes (it names `exec`), in
+        # unipred's words, never with torch's advice to turn weights_only off; nothing run
+        with pytest.raises(UnsafeCheckpointError) as e:
             load()
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(str(bad)) and "refused" in msg
-        assert isinstance(e.value, UnsafeCheckpointError) == (not legacy)
+        assert "holds Python objects that could run code; unipred loads tensors only" in msg
+        assert "exec" in msg and "weights_only" not in msg
     from unipred.cli import main
 
     # eval ckpt=PATH: one line on stderr naming the file, exit code 2
@@ -135,16 +136,50 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere(run, tmp_path, legacy,
     assert not target.exists()  # the payload never ran
 
 
-def test_resume_auto_refuses_a_planted_last_ckpt(run, tmp_path):
+def test_resume_auto_never_starts_over_nor_overwrites_a_planted_last_ckpt(run, tmp_path):
+    """A planted newest last.ckpt: resume=auto falls back to the newest loadable checkpoint
+    (saying which), sets the planted file aside and never overwrites it; nothing runs."""
     import shutil
 
     d = tmp_path / "run"
     shutil.copytree(run, d)
     target = tmp_path / "owned.txt"
-    plant(d / "checkpoints" / "last.ckpt", target)
-    with pytest.raises(UnsafeCheckpointError, match="last.ckpt: refused"):
-        fit(tiny(d, "resume=auto", "trainer.max_epochs=2"))
+    planted = plant(d / "checkpoints" / "last.ckpt", target)
+    evidence = planted.read_bytes()
+    with pytest.warns(UserWarning) as warned:
+        trainer = fit(
+            tiny(
+                d,
+                "resume=auto",
+                "trainer.ckpt_every_n_steps=2",
+                "ema.decay=0.5",
+                "trainer.max_epochs=2",
+                "resume_allow_changes=true",
+            )
+        )
+    said = " | ".join(str(w.message) for w in warned)
+    assert "last.ckpt: refused" in said and "kept as last.ckpt.unsafe" in said
+    assert "resuming from" in said and "step00000004.ckpt (step 4)" in said
+    assert trainer.global_step == 8  # continued from step 4, not started over
+    assert (d / "checkpoints/last.ckpt.unsafe").read_bytes() == evidence
+    assert read_checkpoint(d / "checkpoints/last.ckpt")["global_step"] == 8
     assert not target.exists()
+
+
+def test_resume_auto_stops_in_one_line_when_nothing_can_be_resumed(run, tmp_path, capsys):
+    from unipred.cli import main
+
+    d = tmp_path / "run"
+    (d / "checkpoints").mkdir(parents=True)
+    target = tmp_path / "owned.txt"
+    planted = plant(d / "checkpoints" / "last.ckpt", target)
+    evidence = planted.read_bytes()
+    args = ["fit", str(TINY), *BASE, f"run_dir={d}", "resume=auto"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refusing to start over" in err and "last.ckpt" in err
+    assert planted.read_bytes() == evidence and not target.exists()
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
 # --------------------------------------------------------------------- crash-safe writes
@@ -160,8 +195,12 @@ def test_enospc_mid_write_keeps_the_last_checkpoint_and_resume_works(tmp_path, m
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ckpt_mod.DiskFullError) as e:
         fit(tiny(tmp_path, "trainer.ckpt_every_n_steps=2", "trainer.max_epochs=1"))
+    assert str(e.value) == (
+        f"no space left on device at {tmp_path / 'checkpoints/step00000004.ckpt'}; the "
+        "previous checkpoint last.ckpt (step 2) is intact"
+    )
     monkeypatch.undo()
     folder = tmp_path / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step00000002.ckpt"]

@@ -32,6 +32,14 @@ class DataScale:
     tokens: int  # tokens per sample (the first sample's)
 
 
+def _has_len(ds) -> bool:
+    try:
+        len(ds)
+    except TypeError:  # a stream of unknown length
+        return False
+    return True
+
+
 def measure(source, tokenizer) -> DataScale:
     """Sizes of ``source``'s training split: sample count and the first sample's tokens."""
     from torch.utils.data import default_collate
@@ -39,8 +47,9 @@ def measure(source, tokenizer) -> DataScale:
     ds = source.build("train", augment=False)
     if ds is None:
         raise ValueError("model.objective.auto: the data have no training split to read sizes from")
-    n = len(ds) if hasattr(ds, "__len__") else None
-    item = ds[0] if n is not None else next(iter(ds))
+    stream = isinstance(ds, torch.utils.data.IterableDataset)  # shards: a length, no ds[0]
+    n = len(ds) if hasattr(ds, "__len__") and not (stream and not _has_len(ds)) else None
+    item = next(iter(ds)) if stream else ds[0]
     collate = source.collate("train", False) or default_collate
     batch = collate([item])
     x = batch[0] if isinstance(batch, (list, tuple)) else batch

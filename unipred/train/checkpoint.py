@@ -16,10 +16,10 @@ object) before anything in it runs.
 
 from __future__ import annotations
 
+import errno
 import os
-import pickle
 import re
-import warnings
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +49,40 @@ class UnsafeCheckpointError(CheckpointError):
 SAFE_GLOBALS: list = []
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def _one_line(e: BaseException, limit: int = 200) -> str:
     text = " ".join(str(e).split())
+    if "weights_only" in text or "Weights only" in text:
+        # torch's advice to load with weights_only=False is never ours to give
+        return "its pickle could not be read"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _regular_file(path: Path) -> os.stat_result:
+    """stat ``path``; CheckpointError unless it is a regular file (a FIFO would block the
+    open forever, a directory or device is no checkpoint)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+                stat.S_ISCHR: "a device", stat.S_ISBLK: "a device"}  # fmt: skip
+        what = next((v for f, v in kind.items() if f(st.st_mode)), "a special file")
+        raise CheckpointError(f"{path}: not a regular file ({what})")
+    return st
 
 
 def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU (memory-mapped when the format allows);
     raises :class:`UnsafeCheckpointError` for a pickle naming anything outside the allow-list
-    and :class:`CheckpointError` for an unreadable file, each one line naming ``path``."""
+    and :class:`CheckpointError` for an unreadable file, each one line naming ``path``.
+
+    Which of the two is decided from the pickle's opcodes (:mod:`unipred.train.pickle_scan`), not
+    from torch's wording, which changes between releases."""
     path = Path(path)
+    _regular_file(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             try:
@@ -67,29 +91,64 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
                 if not mmap or "mmap" not in str(e):
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-        if m:  # the pickle names a function or class: refuse, whatever it is
-            raise UnsafeCheckpointError(
-                f"{path}: refused: its pickle asks for the object {m.group(1)}, which is not "
-                "plain weights or data (loading it could run code; nothing in it was run)"
-            ) from None
-        n = re.search(r"Unsupported operand (\S+)", msg)
-        if n:  # garbage, or a pickle stream torch's safe reader does not take
-            raise CheckpointError(
-                f"{path}: unreadable checkpoint (not a torch checkpoint of plain data: "
-                f"pickle opcode {n.group(1)} refused; nothing in it was run)"
-            ) from None
-        raise CheckpointError(
-            f"{path}: unreadable checkpoint (UnpicklingError: {_one_line(e)})"
-        ) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
-    except Exception as e:  # truncated/corrupt files raise many different errors
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: cannot be opened ({e.strerror})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        from unipred.train.pickle_scan import unsafe_globals
+
+        try:
+            unsafe = unsafe_globals(path, SAFE_GLOBALS)
+        except OSError:
+            unsafe = []
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{path}: refused: holds Python objects that could run code; unipred loads "
+                f"tensors only (its pickle asks for {', '.join(unsafe[:3])}; nothing in it "
+                "was run)"
+            ) from None
         raise CheckpointError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}: {_one_line(e)})"
+            f"{path}: damaged or not a torch checkpoint ({type(e).__name__}: {_one_line(e)}); "
+            "nothing in it was run"
         ) from None
+
+
+class DiskFullError(OSError):
+    """A checkpoint write ran out of space; the message says which checkpoint is intact."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it chains is ENOSPC/EDQUOT (torch's zip writer reports
+    a full disk as a RuntimeError of its own, with the OSError inside)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _intact(path: Path) -> str:
+    """Which checkpoint a failed write of ``path`` left intact: ``path`` itself, else the
+    folder's ``last.ckpt`` (a failed step file)."""
+    for p in (path, path.with_name("last.ckpt")):
+        try:
+            step = safe_load(p).get("global_step")
+        except (CheckpointError, AttributeError):
+            continue
+        return f"the previous checkpoint {p.name} (step {step}) is intact"
+    return "no earlier checkpoint was written there"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -104,6 +163,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if _disk_full(e):
+            tmp.unlink(missing_ok=True)
+            raise DiskFullError(f"no space left on device at {path}; {_intact(path)}") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -143,7 +207,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def read_checkpoint(path: str | os.PathLike, require_training_state: bool = False) -> dict:
-    """Load a checkpoint on CPU; raise CheckpointError naming the file when it is unusable."""
+    """Load a checkpoint on CPU; raise CheckpointError naming the file (and the key) when it
+    is unusable: not a dict, a key missing, or a key holding the wrong kind of value."""
     path = Path(path)
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict):
@@ -152,7 +217,58 @@ def read_checkpoint(path: str | os.PathLike, require_training_state: bool = Fals
     for k in need:
         if k not in ckpt:
             raise CheckpointError(f"{path}: missing key '{k}'")
+    _check_contents(path, ckpt)
     return ckpt
+
+
+def _check_contents(path: Path, ckpt: dict) -> None:
+    """The kinds of value unipred reads from a checkpoint, so a malformed one fails here in
+    one line rather than deep inside Lightning."""
+    for key in ("state_dict", "ema_state_dict"):
+        if key not in ckpt or (key == "ema_state_dict" and ckpt[key] is None):
+            continue
+        sd = ckpt[key]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: key '{key}' holds {type(sd).__name__}, not a dict")
+        for k, v in sd.items():
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+                raise CheckpointError(
+                    f"{path}: key '{key}' -> {k!r} holds {type(v).__name__}, not a tensor"
+                )
+    if "global_step" in ckpt:
+        step = ckpt["global_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CheckpointError(
+                f"{path}: key 'global_step' holds {step!r} ({type(step).__name__}), not a "
+                "step count"
+            )
+    kinds = {"optimizer_states": list, "loops": dict, "lr_schedulers": list, "callbacks": dict}
+    for key, kind in kinds.items():
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            raise CheckpointError(
+                f"{path}: key '{key}' holds {type(ckpt[key]).__name__}, not a {kind.__name__}"
+            )
+    for i, opt in enumerate(ckpt.get("optimizer_states", [])):
+        if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict):
+            raise CheckpointError(f"{path}: key 'optimizer_states' -> {i} is no optimizer state")
+
+
+def non_finite_key(sd: dict) -> str | None:
+    """The first key of a state dict whose floating tensor holds NaN or inf, else None."""
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            return k
+    return None
+
+
+def refuse_non_finite(path, sd: dict) -> None:
+    """CheckpointError naming the key when weights about to initialise a model are NaN/inf."""
+    k = non_finite_key(sd)
+    if k is not None:
+        raise CheckpointError(
+            f"{path}: key '{k}' holds NaN or infinite values (a diverged run?); a model is "
+            "never initialised from them"
+        )
 
 
 def check_state_dict(path, got: dict, want: dict, allow_missing=()) -> None:
@@ -175,29 +291,12 @@ def _step_of(p: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest readable checkpoint of ``run_dir/checkpoints`` (and Lightning's SLURM
-    ``run_dir/hpc_ckpt_*.ckpt``), by global step, then time; unreadable ones are skipped with a
-    warning."""
-    folder = Path(run_dir) / "checkpoints"
-    # hpc_ckpt_*.ckpt: what Lightning saves on SLURM's pre-emption signal before requeueing
-    cands = [*folder.glob("*.ckpt"), *Path(run_dir).glob("hpc_ckpt_*.ckpt")]
-    cands = [p for p in cands if not p.name.startswith(".")]
-    cands.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    best, best_step = None, -1
-    for p in cands:
-        try:
-            ckpt = read_checkpoint(p, require_training_state=True)
-        except UnsafeCheckpointError:
-            raise  # planted, not damaged: stop rather than resume around it
-        except CheckpointError as e:
-            warnings.warn(f"resume=auto skips {e}", stacklevel=2)
-            continue
-        step = int(ckpt["global_step"])
-        if step > best_step:
-            best, best_step = p, step
-        del ckpt
-    return best
+def find_resume_checkpoint(run_dir: str | os.PathLike, model_state: dict | None = None):
+    """The checkpoint ``resume=auto`` continues (or None): see
+    :func:`unipred.train.resume_auto.find_resume_checkpoint`."""
+    from unipred.train.resume_auto import find_resume_checkpoint as find
+
+    return find(run_dir, model_state)
 
 
 class PeriodicCheckpoint(Callback):
@@ -301,6 +400,7 @@ def load_weights(model, path) -> dict | None:
     ckpt = read_checkpoint(path)
     sd = _strip(ckpt["state_dict"])
     check_state_dict(path, sd, model.state_dict())
+    refuse_non_finite(path, sd)
     model.load_state_dict(sd)
     return ckpt.get("ema_state_dict")
 
@@ -311,6 +411,7 @@ def load_backbone(model, sd: dict, source) -> None:
     want = model.state_dict()
     # pretraining-only parameters (model.objective: mask token, predictor heads) are dropped
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "objective."))}
+    refuse_non_finite(source, sd)
     for k, v in sd.items():
         if k not in want:
             raise CheckpointError(f"{source}: unexpected key '{k}' (not in the model)")
