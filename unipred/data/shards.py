@@ -43,9 +43,13 @@ class _Silent:
 _SILENT = _Silent()
 
 
+def _remote(spec: str) -> bool:
+    return spec.startswith(_REMOTE_PREFIXES) or is_remote(spec)
+
+
 def is_shard_spec(spec: str) -> bool:
     """True for shard patterns, tar files, remote URLs/pipes, or folders of .tar files."""
-    if spec.startswith(_REMOTE_PREFIXES) or "{" in spec or spec.endswith(".tar") or "::" in spec:
+    if _remote(spec) or "{" in spec or spec.endswith(".tar") or "::" in spec:
         return True
     return os.path.isdir(spec) and bool(glob.glob(os.path.join(spec, "*.tar")))
 
@@ -54,7 +58,7 @@ def resolve_shards(spec: str) -> list[str]:
     """Expand a shard spec into the list of URLs webdataset opens (braces, ``::``, globs)."""
     if os.path.isdir(spec):
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    elif "*" in spec and not spec.startswith(_REMOTE_PREFIXES):
+    elif "*" in spec and not _remote(spec):
         urls = sorted(glob.glob(spec))
     else:
         urls = wds.shardlists.expand_urls(spec)
@@ -111,7 +115,7 @@ def shard_sizes(urls: list[str], meta: dict) -> dict[str, int]:
         name = u.rsplit("/", 1)[-1]
         if name in listed:
             out[u] = int(listed[name])
-        elif not u.startswith(_REMOTE_PREFIXES) and os.path.isfile(u):
+        elif not _remote(u) and os.path.isfile(u):
             try:
                 out[u] = count_samples(u)
             except (OSError, tarfile.TarError):
