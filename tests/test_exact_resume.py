@@ -70,10 +70,23 @@ def small(folder, run_dir, *over):
 
 
 def digest(x) -> str:
+    """A short hash of every tensor in a (nested) batch."""
     h = hashlib.sha1()
-    for t in x if isinstance(x, (list, tuple)) else [x]:
-        if isinstance(t, torch.Tensor):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                h.update(str(k).encode())
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            for t in v:
+                walk(t)
+        else:
+            h.update(repr(v).encode())
+
+    walk(x)
     return h.hexdigest()[:16]
 
 
