@@ -138,6 +138,41 @@ def test_shards_augment_each_sample_the_same_with_1_2_and_3_workers(shards):
     assert samples(shards, 3) == one
 
 
+def mixing_collate(items):
+    """A collate with a batch-level random draw, as mixup/cutmix make."""
+    images, labels = torch.utils.data.default_collate(items)
+    return images, labels, torch.rand(1)
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_a_random_collate_draws_the_same_after_a_resume(folder, shards, source):
+    """Stopped after 3 of 6 batches and resumed by a new loader (2 workers): the rest of the
+    epoch, batch-level random draw included, is the uninterrupted epoch's."""
+    root = {"folder": folder, "shards": shards}[source]
+    cfg = small(root, "unused")
+    task = TASKS.get(cfg.task)(cfg)
+
+    def loader():
+        ds = task.build_dataset("train")
+        return build_loader(ds, 8, 1, 0, 1, cfg.seed, True, 2, mixing_collate)
+
+    def start(ld):
+        ld.sampler.set_epoch(1) if source == "folder" else ld.dataset.set_epoch(1)
+        return ld
+
+    full = [digest(b) for b in start(loader())]
+    first = start(loader())
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+        first.mark_consumed(1)
+    state = first.state_dict()
+    del it
+    second = loader()
+    second.load_state_dict(state)
+    assert [digest(b) for b in second] == full[3:]
+
+
 class Batches(L.Callback):
     """The digest of every training batch, by the optimizer step it produces."""
 

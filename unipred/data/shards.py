@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
 from unipred.data.accounting import COUNTER, BadSampleCounter, Once, reading
-from unipred.data.seeding import seeded
+from unipred.data.seeding import seeded, stream_batch
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 
@@ -201,6 +201,7 @@ class ShardReader(IterableDataset):
             return  # this worker had delivered all of its share before the restart
         # ints only (stable across runs); the role, not the worker id, on a resumed epoch
         rng = random.Random(hash((self.seed, epoch, self._role(epoch))))
+        role, bs = self._role(epoch)[::2], max(1, int(self._state[3]))  # (rank, role)
         produced, passes = 0, 0
         while quota is None or produced < quota:
             got = 0
@@ -216,6 +217,8 @@ class ShardReader(IterableDataset):
                 if produced < skip:  # resumed: delivered before the restart. Decoded and
                     produced += 1  # counted again, so the epoch's report is whole
                     continue
+                if produced % bs == 0:  # the first sample of a batch: seeds its collate
+                    stream_batch(self.seed, epoch, *role, produced // bs)
                 yield out
                 produced += 1
                 if quota is not None and produced >= quota:
