@@ -287,7 +287,7 @@ def test_pipe_and_http_urls_and_read_errors_are_counted(shards):
         c = BadSampleCounter()
         bad = f"pipe:cat {shards}/train-000000.tar::pipe:cat {shards}/missing.tar"
         assert len(list(_stream(bad, training=False, counter=c))) == 3
-        assert c.snapshot()["skipped/read_error"] >= 1
+        assert c.snapshot()["skipped/shard_gone"] >= 1
     finally:
         server.shutdown()
 

@@ -100,8 +100,11 @@ def test_num_classes_precedence_is_decided_once():
     name = "debug_image_classify"
     assert TASKS.get(name)(_cfg(name)).num_classes() == 4  # the data source's count
     assert TASKS.get(name)(_cfg(name, "model.num_classes=6")).num_classes() == 6
-    both = _cfg(name, "model.num_classes=6", "data.num_classes=5")
-    assert TASKS.get(name)(both).num_classes() == 5  # data.num_classes wins
+    # one source of truth: two keys that disagree are one line at config time
+    with pytest.raises(ConfigError, match=r"data.num_classes=5 \(command line\) but model"):
+        _cfg(name, "model.num_classes=6", "data.num_classes=5")
+    both = _cfg(name, "model.num_classes=5", "data.num_classes=5")
+    assert TASKS.get(name)(both).num_classes() == 5
 
 
 def test_a_data_source_missing_build_fails_at_registration():

@@ -62,7 +62,7 @@ FINETUNE = {
     "ema.monitor_ema": True,
     "seed": 1337,
     "data.mode": "finetune",
-    "data.num_classes": 1000,
+    "data.num_classes": 0,  # from the data (ImageNet: 1000 class folders) or the checkpoint
     "data.label_smoothing": 0.1,
     "data.aug.img_size": 224,
     "data.aug.scale": [0.08, 1.0],
@@ -215,6 +215,7 @@ def test_linprobe_config():
     cfg = _load("vit_b14_linprobe")
     _check(cfg, LINPROBE)
     assert cfg.model.name == "nepa_vit_b14"  # the pretrained (causal) architecture
+    cfg.data.num_classes = 1000  # what ImageNet's class folders give (no data here)
     task = ImageClassify(cfg)
     model = task.build_model()
     assert type(model.head).__name__ == "LinearProbeHead" and model.head.bn.affine is False

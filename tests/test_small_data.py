@@ -16,6 +16,7 @@ from unipred.config import ConfigError, build_model_config, load_config
 from unipred.data.accounting import COUNTER, BadSampleCounter
 from unipred.registry import TASKS
 from unipred.task import dataset_labels, per_class_indices
+from unipred.train.provenance import source_of
 
 
 def _grey_folder(root, classes=3, per_class=6, size=12, colour_file=False):
@@ -159,7 +160,7 @@ def test_grey_shards_with_in_chans_1(tmp_path):
             ["model.tokenizer_args.patch_size=6"],
             r"img_size=20 is not a multiple of the patch size 6",
         ),
-        (["data.num_classes=2"], r"data.root holds 3 classes but the model has 2 outputs"),
+        (["data.num_classes=2"], r"data.num_classes=2 \(command line\) but data.root holds 3 "),
         (["model.name=nepa_audio_debug"], r"'audio' tokenizer"),
         (["data.aug.mean=[0.4,0.5,0.6]"], r"data.aug.mean has 3 values .* in_chans=1"),
         (["model.tokenizer_args.in_chans=2"], r"in_chans=2"),
@@ -239,7 +240,9 @@ def test_val_folder_with_more_classes_than_the_model_is_refused(tmp_path):
 def test_num_classes_comes_from_the_class_folders(tmp_path):
     root = _grey_folder(tmp_path / "d", classes=4)
     task, cfg = _task([f"data.root={root}"])
-    assert cfg.data.num_classes == 0 and task.num_classes() == 4
+    # read once, at config time, and written where every part of the run reads it
+    assert cfg.data.num_classes == 4 and task.num_classes() == 4
+    assert source_of(cfg, "data.num_classes") == "from data.root"
     assert task.build_model().head.classifier.out_features == 4
 
 

@@ -100,10 +100,21 @@ def test_raw_views():
     f2 = DiscreteTokenizer(dim=8, group=2, raw="fixed", raw_dim=16)
     torch.testing.assert_close(f1.patches(["abc"]), f2.patches(["abc"]))
     assert "raw_table" not in f1.state_dict()  # rebuilt from the seed, never a weight
+    ema = DiscreteTokenizer(dim=8, raw="ema", ema_momentum=0.5)
+    before = ema.patches(["ab"]).clone()
+    with torch.no_grad():
+        ema.embed.weight.add_(1.0)
+    ema.eval()
+    ema(["ab"])  # evaluation never moves the table
+    torch.testing.assert_close(ema.patches(["ab"]), before)
+    ema.train()
+    ema(["ab"])  # one training pass: half way to the new weights
+    torch.testing.assert_close(ema.patches(["ab"]), before + 0.5)
+    assert "ema_table" in ema.state_dict()
 
 
 @pytest.mark.parametrize("target", ["patch", "embedding", "layer"])
-@pytest.mark.parametrize("raw", ["onehot", "ngram", "fixed"])
+@pytest.mark.parametrize("raw", ["onehot", "ngram", "fixed", "ema"])
 def test_every_target_trains(target, raw):
     mc = model_config("nepa_text_debug")
     mc.tokenizer_args = {"group": 2, "raw": raw, "raw_dim": 32}
@@ -214,7 +225,8 @@ def test_fit_on_a_folder_with_bad_input_reports_it(tmp_path):
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     cmd = [sys.executable, "-m", "unipred.cli", "fit", "task=text_pretrain",
            f"data.root={tmp_path / 'data'}", "model.name=nepa_text_debug", "data.num_workers=0",
-           "data.max_record_bytes=1000", "trainer.global_batch=2", "trainer.max_steps=2",
+           "data.max_record_bytes=1000", "data.max_bad_fraction=1.0", "trainer.global_batch=2",
+           "trainer.max_steps=2",
            "trainer.accelerator=cpu", "trainer.precision=32-true", f"run_dir={run}",
            "trainer.loggers=[]", "trainer.progress_bar=false"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -252,3 +264,46 @@ def test_wordlang_is_built_from_the_debian_word_lists(tmp_path):
     test, _ = read_records(str(out / "test"), classes=classes)
     assert classes == sorted(WORDLISTS) and len(recs) == 20 * len(WORDLISTS)
     assert not {x for x, _ in recs} & {x for x, _ in test}
+
+
+def test_text_demo_quick_plan_writes_the_table(tmp_path):
+    from unipred.tasks.text import demo
+
+    assert demo.main(["--quick", "--corpus", "generated", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "results.md").read_text()
+    for _, label in demo.ROWS:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        assert row.count("%") == 1, row
+    assert "generated stand-in" in table
+    assert json.loads((tmp_path / "results.json").read_text())["accuracy"]["3"]["ft_nepa"] >= 0
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune", "probe"])
+def test_text_recipes_load_and_name_a_text_model(name):
+    from unipred.config import build_model_config, load_config, packaged_configs
+
+    cfg = load_config(packaged_configs() / "text" / f"{name}.yaml", ["data.corpus=''"])
+    assert cfg.task.startswith("text_")
+    assert build_model_config(cfg.model).tokenizer == "text"
+
+
+def test_a_text_task_on_image_model_is_one_line():
+    from unipred.config import load_config, packaged_configs
+
+    with pytest.raises(Exception, match="uses the 'image' tokenizer"):
+        load_config(packaged_configs() / "text" / "probe.yaml", ["model.name=nepa_debug",
+                                                                 "model.tokenizer=null"])  # fmt: skip
+
+
+def test_eval_on_text_prints_the_ngram_and_raw_input_rows(tmp_path):
+    """`unipred eval` on text: the backbone's row, then random init, raw one-hot input and
+    the character n-gram naive Bayes (the source's own baseline)."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    cmd = [sys.executable, "-m", "unipred.cli", "eval", "text/probe", "protocol=knn",
+           "ckpt=random", "data.corpus=''", "data.generated_per_class=30",
+           "data.generated_val_per_class=10", "data.labels_per_class=5", "data.num_workers=0",
+           "model.name=nepa_text_debug", f"run_dir={tmp_path}"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout + res.stderr
+    assert "char_ngram_nb" in out and "raw" in out, out[-3000:]

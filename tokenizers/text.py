@@ -32,6 +32,10 @@ baselines), chosen by ``raw``:
   large vocabularies, where one-hot is too wide).
 * ``fixed``: a fixed random Gaussian table (``raw_dim`` wide, seeded, never trained) summed
   over the group: a non-learned target table of any width.
+* ``ema``: the embedding table's exponential moving average (momentum ``ema_momentum``,
+  updated at every training forward pass), summed over the group: a slowly moving target
+  table, as BYOL / data2vec use an EMA teacher. Not a raw view: the raw-input baselines
+  should be read with ``onehot``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from torch import nn
 from unipred.registry import TOKENIZERS
 from unipred.tokens import Tokens
 
-RAW_VIEWS = ("onehot", "ngram", "fixed")
+RAW_VIEWS = ("onehot", "ngram", "fixed", "ema")
 _HASH = (1_000_003, 998_244_353, 65_537)  # multipliers of the n-gram hash
 _MOD = 2_147_483_647  # kept below 2**31 after every step: no int64 overflow
 
@@ -123,6 +127,7 @@ class DiscreteTokenizer(nn.Module):
         raw_dim: int = 512,
         raw_seed: int = 0,
         init_std: float = 0.02,
+        ema_momentum: float = 0.99,
     ):
         super().__init__()
         if vocab_size < 2:
@@ -149,6 +154,13 @@ class DiscreteTokenizer(nn.Module):
             table = torch.randn(vocab_size + 1, raw_dim, generator=g)
             table[vocab_size] = 0.0
             self.register_buffer("raw_table", table, persistent=False)
+        if raw == "ema":  # saved with the weights: it is trained state
+            if not 0.0 <= ema_momentum < 1.0:
+                raise ValueError(
+                    f"text tokenizer ema_momentum must be in [0, 1), got {ema_momentum}"
+                )
+            self.ema_momentum = ema_momentum
+            self.register_buffer("ema_table", self.embed.weight.detach().clone())
 
     # ------------------------------------------------------------------------- helpers
     def grouped(self, x) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +193,10 @@ class DiscreteTokenizer(nn.Module):
     # ---------------------------------------------------------------------- the tokens
     def forward(self, x) -> Tokens:
         ids, valid = self.grouped(x)  # (B, N, k), (B, N)
+        if self.raw == "ema" and self.training and torch.is_grad_enabled():
+            with torch.no_grad():  # the table as it was before this step's update
+                w = self.embed.weight.detach().to(self.ema_table.dtype)
+                self.ema_table.lerp_(w, 1.0 - self.ema_momentum)
         t = self.embed(ids + self.offsets).sum(dim=2)  # (B, N, k, D) -> (B, N, D)
         valid_or_none = None if bool(valid.all()) else valid
         return Tokens(t, self.coords(ids.shape[1], ids.device), valid_or_none)
@@ -189,6 +205,8 @@ class DiscreteTokenizer(nn.Module):
     @property
     def patch_dim(self) -> int:
         """Values per raw patch (``patches``)."""
+        if self.raw == "ema":
+            return self.dim
         return self.group * self.vocab_size if self.raw == "onehot" else self.raw_dim
 
     def patches(self, x) -> torch.Tensor:
@@ -201,6 +219,9 @@ class DiscreteTokenizer(nn.Module):
             return oh.float().reshape(B, N, k * self.vocab_size)
         if self.raw == "fixed":
             return self.raw_table[ids].sum(dim=2)  # (B, N, k, R) -> (B, N, R)
+        if self.raw == "ema":
+            offsets = self.offsets.to(ids.device)
+            return self.ema_table[ids + offsets].float().sum(dim=2)  # (B, N, D)
         return self._ngram_counts(ids)
 
     def _ngram_counts(self, ids: torch.Tensor) -> torch.Tensor:

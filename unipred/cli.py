@@ -137,11 +137,15 @@ def config_keys_help(config: str, overrides: list[str] = ()) -> str:
 
 
 def cmd_fit(argv: list[str]) -> int:
-    from unipred.train.config import explain, to_yaml
+    from unipred.train.config import explain
 
     cfg, printing = _load(argv)
     if printing:
-        print(to_yaml(cfg) + explain(cfg), end="")
+        from unipred.train.machine import apply_to_run
+        from unipred.train.provenance import annotated_yaml
+
+        apply_to_run(cfg)  # what a run on this machine would use, and the line saying so
+        print(annotated_yaml(cfg) + explain(cfg), end="")
         return 0
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from unipred.tasks.audio.data import decode_audio, list_audio, logmel_stats
 
+from unipred.data.shards import folder_shard_samples
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``pack-audio`` options."""
@@ -121,7 +123,7 @@ def pack_audio(args) -> dict:
     meta = {"classes": classes, "num_samples": n, "num_shards": n_shards, "hours": seconds / 3600,
             "sample_rate": args.sample_rate,
             "pattern": str(out / f"shard-{{000000..{max(n_shards - 1, 0):06d}}}.tar"),
-            "skipped": skipped}  # fmt: skip
+            "skipped": skipped, "shard_samples": folder_shard_samples(out)}  # fmt: skip
     if n and args.stats_clips > 0:
         mean, std = _stats(out, args)
         meta["logmel_mean"], meta["logmel_std"] = round(mean, 4), round(std, 4)

@@ -30,6 +30,8 @@ from PIL import Image
 from unipred.tasks.image.data import read_classes, scan_flat_folder, scan_image_folder
 from unipred.tasks.image.decode import decode_image
 
+from unipred.data.shards import folder_shard_samples
+
 _FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 _FORMAT_KEYS.update({"GIF": "gif", "PPM": "ppm", "MPO": "jpg"})  # MPO: multi-picture JPEG
 
@@ -157,6 +159,7 @@ def _write_meta(args, prefix, n_shards, n, classes, counts, left_out) -> dict:
         "num_shards": n_shards,
         "pattern": os.path.join(args.out, f"{prefix}-{{000000..{n_shards - 1:06d}}}.tar"),
         "shards": shards,
+        "shard_samples": folder_shard_samples(args.out),
         "classes": classes,
         "source": os.path.abspath(args.src),
         "seed": args.seed,

@@ -26,6 +26,8 @@ from unipred.tasks.image.data import ShardDataset, is_shard_spec
 from unipred.tasks.image.decode import decode_image
 from unipred.tasks.image.seg_transforms import reduce_zero_label
 
+from unipred.data.shards import folder_shard_samples
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("training", "validation")
@@ -180,7 +182,8 @@ def pack_split(src, out, split, shard_size=1000, seed=0, skip_bad=False) -> int:
         for img, ann in pairs:
             w.write({"__key__": img.stem, "jpg": img.read_bytes(), "png": ann.read_bytes()})
     meta = {"num_samples": len(pairs), "split": split, "source": os.path.abspath(src),
-            "format": "ADEChallengeData2016", "keys": ["jpg", "png"]}  # fmt: skip
+            "format": "ADEChallengeData2016", "keys": ["jpg", "png"],
+            "shard_samples": folder_shard_samples(dest)}  # fmt: skip
     (dest / "meta.json").write_text(json.dumps(meta, indent=1))
     return len(pairs)
 

@@ -233,15 +233,26 @@ class ImageFolders(DataSource):
         return {**cls.smoke, "data.num_classes": 4} if objective == "classify" else cls.smoke
 
     def num_classes(self):
+        """The classes of the training data (class folders, the shards' meta.json, a classes
+        or label file), else of the val data when no training data is named; None when the
+        data do not tell; ImageNet's 1000 for generated images."""
         d = self.cfg.data
-        found = classes_in(d.root, d.label_file, d.classes_file) if d.root else None
-        return found or IMAGENET_CLASSES
+        if d.root:
+            return classes_in(d.root, d.label_file, d.classes_file)
+        if d.val_root:
+            return classes_in(d.val_root, d.val_label_file, d.classes_file)
+        return IMAGENET_CLASSES
 
     def build(self, split, augment):
         n = 1  # synthetic images: labels as many as the classifier has
         if self.objective != "pretrain":
             d = self.cfg.data
-            n = getattr(d, "num_classes", 0) or self.cfg.model.num_classes or self.num_classes()
+            n = (
+                getattr(d, "num_classes", 0)
+                or self.cfg.model.num_classes
+                or self.num_classes()
+                or 1
+            )
         return _build(self.cfg, split, n, augment)
 
     def collate(self, split, augment, num_classes=None):

@@ -9,3 +9,4 @@ from unipred.tasks.text import tasks  # noqa: F401 (registrations)
 from unipred.registry import COMMANDS
 
 COMMANDS.add("data pack-text", "unipred.tasks.text.pack")
+COMMANDS.add("demo text", "unipred.tasks.text.demo")

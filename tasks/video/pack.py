@@ -20,6 +20,8 @@ from pathlib import Path
 
 from unipred.tasks.video.data import FRAME_EXTS, list_videos
 
+from unipred.data.shards import folder_shard_samples
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="video folder (class sub-folders) or CSV path,label file")
@@ -79,6 +81,7 @@ def pack_videos(src, out, shard_size: int = 200, seed: int = 0, check: bool = Tr
         "num_shards": n_shards,
         "pattern": str(out / f"shard-{{000000..{max(n_shards - 1, 0):06d}}}.tar"),
         "skipped": skipped,
+        "shard_samples": folder_shard_samples(out),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta

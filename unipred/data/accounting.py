@@ -48,6 +48,9 @@ def register_reasons(skipped: tuple[str, ...] = (), converted: tuple[str, ...] =
 
 # every modality's readers meet these
 register_reasons(skipped=("corrupt", "truncated", "tiny", "read_error", "too_large", "empty"))
+# shards read over a network (unipred.data.remote): a shard gone for good (404, no progress
+# within the deadline) counts its planned samples; repeated = re-read to keep ranks in step
+register_reasons(skipped=("shard_gone",), converted=("repeated",))
 _NAMES, _NAME_BYTES = 32, 256  # the first bad files of each process slot, kept by name
 
 
@@ -81,14 +84,17 @@ class BadSampleCounter:
         info = torch.utils.data.get_worker_info()
         return 0 if info is None else 1 + info.id % (_MAX_SLOTS - 1)
 
-    def count(self, reason: str, what: str = "", exc: BaseException | None = None) -> None:
-        """Record one sample under a registered ``reason`` ("truncated" or "skipped/truncated")."""
+    def count(
+        self, reason: str, what: str = "", exc: BaseException | None = None, n: int = 1
+    ) -> None:
+        """Record ``n`` samples (one by default) under a registered ``reason`` ("truncated"
+        or "skipped/truncated"); ``what`` names them (a file, a shard URL)."""
         key = reason if "/" in reason else self._full_key(reason)
         if key not in self._columns:
             raise KeyError(f"unknown bad-sample reason {reason!r}; register it with "
                            f"register_reasons(); known: {sorted(self._columns)}")  # fmt: skip
         slot = self._slot()
-        self._t[slot, self._columns[key]] += 1
+        self._t[slot, self._columns[key]] += n
         n = int(self._n_names[slot])
         if n < _NAMES:
             raw = f"{key}\t{what or '?'}".encode("utf-8", "replace")[:_NAME_BYTES]

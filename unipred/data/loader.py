@@ -102,27 +102,53 @@ class ResumableLoader(DataLoader):
     The engine calls ``mark_consumed()`` once per training batch (before it runs), and
     Lightning stores ``state_dict()`` in each checkpoint."""
 
-    def __init__(self, *args, world: int = 1, **kwargs):
+    def __init__(self, *args, world: int = 1, rank: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.consumed, self.epoch, self.world = 0, 0, world
+        self.consumed, self.epoch, self.world, self.rank = 0, 0, world, rank
+        # streams resumed elastically: global samples before the resumed part of the epoch,
+        # and batches this rank took since then
+        self.samples_before, self.since_plan = 0, 0
+
+    def __len__(self) -> int:
+        # A training stream of known size plans whole batches per rank (its quota), even
+        # without drop_last (kept off so a reader that falls short still ends in a partial
+        # batch): the length must say so, or Lightning waits for a last batch that never
+        # comes and skips the epoch's validation.
+        ds = self.dataset
+        if isinstance(ds, IterableDataset) and getattr(ds, "training", False) and self.batch_size:
+            try:
+                return len(ds) // int(self.batch_size)
+            except TypeError:  # size unknown
+                pass
+        return super().__len__()
 
     def mark_consumed(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
+            self.epoch, self.consumed, self.since_plan, self.samples_before = epoch, 0, 0, 0
         self.consumed += 1
+        self.since_plan += 1
+
+    def _elastic(self) -> bool:
+        return isinstance(self.dataset, IterableDataset) and hasattr(self.dataset, "stream_state")
 
     def state_dict(self) -> dict:
         bs = int(self.batch_size or 1)
-        return {
+        state = {
             "epoch": self.epoch,
             "consumed_batches": self.consumed,
             "batch_size": bs,
             "world_size": self.world,
-            "samples_global": self.consumed * bs * self.world,
+            "samples_global": self.samples_before + self.since_plan * bs * self.world,
         }
+        if self._elastic():  # every rank gets here together (Lightning saves on all ranks)
+            state["stream"] = self.dataset.stream_state(
+                self.epoch, self.since_plan, self.world, self.rank, self.num_workers
+            )
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed_batches"])
+        bs = int(self.batch_size or 1)
         if isinstance(self.sampler, EpochSampler):
             # the first k global batches are perm[:k * global_batch] for any world size, so a
             # run may resume on a different number of devices with the same global batch
@@ -141,6 +167,17 @@ class ResumableLoader(DataLoader):
             # be at the saved epoch (with 0 workers the draw came later, which hid this)
             self.sampler.set_epoch(epoch)
             self.epoch, self.consumed = epoch, skip // int(self.batch_size or 1)
+            self.since_plan = self.consumed
+        elif self._elastic() and state.get("stream") is not None:
+            # what the epoch had left, split again over this world size and worker count
+            self.samples_before = int(state.get("samples_global", 0))
+            self.epoch = self.dataset.load_stream_state(
+                state["stream"], self.world, bs, self.num_workers
+            )
+            if self.epoch != int(state["epoch"]):
+                self.samples_before = 0
+            self.consumed = self.samples_before // (bs * self.world)
+            self.since_plan = 0
         elif isinstance(self.dataset, IterableDataset):
             if state.get("world_size", self.world) != self.world:
                 warnings.warn(
@@ -160,6 +197,7 @@ class ResumableLoader(DataLoader):
                     epoch, consumed = epoch + 1, 0
                 self.dataset.set_epoch(epoch)
                 self.dataset.resume(consumed, int(self.batch_size or 1))
+                self.since_plan = self.consumed
             elif self.consumed:
                 warnings.warn(
                     f"{type(self.dataset).__name__} is no ResumableStream; the resumed epoch restarts "
@@ -200,7 +238,10 @@ def build_loader(
         common["persistent_workers"] = False  # workers must see set_epoch / resume
         if train and isinstance(dataset, ResumableStream):
             dataset.resume(0, batch_size)  # whole batches per worker from the first epoch
-        return ResumableLoader(dataset, drop_last=train, world=world, **common)
+        # one rank: a reader that falls short (a shard gone) ends with a partial batch rather
+        # than dropping samples; several ranks need equal batches (readers pad instead)
+        drop = train and world > 1
+        return ResumableLoader(dataset, drop_last=drop, world=world, rank=rank, **common)
     n = len(dataset)
     per_rank = n // world
     if train:
@@ -216,7 +257,9 @@ def build_loader(
     if train:
         sampler = EpochSampler(n, world, rank, per_rank, seed, shuffle=True, keyed=True)
         seeded = SeededDataset(dataset, seed)
-        return ResumableLoader(seeded, sampler=sampler, drop_last=True, world=world, **common)
+        return ResumableLoader(
+            seeded, sampler=sampler, drop_last=True, world=world, rank=rank, **common
+        )
     sampler = _PaddedSampler(n, world, rank, per_rank)
     return DataLoader(dataset, sampler=sampler, drop_last=False, **common)
 

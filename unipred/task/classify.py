@@ -168,7 +168,26 @@ class ClassifyTask(Task):
         if mode == "probe" and cfg.model.head not in (None, "probe"):
             raise ValueError(f"data.mode=probe trains the probe head: model.head="
                              f"{cfg.model.head!r} must be unset or 'probe'")  # fmt: skip
+        cls.resolve_classes(cfg)
         super().check_config(cfg)
+
+    @classmethod
+    def resolve_classes(cls, cfg) -> None:
+        """The class count, decided once (unipred/train/classes.py): the config, else the
+        training data, else the checkpoint whose classifier is used, else what the data source
+        knows without training data (a val folder, generated data); conflicts are one line."""
+        from unipred.train.classes import resolve_classes
+
+        source = cls.data_class(cfg, cls.objective) if cls.data_class is not None else None
+        counts = source.num_classes if source is not None else (lambda: None)
+        resolve_classes(cfg, counts if getattr(cfg.data, "root", "") else (lambda: None))
+        if not cfg.data.num_classes and source is not None:
+            n = counts()
+            if n:
+                cfg.data.num_classes = n
+                from unipred.train.provenance import set_source
+
+                set_source(cfg, "data.num_classes", "data source (no training data named)")
 
     def label_budget(self, ds, split: str, repeat: bool = True):
         """The training set cut to ``data.labels_per_class`` samples per class (seeded by

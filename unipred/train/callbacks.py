@@ -202,14 +202,32 @@ class NonFiniteLossStop(Callback):
 
 
 class Throughput(Callback):
-    """samples/s (global, over all ranks) and the time per optimizer step, on the progress bar."""
+    """samples/s (global, over all ranks), the time per optimizer step and
+    ``perf/data_wait``: the fraction of the training time this rank spent waiting for its
+    next batch (from the end of one batch to the start of the next), so a slow data store
+    shows up beside the speed. The fraction covers the last ``window`` batches."""
 
-    def __init__(self, samples_per_step: int):
-        self.samples_per_step = samples_per_step
+    def __init__(self, samples_per_step: int, window: int = 50):
+        self.samples_per_step, self.window = samples_per_step, window
         self._t, self._step = None, None
+        self._end, self._start, self._times = None, None, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._end = time.perf_counter()  # the first batch's wait includes starting the loader
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         now, step = time.perf_counter(), trainer.global_step
+        if self._end is not None and self._start is not None:
+            self._times = [
+                *self._times[-self.window + 1 :],
+                (self._start - self._end, now - self._end),
+            ]
+            wait = sum(w for w, _ in self._times) / max(sum(t for _, t in self._times), 1e-9)
+            pl_module.log("perf/data_wait", wait, rank_zero_only=True)
+        self._end = now
         if self._t is not None and step > self._step:
             dt = (now - self._t) / (step - self._step)
             pl_module.log("perf/samples_per_s", self.samples_per_step / dt, rank_zero_only=True)

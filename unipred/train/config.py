@@ -151,6 +151,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
         where = f" in {path}" if path else ""
         key = _culprit(schema, raw) or "?"
         raise ConfigError(f"invalid value for config key '{key}'{where}: {_one_line(e)}") from None
+    from unipred.train.provenance import record
+
+    record(cfg, path, overrides)  # where each value came from (--print-config)
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.task)
     _check_choices(cfg)

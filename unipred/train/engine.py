@@ -228,6 +228,9 @@ def run_dir(cfg) -> Path:
 
 
 def _threads(cfg) -> None:
+    from unipred.train.machine import apply_to_run
+
+    apply_to_run(cfg)  # a recipe for 8 GPUs on this machine: before anything is built
     t = cfg.trainer
     line = threads_for_run(t.threads, t.accelerator, t.devices if t.devices > 0 else 1)
     if line:
@@ -244,6 +247,17 @@ def _append_resume_record(out: Path, ckpt, changes: list[str], cfg) -> None:
               "recipe_changes": changes, "config": to_yaml(cfg)}  # fmt: skip
     with open(out / "resumes.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def world_size_line(saved_recipe: dict, plan: BatchPlan) -> str:
+    """One line when a run resumes on another number of devices with the same global batch:
+    the recipe is a function of the global batch (lr, schedule, data order), so it stands."""
+    before = saved_recipe.get("world_size")
+    if before is None or before == plan.world_size:
+        return ""
+    return (f"resuming on {plan.world_size} devices (saved on {before}) with the same global "
+            f"batch {plan.global_batch} ({plan.per_device_batch} per device x "
+            f"{plan.accumulate_grad_batches} accumulation): the recipe is unchanged")  # fmt: skip
 
 
 def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
@@ -269,8 +283,12 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
         ckpt = Path(cfg.resume)
     changes = []
     if ckpt is not None:
-        saved = validate_resume(ckpt, lit).get("unipred_config")
+        saved_ckpt = validate_resume(ckpt, lit)
+        saved = saved_ckpt.get("unipred_config")
         changes = recipe_changes(saved, cfg) if saved else []
+        line = world_size_line(saved_ckpt.get("recipe") or {}, lit.plan)
+        if line and not changes:
+            print(f"[unipred] {line}", flush=True)
         if changes and not cfg.resume_allow_changes:
             raise RecipeError(
                 f"resuming {ckpt} would change the recipe: {'; '.join(changes)} "

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from unipred.nn.model import NEPA, ModelConfig
 from unipred.nn.predictor import PredictorConfig
+from unipred.weights.pretrained import for_inference
 
 _ACT = {"gelu": "gelu", "silu": "silu", "swish": "silu"}
 PREFIX = "vit_nepa."
@@ -211,8 +210,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
 
 
+@for_inference
 def load_official_nepa(path: str | Path, *, weights: str | None = None, **overrides) -> NEPA:
-    """Build a NEPA model from an official Hugging Face folder (config.json + weights).
+    """Build a NEPA model from an official Hugging Face folder (config.json + weights), in
+    eval mode (``for_inference``).
 
     ``weights`` picks a file inside the folder (e.g. "pytorch_model_ema.bin"). ``overrides``
     replace predictor fields after reading the config (e.g. ``causal=False``).
@@ -253,16 +254,9 @@ def save_official_nepa(model: NEPA, path: str | Path, image_size: int = 224) -> 
 
 
 def _atomic(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from unipred.base.atomic import atomic_write
+
+    atomic_write(dest, write)  # the user's umask (0644 under 022), never mkstemp's 0600
 
 
 def main(argv: list[str]) -> int:
@@ -424,19 +418,84 @@ def to_timm(model: NEPA, bidirectional: bool = False):
     return net.eval()
 
 
-def export_timm(model: NEPA, folder: str | Path, bidirectional: bool = False) -> Path:
-    """Write ``timm_model.safetensors`` (timm's key names) and ``timm_config.json`` (the
-    ``timm.create_model`` arguments; ``norm_eps`` stands for the LayerNorm partial)."""
+TIMM_WEIGHTS = "model.safetensors"  # the names timm's local-dir / hf-hub loaders look for
+TIMM_CONFIG = "config.json"
+
+
+def timm_pretrained_cfg(model: NEPA, image_size: int = 224) -> dict:
+    """timm's ``pretrained_cfg`` of an export: NEPA's preprocessing (mean = std = 0.5, not
+    ImageNet's), the input size, bicubic resizing and the release's 0.875 centre crop."""
+    chans = model.cfg.tokenizer_args.get("in_chans", 3)
+    return {
+        "tag": "unipred",
+        "input_size": [chans, image_size, image_size],
+        "fixed_input_size": False,  # any size divisible by the patch
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "mean": [0.5] * chans,
+        "std": [0.5] * chans,
+        "num_classes": model.cfg.num_classes if model.cfg.head else 0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "see the model card of the source checkpoint",
+    }
+
+
+@for_inference
+def load_timm(folder: str | Path):
+    """``timm.create_model("local-dir:FOLDER", pretrained=True)`` with the LayerNorm epsilon
+    of the export (``config.json: unipred.norm_eps``; timm's JSON cannot carry it and its
+    Eva default is 1e-5), in eval mode: unipred's outputs to 1e-5."""
+    from unipred.base.extras import require
+
+    timm = require("timm", "vision", "loading a timm export")
+    folder = Path(folder)
+    net = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    eps = json.loads((folder / TIMM_CONFIG).read_text()).get("unipred", {}).get("norm_eps")
+    if eps is not None:
+        set_layernorm_eps(net, eps)
+    return net
+
+
+def set_layernorm_eps(net: torch.nn.Module, eps: float) -> torch.nn.Module:
+    """Every LayerNorm of ``net`` takes ``eps`` (NEPA's 1e-12 where timm builds 1e-5)."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = eps
+    return net
+
+
+def export_timm(model: NEPA, folder: str | Path, bidirectional: bool = False,
+                image_size: int = 224) -> Path:  # fmt: skip
+    """Write timm's own model folder: ``model.safetensors`` (timm's key names) and
+    ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg`` with NEPA's
+    preprocessing), so ``timm.create_model("local-dir:FOLDER", pretrained=True)`` builds it.
+    The LayerNorm epsilon is not a JSON-able timm argument: it is kept as
+    ``unipred.norm_eps`` (``load_timm`` / ``set_layernorm_eps`` apply it; docs/hub.md)."""
     from safetensors.torch import save_file
 
     kw = timm_kwargs(model, bidirectional)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.contiguous() for k, v in timm_state_dict(model).items()}
-    _atomic(
-        folder / "timm_model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"})
-    )
-    js = {k: v for k, v in kw.items() if k != "norm_layer"}
-    js.update(architecture=TIMM_ARCH, norm_eps=model.cfg.predictor.norm_eps)
-    _atomic(folder / "timm_config.json", lambda f: Path(f).write_text(json.dumps(js, indent=2)))
+    _atomic(folder / TIMM_WEIGHTS, lambda f: save_file(sd, f, metadata={"format": "pt"}))
+    args = {k: v for k, v in kw.items() if k not in ("norm_layer", "pretrained")}
+    args["img_size"] = image_size
+    pc = model.cfg.predictor
+    js = {
+        "architecture": TIMM_ARCH,
+        "num_classes": args["num_classes"],
+        "num_features": pc.dim,
+        "global_pool": args["global_pool"],
+        "model_args": args,
+        "pretrained_cfg": timm_pretrained_cfg(model, image_size),
+        "unipred": {
+            "norm_eps": pc.norm_eps,
+            "note": "every LayerNorm of this model has eps=norm_eps; timm builds them with 1e-5 "
+            "(unipred.hub.load_timm or set_layernorm_eps applies it)",
+            "causal_attention_exported_as": "bidirectional" if pc.causal else None,
+        },
+    }
+    _atomic(folder / TIMM_CONFIG, lambda f: Path(f).write_text(json.dumps(js, indent=2) + "\n"))
     return folder

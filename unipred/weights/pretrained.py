@@ -91,14 +91,9 @@ def config_from_dict(d: dict, source: str = CONFIG):
 
 # ------------------------------------------------------------------------------ saving
 def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from unipred.base.atomic import atomic_write
+
+    atomic_write(dest, write)  # the user's umask (0644 under 022), never mkstemp's 0600
 
 
 def save_pretrained(
@@ -201,6 +196,23 @@ def model_card(model, cfg: dict, training_config=None, recipe=None, evaluation=N
 
 
 # ----------------------------------------------------------------------------- loading
+def for_inference(loader):
+    """The one rule of every loader (released folders, our folders, the Hub, torch.hub, a
+    training checkpoint read for inference): the model comes back in eval mode, so no drop
+    path and no RoPE coordinate augmentation change its outputs and two calls on one input
+    agree. Decorates a function returning a model or a tuple whose first item is one.
+    Training code that wants train mode calls ``.train()`` (Lightning does)."""
+    import functools
+
+    @functools.wraps(loader)
+    def wrapped(*args, **kwargs):
+        out = loader(*args, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).eval()
+        return out
+
+    return wrapped
+
+
 def resolve_folder(
     src: str | os.PathLike,
     *,
@@ -226,17 +238,47 @@ def resolve_folder(
             token=token,
             allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md"],
         )
-    except hub.errors.LocalEntryNotFoundError:
-        raise PretrainedError(
-            f"{src}: not a local folder and not in the Hugging Face cache "
-            f"({cache_dir or hub.constants.HF_HUB_CACHE}); offline mode (HF_HUB_OFFLINE=1 or "
-            "local_files_only) cannot download it"
-        ) from None
-    except hub.errors.HfHubHTTPError as e:
-        raise PretrainedError(f"{src}: cannot fetch from the Hub ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the Hub client raises many kinds: name the reason
+        raise PretrainedError(f"{src}: {hub_reason(e, local_files_only, cache_dir)}") from None
     return Path(path)
 
 
+def _offline(local_files_only: bool = False) -> bool:
+    """HF_HUB_OFFLINE=1 (read now: the Hub client reads it once, at import) or local_files_only."""
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return bool(local_files_only or flag)
+
+
+def hub_reason(e: BaseException, local_files_only: bool = False, cache_dir=None) -> str:
+    """Why a Hub download or upload failed, in words: a malformed repo id, offline mode, no
+    network, a repo that does not exist (or is private), or what the Hub answered."""
+    hub = _hub()
+    errors = hub.errors
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    names = {c.__name__ for c in type(e).__mro__}
+    cache = cache_dir or hub.constants.HF_HUB_CACHE
+    if isinstance(e, errors.HFValidationError):
+        return f"not a valid Hugging Face repo id ({first})"
+    if isinstance(e, errors.OfflineModeIsEnabled) or (
+        isinstance(e, errors.LocalEntryNotFoundError) and _offline(local_files_only)
+    ):
+        return (f"offline mode (HF_HUB_OFFLINE=1 or local_files_only): not in the Hugging Face "
+                f"cache ({cache}) and not downloaded")  # fmt: skip
+    if isinstance(e, errors.LocalEntryNotFoundError) or names & {
+        "ConnectError", "ConnectionError", "NetworkError", "TimeoutException", "ConnectTimeout",
+    }:  # fmt: skip
+        return (f"the Hugging Face Hub could not be reached (no network?) and it is not in "
+                f"the cache ({cache})")  # fmt: skip
+    if isinstance(e, errors.LocalTokenNotFoundError):
+        return "not logged in to the Hub (run `hf auth login` or set HF_TOKEN)"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return "no such repo on the Hub (or it is private: log in or pass token=)"
+    if isinstance(e, errors.HfHubHTTPError):
+        return f"the Hub refused: {first}"
+    return f"{type(e).__name__}: {first}"
+
+
+@for_inference
 def load_pretrained(src, *, cls=None, map_location="cpu", **hub_kwargs):
     """Build and load a model from a folder or repo id (ours or the official NEPA layout)."""
     from unipred.nn.model import NEPA
@@ -272,7 +314,7 @@ def load_pretrained(src, *, cls=None, map_location="cpu", **hub_kwargs):
         raise PretrainedError(f"{wpath}: cannot read ({type(e).__name__}: {e})") from None
     check_state_dict(wpath, sd, model.state_dict())
     model.load_state_dict(sd)
-    return model.eval()
+    return model
 
 
 class PretrainedMixin:
@@ -325,6 +367,7 @@ def run_config_of(ckpt: dict, source: str):
         raise PretrainedError(f"{source}: stored run config does not load ({e})") from None
 
 
+@for_inference
 def model_from_checkpoint(path, ema: bool = False):
     """(model, run config, checkpoint dict) of a training checkpoint, raw or EMA weights."""
     from unipred.base.registry import TASKS
@@ -341,7 +384,7 @@ def model_from_checkpoint(path, ema: bool = False):
         sd = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     check_state_dict(path, sd, model.state_dict())
     model.load_state_dict(sd)
-    return model.eval(), cfg, ckpt
+    return model, cfg, ckpt
 
 
 def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = None,
@@ -370,7 +413,12 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
             "evaluation": ev, "weights": weights}  # fmt: skip
     folder = model.save_pretrained(out, **card)
     if push:
-        model.push_to_hub(push, **card)
+        try:
+            model.push_to_hub(push, **card)
+        except Exception as e:  # noqa: BLE001 - network, auth, a bad id: one line, the reason
+            raise PretrainedError(
+                f"{folder} was written, but pushing it to {push} failed: {hub_reason(e)}"
+            ) from None
     return folder
 
 
@@ -387,7 +435,7 @@ def main(argv: list[str]) -> int:
     try:
         folder = export_checkpoint(a.ckpt, a.out, ema=a.ema, evaluation=a.eval, push=a.push)
     except PretrainedError as e:
-        print(f"unipred export: error: {e}")
+        print(f"unipred export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {a.ckpt} ({'ema' if a.ema else 'raw'} weights) -> {folder}")
     return 0

@@ -1,0 +1,121 @@
+"""A recipe's device layout fits the machine (unipred/machine.py), the class count has one
+source (unipred/classes.py), and ``--print-config`` says where every value came from
+(unipred/provenance.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unipred.config import ConfigError, batch_plan, load_config
+from unipred.train.machine import CPU_PER_DEVICE, fit_to_machine
+from unipred.train.provenance import source_of
+from unipred.trainer import TrainerConfig
+
+
+def test_a_cpu_machine_runs_one_process_with_accumulation():
+    t = TrainerConfig(global_batch=4096, per_device_batch=256, devices=8)
+    new, line = fit_to_machine(t, gpus=0)
+    assert (new.devices, new.per_device_batch) == (1, CPU_PER_DEVICE)
+    assert "devices 8 -> 1 (one process)" in line and "accumulation 128" in line
+    assert t.devices == 8  # the recipe object itself is not changed
+    small, line = fit_to_machine(TrainerConfig(global_batch=8, per_device_batch=256, devices=8), 0)
+    assert (small.devices, small.per_device_batch) == (1, 8) and "accumulation 1" in line
+    odd, _ = fit_to_machine(TrainerConfig(global_batch=48, per_device_batch=256, devices=8), 0)
+    assert odd.per_device_batch == 24  # the largest divisor of 48 under the CPU cap
+
+
+def test_fewer_gpus_keep_the_per_device_batch():
+    new, line = fit_to_machine(TrainerConfig(global_batch=1024, per_device_batch=128, devices=8), 2)
+    assert (new.devices, new.per_device_batch) == (2, 128) and "accumulation 4" in line
+    assert fit_to_machine(TrainerConfig(devices=8), 8)[1] is None  # enough GPUs: as written
+
+
+def test_layouts_that_are_left_alone():
+    for t in (TrainerConfig(devices=1), TrainerConfig(devices=2, accelerator="cpu"),
+              TrainerConfig(devices=8, num_nodes=4)):  # fmt: skip
+        assert fit_to_machine(t, gpus=0) == (t, None)
+
+
+def test_the_fitted_layout_realises_the_recipe():
+    cfg = load_config("image/nepa_vit_b14_pretrain", check_paths=False)
+    before = batch_plan(cfg)
+    cfg.trainer, _ = fit_to_machine(cfg.trainer, gpus=0)
+    after = batch_plan(cfg)
+    assert after.global_batch == before.global_batch == 4096 and after.lr == before.lr
+    assert after.world_size * after.per_device_batch * after.accumulate_grad_batches == 4096
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
+def test_print_config_shows_the_machine_line_and_every_source(tmp_path):
+    cmd = [sys.executable, "-m", "unipred.cli", "fit", "image/nepa_vit_b14_pretrain",
+           "trainer.global_batch=64", "--print-config"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    err = [ln for ln in proc.stderr.splitlines() if "no GPU here" in ln]
+    assert len(err) == 1 and "devices 8 -> 1 (one process)" in err[0]
+    out = proc.stdout
+    assert "global_batch: 64  # command line" in out
+    assert "per_device_batch: 32  # this machine" in out and "devices: 1  # this machine" in out
+    assert "blr: 0.0003  # recipe image/nepa_vit_b14_pretrain.yaml" in out
+    assert "seed: 1337  # recipe image/nepa_vit_b14_pretrain.yaml" in out
+    assert "keep_ckpts: 2  # default" in out
+    assert (
+        "_base_"
+        in subprocess.run(
+            [*cmd[:4], "image/small_pretrain", "--print-config"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+            env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"},
+        ).stdout
+    )  # small_pretrain is one _base_ line: its values come from the base file
+
+
+# ---------------------------------------------------------------------------- class count
+def _folder(root, classes, n=2):
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((28, 28, 3), 40 * c, np.uint8)).save(root / f"c{c}/{i}.png")
+    return root
+
+
+def test_the_head_follows_the_data_and_conflicts_are_one_line(tmp_path):
+    root, val = _folder(tmp_path / "train", 4), _folder(tmp_path / "val", 4)
+    base = ["image/vit_b14_finetune", f"data.root={root}", f"data.val_root={val}"]
+    cfg = load_config(base[0], base[1:])
+    assert cfg.data.num_classes == 4 and source_of(cfg, "data.num_classes") == "from data.root"
+    with pytest.raises(ConfigError, match=r"data.num_classes=10 \(command line\) but data.root "
+                                          r"holds 4 classes"):  # fmt: skip
+        load_config(base[0], [*base[1:], "data.num_classes=10"])
+    with pytest.raises(ConfigError, match="drop model.num_classes"):
+        load_config(base[0], [*base[1:], "data.num_classes=4", "model.num_classes=1000"])
+
+
+def test_a_checkpoint_classifier_is_a_source_and_a_conflict(tmp_path):
+    from unipred.checkpoint import atomic_torch_save
+
+    ck = tmp_path / "ft.ckpt"
+    atomic_torch_save({"state_dict": {"model.head.classifier.weight": torch.zeros(7, 768)}}, ck)
+    val = _folder(tmp_path / "val", 5)
+    cfg = load_config("image/vit_b14_eval", [f"data.val_root={val}", f"ckpt={ck}"])
+    assert cfg.data.num_classes == 7  # the eval recipe reads it from the checkpoint
+    assert source_of(cfg, "data.num_classes") == f"from the classifier of ckpt={ck}"
+    with pytest.raises(ConfigError, match=rf"ckpt={ck} has 7 rows"):
+        load_config("image/vit_b14_eval", [f"data.val_root={val}", f"ckpt={ck}",
+                                           "data.num_classes=5"])  # fmt: skip
+    # a pretraining checkpoint has no classifier: a new head of the data's size
+    root = _folder(tmp_path / "train", 3)
+    pre = tmp_path / "pre.ckpt"
+    atomic_torch_save({"state_dict": {"model.cls_token": torch.zeros(1, 1, 768)}}, pre)
+    cfg = load_config("image/vit_b14_finetune", [f"data.root={root}", f"data.val_root={root}",
+                                                 f"model.init=pretrain:{pre}"])  # fmt: skip
+    assert cfg.data.num_classes == 3

@@ -1,0 +1,233 @@
+"""Shards streamed over HTTP from a real server on 127.0.0.1 that fails: stopped for seconds
+in the middle of a shard, a connection reset, a truncated shard, a 404, a slow
+(bandwidth-limited) shard. The shards come from the shipped packer, the reading is the shipped
+reader inside a real training run; the server is Python's http.server with Range support and
+the faults injected. No traffic leaves 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+from PIL import Image
+
+from unipred.config import load_config
+from unipred.data.remote import NetworkPolicy, ShardGone, open_shard
+from unipred.engine import fit
+
+N, PER_SHARD = 40, 4  # 10 shards
+
+
+SERVER = Path(__file__).parent / "fixtures" / "faulty_http.py"
+
+
+class FaultyShards:
+    """The fault-injecting HTTP server of ``fixtures/faulty_http.py`` over ``root``, in a
+    process of its own (a thread would hand its listening socket to every forked DataLoader
+    worker, and the port would stay taken while the server is meant to be down)."""
+
+    def __init__(self, root: Path, faults: dict):
+        tmp = root.parent
+        self.log, port_file = tmp / "requests.log", tmp / f"port-{time.monotonic_ns()}"
+        self.proc = subprocess.Popen([sys.executable, str(SERVER), str(root), str(port_file),
+                                      str(self.log), json.dumps(faults)])  # fmt: skip
+        for _ in range(200):
+            if port_file.exists() and port_file.read_text():
+                break
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return [tuple(line.split("\t", 1)) for line in lines]
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _pack(tmp_path) -> Path:
+    from unipred.data.cli import main
+
+    rng = np.random.default_rng(0)
+    for i in range(N):  # one class per image: the label is the sample's identity
+        d = tmp_path / "src" / f"c{i:03d}"
+        d.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / "x.jpg")
+    out = tmp_path / "shards"
+    assert main(["pack-images", str(tmp_path / "src"), str(out), "--workers", "1",
+                 "--max-per-shard", str(PER_SHARD)]) == 0  # fmt: skip
+    return out
+
+
+def _labels_of(shard: Path) -> list[int]:
+    with tarfile.open(shard) as tf:
+        return [int(tf.extractfile(m).read()) for m in tf if m.name.endswith(".cls")]
+
+
+class Labels(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += [int(v) for v in batch[1]]
+
+
+def test_a_run_over_a_failing_http_server_sees_every_other_sample_once(tmp_path, monkeypatch):
+    shards = _pack(tmp_path)
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    assert len(names) == N // PER_SHARD
+    owner = {n: _labels_of(shards / n) for n in names}
+    gone, cut, reset, stop, slow = names[1], names[3], names[5], names[6], names[8]
+    (shards / gone).unlink()  # a 404 (meta.json still lists it)
+    data = (shards / cut).read_bytes()
+    (shards / cut).write_bytes(data[: len(data) // 2])  # a truncated shard, served in full
+    kept_of_cut = set(_labels_of_prefix(shards / cut))
+    # the stated limits: no shard waits longer than 20 s without a byte (5 s per read)
+    monkeypatch.setenv("UNIPRED_SHARD_TIMEOUT", "5")
+    monkeypatch.setenv("UNIPRED_SHARD_DEADLINE", "20")
+    server = FaultyShards(shards, {reset: "reset", stop: "stop", slow: "slow"})
+    try:
+        spec = server.url(f"{names[0].rsplit('-', 1)[0]}-{{000000..{len(names) - 1:06d}}}.tar")
+        run = tmp_path / "run"
+        cfg = load_config(None, [
+            "task=image_pretrain", "model.name=nepa_debug", f"data.root={spec}",
+            "data.aug.img_size=16", "trainer.global_batch=4", "model.predictor.drop_path=0",
+            "trainer.progress_bar=false", "trainer.loggers=[csv]", "trainer.accelerator=cpu",
+            "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "ema.enabled=false",
+            "trainer.collapse_every_n_steps=0", "data.num_workers=2", "data.val_root=''",
+            "data.max_bad_fraction=0.5", f"run_dir={run}"])  # fmt: skip
+        labels = Labels()
+        t0 = time.monotonic()
+        fit(cfg, callbacks=[labels])
+        took = time.monotonic() - t0
+    finally:
+        server.close()
+    # every sample of a readable shard exactly once; of the truncated one, what it still had
+    expected = [y for n in names if n not in (gone, cut) for y in owner[n]] + sorted(kept_of_cut)
+    assert sorted(labels.seen) == sorted(expected)
+    assert not set(owner[gone]) & set(labels.seen)
+    # the faults were met: the reset and the stopped shard were resumed with Range requests
+    for name in (reset, stop):
+        assert any(n == name and r.startswith("bytes=") for n, r in server.requests), name
+    # what is gone for good is counted, by URL, in data_report.json
+    report = json.loads((run / "data_report.json").read_text())
+    counts = report["total"]
+    assert counts["skipped/shard_gone"] == PER_SHARD
+    assert counts["skipped/truncated"] == PER_SHARD - len(kept_of_cut)
+    assert counts["skipped/total"] + len(labels.seen) == N
+    files = {(b["reason"], b["file"]) for e in report["epochs"] for b in e["bad_files"]}
+    assert ("skipped/shard_gone", server.url(gone)) in files
+    assert ("skipped/truncated", server.url(cut)) in files
+    # the time spent waiting for data is logged beside the speed
+    metrics = (run / "logs/version_0/metrics.csv").read_text().splitlines()
+    col = metrics[0].split(",").index("perf/data_wait")
+    waits = [float(r.split(",")[col]) for r in metrics[1:] if r.split(",")[col]]
+    assert waits and all(0 <= w <= 1 for w in waits) and max(waits) > 0.2
+    assert ("-", "down") in server.requests and ("-", "up") in server.requests
+    assert took < 120  # three seconds down, a slow shard: far from any deadline
+
+
+def _labels_of_prefix(path: Path) -> list[int]:
+    """Labels of the complete samples a truncated tar still holds (all of a sample's parts)."""
+    parts: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r|") as tf:
+            for m in tf:
+                key, ext = m.name.split(".", 1)
+                parts.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    except (tarfile.TarError, OSError):
+        pass
+    complete = [p for p in parts.values() if {"cls", "jpg", "json"} <= set(p)]
+    return [int(p["cls"]) for p in complete]
+
+
+def test_a_server_that_never_answers_is_given_up_after_the_deadline():
+    """Accepts connections, never sends a byte: the shard is gone after deadline + timeout."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        lsock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(lsock.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{lsock.getsockname()[1]}/shard-000000.tar"
+    policy = NetworkPolicy(timeout=0.5, deadline=2.0, backoff=0.1, backoff_max=0.4)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ShardGone, match="no progress for 2 s"):
+            open_shard(url, policy).read()
+    finally:
+        stop.set()
+        lsock.close()
+        for s in held:
+            s.close()
+    assert time.monotonic() - t0 < policy.deadline + 2 * policy.timeout + 1
+
+
+def test_a_missing_shard_is_gone_at_once_and_a_refused_one_after_the_deadline(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"x" * 10)
+    server = FaultyShards(tmp_path, {})
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ShardGone, match="HTTP 404"):
+            open_shard(server.url("nope.tar"))
+        assert time.monotonic() - t0 < 1  # a 404 is not retried
+        assert open_shard(server.url("a.tar")).read() == b"x" * 10
+    finally:
+        server.close()
+    policy = NetworkPolicy(timeout=0.5, deadline=1.5, backoff=0.1, backoff_max=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ShardGone, match="no progress"):
+        open_shard(server.url("a.tar"), policy)  # nobody listens any more
+    assert 1.0 < time.monotonic() - t0 < 4
+
+
+def test_fsspec_urls_are_read_through_fsspec_with_their_meta_json(tmp_path):
+    """Any other ``scheme://`` goes through fsspec (here its in-memory file system, standing in
+    for s3:// or gs://, which need their client libraries and a network): sizes come from the
+    meta.json beside the shards, a missing shard is counted as gone under its URL."""
+    fsspec = pytest.importorskip("fsspec")
+    from unipred.tasks.image.data import ShardDataset
+
+    from unipred.data.accounting import BadSampleCounter
+
+    shards = _pack(tmp_path)
+    fs = fsspec.filesystem("memory")
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    for p in [*shards.glob("*.tar"), shards / "meta.json"]:
+        if p.name != names[2]:  # one shard is missing from the store
+            fs.pipe(f"/unipred-test/{p.name}", p.read_bytes())
+    try:
+        c = BadSampleCounter()
+        spec = f"memory://unipred-test/{names[0].rsplit('-', 1)[0]}-{{000000..000009}}.tar"
+        ds = ShardDataset(spec, transform=lambda im: 0, training=False, counter=c)
+        assert ds.known and ds.num_samples == N  # sizes from the remote meta.json
+        labels = sorted(y for _, y in ds)
+        lost = _labels_of(shards / names[2])
+        assert labels == sorted(set(range(N)) - set(lost))
+        assert c.snapshot()["skipped/shard_gone"] == PER_SHARD
+        assert any(b["file"].endswith(names[2]) for b in c.bad_files())
+    finally:
+        fs.rm("/unipred-test", recursive=True)

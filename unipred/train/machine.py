@@ -1,0 +1,90 @@
+"""Fitting a recipe's device layout to the machine that runs it.
+
+A recipe states the *global* batch (the paper's); ``trainer.devices`` and
+``trainer.per_device_batch`` only say how one machine realises it. The ImageNet recipes are
+written for 8 GPUs. Run as they are on a machine with fewer GPUs, Lightning refuses them; on a
+machine without a GPU ``accelerator: auto`` would start 8 CPU processes, each building the
+model, each slower than one process using every core. So before a run builds anything,
+``fit_to_machine`` shrinks the layout to what is here and lets gradient accumulation keep the
+global batch, the learning rate and the schedule unchanged:
+
+* no GPU (``accelerator: auto``): one process. Its per-device batch is at most
+  ``CPU_PER_DEVICE`` samples (a batch sized for an 80 GB GPU would need tens of GB of host
+  memory for ViT-B activations) and the rest of the global batch is accumulated;
+* fewer GPUs than ``trainer.devices``: every GPU there is, with the recipe's per-device batch.
+
+``trainer.accelerator: cpu`` with ``devices > 1`` is a deliberate multi-process CPU run
+(the DDP tests use it) and is left alone, as are multi-node layouts. What was chosen is one
+line, printed when the run starts and shown by ``--print-config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+CPU_PER_DEVICE = 32  # most samples one CPU process takes per forward when the recipe is adapted
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest d <= at_most that divides n (1 at least)."""
+    for d in range(max(1, min(at_most, n)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def fit_to_machine(t, gpus: int | None = None):
+    """``(trainer config fitted to this machine, one line saying what changed)``; the line is
+    None and the config ``t`` itself when nothing needs to change. ``gpus`` overrides the count
+    of visible GPUs (tests)."""
+    if t.accelerator != "auto" or t.num_nodes != 1:
+        return t, None
+    gpus = _gpus() if gpus is None else gpus
+    want = t.devices
+    if gpus == 0:
+        if want == 1:
+            return t, None
+        devices, where = 1, "no GPU here"
+    else:
+        if want == -1 or 1 <= want <= gpus:
+            return t, None
+        devices, where = gpus, f"{gpus} GPU{'s' if gpus > 1 else ''} here"
+    per = t.per_device_batch or t.global_batch // max(want, 1)
+    if gpus == 0:
+        per = min(per, CPU_PER_DEVICE)
+    per = _largest_divisor(t.global_batch // devices, per) if t.global_batch % devices == 0 else per
+    new = dataclasses.replace(t, devices=devices, per_device_batch=per)
+    accum = t.global_batch // (per * devices) if t.global_batch % (per * devices) == 0 else None
+    procs = "one process" if devices == 1 else f"{devices} processes"
+    keeps = (f"gradient accumulation {accum} keeps trainer.global_batch={t.global_batch}"
+             if accum else f"trainer.global_batch={t.global_batch} does not divide")  # fmt: skip
+    line = (
+        f"{where}: trainer.devices {want} -> {devices} ({procs}), trainer.per_device_batch "
+        f"{t.per_device_batch or 'auto'} -> {per}; {keeps}"
+    )
+    if gpus == 0:
+        line += " (trainer.accelerator=cpu trainer.devices=N runs N CPU processes)"
+    return new, line
+
+
+def apply_to_run(cfg, announce: bool = True) -> str | None:
+    """Fit ``cfg.trainer`` to this machine in place (``fit_to_machine``); print the line once
+    (rank 0) when something changed, and return it."""
+    import os
+    import sys
+
+    cfg.trainer, line = fit_to_machine(cfg.trainer)
+    if line:
+        from unipred.train.provenance import set_source
+
+        for key in ("trainer.devices", "trainer.per_device_batch"):
+            set_source(cfg, key, "this machine (see the line above)")
+    if line and announce and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"[unipred] {line}", file=sys.stderr, flush=True)
+    return line
