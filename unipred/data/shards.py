@@ -427,8 +427,8 @@ class ShardReader(IterableDataset):
                         continue
                     if rep:
                         self.counter.count("repeated", url)
-                    if produced % bs == 0:  # a batch's first sample: seeds its collate (mixup)
-                        stream_batch(self.seed, epoch, rank, role, produced // bs)
+                    if produced % bs == 0:  # a batch's first sample names it: seeds its collate
+                        stream_batch(self.seed, epoch, str(raw.get("__key__", "")), rep)
                     produced += 1
                     if produced % bs == 0:  # the loader's batch ends here: where we stand
                         self._record(slot, epoch, produced // bs, si, pos, rep > 0)
