@@ -324,7 +324,7 @@ def check_official_layout(model: NEPA) -> None:
 
 
 # the timm export lives in unipred.weights.timm_export; its names stay reachable here
-# (``from unipred.hub import to_timm``), loaded on first use
+# (``from unipred.weights.hub import to_timm``), loaded on first use
 _TIMM = (
     "TIMM_ARCH",
     "timm_problems",
