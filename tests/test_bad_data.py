@@ -268,3 +268,18 @@ def test_read_only_and_full_file_systems_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(rundir.RunDirError, match="1 MB free"):
         rundir.check_run_dir(tmp_path / "r3")
+
+
+def test_every_reason_the_shipped_readers_count_is_in_the_docs():
+    import unipred.tasks.audio.data  # noqa: F401  (each modality registers its reasons)
+    import unipred.tasks.image.decode  # noqa: F401
+    import unipred.tasks.text.data  # noqa: F401
+    import unipred.tasks.video.data  # noqa: F401
+
+    from unipred.data import shards  # noqa: F401
+    from unipred.data.accounting import _COLUMNS
+
+    docs = (Path(__file__).parents[1] / "docs" / "faults.md").read_text()
+    table = docs[docs.index("| Reason | Meaning |") :]
+    missing = [k for k in _COLUMNS if f"`{k}`" not in table and f"`{k.split('/')[1]}`" not in table]
+    assert not missing, missing
