@@ -77,31 +77,38 @@ def test_python_m_unipred_is_the_command(tmp_path):
     assert p.returncode == 0 and "tokenizers:" in p.stdout and "image" in p.stdout, p.stderr
 
 
+def _imports_torch(args, tmp_path, **env) -> tuple[bool, str]:
+    """Run ``python -X importtime -m unipred ARGS``: (whether torch was imported, stdout)."""
+    p = _run([sys.executable, "-X", "importtime", "-m", "unipred", *args], tmp_path, **env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return bool(re.search(r"\|\s+torch$", p.stderr, re.M)), p.stdout
+
+
 def test_help_and_a_cached_list_load_no_torch(tmp_path):
     """What makes them instant: ``--help`` never imports torch; ``list`` imports the plugins
     once, then reads its cache until something it depends on changes (here: a new folder on
     the path with a new file in it, as a package install does)."""
-    probe = ("import sys; from unipred.cli import main; rc = main(sys.argv[1:]); "
-             "print('TORCH', 'torch' in sys.modules)")  # fmt: skip
-    for args in (["--help"], ["fit", "--help"], ["list", "--help"]):
-        p = _run([sys.executable, "-c", probe, *args], tmp_path)
-        assert p.stdout.strip().endswith("TORCH False"), (args, p.stdout[-500:], p.stderr)
-    own = tmp_path / "own-cache"
-    first = _run([sys.executable, "-c", probe, "list"], tmp_path, UNIPRED_CACHE=str(own))
-    assert first.stdout.strip().endswith("TORCH True"), first.stderr  # computed
-    again = _run([sys.executable, "-c", probe, "list"], tmp_path, UNIPRED_CACHE=str(own))
-    assert again.stdout.strip().endswith("TORCH False"), again.stderr  # from the cache
-    assert again.stdout == first.stdout.replace("TORCH True", "TORCH False")
+    for args in (["--help"], ["fit", "--help"], ["list", "--help"], ["demo", "--help"]):
+        assert not _imports_torch(args, tmp_path)[0], args
+    own = str(tmp_path / "own-cache")
+    torch_first, first = _imports_torch(["list"], tmp_path, UNIPRED_CACHE=own)
+    assert torch_first and "tokenizers:" in first  # computed
+    torch_again, again = _imports_torch(["list"], tmp_path, UNIPRED_CACHE=own)
+    assert not torch_again and again == first  # from the cache, the same listing
     extra = tmp_path / "site"
     extra.mkdir()
     (extra / "newpkg.py").write_text("")
-    moved = _run(
-        [sys.executable, "-c", probe, "list"],
-        tmp_path,
-        PYTHONPATH=str(extra),
-        UNIPRED_CACHE=str(own),
-    )
-    assert moved.stdout.strip().endswith("TORCH True"), moved.stderr  # the path changed
+    moved, _ = _imports_torch(["list"], tmp_path, PYTHONPATH=str(extra), UNIPRED_CACHE=own)
+    assert moved  # the path changed: computed again
+
+
+def test_import_unipred_outside_the_command_is_complete(tmp_path):
+    """Only the command's start-up is lazy: a program importing unipred gets every name and
+    every registration at once."""
+    code = ("import sys, unipred\nfrom unipred.nn.saving import WEIGHTS_IO\n"
+            "print('torch' in sys.modules, sorted(WEIGHTS_IO), unipred.NEPA.__name__)")  # fmt: skip
+    p = _run([sys.executable, "-c", code], tmp_path)
+    assert p.stdout.split() == ["True", "['load',", "'push',", "'save']", "NEPA"], p.stderr
 
 
 def test_bare_commands_print_their_usage_and_train_nothing(tmp_path):

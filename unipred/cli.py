@@ -8,9 +8,9 @@
     unipred data ... | demo NAME ... | visualize ... | convert ...
 
 ``data``, ``demo``, ``visualize``, ``convert`` and ``export`` are dispatched lazily: ``data`` to
-``unipred.data.cli``, ``convert`` to ``unipred.hub``, ``export`` to ``unipred.pretrained``, and
+``unipred.data.cli``, ``convert`` to ``unipred.weights.hub``, ``export`` to ``unipred.weights.pretrained``, and
 ``demo NAME`` / ``visualize`` to the module a modality registered for them (``COMMANDS`` in
-``unipred.registry``; each a ``main(argv) -> int``), so a missing or broken one never affects
+``unipred.base.registry``; each a ``main(argv) -> int``), so a missing or broken one never affects
 the others.
 """
 
@@ -247,7 +247,7 @@ def cmd_eval(argv: list[str]) -> int:
         return 0
     if not cfg.ckpt and not cfg.model.init:
         raise UsageError("give ckpt=PATH (or model.init=...) to evaluate")
-    if settings.protocol:  # the backbone's rows, then its baselines' (unipred.baselines)
+    if settings.protocol:  # the backbone's rows, then its baselines' (unipred.protocols.baselines)
         from unipred.protocols.baselines import run_with_baselines
 
         results = run_with_baselines(cfg, settings, [settings.protocol])
@@ -413,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "demo" and (not rest or rest[0] in ("-h", "--help")):
         print(demo_usage(), end="", file=sys.stdout if rest else sys.stderr)
         return 0 if rest else 2
+    if cmd != "list":  # `list` reads its cache; every other command needs the whole package
+        import unipred
+
+        unipred.load_all()
     try:
         code = _dispatch(cmd, rest)
     except UsageError as e:
