@@ -135,3 +135,32 @@ def test_compare_writes_one_table_of_every_system(tmp_path):
     assert again.returncode == 0 and "done (0 s)" in again.stdout
     bad = subprocess.run([*cmd[:4], "data.root"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "'data.root' is not key=value" in bad.stderr
+
+
+def test_compare_reads_every_row_of_a_suite_and_tabulates_percentages(tmp_path):
+    from unipred.protocols.compare import _cell, frozen_scores, table
+
+    rows = [{"protocol": "knn", "weights": "raw", "top1": 0.5},
+            {"protocol": "knn", "weights": "random", "top1": 0.25},
+            {"protocol": "linear", "weights": "input", "top1": 0.75},
+            {"protocol": "char-nb", "weights": "data", "top1": 0.8, "top5": None}]  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    got = frozen_scores(tmp_path)
+    assert got == {"knn_raw": 0.5, "knn_random": 0.25, "linear_input": 0.75, "char-nb": 0.8}
+    cell = _cell([0.5, 0.6, 0.7])
+    assert cell == {"mean": 60.0, "min": 50.0, "max": 70.0, "seeds": [50.0, 60.0, 70.0]}
+    md = table({10: {"knn_raw": cell}}, [("knn_raw", "NEPA k-NN"), ("ft_nepa", "NEPA ft")])
+    assert "| 10 | 60.0 % (50.0-70.0) | - |" in md
+
+
+def test_train_and_val_of_different_lengths_flatten_to_one_width():
+    """Variable-length samples (audio): both splits are padded to the longest of either, so a
+    k-NN can compare them (a split padded alone had another width)."""
+    from unipred.protocols.baselines import flatten_chunks
+
+    train = [torch.ones(2, 5, 3)]
+    val = [torch.ones(2, 7, 3)]
+    y = torch.tensor([0, 1])
+    a, b = flatten_chunks(train, y, 7, 0), flatten_chunks(val, y, 7, 0)
+    assert a.pooled.shape == b.pooled.shape == (2, 21)
+    assert flatten_chunks(val, y, 7, 14).pooled.shape == (2, 14)  # 7 tokens x 2 values

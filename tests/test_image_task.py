@@ -63,7 +63,14 @@ def data(tmp_path_factory):
 def pretrained(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("pre")
     cfg = load_config(
-        None, ["task=image_pretrain", f"run_dir={run}", f"data.root={data / 'tree'}", *BASE]
+        None,
+        [
+            "task=image_pretrain",
+            f"run_dir={run}",
+            f"data.root={data / 'tree'}",
+            "data.max_bad_fraction=0.5",  # 2 of 16 files are unreadable on purpose
+            *BASE,
+        ],
     )
     COUNTER.reset()
     trainer = fit(cfg)  # the engine logs bad-sample counts every epoch by itself

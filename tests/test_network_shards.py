@@ -202,3 +202,32 @@ def test_a_missing_shard_is_gone_at_once_and_a_refused_one_after_the_deadline(tm
     with pytest.raises(ShardGone, match="no progress"):
         open_shard(server.url("a.tar"), policy)  # nobody listens any more
     assert 1.0 < time.monotonic() - t0 < 4
+
+
+def test_fsspec_urls_are_read_through_fsspec_with_their_meta_json(tmp_path):
+    """Any other ``scheme://`` goes through fsspec (here its in-memory file system, standing in
+    for s3:// or gs://, which need their client libraries and a network): sizes come from the
+    meta.json beside the shards, a missing shard is counted as gone under its URL."""
+    fsspec = pytest.importorskip("fsspec")
+    from unipred.tasks.image.data import ShardDataset
+
+    from unipred.data.accounting import BadSampleCounter
+
+    shards = _pack(tmp_path)
+    fs = fsspec.filesystem("memory")
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    for p in [*shards.glob("*.tar"), shards / "meta.json"]:
+        if p.name != names[2]:  # one shard is missing from the store
+            fs.pipe(f"/unipred-test/{p.name}", p.read_bytes())
+    try:
+        c = BadSampleCounter()
+        spec = f"memory://unipred-test/{names[0].rsplit('-', 1)[0]}-{{000000..000009}}.tar"
+        ds = ShardDataset(spec, transform=lambda im: 0, training=False, counter=c)
+        assert ds.known and ds.num_samples == N  # sizes from the remote meta.json
+        labels = sorted(y for _, y in ds)
+        lost = _labels_of(shards / names[2])
+        assert labels == sorted(set(range(N)) - set(lost))
+        assert c.snapshot()["skipped/shard_gone"] == PER_SHARD
+        assert any(b["file"].endswith(names[2]) for b in c.bad_files())
+    finally:
+        fs.rm("/unipred-test", recursive=True)

@@ -109,6 +109,19 @@ class ResumableLoader(DataLoader):
         # and batches this rank took since then
         self.samples_before, self.since_plan = 0, 0
 
+    def __len__(self) -> int:
+        # A training stream of known size plans whole batches per rank (its quota), even
+        # without drop_last (kept off so a reader that falls short still ends in a partial
+        # batch): the length must say so, or Lightning waits for a last batch that never
+        # comes and skips the epoch's validation.
+        ds = self.dataset
+        if isinstance(ds, IterableDataset) and getattr(ds, "training", False) and self.batch_size:
+            try:
+                return len(ds) // int(self.batch_size)
+            except TypeError:  # size unknown
+                pass
+        return super().__len__()
+
     def mark_consumed(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.consumed, self.since_plan, self.samples_before = epoch, 0, 0, 0

@@ -1,5 +1,6 @@
 """Opening shards that live elsewhere: ``http(s)://`` through the standard library, and
-``s3://``, ``gs://``, ``hf://``, ... through fsspec when its client library is installed.
+``s3://``, ``gs://``, ``hf://`` (any other ``scheme://``) through fsspec when its client
+library is installed.
 
 A network store is slow, drops connections and sometimes disappears for a minute. The
 stream returned by :func:`open_shard` hides the transient part of that: a read that fails
@@ -55,8 +56,8 @@ class NetworkPolicy:
 
 
 def is_remote(url: str) -> bool:
-    """Whether ``url`` is read over a network (http or an fsspec protocol)."""
-    return url.startswith(HTTP + FSSPEC)
+    """Whether ``url`` is read through http or fsspec (any ``scheme://`` but ``file://``)."""
+    return url.startswith(HTTP + FSSPEC) or ("://" in url and not url.startswith("file://"))
 
 
 class RetryingStream(io.RawIOBase):

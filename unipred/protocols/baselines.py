@@ -61,29 +61,42 @@ def flatten_patches(p: torch.Tensor, max_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def raw_features(tokenizer, batches, inputs, max_dim: int = 4096, max_samples: int = 0):
-    """Features of the raw input: flattened patches (fp32) and labels, one pass."""
+def raw_chunks(tokenizer, batches, inputs, max_samples: int = 0):
+    """One pass: the raw patches (B, N_i, P) of every batch and the labels."""
     tokenizer.eval()
     rows, labels, n = [], [], 0
     for batch in batches:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise ProtocolError("the data carry no labels: give a classification config")
         p = raw_patches(tokenizer, _to(inputs(batch), "cpu"))
-        rows.append(p)
+        rows.append(p.float())
         labels.append(_labels(batch[1]))
         n += p.shape[0]
         if max_samples and n >= max_samples:
             break
     if not rows:
         raise ProtocolError("the data set yielded no batches")
-    N = max(r.shape[1] for r in rows)
-    # a shared patch budget: every sample flattens to the same length
-    rows = [F.pad(r.float(), (0, 0, 0, N - r.shape[1])) for r in rows]
+    return rows, torch.cat(labels)
+
+
+def flatten_chunks(rows, labels, tokens: int, max_dim: int, max_samples: int = 0) -> Features:
+    """Raw-input features: every sample padded with zeros (or cut) to ``tokens`` patches, so
+    that train and val flatten to the same length, then ``flatten_patches``."""
+    rows = [F.pad(r, (0, 0, 0, tokens - r.shape[1])) if r.shape[1] < tokens else r[:, :tokens]
+            for r in rows]  # fmt: skip
     x = torch.cat([flatten_patches(r, max_dim) for r in rows])
-    y = torch.cat(labels)
     if max_samples:
-        x, y = x[:max_samples], y[:max_samples]
-    return Features(x, y)
+        x, labels = x[:max_samples], labels[:max_samples]
+    return Features(x, labels)
+
+
+def raw_features(tokenizer, batches, inputs, max_dim: int = 4096, max_samples: int = 0,
+                 tokens: int = 0) -> Features:  # fmt: skip
+    """Features of the raw input of one split: flattened patches (fp32) and labels; ``tokens``
+    fixes the patch count (0 = the split's longest sample)."""
+    rows, labels = raw_chunks(tokenizer, batches, inputs, max_samples)
+    n = tokens or max(r.shape[1] for r in rows)
+    return flatten_chunks(rows, labels, n, max_dim, max_samples)
 
 
 def _task_and_model(cfg):
@@ -100,12 +113,14 @@ def run_raw(cfg, settings: EvalSettings, log=print) -> list[dict]:
     fs = settings.features
     workers = int(getattr(cfg.data, "num_workers", 0))
     t0 = time.perf_counter()
-    feats = {}
+    chunks = {}
     for split, limit in (("train", fs.max_train), ("val", fs.max_val)):
         loader = _loader(task, split, fs, workers)
-        feats[split] = raw_features(model.tokenizer, loader, task.inputs, settings.raw.max_dim,
-                                    limit)  # fmt: skip
-    tr, va = feats["train"], feats["val"]
+        chunks[split] = (*raw_chunks(model.tokenizer, loader, task.inputs, limit), limit)
+    # one patch count for both splits (variable-length samples: the longest of either)
+    n = max(r.shape[1] for rows, _, _ in chunks.values() for r in rows)
+    tr, va = (flatten_chunks(rows, y, n, settings.raw.max_dim, lim)
+              for rows, y, lim in (chunks["train"], chunks["val"]))  # fmt: skip
     C = _num_classes(task, tr.labels, va.labels)
     log(f"[{INPUT}] raw patches of {type(model.tokenizer).__name__}: {len(tr.labels)} train / "
         f"{len(va.labels)} val samples, {tr.pooled.shape[1]} values each, "

@@ -3,7 +3,8 @@
     unipred compare [key=value ...] [--pretrain-config small/pretrain]
                     [--finetune-config small/finetune] [--probe-config small/probe]
                     [--ckpt CKPT] [--labels 10,20] [--seeds 0,1,2] [--out runs/compare]
-                    [--jobs 1] [--set-pretrain K=V] [--set-finetune K=V] [--set-probe K=V]
+                    [--jobs 1] [--frozen-only] [--set-pretrain K=V] [--set-finetune K=V]
+                    [--set-probe K=V]
 
 For any registered data source (the configs name it; ``key=value`` overrides such as
 ``data.root=DIR/train data.val_root=DIR/val`` go to every run):
@@ -131,7 +132,8 @@ def compare(a: argparse.Namespace, log=print) -> dict:
         for k in a.labels:
             common = [*a.overrides, f"data.labels_per_class={k}", f"data.subset_seed={seed}",
                       f"seed={seed}"]  # fmt: skip
-            for name, extra in (("ft_nepa", [f"model.init=pretrain:{ckpt}"]), ("ft_scratch", [])):
+            tunes = (("ft_nepa", [f"model.init=pretrain:{ckpt}"]), ("ft_scratch", []))
+            for name, extra in tunes if not a.frozen_only else ():
                 folder = out / f"{name}_{k}_s{seed}"
                 cmd = _unipred("fit", a.finetune_config, *common, *a.set_finetune, *extra,
                                f"run_dir={folder}", "trainer.progress_bar=false")  # fmt: skip
@@ -155,7 +157,7 @@ def compare(a: argparse.Namespace, log=print) -> dict:
     for k in a.labels:
         per: dict[str, list[float]] = {}
         for seed in a.seeds:
-            for name, _ in FINETUNE:
+            for name, _ in FINETUNE if not a.frozen_only else ():
                 acc = last_val_acc(out / f"{name}_{k}_s{seed}")
                 if acc is None:
                     raise CompareError(
@@ -168,7 +170,7 @@ def compare(a: argparse.Namespace, log=print) -> dict:
                 if key not in dict(FROZEN) and key not in extra_cols:
                     extra_cols.append(key)
         rows[k] = {key: _cell(v) for key, v in per.items()}
-    columns = [*FINETUNE, *FROZEN, *((c, c) for c in extra_cols)]
+    columns = [*(FINETUNE if not a.frozen_only else ()), *FROZEN, *((c, c) for c in extra_cols)]
     md = table(rows, columns)
     result = {"ckpt": ckpt, "pretrain_config": a.pretrain_config, "finetune_config":
               a.finetune_config, "probe_config": a.probe_config, "overrides": a.overrides,
@@ -211,6 +213,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     p.add_argument("--out", default="runs/compare", help="run folders and the results")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--frozen-only", action="store_true", help="no fine-tuning runs")
     p.add_argument("--set-pretrain", action="append", default=[], metavar="K=V")
     p.add_argument("--set-finetune", action="append", default=[], metavar="K=V")
     p.add_argument("--set-probe", action="append", default=[], metavar="K=V")

@@ -423,7 +423,9 @@ def load_backbone(model, sd: dict, source) -> None:
     if bad:
         raise CheckpointError(f"{source}: missing key '{bad[0]}' (the model expects it)")
     model.load_state_dict(sd, strict=False)
-    new = ", ".join(sorted({k.rsplit(".", 1)[0] + ".*" for k in missing})) or "none"
+    # one name per kind of new tensor: the blocks' QK-norms as blocks.*, not one per block
+    groups = {re.sub(r"\.\d+\.", ".*.", k.rsplit(".", 1)[0]) + ".*" for k in missing}
+    new = ", ".join(sorted(groups)) or "none"
     print(f"model.init: loaded {source}: {len(sd)} tensors matched, {len(missing)} new ({new})")
     with torch.no_grad():
         for k in missing:
