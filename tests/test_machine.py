@@ -119,3 +119,18 @@ def test_a_checkpoint_classifier_is_a_source_and_a_conflict(tmp_path):
     cfg = load_config("image/vit_b14_finetune", [f"data.root={root}", f"data.val_root={root}",
                                                  f"model.init=pretrain:{pre}"])  # fmt: skip
     assert cfg.data.num_classes == 3
+
+
+def test_apply_to_run_also_fits_the_loader_workers(monkeypatch, capsys):
+    from unipred.train import machine
+
+    monkeypatch.setattr(machine, "_gpus", lambda: 0)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    cfg = load_config("image/nepa_vit_b14_pretrain", check_paths=False)
+    assert cfg.data.num_workers == 10  # sized for one process per GPU of an 8-GPU node
+    line = machine.apply_to_run(cfg)
+    assert cfg.data.num_workers == 2 and "data.num_workers 10 -> 2" in line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"[unipred] {line}"
+    assert source_of(cfg, "data.num_workers").startswith("this machine")
+    assert machine.apply_to_run(cfg) is None  # fitted once: nothing more to say

@@ -21,6 +21,7 @@ line, printed when the run starts and shown by ``--print-config``.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 CPU_PER_DEVICE = 32  # most samples one CPU process takes per forward when the recipe is adapted
 
@@ -76,7 +77,6 @@ def fit_to_machine(t, gpus: int | None = None):
 def apply_to_run(cfg, announce: bool = True) -> str | None:
     """Fit ``cfg.trainer`` to this machine in place (``fit_to_machine``); print the line once
     (rank 0) when something changed, and return it."""
-    import os
     import sys
 
     cfg.trainer, line = fit_to_machine(cfg.trainer)
@@ -85,6 +85,14 @@ def apply_to_run(cfg, announce: bool = True) -> str | None:
 
         for key in ("trainer.devices", "trainer.per_device_batch"):
             set_source(cfg, key, "this machine (see the line above)")
+        # the recipe's loader workers were sized for its node (10 per GPU process): more
+        # workers than cores per process only compete with the step for the same cores
+        cores = max(1, (os.cpu_count() or 1) // max(1, cfg.trainer.devices))
+        workers = getattr(cfg.data, "num_workers", 0)
+        if workers > cores:
+            cfg.data.num_workers = cores
+            set_source(cfg, "data.num_workers", "this machine (see the line above)")
+            line += f"; data.num_workers {workers} -> {cores} (CPU cores per process)"
     if line and announce and os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"[unipred] {line}", file=sys.stderr, flush=True)
     return line

@@ -17,6 +17,7 @@ import torch
 
 from unipred.nn.model import NEPA, ModelConfig
 from unipred.nn.predictor import PredictorConfig
+from unipred.train.formats import INIT_SOURCES
 from unipred.weights.pretrained import for_inference
 
 _ACT = {"gelu": "gelu", "silu": "silu", "swish": "silu"}
@@ -234,6 +235,24 @@ def load_official_nepa(path: str | Path, *, weights: str | None = None, **overri
     ours, _ = official_to_ours(sd, cfg, strict=True, source=str(folder))
     model.load_state_dict(ours, strict=True)
     return model
+
+
+def init_from_official(model, path: str) -> None:
+    """``model.init=official:PATH``: a released classifier whose head fits ``model`` loads
+    whole (it evaluates with its own head); otherwise every backbone tensor is copied."""
+    from unipred.train.checkpoint import load_backbone
+
+    src = load_official_nepa(path).state_dict()
+    head = {k: tuple(v.shape) for k, v in src.items() if k.startswith("head.")}
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("head.")}
+    if head and head == mine:
+        model.load_state_dict(src, strict=True)
+        print(f"model.init: loaded {path}: all {len(src)} tensors matched, 0 new")
+    else:
+        load_backbone(model, src, path)
+
+
+INIT_SOURCES["official"] = init_from_official  # the training layer reads model.init through it
 
 
 def save_official_nepa(model: NEPA, path: str | Path, image_size: int = 224) -> Path:
