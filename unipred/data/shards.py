@@ -27,7 +27,7 @@ from unipred.data import elastic
 from unipred.data.accounting import _MAX_REASONS as _REASONS
 from unipred.data.accounting import COUNTER, BadSampleCounter, Once, reading
 from unipred.data.remote import NetworkPolicy, ShardGone, is_remote, open_shard, read_small
-from unipred.data.seeding import seeded
+from unipred.data.seeding import seeded, stream_batch
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 _RING = 32  # batch-end positions kept per worker: more than a worker can run ahead (prefetch)
@@ -451,6 +451,8 @@ class ShardReader(IterableDataset):
                         continue
                     if rep:
                         self.counter.count("repeated", url)
+                    if produced % bs == 0:  # a batch's first sample names it: seeds its collate
+                        stream_batch(self.seed, epoch, str(raw.get("__key__", "")), rep)
                     produced += 1
                     if produced % bs == 0:  # the loader's batch ends here: where we stand
                         self._record(slot, epoch, produced // bs, si, pos, rep > 0)
