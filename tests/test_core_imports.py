@@ -133,3 +133,27 @@ def test_core_has_no_modality_branch():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             assert not BRANCH.search(code), f"{path}:{i}: modality branch: {line.strip()}"
+
+
+def test_import_unipred_fills_the_registration_tables():
+    """The lower layers read formats defined above them through tables the higher modules
+    fill; a fresh ``import unipred`` must fill them all (no lazy upward import does it)."""
+    code = (
+        "import unipred\n"
+        "from unipred.base.contracts import CHECKS\n"
+        "from unipred.nn.saving import WEIGHTS_IO\n"
+        "from unipred.train import formats\n"
+        "print(sorted(CHECKS), sorted(WEIGHTS_IO), sorted(formats.INIT_SOURCES),\n"
+        "      sorted(formats.STATE_ADAPTERS), sorted(formats.MODEL_FOLDERS))\n"
+        "from unipred.train.checkpoint import apply_init\n"  # ckpt: and pretrain: live there
+        "print(sorted(formats.INIT_SOURCES))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT.parent)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, second = r.stdout.strip().splitlines()
+    assert first == (
+        "['check_data', 'check_task', 'check_tokenizer'] ['load', 'push', 'save'] "
+        "['official'] ['joint'] ['pretrained']"
+    )
+    assert second == "['ckpt', 'official', 'pretrain']"
