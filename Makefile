@@ -55,6 +55,7 @@ system-demo:
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the core's layers and its modality-free imports (pyproject.toml)
 
 format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .

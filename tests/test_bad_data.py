@@ -61,6 +61,19 @@ def test_seventy_empty_files_in_a_row_are_skipped_and_counted(tmp_path):
     assert set(range(60)) <= set(got)
 
 
+@pytest.mark.slow  # the same as a user runs it: a `unipred fit` process (~30 s of imports)
+def test_too_many_unreadable_files_stop_a_unipred_fit_process_with_one_line(tmp_path):
+    _half_synced(tmp_path / "train")
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "unipred.cli", "fit", *PRE, f"data.root={tmp_path / 'train'}",
+           f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("unipred fit: error")]
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "data.max_bad_fraction=0.05" in err[0] and str(tmp_path / "train" / "b") in err[0]
+
+
 def test_a_split_with_no_readable_file_is_one_line(tmp_path):
     from unipred.data.book import NoReadableSample
 
@@ -85,25 +98,31 @@ def _half_synced(root: Path, n_empty: int = 70) -> None:
         (root / "b" / f"zz_empty{i:02d}.png").write_bytes(b"")
 
 
-def test_too_many_unreadable_files_stop_the_run_with_one_line(tmp_path):
+def _fit_main(capsys, *over) -> tuple[int, str]:
+    # the CLI's own entry point, in this process (a subprocess costs ~20 s of imports here)
+    from unipred.cli import main
+
+    code = main(["fit", *PRE, *over])
+    return code, capsys.readouterr().err
+
+
+def test_too_many_unreadable_files_stop_the_run_with_one_line(tmp_path, capsys):
     _half_synced(tmp_path / "train")  # 70 of 150 files empty: 47 % > 5 %
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "unipred.cli", "fit", *PRE, f"data.root={tmp_path / 'train'}",
-           f"run_dir={tmp_path / 'run'}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("unipred fit: error")]
-    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    code, stderr = _fit_main(capsys, f"data.root={tmp_path / 'train'}",
+                             f"run_dir={tmp_path / 'run'}")  # fmt: skip
+    assert code == 2, stderr[-3000:]
+    err = [ln for ln in stderr.splitlines() if ln.startswith("unipred fit: error")]
+    assert len(err) == 1 and "Traceback" not in stderr, stderr[-3000:]
     line = err[0]
     assert "data.max_bad_fraction=0.05" in line and "skipped/empty" in line, line
     assert str(tmp_path / "train" / "b") in line, line  # the folder holding them
+    assert "skipped bad sample" not in stderr.split("unipred fit: error")[-1]  # the last line
     # stopped early in epoch 0 (not after the epoch): the report holds what it had met
     rep = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert [e["epoch"] for e in rep["epochs"]] == [0]
     assert 0 < rep["epochs"][0]["counts"]["skipped/empty"] <= 70
 
 
-@pytest.mark.slow  # two epochs of a real run: ~20 s on a loaded 2-core box
 def test_below_the_fraction_a_long_run_of_empty_files_trains_and_is_counted(tmp_path):
     from unipred.config import load_config
     from unipred.engine import fit
@@ -268,3 +287,18 @@ def test_read_only_and_full_file_systems_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(rundir.RunDirError, match="1 MB free"):
         rundir.check_run_dir(tmp_path / "r3")
+
+
+def test_every_reason_the_shipped_readers_count_is_in_the_docs():
+    import unipred.tasks.audio.data  # noqa: F401  (each modality registers its reasons)
+    import unipred.tasks.image.decode  # noqa: F401
+    import unipred.tasks.text.data  # noqa: F401
+    import unipred.tasks.video.data  # noqa: F401
+
+    from unipred.data import shards  # noqa: F401
+    from unipred.data.accounting import _COLUMNS
+
+    docs = (Path(__file__).parents[1] / "docs" / "faults.md").read_text()
+    table = docs[docs.index("| Reason | Meaning |") :]
+    missing = [k for k in _COLUMNS if f"`{k}`" not in table and f"`{k.split('/')[1]}`" not in table]
+    assert not missing, missing

@@ -151,7 +151,8 @@ def _steps(run_dir) -> dict[int, list[int]]:
 
 @pytest.mark.slow  # 4 + 2 gloo processes with workers on 2 cores: about a minute or two
 @pytest.mark.parametrize(("data", "first", "second"),
-                         [("shards", "4:1", "2:2"), ("folders", "2:0", "4:1")])  # fmt: skip
+                         [("shards", "4:1", "2:2"), ("shards", "2:2", "4:0"),
+                          ("folders", "2:0", "4:1")])  # fmt: skip
 def test_gloo_run_killed_at_one_world_size_resumes_at_another(tmp_path, data, first, second):
     """A real DDP run (gloo, CPU) is killed after the step-2 checkpoint of a 6-step epoch and
     resumed with resume=auto on another number of ranks and workers: every sample once, the
@@ -173,3 +174,15 @@ def test_gloo_run_killed_at_one_world_size_resumes_at_another(tmp_path, data, fi
     assert (
         start["scheduler_step"] == 2 and start["optimizer_state"] > 0 and start["ema_updates"] == 2
     )
+
+
+def test_the_resume_guard_line_names_both_world_sizes():
+    from unipred.engine import BatchPlan, world_size_line
+
+    plan = BatchPlan(global_batch=8, world_size=2, per_device_batch=4, accumulate_grad_batches=1,
+                     lr=1e-3, head_lr=None)  # fmt: skip
+    assert world_size_line({"world_size": 4}, plan) == (
+        "resuming on 2 devices (saved on 4) with the same global batch 8 (4 per device x 1 "
+        "accumulation): the recipe is unchanged")  # fmt: skip
+    assert world_size_line({"world_size": 2}, plan) == ""
+    assert world_size_line({}, plan) == ""

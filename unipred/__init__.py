@@ -24,8 +24,15 @@ from unipred.task import (
     Task,
     register_data,
 )
+from unipred.task import joint as _joint  # noqa: F401
 from unipred.task.segment import SegmentData, SegmentOutput, SegmentTask
+from unipred.weights import hub as _hub  # noqa: F401
+from unipred.weights import pretrained as _pretrained  # noqa: F401
 
+# joint, hub and pretrained are imported for their registrations: higher layers register
+# what lower ones read (joint checkpoints for model.init=pretrain:, official NEPA weights for
+# model.init=official:, model folders, NEPA.save_pretrained / from_pretrained / push_to_hub),
+# so the tables are full before anything reads them (docs/architecture.md)
 _compat.install()  # the old flat module paths (unipred.model, ...) stay importable
 
 __all__ = [

@@ -8,9 +8,9 @@
     unipred data ... | demo NAME ... | visualize ... | convert ...
 
 ``data``, ``demo``, ``visualize``, ``convert`` and ``export`` are dispatched lazily: ``data`` to
-``unipred.data.cli``, ``convert`` to ``unipred.hub``, ``export`` to ``unipred.pretrained``, and
+``unipred.data.cli``, ``convert`` to ``unipred.weights.hub``, ``export`` to ``unipred.weights.pretrained``, and
 ``demo NAME`` / ``visualize`` to the module a modality registered for them (``COMMANDS`` in
-``unipred.registry``; each a ``main(argv) -> int``), so a missing or broken one never affects
+``unipred.base.registry``; each a ``main(argv) -> int``), so a missing or broken one never affects
 the others.
 """
 
@@ -190,7 +190,7 @@ def cmd_eval(argv: list[str]) -> int:
         return 0
     if not cfg.ckpt and not cfg.model.init:
         raise SystemExit("unipred eval: give ckpt=PATH (or model.init=...) to evaluate")
-    if settings.protocol:  # the backbone's rows, then its baselines' (unipred.baselines)
+    if settings.protocol:  # the backbone's rows, then its baselines' (unipred.protocols.baselines)
         from unipred.protocols.baselines import run_with_baselines
 
         run_with_baselines(cfg, settings, [settings.protocol])

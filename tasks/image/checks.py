@@ -82,14 +82,7 @@ def first_image(spec: str) -> tuple[str, bytes] | None:
         tars = sorted(f for f in os.listdir(spec) if f.endswith(".tar"))
         tar = os.path.join(spec, tars[0]) if tars else None
         if tar is None:
-            for dirpath, dirs, files in os.walk(spec, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for f in sorted(files):
-                    if _is_image(f):
-                        path = os.path.join(dirpath, f)
-                        with open(path, "rb") as fh:
-                            return path, fh.read()
-            return None
+            return _first_image_file(spec)
     if tar is None:
         return None
     try:
@@ -99,6 +92,31 @@ def first_image(spec: str) -> tuple[str, bytes] | None:
                     return f"{tar}:{m.name}", tf.extractfile(m).read()
     except (OSError, tarfile.TarError):
         return None  # the reader names and counts unreadable shards
+    return None
+
+
+def _first_image_file(root: str) -> tuple[str, bytes] | None:
+    """The first image of a folder tree, by the readers' rules (unipred.data.scan): no
+    folder entered twice (a symlink loop), no link out of the folder unless asked, and only
+    a regular file opened (a FIFO named .png would block)."""
+    from unipred.data.scan import read_regular, symlink_allowed
+
+    seen = set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and symlink_allowed(os.path.join(dirpath, d), root))  # fmt: skip
+        for f in sorted(files):
+            path = os.path.join(dirpath, f)
+            if _is_image(f) and symlink_allowed(path, root):
+                try:
+                    return path, read_regular(path)
+                except OSError:
+                    continue  # not a regular file, or unreadable: the reader's business
     return None
 
 

@@ -109,7 +109,10 @@ def read_file_records(path: Path, unit: str, max_bytes: int, counter) -> list[by
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # each file once, no symlink looping or leaving the folder, no FIFO (unipred.data.scan)
+    from unipred.data.scan import walk_files
+
+    return sorted(Path(p) for p in walk_files(str(folder)))
 
 
 def read_folder(root: Path, unit: str, max_bytes: int, counter, classes=None):

@@ -5,14 +5,13 @@ names it, not at the first forward pass).
 * :class:`Tokenizer` -- raw samples -> ``Tokens``; registered with ``@TOKENIZERS.register``.
 * :class:`DatasetBuilder` -- what a task provides to the engine for its data.
 * The streaming-dataset resume contract lives next to the loader that uses it
-  (``unipred.loader``).
+  (``unipred.data.loader``).
 
 docs/adding-a-modality.md walks through a complete plugin.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,7 +28,7 @@ class Tokenizer(Protocol):
     Optional, and used when present: ``patches(x) -> (B, N, P)``, the raw values behind each
     token in token order (pixels, log-mel patch, voxels, waveform frame), with ``patch_dim`` = P.
     ``model.objective.target=patch`` predicts them and every evaluation's raw-input baseline
-    (unipred.baselines) is k-NN / linear on them flattened.
+    (unipred.protocols.baselines) is k-NN / linear on them flattened.
 
     Built as ``cls(dim=D, **model.tokenizer_args)``. ``coord_dims`` (k) is a class attribute:
     the predictor's RoPE is sized from it before the model is built. ``example_input(b)``
@@ -83,38 +82,14 @@ def check_tokenizer(name: str, cls: Any) -> None:
         raise ContractError(f"{where} lacks " + "; ".join(missing))
 
 
-def check_task(name: str, cls: Any) -> None:
-    """Fail at registration when a task class lacks what the engine calls."""
-    from unipred.task import ClassifyTask, DataConfig, Task
-
-    where = _where("task", name, cls)
-    if not (inspect.isclass(cls) and issubclass(cls, Task)):
-        raise ContractError(f"{where}: register a subclass of unipred.Task")
-    missing = []
-    if cls.build_dataset is Task.build_dataset and cls.data_class is None:
-        missing.append("build_dataset(split) or a data source (register_data)")
-    if not (inspect.isclass(cls.data_config) and issubclass(cls.data_config, DataConfig)):
-        missing.append("data_config (a dataclass subclassing unipred.DataConfig)")
-    fields = getattr(cls.data_config, "__dataclass_fields__", {})
-    if issubclass(cls, ClassifyTask) and "num_classes" not in fields:
-        missing.append("a num_classes field in its data_config")
-    if missing:
-        raise ContractError(f"{where} lacks " + "; ".join(missing))
+# registration checks by name (``Registry(kind, check=NAME)``). A check of something defined
+# in a higher layer is registered by that layer: unipred.task.checks adds check_task and
+# check_data, so this module never imports the task layer.
+CHECKS: dict[str, Any] = {"check_tokenizer": check_tokenizer}
 
 
-def check_data(name: str, cls: Any) -> None:
-    """Fail at registration when a data source lacks part of ``unipred.DataSource``."""
-    from unipred.task import DataConfig, DataSource
-
-    where = _where("data", name, cls)
-    if not (inspect.isclass(cls) and issubclass(cls, DataSource)):
-        raise ContractError(f"{where}: register a subclass of unipred.DataSource")
-    missing = []
-    if cls.build is DataSource.build:
-        missing.append("build(split, augment)")
-    if not (inspect.isclass(cls.config) and issubclass(cls.config, DataConfig)):
-        missing.append("config (a dataclass subclassing unipred.DataConfig)")
-    elif not dataclasses.is_dataclass(cls.config):
-        missing.append("config as a @dataclass")
-    if missing:
-        raise ContractError(f"{where} lacks " + "; ".join(missing))
+def run_check(check: str, name: str, obj: Any) -> None:
+    """Run the registration check ``check`` on ``obj`` registered as ``name``."""
+    if check not in CHECKS:
+        raise ContractError(f"no registration check {check!r}: import unipred first")
+    CHECKS[check](name, obj)

@@ -23,7 +23,7 @@ class Registry:
     def __init__(self, kind: str, check: str = ""):
         self.kind = kind
         self._items: dict[str, Callable] = {}
-        self._check = check  # name of a unipred.contracts function run on each registration
+        self._check = check  # a registration check in unipred.base.contracts.CHECKS
 
     def register(self, name: str | None = None):
         def deco(fn):
@@ -31,9 +31,9 @@ class Registry:
             if key in self._items and self._items[key] is not fn:
                 raise KeyError(f"{self.kind} {key!r} is already registered")
             if self._check:
-                from unipred.base import contracts
+                from unipred.base.contracts import run_check
 
-                getattr(contracts, self._check)(key, fn)
+                run_check(self._check, key, fn)
             self._items[key] = fn
             return fn
 
@@ -68,7 +68,7 @@ TASKS = Registry("task", check="check_task")
 MODELS = Registry("model")
 # data sources of the modalities (unipred.task.DataSource, registered with register_data)
 DATASETS = Registry("data source", check="check_data")
-# segmentation decoders (unipred.segment): name -> fn(model_config, num_classes, task) -> model
+# segmentation decoders (unipred.task.segment): name -> fn(model_config, num_classes, task) -> model
 DECODERS = Registry("segmentation decoder")
 # extra `unipred` commands a modality brings: "demo NAME", "data NAME", "visualize" -> the
 # module that runs it (imported only when the command runs; it defines main(argv) -> int, or

@@ -78,6 +78,9 @@ class BadSampleCounter:
         # weak: a book lives as long as its reader
         self._books: weakref.WeakSet = weakref.WeakSet()
         self._pending: dict[str, dict] = {}  # book states from a checkpoint, by reader key
+        # what streams had counted in the batches a checkpoint's run had trained on, by
+        # reader: {"counts": {key: n}, "names": [...]} (restore_stream)
+        self._restored: dict[str, dict] = {}
 
     @staticmethod
     def _slot() -> int:
@@ -122,6 +125,10 @@ class BadSampleCounter:
         for book in list(self._books) if books else ():
             for k, v in book.counts().items():
                 out[k] = out.get(k, 0) + v
+        for part in self._restored.values():
+            for k, v in part["counts"].items():
+                if k in out:
+                    out[k] += v
         for kind in ("skipped", "converted"):
             out[f"{kind}/total"] = sum(v for k, v in out.items() if k.startswith(f"{kind}/"))
         return out
@@ -133,6 +140,8 @@ class BadSampleCounter:
         out = []
         for book in list(self._books):
             out += book.entries(limit)
+        for part in self._restored.values():
+            out += part["names"]
         for slot in range(_MAX_SLOTS):
             for i in range(int(self._n_names[slot])):
                 raw = bytes(self._names[slot, i].tolist()).rstrip(b"\0")
@@ -148,6 +157,35 @@ class BadSampleCounter:
         for book in list(self._books):
             book.reset()
         self._pending.clear()
+        self._restored.clear()
+
+    # -- streams: the counts of the batches a checkpoint had trained on ----------------------
+    def progress(self) -> torch.Tensor:
+        """This process's row and number of names (a stream records it at each batch end)."""
+        slot = self._slot()
+        return torch.cat([self._t[slot], self._n_names[slot : slot + 1]])
+
+    def consumed(self, rows: list[tuple[int, torch.Tensor]]) -> dict:
+        """{"counts", "names"} of the given (worker slot, ``progress()`` at the last batch
+        the run trained on) pairs: what a resumed stream will not read again."""
+        counts: dict[str, int] = {}
+        names: list[dict] = []
+        for slot, prog in rows:
+            vals = prog.tolist()
+            for k, col in self._columns.items():
+                if vals[col]:
+                    counts[k] = counts.get(k, 0) + int(vals[col])
+            for i in range(min(int(vals[-1]), _NAMES)):
+                raw = bytes(self._names[slot, i].tolist()).rstrip(b"\0")
+                reason, _, name = raw.decode("utf-8", "replace").partition("\t")
+                names.append({"reason": reason, "file": name})
+        return {"counts": counts, "names": names}
+
+    def restore_stream(self, key: str, part: dict) -> None:
+        """Count ``part`` (from :meth:`consumed`, saved in a checkpoint) in this epoch for the
+        stream ``key`` (set, not added: a reader built twice counts it once)."""
+        self._restored[key] = {"counts": dict(part.get("counts", {})),
+                               "names": list(part.get("names", []))}  # fmt: skip
 
     def begin_run(self) -> None:
         """Forget the readers and counts of earlier runs in this process (a run stopped
@@ -183,7 +221,7 @@ class BadSampleCounter:
 
     def __getstate__(self):
         return {"_t": self._t, "_names": self._names, "_n_names": self._n_names, "_warned": 0,
-                "_columns": dict(self._columns), "_pending": {}}  # fmt: skip
+                "_columns": dict(self._columns), "_pending": {}, "_restored": {}}  # fmt: skip
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -197,10 +235,11 @@ class Once:
     def __init__(self, inner):
         self.inner, self.done = inner, False
 
-    def count(self, reason: str, what: str = "", exc: BaseException | None = None) -> None:
+    def count(self, reason: str, what: str = "", exc: BaseException | None = None,
+              n: int = 1) -> None:  # fmt: skip
         if not self.done:
             self.done = True
-            self.inner.count(reason, what, exc)
+            self.inner.count(reason, what, exc, n=n)
 
     def handler(self, exn: BaseException) -> bool:
         return self.inner.handler(exn)

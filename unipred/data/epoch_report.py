@@ -40,6 +40,16 @@ def _skipped(counts: dict) -> int:
     return sum(v for k, v in counts.items() if k.startswith("skipped/") and k != "skipped/total")
 
 
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def books_of(ds, depth: int = 0) -> list:
     """The :class:`~unipred.data.book.SampleBook` of a map-style reader, looked for through
     the wrappers a loader or a task puts around it (``.dataset``, ``.datasets``)."""
@@ -86,10 +96,23 @@ class BadSampleLogger(L.Callback):
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return self.counter.state_dict()
+        # every rank saves a checkpoint together, rank 0 writes it: it holds each rank's
+        # books (the files that rank read), put back on the same rank
+        return {"ranks": _gather([self.counter.state_dict()], _world())}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.counter.load_state_dict(state_dict)
+        ranks = state_dict.get("ranks", [state_dict])
+        world, rank = _world(), _rank()
+        if len(ranks) == world:
+            self.counter.load_state_dict(ranks[rank])
+        elif rank == 0:  # another world size: what every rank had read, counted on rank 0
+            merged: dict = {}
+            for part in ranks:
+                for key, st in part.get("books", {}).items():
+                    m = merged.setdefault(key, {"n": st["n"], "index": [], "reason": []})
+                    m["index"] += st["index"]
+                    m["reason"] += st["reason"]
+            self.counter.load_state_dict({"books": merged})
 
     # -- what the training split met ----------------------------------------------------------
     def on_validation_epoch_start(self, trainer, pl_module):
@@ -122,6 +145,8 @@ class BadSampleLogger(L.Callback):
         batches, bs = trainer.num_training_batches, getattr(loader, "batch_size", None) or 1
         if isinstance(batches, int) or (isinstance(batches, float) and batches != float("inf")):
             planned = int(batches) * int(bs)
+            if not books:  # a stream drops bad samples: it reads the good ones plus those
+                planned += skipped
         return skipped, planned, reasons
 
     def _judged(self, trainer) -> bool:

@@ -76,6 +76,13 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def symlink_allowed(path: str, data_root: str) -> bool:
+    """False for a symlink leading out of ``data_root`` (unless following them was asked)."""
+    if _POLICY["follow_outside"] or not os.path.islink(path):
+        return True
+    return _inside(os.path.realpath(path), os.path.realpath(data_root))
+
+
 class Scan:
     """One walk over the folders of a data root (e.g. its class folders), sharing what was
     seen: files and folders reached by a real path are listed first, then those reached

@@ -107,16 +107,31 @@ class SeededBatch(list):
     key: tuple | None = None
 
 
+# The batch a stream reader is producing in this process (a DataLoader worker, or the main
+# process without workers): the fetcher pulls a batch's samples, then collates them, so the key
+# set at the batch's first sample is that batch's. Taken (and cleared) by SeededCollate.
+_STREAM_BATCH: list = [None]
+
+
+def stream_batch(*key) -> None:
+    """A stream reader calls this as it yields the first sample of a batch, so that the
+    batch's collate (mixup, cutmix) is seeded by ``key`` (e.g. seed, epoch, rank and worker
+    role, batch number) rather than by the worker's running generator."""
+    _STREAM_BATCH[0] = (*key, "batch")
+
+
 class SeededCollate:
     """Runs ``collate_fn`` (default: torch's ``default_collate``) inside ``seeded(batch key)``
-    when the batch carries one (:class:`SeededBatch`), so random batch-level choices are a
-    function of the batch's first sample and epoch too."""
+    when the batch carries one (:class:`SeededBatch`) or a stream reader announced it
+    (:func:`stream_batch`), so random batch-level choices are a function of the batch too."""
 
     def __init__(self, collate_fn=None):
         self.collate_fn = collate_fn or torch.utils.data.default_collate
 
     def __call__(self, items):
         key = getattr(items, "key", None)
+        if key is None:
+            key, _STREAM_BATCH[0] = _STREAM_BATCH[0], None
         if key is None:
             return self.collate_fn(items)
         with seeded(*key):

@@ -24,9 +24,10 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
 from unipred.data import elastic
+from unipred.data.accounting import _MAX_REASONS as _REASONS
 from unipred.data.accounting import COUNTER, BadSampleCounter, Once, reading
 from unipred.data.remote import NetworkPolicy, ShardGone, is_remote, open_shard, read_small
-from unipred.data.seeding import seeded
+from unipred.data.seeding import seeded, stream_batch
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://")
 _RING = 32  # batch-end positions kept per worker: more than a worker can run ahead (prefetch)
@@ -123,6 +124,14 @@ def shard_sizes(urls: list[str], meta: dict) -> dict[str, int]:
     return out
 
 
+def _sum_bad(parts: list[dict]) -> dict:
+    counts: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.get("counts", {}).items():
+            counts[k] = counts.get(k, 0) + v
+    return {"counts": counts, "names": [n for p in parts for n in p.get("names", [])]}
+
+
 def _worker_slot() -> int:
     info = torch.utils.data.get_worker_info()
     return 0 if info is None else 1 + info.id % (_SLOTS - 1)
@@ -182,6 +191,10 @@ class ShardReader(IterableDataset):
         # per worker, per batch it delivered: [epoch, batch, segment index, position, done]
         self._ring = torch.full((_SLOTS, _RING, 5), -1, dtype=torch.int64).share_memory_()
         self._ended = torch.full((_SLOTS, 2), -1, dtype=torch.int64).share_memory_()
+        # per worker, per batch: its bad-sample counts then (accounting.progress), so a
+        # checkpoint keeps exactly those of the batches trained on
+        self._ring_bad = torch.zeros(_SLOTS, _RING, _REASONS + 1, dtype=torch.int64)
+        self._ring_bad.share_memory_()
 
     # -- the resume contracts -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -249,15 +262,19 @@ class ShardReader(IterableDataset):
             rest = None if quota is None else max(0, quota - taken[w] * bs)
             readers.append((role, [list(x) for x in left], rest))
         mine_readers = [[segs_, rest] for _, segs_, rest in sorted(readers)]
+        bad = [(slot, self._ring_bad[slot, (taken[w] - 1) % _RING])
+               for w, slot in enumerate(slots) if taken[w]]  # fmt: skip
+        bad = self.counter.consumed(bad) if hasattr(self.counter, "consumed") else {}
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             every = [None] * world
-            torch.distributed.all_gather_object(every, (parts, mine_readers))
-            parts = [p for rank_parts, _ in every for p in rank_parts]
-            mine_readers = [r for _, rank_readers in every for r in rank_readers]
+            torch.distributed.all_gather_object(every, (parts, mine_readers, bad))
+            parts = [p for rank_parts, _, _ in every for p in rank_parts]
+            mine_readers = [r for _, rank_readers, _ in every for r in rank_readers]
+            bad = _sum_bad([b for _, _, b in every])
         left = elastic.merge(parts, [u for u, _, _ in segs])
         return {"epoch": int(epoch), "segments": [list(x) for x in left], "world": world,
                 "workers": nw, "batch_size": bs, "rotation": (rot + consumed) % nw,
-                "readers": mine_readers}  # fmt: skip
+                "readers": mine_readers, "bad": bad}  # fmt: skip
 
     def load_stream_state(self, state: dict, world: int, batch_size: int, workers: int) -> int:
         """Continue the epoch of ``state`` (from :meth:`stream_state`, any world size) with
@@ -276,6 +293,11 @@ class ShardReader(IterableDataset):
         self._plan = {"epoch": epoch, "segments": segs,
                       "readers": state.get("readers") if same else None,
                       "rotation": int(state.get("rotation", 0)) if same else 0}  # fmt: skip
+        dist = torch.distributed
+        first = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        if state.get("bad") and first and hasattr(self.counter, "restore_stream"):
+            # what the trained batches had counted (every rank's, summed: rank 0 holds it)
+            self.counter.restore_stream(self.spec, state["bad"])
         self.set_epoch(epoch)
         return epoch
 
@@ -383,6 +405,8 @@ class ShardReader(IterableDataset):
 
     def _record(self, slot: int, epoch: int, k: int, si: int, pos: int, done: bool) -> None:
         self._ring[slot, (k - 1) % _RING] = torch.tensor([epoch, k, si, pos, int(done)])
+        if hasattr(self.counter, "progress"):
+            self._ring_bad[slot, (k - 1) % _RING] = self.counter.progress()
 
     def __iter__(self):
         rank, world, worker, workers = pytorch_worker_info()
@@ -427,6 +451,8 @@ class ShardReader(IterableDataset):
                         continue
                     if rep:
                         self.counter.count("repeated", url)
+                    if produced % bs == 0:  # a batch's first sample names it: seeds its collate
+                        stream_batch(self.seed, epoch, str(raw.get("__key__", "")), rep)
                     produced += 1
                     if produced % bs == 0:  # the loader's batch ends here: where we stand
                         self._record(slot, epoch, produced // bs, si, pos, rep > 0)

@@ -1,7 +1,7 @@
 """NEPA = tokenizer + prefix (cls) token + predictor (+ a head).
 
 Pretraining: the loss compares the predictor output at t with the raw input token at t+1
-(the release's objective; ``model.objective`` selects variants, see unipred/objectives.py).
+(the release's objective; ``model.objective`` selects variants, see unipred/nn/objectives.py).
 Downstream: the same backbone, usually bidirectional, with a head on the pooled output.
 Optional register tokens sit after cls: prefix tokens, never targets, never pooled.
 
@@ -25,7 +25,7 @@ from unipred.nn import objectives
 from unipred.nn.heads import ClassifierHead, LinearProbeHead
 from unipred.nn.objectives import Objective, ObjectiveConfig
 from unipred.nn.predictor import Predictor, PredictorConfig, PredictorOutput, init_weights
-from unipred.weights.pretrained import PretrainedMixin
+from unipred.nn.saving import PretrainedMixin
 
 
 @dataclass
@@ -58,7 +58,7 @@ class ClassifierOutput:
 
 class NEPA(PretrainedMixin, nn.Module):
     """A NEPA model. ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub``: see
-    unipred/pretrained.py."""
+    unipred/weights/pretrained.py."""
 
     n_prefix = 1  # the cls token (+ model.registers)
 

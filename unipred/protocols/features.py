@@ -32,9 +32,9 @@ def weight_sets(path: str, ema: str) -> list[tuple[str, dict]]:
     if p.is_dir():
         if ema == "true":
             raise ProtocolError(f"ema=true: {path} is a model folder with one weight set")
-        from unipred.weights.pretrained import load_pretrained
+        from unipred.train.formats import load_model_folder
 
-        return [("raw", _backbone(load_pretrained(p).state_dict()))]
+        return [("raw", _backbone(load_model_folder(p).state_dict()))]
     from unipred.train.checkpoint import CheckpointError, read_checkpoint
 
     ckpt = read_checkpoint(p)

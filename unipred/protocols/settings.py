@@ -62,7 +62,7 @@ class FeatureSettings:
 
 @dataclass
 class RawSettings:
-    """The raw-input baseline (unipred.baselines): flattened patches of the tokenizer."""
+    """The raw-input baseline (unipred.protocols.baselines): flattened patches of the tokenizer."""
 
     max_dim: int = 4096  # values per sample above which each patch is averaged down
 
@@ -82,7 +82,7 @@ class EvalSettings:
     layers: ProbeSettings = field(default_factory=ProbeSettings)  # the linear probe's recipe
     features: FeatureSettings = field(default_factory=FeatureSettings)
     # print the random-init backbone, the raw input and the data source's own baselines
-    # beside the backbone's rows (unipred.baselines)
+    # beside the backbone's rows (unipred.protocols.baselines)
     baselines: bool = True
     raw: RawSettings = field(default_factory=RawSettings)
 

@@ -20,7 +20,7 @@ it knows, a synthetic fallback when ``data.root`` is empty) registered with
         def num_classes(self):            # what the data say, when the config does not
             return 10
 
-The engine (unipred/engine.py) owns everything else: optimizer, schedule, precision, EMA,
+The engine (unipred/train/engine.py) owns everything else: optimizer, schedule, precision, EMA,
 checkpoints, distributed, logging. Objectives that need a model of their own (UperNet
 segmentation) subclass ``Task`` directly. docs/adding-a-modality.md is the full guide.
 
@@ -32,7 +32,7 @@ segmentation) subclass ``Task`` directly. docs/adding-a-modality.md is the full 
   over the ranks (do not add a sampler). An ``IterableDataset`` shards itself (by rank and
   worker) and, for exact resumption, implements ``set_epoch(epoch)`` and ``resume(n)``: skip
   the first n samples this rank delivered in that epoch (whole shards first), with shard order
-  a function of (seed, epoch) only; see unipred/loader.py.
+  a function of (seed, epoch) only; see unipred/data/loader.py.
 * Metrics are torchmetrics objects keyed by short names ("acc1"); the engine logs them as
   ``val/acc1`` (raw weights) and ``val_ema/acc1`` (EMA weights). ``monitor`` names the metric
   that selects the best checkpoint ("val/acc1"; the engine swaps in ``val_ema/`` when
@@ -47,6 +47,7 @@ from unipred.task.base import (
     check_tokenizer,
     model_tokenizer,
 )
+from unipred.task.checks import check_data, check_task  # registers them with base.contracts
 from unipred.task.classify import (
     MODES,
     ClassifyData,
@@ -67,6 +68,8 @@ from unipred.task.register import (
 )
 
 __all__ = [
+    "check_data",
+    "check_task",
     "DataConfig",
     "DataSource",
     "Task",

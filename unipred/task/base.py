@@ -42,7 +42,7 @@ class DataSource:
     # the builder cuts the training set to data.labels_per_class and repeats it data.repeat
     # times when augmenting (one pass when not) itself
     applies_label_budget: ClassVar[bool] = False
-    # segmentation (unipred.segment): the tokenizer coordinate axes the dense label maps span,
+    # segmentation (unipred.task.segment): the tokenizer coordinate axes the dense label maps span,
     # in the labels' order; None = every axis (an image's (y, x), a video's (t, y, x)); an
     # audio spectrogram's per-frame labels span (0,): time, the frequency bands averaged
     label_axes: ClassVar[tuple[int, ...] | None] = None
@@ -72,7 +72,7 @@ class DataSource:
 
     @classmethod
     def check_config(cls, cfg: Any, objective: str) -> None:
-        """Catch shape mistakes before anything is built (``unipred.config.load_config`` calls
+        """Catch shape mistakes before anything is built (``unipred.train.config.load_config`` calls
         it, also under ``--print-config``): patch vs input size, channels, the tokenizer.
         Raise ``ValueError`` with one line naming the keys. Default: no check."""
 
@@ -145,7 +145,7 @@ class Task:
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
-        """Catch shape mistakes before anything is built (``unipred.config.load_config`` calls
+        """Catch shape mistakes before anything is built (``unipred.train.config.load_config`` calls
         it, also under ``--print-config``). Raise ``ValueError`` with one line naming the keys.
         Default: the data source's checks."""
         if cls.data_class is not None:
@@ -176,7 +176,7 @@ class Task:
 
     def feature_dataset(self, split: str):
         """``(dataset, collate_fn)`` of ``split`` as the frozen-feature protocols read it (kNN,
-        probes; unipred/protocols.py): labelled, with evaluation-time processing (no
+        probes; unipred/protocols/): labelled, with evaluation-time processing (no
         augmentation, one pass)."""
         if self.source is not None:
             return self.source.build(split, augment=False), self.source.collate(split, False)

@@ -11,7 +11,7 @@ OBJECTIVES: dict[str, type[Task]] = {"pretrain": PretrainTask, "classify": Class
 
 
 def all_objectives() -> dict[str, type[Task]]:
-    """Every generic objective by name (segmentation lives in unipred.segment)."""
+    """Every generic objective by name (segmentation lives in unipred.task.segment)."""
     from unipred.task.segment import SegmentTask
 
     return {**OBJECTIVES, "segment": SegmentTask}
@@ -21,7 +21,7 @@ def register_data(name: str, objectives=("pretrain", "classify"), tasks: dict | 
     """Class decorator: register a ``DataSource`` as ``name`` and, for every objective, the task
     ``{name}_{objective}`` (``tasks`` may rename some: {"classify": "my_cls"}). The task
     classes are ``source.tasks[objective]`` and attributes of the source's module. The
-    objectives: "pretrain", "classify" (unipred.task) and "segment" (unipred.segment: the
+    objectives: "pretrain", "classify" (unipred.task) and "segment" (unipred.task.segment: the
     source yields dense label maps and may set ``label_axes``)."""
     import sys
 

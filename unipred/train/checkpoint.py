@@ -27,6 +27,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from unipred.train.formats import INIT_SOURCES, STATE_ADAPTERS
+
 REQUIRED = ("state_dict", "global_step", "loops", "optimizer_states")
 
 
@@ -448,39 +450,38 @@ def split_source(path: str) -> tuple[str, str]:
 
 def apply_init(model, spec: str) -> None:
     """Initialise ``model`` from ``model.init``: official:PATH | ckpt:PATH |
-    pretrain:PATH[:ema][@SOURCE] (SOURCE: which source of a joint checkpoint)."""
+    pretrain:PATH[:ema][@SOURCE] (SOURCE: which source of a joint checkpoint). The kinds are
+    the registered ``INIT_SOURCES`` (unipred.train.formats)."""
     kind, _, path = spec.partition(":")
-    if kind == "ckpt":
-        load_weights(model, path)
-        print(f"model.init: loaded {path}: all {len(model.state_dict())} tensors matched, 0 new")
-    elif kind == "official":
-        from unipred.weights.hub import load_official_nepa
-
-        src = load_official_nepa(path).state_dict()
-        head = {k: tuple(v.shape) for k, v in src.items() if k.startswith("head.")}
-        mine = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("head.")}
-        if head and head == mine:  # a released classifier evaluates with its own head
-            model.load_state_dict(src, strict=True)
-            print(f"model.init: loaded {path}: all {len(src)} tensors matched, 0 new")
-        else:
-            load_backbone(model, src, path)
-    elif kind == "pretrain":
-        path, source = split_source(path)
-        use_ema = path.endswith(":ema")
-        path = path[: -len(":ema")] if use_ema else path
-        ckpt = read_checkpoint(path)
-        if use_ema and "ema_state_dict" not in ckpt:
-            raise CheckpointError(f"{path}: missing key 'ema_state_dict' (asked for :ema)")
-        sd = ckpt["ema_state_dict"] if use_ema else _strip(ckpt["state_dict"])
-        from unipred.task.joint import is_joint_state, single_from_joint
-
-        if is_joint_state(sd):  # joint pretraining: that modality's tokenizer (docs/joint.md)
-            sd = single_from_joint(model, sd, path, source)
-        elif source:
-            raise CheckpointError(f"{path}: @{source} names a joint source; not a joint checkpoint")
-        load_backbone(model, sd, path)
-    else:
+    init = INIT_SOURCES.get(kind)
+    if init is None:
         raise ValueError(
             f"model.init: unknown kind {kind!r} in {spec!r}; use official:PATH, "
             "ckpt:PATH or pretrain:PATH[:ema]"
         )
+    init(model, path)
+
+
+def _init_ckpt(model, path: str) -> None:
+    load_weights(model, path)
+    print(f"model.init: loaded {path}: all {len(model.state_dict())} tensors matched, 0 new")
+
+
+def _init_pretrain(model, path: str) -> None:
+    path, source = split_source(path)
+    use_ema = path.endswith(":ema")
+    path = path[: -len(":ema")] if use_ema else path
+    ckpt = read_checkpoint(path)
+    if use_ema and "ema_state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: missing key 'ema_state_dict' (asked for :ema)")
+    sd = ckpt["ema_state_dict"] if use_ema else _strip(ckpt["state_dict"])
+    # another layout (a joint checkpoint: that modality's tokenizer, docs/joint.md)
+    adapter = next((a for a in STATE_ADAPTERS.values() if a[0](sd)), None)
+    if adapter is not None:
+        sd = adapter[1](model, sd, path, source)
+    elif source:
+        raise CheckpointError(f"{path}: @{source} names a joint source; not a joint checkpoint")
+    load_backbone(model, sd, path)
+
+
+INIT_SOURCES.update(ckpt=_init_ckpt, pretrain=_init_pretrain)

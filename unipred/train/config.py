@@ -2,9 +2,9 @@
 validating them.
 
 A run config is one ``RunConfig`` made of the sections' dataclasses, each living next to the
-code that takes it: ``ModelSection`` (unipred/model.py), ``OptimConfig`` (unipred/optim.py),
-``TrainerConfig`` and the batch plan (unipred/trainer.py), ``EMAConfig`` (unipred/callbacks.py)
-and the task's own ``data_config`` (its data source, unipred/task.py). ``load_config(path, overrides)`` reads the YAML (following ``_base_`` includes),
+code that takes it: ``ModelSection`` (unipred/nn/model.py), ``OptimConfig`` (unipred/train/optim.py),
+``TrainerConfig`` and the batch plan (unipred/train/trainer.py), ``EMAConfig`` (unipred/train/callbacks.py)
+and the task's own ``data_config`` (its data source, unipred/task/). ``load_config(path, overrides)`` reads the YAML (following ``_base_`` includes),
 looks the task up in ``TASKS``, builds the typed schema for that task and merges everything
 strictly with OmegaConf. Unknown keys and wrong types raise ``ConfigError`` naming the key and
 the closest valid key; data paths that do not exist fail here, before any model is built.

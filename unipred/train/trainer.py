@@ -51,7 +51,7 @@ class TrainerConfig:
     fast_dev_run: int = 0  # run N train/val batches only, no checkpoints or logs
     drop_last: bool = True
     # CPU runs: torch threads. 0 = the cores idle when the run starts (a busy machine gets
-    # fewer threads; why: unipred/threads.py); -1 = torch's default
+    # fewer threads; why: unipred/base/threads.py); -1 = torch's default
     threads: int = 0
 
 

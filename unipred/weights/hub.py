@@ -17,6 +17,7 @@ import torch
 
 from unipred.nn.model import NEPA, ModelConfig
 from unipred.nn.predictor import PredictorConfig
+from unipred.train.formats import INIT_SOURCES
 from unipred.weights.pretrained import for_inference
 
 _ACT = {"gelu": "gelu", "silu": "silu", "swish": "silu"}
@@ -236,6 +237,24 @@ def load_official_nepa(path: str | Path, *, weights: str | None = None, **overri
     return model
 
 
+def init_from_official(model, path: str) -> None:
+    """``model.init=official:PATH``: a released classifier whose head fits ``model`` loads
+    whole (it evaluates with its own head); otherwise every backbone tensor is copied."""
+    from unipred.train.checkpoint import load_backbone
+
+    src = load_official_nepa(path).state_dict()
+    head = {k: tuple(v.shape) for k, v in src.items() if k.startswith("head.")}
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("head.")}
+    if head and head == mine:
+        model.load_state_dict(src, strict=True)
+        print(f"model.init: loaded {path}: all {len(src)} tensors matched, 0 new")
+    else:
+        load_backbone(model, src, path)
+
+
+INIT_SOURCES["official"] = init_from_official  # the training layer reads model.init through it
+
+
 def save_official_nepa(model: NEPA, path: str | Path, image_size: int = 224) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in the official layout (atomically).
 
@@ -304,198 +323,26 @@ def check_official_layout(model: NEPA) -> None:
         )
 
 
-# ------------------------------------------------------------------------------- timm
-TIMM_ARCH = "vit_base_patch16_dinov3"  # timm's Eva class, DINOv3 flavour: the same RoPE as NEPA
+# the timm export lives in unipred.weights.timm_export; its names stay reachable here
+# (``from unipred.weights.hub import to_timm``), loaded on first use
+_TIMM = (
+    "TIMM_ARCH",
+    "timm_problems",
+    "timm_kwargs",
+    "timm_state_dict",
+    "to_timm",
+    "TIMM_WEIGHTS",
+    "TIMM_CONFIG",
+    "timm_pretrained_cfg",
+    "load_timm",
+    "set_layernorm_eps",
+    "export_timm",
+)
 
 
-def timm_problems(model: NEPA, bidirectional: bool = False) -> list[str]:
-    """Why ``model`` does not map exactly onto timm's ViT (Eva with DINOv3 RoPE)."""
-    pc, out = model.cfg.predictor, official_layout_problems(model)
-    if pc.causal and not bidirectional:
-        out.append(
-            "its attention is causal and timm's ViT has no causal mode (pass "
-            "bidirectional=True to export its bidirectional forward, as fine-tuning reads it)"
-        )
-    if pc.mlp not in ("gelu", "swiglu"):
-        out.append(f"mlp {pc.mlp!r}: timm's Eva blocks have GELU or SwiGLU MLPs only")
-    if pc.mlp_hidden != int(pc.dim * pc.mlp_ratio):
-        out.append(f"mlp width {pc.mlp_hidden} is not int(dim * mlp_ratio) as timm computes it")
-    if pc.coord_dims != 2:
-        out.append(f"{pc.coord_dims}-D RoPE (timm's ViT has 2-D RoPE)")
-    if pc.head_dim % 4:
-        out.append(f"head dim {pc.head_dim} is not a multiple of 4 (2-D RoPE in timm needs it)")
-    if model.cfg.head == "last":
-        out.append("head 'last' (last-token pooling): timm pools the first token or the mean")
-    return out
+def __getattr__(name: str):
+    if name in _TIMM:
+        from unipred.weights import timm_export
 
-
-def timm_kwargs(model: NEPA, bidirectional: bool = False) -> dict:
-    """``timm.create_model(TIMM_ARCH, **kwargs)`` arguments that rebuild ``model``'s network."""
-    problems = timm_problems(model, bidirectional)
-    if problems:
-        raise ValueError("cannot export to timm: " + "; ".join(problems))
-    from functools import partial
-
-    from unipred.base.extras import require
-
-    layers = require("timm.layers", "vision", "exporting to timm")
-    pc, cfg = model.cfg.predictor, model.cfg
-    return dict(
-        pretrained=False,
-        patch_size=cfg.tokenizer_args.get("patch_size", 14),
-        in_chans=cfg.tokenizer_args.get("in_chans", 3),
-        img_size=224,
-        dynamic_img_size=True,  # any size divisible by the patch, as ours
-        embed_dim=pc.dim,
-        depth=pc.depth,
-        num_heads=pc.heads,
-        qkv_bias=pc.qkv_bias,
-        qkv_fused=True,
-        attn_type="rope",  # timm's AttentionRope keeps the key bias (Eva's own drops it)
-        qk_norm=pc.qk_norm,
-        mlp_ratio=pc.mlp_ratio,
-        swiglu_mlp=pc.mlp == "swiglu",
-        # timm drops None arguments: without LayerScale, gammas of 1 (exact: x * 1 == x)
-        init_values=pc.layerscale if pc.layerscale is not None else 1.0,
-        drop_path_rate=pc.drop_path,
-        norm_layer=partial(layers.LayerNorm, eps=pc.norm_eps),
-        class_token=True,
-        num_reg_tokens=0,
-        use_abs_pos_emb=False,
-        use_rot_pos_emb=True,
-        rope_type="dinov3",
-        rope_temperature=pc.rope_theta,
-        rope_rotate_half=True,
-        num_classes=cfg.num_classes if cfg.head else 0,
-        global_pool="avg",
-        use_fc_norm=cfg.head == "mean",
-        use_post_transformer_norm=True,  # ours has the final norm and then fc_norm
-    )
-
-
-def timm_state_dict(model: NEPA) -> dict[str, torch.Tensor]:
-    """Our state dict renamed (and completed) for the timm model of :func:`timm_kwargs`."""
-    pc = model.cfg.predictor
-    out = {}
-    for k, v in model.state_dict().items():
-        if k == "cls_token":
-            out[k] = v
-        elif k.startswith("tokenizer.proj."):
-            out["patch_embed.proj." + k.split(".")[-1]] = v
-        elif k.startswith("predictor.blocks."):
-            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
-            rest = {"ls1.gamma": "gamma_1", "ls2.gamma": "gamma_2"}.get(rest, rest)
-            out[f"blocks.{i}.{rest}"] = v
-        elif k.startswith("predictor.norm."):
-            out["norm." + k.split(".")[-1]] = v
-        elif k.startswith("head.fc_norm."):
-            out["fc_norm." + k.split(".")[-1]] = v
-        elif k.startswith("head.classifier."):
-            out["head." + k.split(".")[-1]] = v
-        else:
-            raise ValueError(f"no timm name for {k!r}")
-    if pc.layerscale is None:
-        for i in range(pc.depth):
-            out[f"blocks.{i}.gamma_1"] = torch.ones(pc.dim)
-            out[f"blocks.{i}.gamma_2"] = torch.ones(pc.dim)
-    if pc.qk_norm:  # ours has no bias (and, without affine, no weight): the identity values
-        for i in range(pc.depth):
-            for n in ("q_norm", "k_norm"):
-                w = f"blocks.{i}.attn.{n}.weight"
-                out.setdefault(w, torch.ones(pc.head_dim))
-                out[f"blocks.{i}.attn.{n}.bias"] = torch.zeros(pc.head_dim)
-    return {k: v.detach().clone() for k, v in out.items()}
-
-
-def to_timm(model: NEPA, bidirectional: bool = False):
-    """A timm model (``timm.create_model``) with ``model``'s weights, in eval mode."""
-    from unipred.base.extras import require
-
-    timm = require("timm", "vision", "exporting to timm")
-    kw = timm_kwargs(model, bidirectional)
-    net = timm.create_model(TIMM_ARCH, **kw)
-    net.load_state_dict(timm_state_dict(model), strict=True)
-    return net.eval()
-
-
-TIMM_WEIGHTS = "model.safetensors"  # the names timm's local-dir / hf-hub loaders look for
-TIMM_CONFIG = "config.json"
-
-
-def timm_pretrained_cfg(model: NEPA, image_size: int = 224) -> dict:
-    """timm's ``pretrained_cfg`` of an export: NEPA's preprocessing (mean = std = 0.5, not
-    ImageNet's), the input size, bicubic resizing and the release's 0.875 centre crop."""
-    chans = model.cfg.tokenizer_args.get("in_chans", 3)
-    return {
-        "tag": "unipred",
-        "input_size": [chans, image_size, image_size],
-        "fixed_input_size": False,  # any size divisible by the patch
-        "interpolation": "bicubic",
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-        "mean": [0.5] * chans,
-        "std": [0.5] * chans,
-        "num_classes": model.cfg.num_classes if model.cfg.head else 0,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "see the model card of the source checkpoint",
-    }
-
-
-@for_inference
-def load_timm(folder: str | Path):
-    """``timm.create_model("local-dir:FOLDER", pretrained=True)`` with the LayerNorm epsilon
-    of the export (``config.json: unipred.norm_eps``; timm's JSON cannot carry it and its
-    Eva default is 1e-5), in eval mode: unipred's outputs to 1e-5."""
-    from unipred.base.extras import require
-
-    timm = require("timm", "vision", "loading a timm export")
-    folder = Path(folder)
-    net = timm.create_model(f"local-dir:{folder}", pretrained=True)
-    eps = json.loads((folder / TIMM_CONFIG).read_text()).get("unipred", {}).get("norm_eps")
-    if eps is not None:
-        set_layernorm_eps(net, eps)
-    return net
-
-
-def set_layernorm_eps(net: torch.nn.Module, eps: float) -> torch.nn.Module:
-    """Every LayerNorm of ``net`` takes ``eps`` (NEPA's 1e-12 where timm builds 1e-5)."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.LayerNorm):
-            m.eps = eps
-    return net
-
-
-def export_timm(model: NEPA, folder: str | Path, bidirectional: bool = False,
-                image_size: int = 224) -> Path:  # fmt: skip
-    """Write timm's own model folder: ``model.safetensors`` (timm's key names) and
-    ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg`` with NEPA's
-    preprocessing), so ``timm.create_model("local-dir:FOLDER", pretrained=True)`` builds it.
-    The LayerNorm epsilon is not a JSON-able timm argument: it is kept as
-    ``unipred.norm_eps`` (``load_timm`` / ``set_layernorm_eps`` apply it; docs/hub.md)."""
-    from safetensors.torch import save_file
-
-    kw = timm_kwargs(model, bidirectional)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.contiguous() for k, v in timm_state_dict(model).items()}
-    _atomic(folder / TIMM_WEIGHTS, lambda f: save_file(sd, f, metadata={"format": "pt"}))
-    args = {k: v for k, v in kw.items() if k not in ("norm_layer", "pretrained")}
-    args["img_size"] = image_size
-    pc = model.cfg.predictor
-    js = {
-        "architecture": TIMM_ARCH,
-        "num_classes": args["num_classes"],
-        "num_features": pc.dim,
-        "global_pool": args["global_pool"],
-        "model_args": args,
-        "pretrained_cfg": timm_pretrained_cfg(model, image_size),
-        "unipred": {
-            "norm_eps": pc.norm_eps,
-            "note": "every LayerNorm of this model has eps=norm_eps; timm builds them with 1e-5 "
-            "(unipred.hub.load_timm or set_layernorm_eps applies it)",
-            "causal_attention_exported_as": "bidirectional" if pc.causal else None,
-        },
-    }
-    _atomic(folder / TIMM_CONFIG, lambda f: Path(f).write_text(json.dumps(js, indent=2) + "\n"))
-    return folder
+        return getattr(timm_export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

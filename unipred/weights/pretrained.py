@@ -22,6 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from unipred.nn.saving import WEIGHTS_IO, PretrainedMixin  # noqa: F401 (old home of the mixin)
+from unipred.train.formats import MODEL_FOLDERS
+
 FORMAT = "unipred-nepa"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -317,36 +320,24 @@ def load_pretrained(src, *, cls=None, map_location="cpu", **hub_kwargs):
     return model
 
 
-class PretrainedMixin:
-    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for NEPA models."""
-
-    def save_pretrained(self, folder, **card) -> Path:
-        """Write the model folder; ``training_config``, ``recipe``, ``evaluation`` (the
-        ``evaluate-suite`` results dict) and ``weights`` ("raw" | "ema") go into the card."""
-        return save_pretrained(self, folder, **card)
-
-    @classmethod
-    def from_pretrained(cls, src, *, revision=None, cache_dir=None, local_files_only=False,
-                        token=None, map_location="cpu"):  # fmt: skip
-        """A folder, a Hub repo id (Hub cache honoured; HF_HUB_OFFLINE=1 works from the
-        cache) or an official NEPA folder -> the model, in eval mode."""
-        return load_pretrained(
-            src, cls=cls, map_location=map_location, revision=revision, cache_dir=cache_dir,
-            local_files_only=local_files_only, token=token,
+def push_to_hub(model, repo_id: str, *, private: bool | None = None, token=None,
+                commit_message: str = "Upload unipred model", revision=None, **card):  # fmt: skip
+    """Save ``model`` into a temporary folder and upload it to ``repo_id`` (created if needed)."""
+    hub = _hub()
+    api = hub.HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, **card)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+            revision=revision,
         )  # fmt: skip
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
-                    commit_message: str = "Upload unipred model", revision=None, **card):  # fmt: skip
-        """Save into a temporary folder and upload it to ``repo_id`` (created if needed)."""
-        hub = _hub()
-        api = hub.HfApi(token=token)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, **card)
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
-                revision=revision,
-            )  # fmt: skip
+
+# the model layer's NEPA.save_pretrained / from_pretrained / push_to_hub and the training
+# layer's model-folder reader (eval ckpt=FOLDER) call these: this layer sits above both
+WEIGHTS_IO.update(save=save_pretrained, load=load_pretrained, push=push_to_hub)
+MODEL_FOLDERS["pretrained"] = load_pretrained
 
 
 # ------------------------------------------------------------------ checkpoints -> folder

@@ -4,7 +4,7 @@
 registered single-modality task (and/or one of its YAML recipes) with overrides, a sampling
 weight and where its coordinates sit in the shared RoPE space. The task builds each source's
 task from that config and reuses its ``build_dataset`` / ``collate_fn`` and the tokenizer its
-``build_model`` would build; the model is an ordinary :class:`unipred.model.NEPA` whose
+``build_model`` would build; the model is an ordinary :class:`unipred.nn.model.NEPA` whose
 tokenizer is :class:`JointTokenizer` (registered as ``joint``): a dict of the sources'
 tokenizers, an optional learned modality embedding per source, and one coordinate space.
 Everything else (cls token, predictor, objective, loss, engine, EMA, checkpoints) is shared.

@@ -153,7 +153,7 @@ class JointStream(torch.utils.data.IterableDataset):
     its pass k // P (P batches per rank per pass): the samples ``perm[rank::world][...]`` of a
     seeded permutation per (source, pass), so 1 x B and 2 x B/2 read the same global batches.
     Everything is a function of (seed, epoch, batch index): ``resume`` skips without reading.
-    Implements :class:`unipred.loader.ResumableStream`.
+    Implements :class:`unipred.data.loader.ResumableStream`.
     """
 
     def __init__(self, names, datasets, weights, seed, batch_size, batches=0, accumulate=1,

@@ -99,7 +99,7 @@ class JointTokenizer(nn.Module):
         if not isinstance(x, dict) or "source" not in x or "input" not in x:
             raise ValueError(
                 "the joint tokenizer expects {'source': NAME, 'input': batch} "
-                f"(unipred.joint.joint_input), got {type(x).__name__}"
+                f"(unipred.task.joint.joint_input), got {type(x).__name__}"
             )
         if x["source"] not in self.tokenizers:
             raise ValueError(

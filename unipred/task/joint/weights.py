@@ -3,6 +3,8 @@ shared predictor and that source's tokenizer."""
 
 from __future__ import annotations
 
+from unipred.train.formats import STATE_ADAPTERS
+
 
 # ------------------------------------------------------------- joint -> single-modality init
 def is_joint_state(sd: dict) -> bool:
@@ -71,3 +73,7 @@ def single_from_joint(model, sd: dict, where, source: str = "") -> dict:
         )
     print(f"model.init: joint checkpoint, source {source!r} of {names}")
     return out
+
+
+# model.init=pretrain:JOINT_CKPT@SOURCE: the training layer converts through this entry
+STATE_ADAPTERS["joint"] = (is_joint_state, single_from_joint)
