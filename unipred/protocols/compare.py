@@ -10,9 +10,10 @@ For any registered data source (the configs name it; ``key=value`` overrides suc
 ``data.root=DIR/train data.val_root=DIR/val`` go to every run):
 
 1. one NEPA pretraining with ``--pretrain-config`` (skipped with ``--ckpt``);
-2. for every label budget K (``data.labels_per_class``) and seed S (the run seed and
-   ``data.subset_seed``: each seed draws its own labelled subset, so the spread includes which
-   samples carry labels): a fine-tune from the checkpoint and one from scratch
+2. for every label budget K (``data.labels_per_class``) and seed S (the fine-tune's run seed,
+   the probe's ``seed`` and ``data.subset_seed``: each seed draws its own labelled subset, so
+   the spread includes which samples carry labels; the random-init backbone is the config's
+   seed, one network for every S): a fine-tune from the checkpoint and one from scratch
    (``--finetune-config``), and ``unipred evaluate-suite --probe-config protocols=knn,linear``,
    which gives the frozen k-NN and linear probe of the checkpoint, of the random-init backbone
    of the same config and of the raw input, plus the data source's own baselines
@@ -179,7 +180,7 @@ def compare(a: argparse.Namespace, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     head = (f"Checkpoint `{ckpt}`; fine-tune `{a.finetune_config}`, frozen protocols on "
             f"`{a.probe_config}`; overrides `{' '.join(a.overrides)}`; seeds {a.seeds} "
-            "(run seed and label subset); top-1, mean (min-max).\n\n")  # fmt: skip
+            "(fine-tune run seed, probe seed and label subset); top-1, mean (min-max).\n\n")  # fmt: skip
     (out / "results.md").write_text(head + md)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     log("\n" + md + f"\nwrote {out / 'results.md'} and {out / 'results.json'}")
