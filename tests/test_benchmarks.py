@@ -85,3 +85,27 @@ def test_demo_step_writes_the_demo_model_and_times_it(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads(p.stdout.strip().splitlines()[-1])
     assert rec["batch"] == 4 and rec["ms_per_step"] > 0 and rec["precision"] == "bf16"
+
+
+def test_cpu_profile_quick_runs_every_part():
+    """benchmarks/cpu_profile.py --quick on the tiny size: the step split, the op table and
+    the alternating ratios of every variant (dynamo's eager backend stands in for inductor
+    to keep it short; no timing is asserted, only that each figure was measured)."""
+    cmd = [sys.executable, "-P", str(ROOT / "benchmarks/cpu_profile.py"), "--model", "debug",
+           "--quick", "--compile-backend", "eager", "--rows", "5"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = {
+        r["part"]: r for r in (json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{"))
+    }
+    split = recs["split"]
+    assert set(split["ms"]) == {"forward", "backward", "optimizer"}
+    assert all(v > 0 for v in split["ms"].values()) and abs(sum(split["share"].values()) - 1) < 0.01
+    ops = recs["ops"]["ops"]
+    assert len(ops) == 5 and any(o["op"].startswith("aten::") for o in ops)
+    r = recs["ratios"]
+    assert r["base"]["speedup_per_round"] == [1.0, 1.0, 1.0]
+    for name in ("bf16", "fused", "compile"):
+        assert len(r[name]["speedup_per_round"]) == 3 and r[name]["speedup_vs_base"] > 0
+    assert r["compile_s"] is not None

@@ -96,6 +96,8 @@ def test_the_head_follows_the_data_and_conflicts_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"data.num_classes=10 \(command line\) but data.root "
                                           r"holds 4 classes"):  # fmt: skip
         load_config(base[0], [*base[1:], "data.num_classes=10"])
+    with pytest.raises(ConfigError, match=r"data.num_classes=-2 must be >= 0"):
+        load_config(base[0], [*base[1:], "data.num_classes=-2"])
     with pytest.raises(ConfigError, match="drop model.num_classes"):
         load_config(base[0], [*base[1:], "data.num_classes=4", "model.num_classes=1000"])
 

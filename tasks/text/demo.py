@@ -35,7 +35,7 @@ CONFIGS = packaged_configs() / "text"
 class Plan:
     pretrain_steps: int = 600  # batch 64
     labels: tuple[int, ...] = (20, 100)  # labelled records per class
-    finetune_steps: int = 300  # batch 64, one epoch of data.repeat passes over the subset
+    finetune_steps: int = 150  # batch 32, one epoch of data.repeat passes over the subset
     corpus_train: int = 2000  # records per class (all of them pretrain)
     corpus_test: int = 500
 
@@ -101,8 +101,8 @@ def run_budget(out: Path, plan: Plan, common: list[str], k: int, n_classes: int,
     from unipred.protocols import frozen_eval
 
     row: dict[str, float] = {}
-    # one epoch of about finetune_steps batches of 64, whatever the budget
-    repeat = max(1, round(plan.finetune_steps * 64 / (k * n_classes)))
+    # one epoch of about finetune_steps batches of 32, whatever the budget
+    repeat = max(1, round(plan.finetune_steps * 32 / (k * n_classes)))
     ft = [f"data.labels_per_class={k}", f"data.repeat={repeat}", "trainer.max_epochs=1"]
     for name, extra in (("ft_nepa", [f"model.init=pretrain:{ckpt}"]), ("ft_scratch", [])):
         m = _fit("finetune.yaml", [*common, *ft, *extra, f"run_dir={out / f'{name}_{k}'}"])
@@ -136,7 +136,7 @@ def results_table(rows: dict[int, dict], data: str, n_classes: int, n_test: int,
     lines.append(
         f"\nTest top-1 on {n_test:,} held-out records ({data}, {n_classes} classes). "
         f"Pretraining {plan.pretrain_steps} steps x 64 records; fine-tuning about "
-        f"{plan.finetune_steps} steps x 64. Total "
+        f"{plan.finetune_steps} steps x 32. Total "
         f"{seconds / 60:.1f} min on {os.cpu_count()} CPUs."
     )
     return "\n".join(lines)

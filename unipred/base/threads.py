@@ -41,10 +41,7 @@ def idle_cores(window: float = 0.5) -> float:
     return cores * (second[0] - first[0]) / busy_total
 
 
-def set_threads(n: int = 0) -> str:
-    """Set torch's intra-op threads to ``n``, or with 0 to the cores idle now (at least 1).
-
-    Returns a line for the logs."""
+def _apply(n: int) -> str:
     import torch
 
     cores = os.cpu_count() or 1
@@ -55,7 +52,25 @@ def set_threads(n: int = 0) -> str:
     return f"{n} torch thread(s) ({cores} cores, {idle:.1f} idle)"
 
 
+def set_threads(n: int = 0) -> str:
+    """Set torch's intra-op threads to ``n``, or with 0 to the cores idle now (at least 1).
+
+    An ``n > 0`` (a demo's ``--threads N``) is the user's choice for the whole process: later
+    engine runs with ``trainer.threads=0`` keep it and do not re-check it. Returns a line for
+    the logs."""
+    global _fixed
+    if n > 0:
+        _fixed = True
+    return _apply(n)
+
+
+def user_fixed_threads() -> bool:
+    """Whether this process's threads were fixed by ``set_threads(n > 0)``."""
+    return _fixed
+
+
 _auto_set = False
+_fixed = False
 
 
 def threads_for_run(threads: int, accelerator: str, devices: int) -> str | None:
@@ -63,7 +78,8 @@ def threads_for_run(threads: int, accelerator: str, devices: int) -> str | None:
 
     0 picks the idle cores once per process (later runs in the same process keep that choice,
     so a notebook or a demo does not pay the measurement again), split over the processes of a
-    CPU DDP run; -1 leaves torch's own default; n > 0 sets n. Returns a line for the logs."""
+    CPU DDP run, unless ``set_threads(n > 0)`` fixed them; -1 leaves torch's own default; n > 0
+    sets n. Returns a line for the logs."""
     global _auto_set
     import torch
 
@@ -71,8 +87,45 @@ def threads_for_run(threads: int, accelerator: str, devices: int) -> str | None:
     if not on_cpu or threads < 0:
         return None
     if threads == 0:
-        if _auto_set:
+        if _auto_set or _fixed:
             return None
         _auto_set = True
         threads = max(1, round(idle_cores()) // max(1, devices))
-    return set_threads(threads)
+    return _apply(threads)
+
+
+class FreeCores:
+    """Cores that *other* processes left free since the previous reading, without sleeping.
+
+    Reads /proc/stat (all cores) and this process's own CPU time at each call; the difference
+    is the other processes' load. Our own threads must not count: a run that spins two OpenMP
+    threads would otherwise read its own work as a busy machine and never raise its threads."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now."""
+        self._last = (_cpu_times(), time.process_time(), time.monotonic())
+
+    def read(self) -> float | None:
+        """Free cores over the window since the previous call (or ``reset``); None when it
+        cannot tell (no /proc, or a window shorter than the kernel's tick)."""
+        stat, own, wall = _cpu_times(), time.process_time(), time.monotonic()
+        (stat0, own0, wall0), self._last = self._last, (stat, own, wall)
+        if stat is None or stat0 is None or wall <= wall0:
+            return None
+        total = stat[1] - stat0[1]
+        if total <= 0:
+            return None
+        cores = os.cpu_count() or 1
+        busy = cores * (1.0 - (stat[0] - stat0[0]) / total)
+        others = max(0.0, busy - (own - own0) / (wall - wall0))
+        return max(0.0, cores - others)
+
+
+def threads_for_free(free: float) -> int:
+    """Threads for ``free`` cores during a run: rounds down unless within a quarter core,
+    because one thread too many costs far more than one too few (see the module doc)."""
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, int(free + 0.25)))

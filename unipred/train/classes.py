@@ -65,6 +65,9 @@ def resolve_classes(cfg, data_count) -> str | None:
     from unipred.train.config import ConfigError
 
     d, m = cfg.data.num_classes or 0, cfg.model.num_classes or 0
+    for key, v in (("data.num_classes", d), ("model.num_classes", m)):
+        if v < 0:
+            raise ConfigError(f"{key}={v} must be >= 0 (0 = from the data or the checkpoint)")
     if d and m and d != m:
         raise ConfigError(
             f"data.num_classes={d} ({source_of(cfg, 'data.num_classes')}) but model.num_classes="

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from unipred.base.registry import TASKS
-from unipred.base.threads import threads_for_run
+from unipred.base.threads import threads_for_run, user_fixed_threads
 from unipred.data.loader import build_loader
 from unipred.train import optim
 from unipred.train.callbacks import EMA
@@ -227,14 +227,31 @@ def run_dir(cfg) -> Path:
     return Path(cfg.run_dir)
 
 
-def _threads(cfg) -> None:
+def _retunes_threads(t) -> bool:
+    """Whether a run re-checks its CPU threads while training: automatic threads on one CPU
+    process (CPU DDP ranks would read each other as other jobs, so they keep the start choice)."""
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+    return (
+        on_cpu and t.threads == 0 and t.threads_check_s > 0 and t.devices <= 1 and t.num_nodes == 1
+    )
+
+
+def _threads(cfg, training: bool = False) -> bool:
+    """Apply the machine fit and the start thread choice, print it; True when a training run
+    should also re-check the threads as it goes (``ThreadRetune``)."""
     from unipred.train.machine import apply_to_run
 
     apply_to_run(cfg)  # a recipe for 8 GPUs on this machine: before anything is built
     t = cfg.trainer
+    retune = training and _retunes_threads(t) and not user_fixed_threads()
     line = threads_for_run(t.threads, t.accelerator, t.devices if t.devices > 0 else 1)
+    if line is None and retune:  # chosen earlier in this process: still say what runs now
+        line = f"{torch.get_num_threads()} torch thread(s)"
     if line:
+        if retune:
+            line += f"; re-checked every {t.threads_check_s:g} s of training"
         print(f"[unipred] {line}", flush=True)
+    return retune
 
 
 def _append_resume_record(out: Path, ckpt, changes: list[str], cfg) -> None:
@@ -274,7 +291,10 @@ def fit(cfg, callbacks=(), task=None, show_recipe: bool = True) -> L.Trainer:
 
         check_run_dir(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    _threads(cfg)
+    if _threads(cfg, training=True):
+        from unipred.train.retune import ThreadRetune
+
+        callbacks = [*callbacks, ThreadRetune(cfg.trainer.threads_check_s)]
     lit = LitTask(cfg, task)
     ckpt = None
     if cfg.resume == "auto":

@@ -53,6 +53,9 @@ class TrainerConfig:
     # CPU runs: torch threads. 0 = the cores idle when the run starts (a busy machine gets
     # fewer threads; why: unipred/base/threads.py); -1 = torch's default
     threads: int = 0
+    # with threads=0 on one CPU process: re-check the cores other jobs leave free every this
+    # many seconds and raise/lower the threads (unipred/train/retune.py); 0 = never
+    threads_check_s: float = 30.0
 
 
 @dataclass(frozen=True)
