@@ -58,8 +58,16 @@ class PredictorConfig:
         return int(round(self.dim * self.mlp_ratio))
 
     def __post_init__(self):
+        if self.heads < 1 or self.dim < 1:
+            raise ValueError(
+                f"model.predictor.dim={self.dim} and model.predictor.heads={self.heads} "
+                "must both be at least 1"
+            )
         if self.dim % self.heads:
-            raise ValueError(f"predictor dim {self.dim} is not divisible by heads {self.heads}")
+            raise ValueError(
+                f"model.predictor.dim={self.dim} is not divisible by "
+                f"model.predictor.heads={self.heads}"
+            )
         if self.mlp not in _MLP_KINDS:
             raise ValueError(f"predictor mlp must be one of {sorted(_MLP_KINDS)}, got {self.mlp!r}")
         if self.rope_axes is not None:
