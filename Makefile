@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 # (tokenizers/ and tasks/ install as unipred.tokenizers / unipred.tasks).
 export PYTHONSAFEPATH := 1
 # System packages: FFmpeg libraries for torchcodec (audio/video decoding), speech synthesis
-# for the spoken-digit data, and Debian's Fashion-MNIST for the image demo.
-TEST_APT := ffmpeg espeak-ng flite dataset-fashion-mnist
+# for the spoken-digit data, Debian's Fashion-MNIST for the image demo, and word lists of 8
+# languages for the text data (tests/test_text.py, `unipred demo text`).
+TEST_APT := ffmpeg espeak-ng flite dataset-fashion-mnist \
+	wamerican wngerman wfrench wspanish witalian wportuguese wdutch wswedish
 DEMO_APT := dataset-fashion-mnist espeak-ng flite ffmpeg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
