@@ -6,76 +6,30 @@ optimizer state."""
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import wave
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from unipred.checkpoint import read_checkpoint
 from unipred.config import load_config
 from unipred.engine import fit
 
 
-# the helpers of tests/test_exact_resume.py (test modules do not import each other here)
-def digest(x) -> str:
-    """A short hash of every tensor in a (nested) batch."""
-    h = hashlib.sha1()
-
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(v, dict):
-            for k in sorted(v, key=str):
-                h.update(str(k).encode())
-                walk(v[k])
-        elif isinstance(v, (list, tuple)):
-            for t in v:
-                walk(t)
-        else:
-            h.update(repr(v).encode())
-
-    walk(x)
-    return h.hexdigest()[:16]
+def _sibling(name: str):
+    """A helper module next to this file (test modules are not importable by name here)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-class Batches(L.Callback):
-    """The digest of every training batch, by the optimizer step it produces."""
-
-    def __init__(self):
-        self.seen = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen[trainer.global_step + 1] = (trainer.current_epoch, batch_idx, digest(batch))
-
-
-class Stop(L.Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at:
-            raise RuntimeError("killed")  # stands in for a killed job
-
-
-def final(run_dir):
-    return read_checkpoint(Path(run_dir) / "checkpoints/last.ckpt", require_training_state=True)
-
-
-def assert_same_state(a: dict, b: dict):
-    assert a["global_step"] == b["global_step"]
-    for key in ("state_dict", "ema_state_dict"):
-        assert a[key].keys() == b[key].keys()
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
-    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"]):
-        for p, st in sa["state"].items():
-            for k, v in st.items():
-                assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb["state"][p][k])), (p, k)
+# the batch digest, stop callback and state comparison of tests/test_exact_resume.py
+_kit = _sibling("test_exact_resume")
+digest, Batches, Stop = _kit.digest, _kit.Batches, _kit.Stop
+final, assert_same_state = _kit.final, _kit.assert_same_state
 
 
 COMMON = ["trainer.progress_bar=false", "trainer.loggers=[]", "trainer.precision=32-true",

@@ -248,3 +248,23 @@ def test_features_can_come_from_a_middle_block():
     assert torch.allclose(extract_features(model, batches, block=-2).pooled, f.pooled)
     with pytest.raises(ProtocolError, match="features.block=3: the backbone has 3 blocks"):
         extract_features(model, batches, block=3)
+
+
+def test_the_suite_report_and_the_model_card_print_one_rows_table():
+    from unipred.protocols.report import results_markdown
+    from unipred.weights.pretrained import model_card
+
+    rows = [{"protocol": "knn", "weights": "raw", "top1": 0.5, "top5": 0.9, "seconds": 1.25,
+             "k": 20, "temperature": 0.07},
+            {"protocol": "linear", "weights": "ema", "top1": 0.625, "top5": None, "seconds": 2.0,
+             "epochs": 3, "lr": 0.1}]  # fmt: skip
+    report = results_markdown({"meta": {"config": "c.yaml", "task": "t"}, "rows": rows})
+    assert "| protocol | weights | top-1 | top-5 | details | seconds |" in report
+    assert "| knn | raw | 50.00 % | 90.00 % | k=20, T=0.07 | 1.2 |" in report
+    from unipred import NEPA
+    from unipred.weights.pretrained import config_to_dict
+
+    model = NEPA.from_name("nepa_debug")
+    card = model_card(model, config_to_dict(model.cfg), evaluation={"rows": rows})
+    assert "| protocol | weights | top-1 | top-5 | details |\n" in card
+    assert "| linear | ema | 62.50 % | - | 3 epochs, lr 0.1 |\n" in card

@@ -25,6 +25,19 @@ def format_row(r: dict) -> str:
             f"top-5 {_pct(r['top5']):>8}  ({r['seconds']:.1f} s){extra}")  # fmt: skip
 
 
+def rows_table(rows: list[dict], seconds: bool = False) -> list[str]:
+    """The markdown table of protocol rows (header included), as the reports and the model
+    card print it; ``seconds`` adds each row's wall time."""
+    extra = (" seconds |", "---|") if seconds else ("", "")
+    lines = [f"| protocol | weights | top-1 | top-5 | details |{extra[0]}",
+             f"|---|---|---|---|---|{extra[1]}"]  # fmt: skip
+    for r in rows:
+        t = f" {r['seconds']:.1f} |" if seconds else ""
+        lines.append(f"| {r['protocol']} | {r['weights']} | {_pct(r['top1'])} | "
+                     f"{_pct(r['top5'])} | {row_details(r)} |{t}")  # fmt: skip
+    return lines
+
+
 def row_details(r: dict) -> str:
     """The "details" cell of a results row."""
     if r["protocol"] == "knn":
@@ -46,13 +59,8 @@ def results_markdown(results: dict) -> str:
         f"{m.get('train_samples', '?')} training / {m.get('val_samples', '?')} validation "
         "samples; frozen backbone in eval mode.",
         "",
-        "| protocol | weights | top-1 | top-5 | details | seconds |",
-        "|---|---|---|---|---|---|",
+        *rows_table(results["rows"], seconds=True),
     ]
-    for r in results["rows"]:
-        det = row_details(r)
-        lines.append(f"| {r['protocol']} | {r['weights']} | {_pct(r['top1'])} | "
-                     f"{_pct(r['top5'])} | {det} | {r['seconds']:.1f} |")  # fmt: skip
     for r in results["rows"]:
         if r["protocol"] == "layers":
             lines += ["", f"Per-layer probe ({r['weights']} weights):", "",

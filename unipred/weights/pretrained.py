@@ -164,19 +164,14 @@ def model_card(model, cfg: dict, training_config=None, recipe=None, evaluation=N
         "",
     ]
     if evaluation and evaluation.get("rows"):
-        from unipred.protocols import _pct, row_details
+        from unipred.protocols.report import rows_table
 
         lines += [
             "Frozen-backbone protocols of `unipred evaluate-suite` on this checkpoint "
             f"({evaluation.get('meta', {}).get('config', '')}):",
             "",
-            "| protocol | weights | top-1 | top-5 | details |",
-            "|---|---|---|---|---|",
+            *rows_table(evaluation["rows"]),
         ]
-        for r in evaluation["rows"]:
-            det = row_details(r)
-            lines.append(f"| {r['protocol']} | {r['weights']} | {_pct(r['top1'])} | "
-                         f"{_pct(r['top5'])} | {det} |")  # fmt: skip
     else:
         lines.append("Not evaluated (run `unipred evaluate-suite CONFIG ckpt=...` and export "
                      "again to fill this table).")  # fmt: skip
