@@ -73,9 +73,9 @@ class Runner:
                        f"data.val_samples={args.test_images}", "trainer.progress_bar=false"]  # fmt: skip
 
     def fit(self, config: str, name: str, overrides: list[str]):
-        from unipred.callbacks import CollapseMonitor
-        from unipred.config import load_config, packaged_configs
-        from unipred.engine import fit
+        from unipred.train.callbacks import CollapseMonitor
+        from unipred.train.config import load_config, packaged_configs
+        from unipred.train.engine import fit
 
         run = self.out / name
         if run.exists():
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from unipred.tasks.image.demo import _quiet, data_root
 
-    from unipred.threads import set_threads
+    from unipred.base.threads import set_threads
 
     _quiet()
     names = [n for n in args.only.split(",") if n] or list(SETTINGS)

@@ -40,12 +40,12 @@ def build_model(name: str):
     """The model of ``MODELS[name]`` (pretraining layout, no head) and one input batch maker."""
     import torch
 
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     source, side = MODELS[name]
     if source.endswith(".yaml"):
-        from unipred.config import load_config, packaged_configs
-        from unipred.registry import TASKS
+        from unipred.base.registry import TASKS
+        from unipred.train.config import load_config, packaged_configs
 
         path = packaged_configs() / source.split("/", 1)[1]
         cfg = load_config(path, [], check_paths=False)

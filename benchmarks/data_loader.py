@@ -110,7 +110,7 @@ def run(spec: str, pipeline: str, workers: int, batch: int, warmup: int, batches
 
 def train_against_loader(spec: str, args) -> dict:
     """Steps/s of one training step fed from the device vs from the shard loader."""
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

@@ -21,8 +21,8 @@ import time
 
 
 def write_config(path: str) -> None:
-    from unipred.config import load_config, packaged_configs
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.config import load_config, packaged_configs
 
     cfg = load_config(packaged_configs() / "demo" / "fmnist_pretrain.yaml", [], check_paths=False)
     mc = TASKS.get(cfg.task)(cfg).model_config(head="none")
@@ -34,9 +34,9 @@ def write_config(path: str) -> None:
 def build(path: str):
     import unipred.tokenizers.image  # noqa: F401  (registers the image tokenizer)
 
-    from unipred.model import NEPA, ModelConfig
-    from unipred.objectives import ObjectiveConfig
-    from unipred.predictor import PredictorConfig
+    from unipred.nn.model import NEPA, ModelConfig
+    from unipred.nn.objectives import ObjectiveConfig
+    from unipred.nn.predictor import PredictorConfig
 
     d = json.load(open(path))
     d["predictor"] = PredictorConfig(**d["predictor"])

@@ -40,10 +40,10 @@ def bootstrap() -> None:
         mod.__path__ = [str(REPO / sub)]
         sys.modules[f"unipred.{sub}"] = mod
         setattr(unipred, sub, mod)
-    import unipred.registry as registry
+    import unipred.base.registry as registry
 
     registry._loaded = True  # other tasks may need packages this machine lacks
-    for m in ("unipred.tokenizers.image", "unipred.tasks.image.debug", "unipred.model"):
+    for m in ("unipred.tokenizers.image", "unipred.tasks.image.debug", "unipred.nn.model"):
         importlib.import_module(m)
 
 
@@ -84,9 +84,9 @@ def bare_loop(args, torch, NEPA):
 def engine_run(args, torch, compile_: bool):
     import lightning as L
 
-    from unipred.config import load_config
-    from unipred.engine import fit
     from unipred.task import PretrainTask
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     class Synthetic(PretrainTask):
         gpu_pool = None
@@ -148,8 +148,8 @@ def engine_run(args, torch, compile_: bool):
 
 def fsdp_tiny(args, torch):
     """The tiny debug config under FSDP on whatever devices exist (does it run at all?)."""
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     n = max(1, torch.cuda.device_count())
     cfg = load_config(
@@ -234,7 +234,7 @@ def main() -> None:
     bootstrap()
     import torch
 
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     NEPA_cls = NEPA
     torch.backends.cuda.matmul.allow_tf32 = True

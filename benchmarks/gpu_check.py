@@ -55,7 +55,7 @@ def sec_flash(a) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     ts.bootstrap_unipred()
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     dev = _dev()
     q = torch.randn(2, 12, 257, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -88,7 +88,7 @@ def sec_numerics(a) -> dict:
     import torch
 
     ts.bootstrap_unipred()
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     dev = _dev()
     torch.manual_seed(0)
@@ -227,7 +227,7 @@ def _ddp_worker(rank: int, world: int, dry: bool, port: int, steps: int, q) -> N
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     dist.init_process_group("gloo" if dry else "nccl", rank=rank, world_size=world)
     ts.bootstrap_unipred()
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     torch.manual_seed(0)
     model = NEPA.from_name("nepa_debug").to(dev).eval()  # eval: no random RoPE draw
@@ -251,7 +251,7 @@ def _ddp_speed(rank, dev, dry, steps) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     name, b, res = ("nepa_debug", 4, 32) if dry else ("nepa_vit_b14", 256, 224)
     model = NEPA.from_name(name).to(dev).train()

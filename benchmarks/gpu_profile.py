@@ -45,7 +45,7 @@ def _setup(a):
     import torch
 
     ts.bootstrap_unipred()
-    from unipred.model import model_config
+    from unipred.nn.model import model_config
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name, res, batch = ("nepa_debug", 32, 8) if a.dry_run else (a.model, a.res, a.batch)
@@ -147,7 +147,7 @@ def _category(name: str) -> str:
 
 def _compiled_step(a, torch, dev, name, res, batch, mode=None, backend_first=None):
     """(step function, model) for fwd + bwd + clip + fused AdamW under bf16 autocast."""
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     torch.manual_seed(0)
     model = NEPA.from_name(name).to(dev).train()

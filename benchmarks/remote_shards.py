@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unipred.config import load_config
 from unipred.data.cli import main as data_cli
-from unipred.engine import fit
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 SERVER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faulty_http.py"
 

@@ -33,11 +33,11 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
 
-    from unipred.config import load_config, packaged_configs
-    from unipred.engine import fit
+    from unipred.base.registry import TASKS
+    from unipred.base.threads import set_threads
     from unipred.protocols import frozen_eval
-    from unipred.registry import TASKS
-    from unipred.threads import set_threads
+    from unipred.train.config import load_config, packaged_configs
+    from unipred.train.engine import fit
 
     set_threads(1)
     warnings.filterwarnings("ignore", message=".*LeafSpec")

@@ -84,10 +84,10 @@ def bootstrap_unipred() -> None:
         sys.modules[name] = mod
         setattr(unipred, sub, mod)
     importlib.import_module("unipred.tokenizers.image")
-    import unipred.registry as registry
+    import unipred.base.registry as registry
 
     registry._loaded = True  # skip the task plugins; register only what we imported
-    importlib.import_module("unipred.model")
+    importlib.import_module("unipred.nn.model")
 
 
 def flops_per_sample(model_cfg, res: int) -> float:
@@ -129,7 +129,7 @@ def _official_config(model_cfg, res: int):
 def build(cfg: BenchConfig):
     """(model, loss_fn(x) -> scalar, model_config) for ``cfg.impl``."""
     bootstrap_unipred()
-    from unipred.model import NEPA, model_config
+    from unipred.nn.model import NEPA, model_config
 
     mcfg = model_config(cfg.model, **cfg.overrides)
     if cfg.impl == "ours":

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipred.model import NEPA, model_config
-from unipred.registry import TOKENIZERS
+from unipred.base.registry import TOKENIZERS
+from unipred.nn.model import NEPA, model_config
 
 SR = 16000
 
@@ -315,8 +315,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs/audio").glob("*
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_audio_configs_load(path):
-    from unipred.config import load_config
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.config import load_config
 
     cfg = load_config(path, check_paths=False)
     assert cfg.task in ("audio_pretrain", "audio_classify", "audio_events_segment")
@@ -327,7 +327,7 @@ def test_audio_configs_load(path):
     mc = task.model_config(head="none" if cfg.task == "audio_pretrain" else "mean", num_classes=10)
     assert mc.tokenizer == "audio" and mc.predictor.coord_dims == 2
     if cfg.model.head == "probe":  # the probe trains the head alone (checked on a tiny size)
-        from unipred.optim import freeze
+        from unipred.train.optim import freeze
 
         cfg = load_config(path, ["model.name=nepa_audio_debug", "model.tokenizer_args={}"],
                           check_paths=False)  # fmt: skip

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from unipred.config import load_config
-from unipred.registry import TASKS
+from unipred.base.registry import TASKS
 from unipred.task.auto import DataScale, choose
+from unipred.train.config import load_config
 
 
 def _folder(root, size, classes=2, per_class=3):

@@ -124,8 +124,8 @@ def test_too_many_unreadable_files_stop_the_run_with_one_line(tmp_path, capsys):
 
 
 def test_below_the_fraction_a_long_run_of_empty_files_trains_and_is_counted(tmp_path):
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     _half_synced(tmp_path / "train")
     cfg = load_config(None, [*PRE, f"data.root={tmp_path / 'train'}",
@@ -139,7 +139,7 @@ def test_below_the_fraction_a_long_run_of_empty_files_trains_and_is_counted(tmp_
 
 
 def test_the_fraction_is_a_config_key_checked_at_load():
-    from unipred.config import ConfigError, load_config
+    from unipred.train.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="max_bad_fraction"):
         load_config(None, ["task=image_pretrain", "data.max_bad_fraction=1.5"])
@@ -217,9 +217,9 @@ def test_audio_and_video_folder_scans_follow_the_same_rules(tmp_path):
 # ------------------------------------------------------------------ item 4: the run folder
 def test_a_run_dir_that_is_a_file_or_read_only_is_one_line_before_the_model(tmp_path, capsys):
     from unipred.cli import main
-    from unipred.config import load_config
-    from unipred.engine import fit
-    from unipred.rundir import RunDirError, check_run_dir
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
+    from unipred.train.rundir import RunDirError, check_run_dir
 
     _good_images(tmp_path / "d" / "a", 10)
     (tmp_path / "afile").write_text("x")
@@ -233,7 +233,7 @@ def test_a_run_dir_that_is_a_file_or_read_only_is_one_line_before_the_model(tmp_
     with pytest.raises(RunDirError, match="a part of its path is a file|has a file where"):
         check_run_dir(tmp_path / "afile" / "run")
     # no model is built: the error comes before LitTask
-    import unipred.engine as engine
+    import unipred.train.engine as engine
 
     built = []
     orig = engine.LitTask.__init__
@@ -249,7 +249,7 @@ def test_a_run_dir_that_is_a_file_or_read_only_is_one_line_before_the_model(tmp_
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_run_dir_is_one_line(tmp_path):
-    from unipred.rundir import RunDirError, check_run_dir
+    from unipred.train.rundir import RunDirError, check_run_dir
 
     ro = tmp_path / "ro"
     ro.mkdir()

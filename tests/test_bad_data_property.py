@@ -176,9 +176,9 @@ def _image_fit(plan, frac):
     import lightning as L
     from unipred.tasks.image import data as image_data
 
-    from unipred.config import load_config
     from unipred.data.epoch_report import TooManyBadSamples
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     base = Path(tempfile.mkdtemp(prefix="baddata-prop-"))
     try:

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from unipred.tasks.image.data import ImageFolderDataset, ShardDataset
 
-from unipred.config import load_config
 from unipred.data.accounting import BadSampleCounter
-from unipred.engine import fit
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -158,7 +158,7 @@ def test_pretraining_on_the_corpus_writes_a_data_report(tmp_path):
 
 @pytest.mark.slow  # a 2-process DDP run (gloo): ~40 s on a loaded 2-core box
 def test_counts_are_summed_over_ranks_without_sync_warnings(tmp_path):
-    from unipred.loader import EpochSampler
+    from unipred.data.loader import EpochSampler
 
     corpus = image_corpus(tmp_path / "tree")
     # rank 1 reads bad files in both epochs, so rank 0's counts alone would fall short

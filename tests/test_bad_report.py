@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from unipred.data.accounting import BadSampleCounter
-from unipred.loader import EpochSampler, build_loader
+from unipred.data.loader import EpochSampler, build_loader
 
 
 def _corpora():
@@ -263,8 +263,8 @@ PRE = ["task=image_pretrain", "model.name=nepa_debug", "trainer.progress_bar=fal
 def test_sigterm_and_resume_inside_a_bad_folder_report_exact_counts(tmp_path):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     corpus = image_corpus(tmp_path / "tree")  # 24 files, 6 steps per epoch
     over = [*PRE, f"data.root={tmp_path / 'tree'}", f"run_dir={tmp_path / 'run'}"]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from unipred.baselines import flatten_patches, raw_features
+from unipred.protocols.baselines import flatten_patches, raw_features
 from unipred.task import DataSource
 
 
@@ -86,10 +86,10 @@ def test_eval_prints_random_init_and_raw_input_rows_beside_the_backbone(tmp_path
 def test_a_data_sources_own_baselines_are_rows_with_the_label_budget(monkeypatch):
     """DataSource.baseline_scores gets the protocols' items (training list cut to the budget)
     and each name becomes a row; a value outside [0, 1] is one clear error."""
-    from unipred.baselines import run_source
-    from unipred.config import load_config
+    from unipred.base.registry import TASKS
     from unipred.protocols import EvalSettings, ProtocolError
-    from unipred.registry import TASKS
+    from unipred.protocols.baselines import run_source
+    from unipred.train.config import load_config
 
     cfg = load_config("configs/demo/fmnist_probe.yaml", [*TINY, "data.labels_per_class=2"])
     source = TASKS.get(cfg.task).data_class

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipred.model import NEPA
+from unipred.nn.model import NEPA
 
 ROOT = Path(__file__).resolve().parents[1]
 

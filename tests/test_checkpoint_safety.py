@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import unipred.checkpoint as ckpt_mod
-from unipred.checkpoint import (
+import unipred.train.checkpoint as ckpt_mod
+from unipred.train.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     apply_init,
@@ -24,8 +24,8 @@ from unipred.checkpoint import (
     read_checkpoint,
     safe_load,
 )
-from unipred.config import load_config
-from unipred.engine import LitTask, fit
+from unipred.train.config import load_config
+from unipred.train.engine import LitTask, fit
 
 TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
 BASE = ["trainer.progress_bar=false", "trainer.loggers=[]", "data.image_size=16",

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from unipred.cli import main
-from unipred.config import ConfigError, RecipeError, build_model_config, load_config
-from unipred.engine import batch_plan
+from unipred.train.config import ConfigError, RecipeError, build_model_config, load_config
+from unipred.train.engine import batch_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/debug/image_nepa_tiny.yaml"

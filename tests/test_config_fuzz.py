@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unipred.config import ConfigError, RunConfig, load_config, schema_for
+from unipred.train.config import ConfigError, RunConfig, load_config, schema_for
 
 TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
 

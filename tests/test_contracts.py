@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from unipred import TASKS, TOKENIZERS, ClassifyTask, DataConfig, PretrainTask, Tokens
-from unipred.contracts import ContractError, Tokenizer
-from unipred.registry import Registry
+from unipred.base.contracts import ContractError, Tokenizer
+from unipred.base.registry import Registry
 
 
 @pytest.mark.parametrize("name", TOKENIZERS.names())

@@ -83,8 +83,8 @@ def test_random_shift_and_subsets():
 
 
 def _task(overrides):
-    from unipred.config import load_config
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.config import load_config
 
     cfg = load_config(None, ["task=fmnist_classify", "model.name=nepa_debug",
                              "model.tokenizer_args.in_chans=1", "model.tokenizer_args.patch_size=7",

@@ -107,7 +107,7 @@ def test_jpegs_the_device_decoder_rejects_fall_back_to_pil(monkeypatch):
 def test_pipeline_options_it_cannot_run_are_refused():
     with pytest.raises(ValueError, match="auto_augment"):
         DeviceDecodeTransform.from_aug(ImageAugConfig(auto_augment="rand-m9-mstd0.5-inc1"))
-    from unipred.config import load_config
+    from unipred.train.config import load_config
 
     # refused when the config is loaded, before any task or process exists
     with pytest.raises(ValueError, match="image_pretrain only"):
@@ -117,8 +117,8 @@ def test_pipeline_options_it_cannot_run_are_refused():
 def test_pretraining_through_the_engine_decodes_on_the_device(tmp_path):
     """An ImageFolder of JPEGs (one PNG among them), image_pretrain with decode_on_device:
     the engine moves the encoded batch, which decodes itself; training runs and learns."""
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     for i in range(24):
         d = tmp_path / "data" / f"c{i % 2}"

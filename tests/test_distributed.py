@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from unipred.checkpoint import read_checkpoint
-from unipred.config import load_config
-from unipred.engine import fit
+from unipred.train.checkpoint import read_checkpoint
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
 COMMON = [
@@ -67,7 +67,7 @@ def test_two_processes_equal_one(tmp_path):
 def _initial_cls_token():
     import lightning as L
 
-    from unipred.engine import LitTask
+    from unipred.train.engine import LitTask
 
     L.seed_everything(1337, workers=True, verbose=False)
     lit = LitTask(load_config(TINY, COMMON))

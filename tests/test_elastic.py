@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from unipred.data import elastic
-from unipred.loader import build_loader
+from unipred.data.loader import build_loader
 
 SCRIPT = Path(__file__).parent / "fixtures" / "elastic_fit.py"
 
@@ -177,7 +177,7 @@ def test_gloo_run_killed_at_one_world_size_resumes_at_another(tmp_path, data, fi
 
 
 def test_the_resume_guard_line_names_both_world_sizes():
-    from unipred.engine import BatchPlan, world_size_line
+    from unipred.train.engine import BatchPlan, world_size_line
 
     plan = BatchPlan(global_batch=8, world_size=2, per_device_batch=4, accumulate_grad_batches=1,
                      lr=1e-3, head_lr=None)  # fmt: skip

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from unipred import optim
-from unipred.callbacks import CollapseMonitor, NonFiniteLossError
-from unipred.checkpoint import CheckpointError, apply_init, load_weights, read_checkpoint
-from unipred.config import load_config
-from unipred.engine import LitTask, evaluate, fit
 from unipred.task import collapse_stats
+from unipred.train.callbacks import CollapseMonitor, NonFiniteLossError
+from unipred.train.checkpoint import CheckpointError, apply_init, load_weights, read_checkpoint
+from unipred.train.config import load_config
+from unipred.train.engine import LitTask, evaluate, fit
 
 TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
 
@@ -177,8 +177,8 @@ def test_gradient_clipping_caps_the_global_norm(tmp_path):
 
 
 def test_official_init_copies_the_backbone(tmp_path):
-    from unipred.hub import save_official_nepa
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
+    from unipred.weights.hub import save_official_nepa
 
     src = NEPA.from_name("nepa_debug")  # pretraining layout: no head, no affine QK-norm
     folder = save_official_nepa(src, tmp_path / "official", image_size=16)
@@ -356,7 +356,7 @@ def test_ema_update_equals_torch_averaged_model():
     """The engine's sync-free EMA update gives exactly AveragedModel.update_parameters."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from unipred.callbacks import EMA
+    from unipred.train.callbacks import EMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))

@@ -23,11 +23,11 @@ import pytest
 import torch
 from PIL import Image
 
-from unipred.checkpoint import read_checkpoint
-from unipred.config import load_config
-from unipred.engine import fit
-from unipred.loader import build_loader
-from unipred.registry import TASKS
+from unipred.base.registry import TASKS
+from unipred.data.loader import build_loader
+from unipred.train.checkpoint import read_checkpoint
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 
 def image_folder(root: Path, classes=2, per_class=24, size=14) -> Path:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unipred.config import load_config
-from unipred.engine import fit
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 
 def _sibling(name: str):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import unipred.checkpoint as ckpt_mod
-from unipred.checkpoint import (
+import unipred.train.checkpoint as ckpt_mod
+from unipred.train.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     apply_init,
@@ -26,8 +26,8 @@ from unipred.checkpoint import (
     find_resume_checkpoint,
     read_checkpoint,
 )
-from unipred.config import load_config
-from unipred.engine import LitTask, fit
+from unipred.train.config import load_config
+from unipred.train.engine import LitTask, fit
 
 TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
 BASE = ["trainer.progress_bar=false", "trainer.loggers=[]", "data.image_size=16",
@@ -120,7 +120,7 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere(run, tmp_path, legacy,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(bad) in err and "refused" in err
     # hub: an official-style folder whose pytorch_model.bin is the payload
-    from unipred.hub import read_state_dict
+    from unipred.weights.hub import read_state_dict
 
     hub = tmp_path / "hub"
     hub.mkdir()

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from unipred.base.atomic import atomic_write
-from unipred.checkpoint import atomic_torch_save
-from unipred.hub import export_timm, save_official_nepa
-from unipred.model import NEPA
+from unipred.nn.model import NEPA
+from unipred.train.checkpoint import atomic_torch_save
+from unipred.weights.hub import export_timm, save_official_nepa
 
 
 @pytest.fixture(params=[0o022, 0o027])
@@ -49,9 +49,9 @@ def test_exports_follow_the_umask(tmp_path, umask):
 
 
 def test_unipred_export_command_follows_the_umask(tmp_path, umask):
-    from unipred.config import load_config
-    from unipred.engine import fit
-    from unipred.pretrained import main as export_main
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
+    from unipred.weights.pretrained import main as export_main
 
     run = tmp_path / "run"
     root = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unipred import DATASETS, TASKS, ClassifyTask, DataSource, PretrainTask
-from unipred.config import ConfigError, load_config
+from unipred.train.config import ConfigError, load_config
 
 
 def _classify_tasks() -> list[str]:
@@ -23,7 +23,7 @@ def _cfg(name: str, *over: str):
 
 
 def test_every_data_source_makes_the_generic_tasks():
-    from unipred.segment import SegmentTask
+    from unipred.task.segment import SegmentTask
 
     names = DATASETS.names()
     assert {"image", "fmnist", "audio", "video", "debug_image", "ade20k"} <= set(names)
@@ -108,7 +108,7 @@ def test_num_classes_precedence_is_decided_once():
 
 
 def test_a_data_source_missing_build_fails_at_registration():
-    from unipred.contracts import ContractError
+    from unipred.base.contracts import ContractError
     from unipred.task import register_data
 
     with pytest.raises(ContractError, match=r"lacks build\(split, augment\)"):

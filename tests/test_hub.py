@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from unipred.hub import CheckpointKeyError, load_official_nepa, save_official_nepa
-from unipred.model import NEPA
+from unipred.nn.model import NEPA
+from unipred.weights.hub import CheckpointKeyError, load_official_nepa, save_official_nepa
 
 FIX = Path(__file__).parent / "fixtures" / "nepa_ref"
 META = json.loads((FIX / "meta.json").read_text())
@@ -88,7 +88,7 @@ def test_corrupt_file_names_the_file(tmp_path):
 )
 def test_every_official_option_round_trips(tmp_path, changes):
     """Build a model from a modified official config, save it, reload it, same outputs."""
-    from unipred.hub import config_from_official
+    from unipred.weights.hub import config_from_official
 
     hf = dict(META["cls_model"]["config_full"], **changes)
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def test_every_official_option_round_trips(tmp_path, changes):
 
 
 def test_official_b_and_l_configs_give_official_param_counts():
-    from unipred.hub import config_from_official
+    from unipred.weights.hub import config_from_official
 
     base = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
             "intermediate_size": 3072, "qk_norm": True, "qk_norm_affine": False,

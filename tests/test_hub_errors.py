@@ -46,9 +46,9 @@ def test_loading_a_repo_id_names_the_reason(tmp_path, offline):
 
 @pytest.mark.parametrize("offline", [True, False])
 def test_export_push_without_a_hub_is_one_line_and_exit_2(tmp_path, offline):
-    from unipred.checkpoint import atomic_torch_save
-    from unipred.config import load_config, to_dict
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
+    from unipred.train.checkpoint import atomic_torch_save
+    from unipred.train.config import load_config, to_dict
 
     cfg = load_config(ROOT / "configs/debug/image_nepa_tiny.yaml", check_paths=False)
     model = NEPA.from_name("nepa_debug")

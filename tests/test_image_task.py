@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from unipred.tasks.image.data import ShardDataset
 
-from unipred.config import load_config
+from unipred.base.registry import TASKS
 from unipred.data.accounting import COUNTER
-from unipred.engine import LitTask, evaluate, fit
-from unipred.registry import TASKS
+from unipred.train.config import load_config
+from unipred.train.engine import LitTask, evaluate, fit
 
 FIX = Path(__file__).parent / "fixtures" / "nepa_ref"
 
@@ -203,9 +203,9 @@ def test_bad_mode_and_unknown_epoch_length_fail_clearly(data, tmp_path):
 
 
 def test_released_finetuned_checkpoint_evaluates_with_its_own_head(tmp_path):
-    from unipred.checkpoint import apply_init
-    from unipred.hub import load_official_nepa
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
+    from unipred.train.checkpoint import apply_init
+    from unipred.weights.hub import load_official_nepa
 
     meta = json.loads((FIX / "meta.json").read_text())
     d = tmp_path / "cls"

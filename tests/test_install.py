@@ -59,7 +59,7 @@ def test_image_path_works_without_audio_video_or_plot_libraries(tmp_path, throwa
     py = env_without_extras(tmp_path, throwaway_env)
     code = f"""
     import sys
-    import unipred, unipred.hub
+    import unipred, unipred.weights.hub
     from unipred import NEPA
     from unipred.cli import main
     NEPA.from_name("nepa_debug")
@@ -70,7 +70,7 @@ def test_image_path_works_without_audio_video_or_plot_libraries(tmp_path, throwa
     loaded = sorted(m for m in sys.modules if m.startswith({EXTRA_FILES!r}))
     assert not loaded, loaded
     # using the audio modality now fails in one line that names the extra
-    from unipred.extras import MissingExtra
+    from unipred.base.extras import MissingExtra
     try:
         unipred.TOKENIZERS.get("audio")(dim=32)
     except MissingExtra as e:
@@ -101,7 +101,7 @@ def test_a_broken_plugin_leaves_the_registry_consistent(monkeypatch):
 
 
 def test_packaged_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
-    from unipred.config import ConfigError, find_config, load_config
+    from unipred.train.config import ConfigError, find_config, load_config
 
     monkeypatch.chdir(tmp_path)
     for name in ("demo/fmnist_pretrain", "demo/fmnist_pretrain.yaml",

@@ -11,12 +11,12 @@ import lightning as L
 import pytest
 import torch
 
-from unipred.checkpoint import CheckpointError, read_checkpoint
-from unipred.config import ConfigError, load_config
-from unipred.engine import LitTask, fit
-from unipred.joint import JointStream, quotas, smooth_order
-from unipred.predictor import Predictor, PredictorConfig
-from unipred.rope import lift_coords
+from unipred.nn.predictor import Predictor, PredictorConfig
+from unipred.nn.rope import lift_coords
+from unipred.task.joint import JointStream, quotas, smooth_order
+from unipred.train.checkpoint import CheckpointError, read_checkpoint
+from unipred.train.config import ConfigError, load_config
+from unipred.train.engine import LitTask, fit
 
 FMNIST_TOK = {"in_chans": 1, "patch_size": 7}
 IMAGE = {"task": "fmnist_pretrain", "weight": 2,

@@ -1,4 +1,4 @@
-"""Every loader returns the model in eval mode (``unipred.pretrained.for_inference``): released
+"""Every loader returns the model in eval mode (``unipred.weights.pretrained.for_inference``): released
 folders, our folders, a Hub repo id, torch.hub (random and pretrained), checkpoints read for
 inference. Per path: no module is left training and two calls on one input agree; the
 official-code fixture matches to 1e-5 as loaded, without calling ``.eval()``. torch.hub
@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unipred.hub import load_official_nepa
-from unipred.model import NEPA
+from unipred.nn.model import NEPA
+from unipred.weights.hub import load_official_nepa
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "nepa_ref"
@@ -100,9 +100,9 @@ def test_torch_hub_named_entry_refuses_another_architecture(tmp_path):
 
 
 def test_checkpoint_read_for_inference(tmp_path):
-    from unipred.config import load_config
-    from unipred.engine import fit
-    from unipred.pretrained import model_from_checkpoint
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
+    from unipred.weights.pretrained import model_from_checkpoint
 
     run = tmp_path / "run"
     cfg = load_config(ROOT / "configs/debug/image_nepa_tiny.yaml", [
@@ -125,7 +125,7 @@ def test_torch_hub_imports_only_from_its_checkout(tmp_path):
             shutil.copy(ROOT / f, src / f)
     load = f"import torch; m = torch.hub.load({str(src)!r}, 'nepa', source='local', name='nepa_debug')\n"
     # the editable unipred of this venv is importable, yet the copy is what runs
-    code = load + ("import unipred, unipred.tokenizers.image as t, unipred.model as mm\n"
+    code = load + ("import unipred, unipred.tokenizers.image as t, unipred.nn.model as mm\n"
                    "print(unipred.__file__, t.__file__, mm.__file__, m.training)\n")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)  # fmt: skip
@@ -134,7 +134,7 @@ def test_torch_hub_imports_only_from_its_checkout(tmp_path):
     assert all(f.startswith(str(src)) for f in files[:3]), files
     assert files[3] == "False"
     # another unipred already imported: one line, nothing mixed
-    out = subprocess.run([sys.executable, "-c", "import unipred.model\n" + load],
+    out = subprocess.run([sys.executable, "-c", "import unipred.nn.model\n" + load],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert out.returncode != 0
     assert "cannot run with the unipred already imported" in out.stderr.strip().splitlines()[-1]

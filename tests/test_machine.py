@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from unipred.config import ConfigError, batch_plan, load_config
+from unipred.train.config import ConfigError, batch_plan, load_config
 from unipred.train.machine import CPU_PER_DEVICE, fit_to_machine
 from unipred.train.provenance import source_of
-from unipred.trainer import TrainerConfig
+from unipred.train.trainer import TrainerConfig
 
 
 def test_a_cpu_machine_runs_one_process_with_accumulation():
@@ -103,7 +103,7 @@ def test_the_head_follows_the_data_and_conflicts_are_one_line(tmp_path):
 
 
 def test_a_checkpoint_classifier_is_a_source_and_a_conflict(tmp_path):
-    from unipred.checkpoint import atomic_torch_save
+    from unipred.train.checkpoint import atomic_torch_save
 
     ck = tmp_path / "ft.ckpt"
     atomic_torch_save({"state_dict": {"model.head.classifier.weight": torch.zeros(7, 768)}}, ck)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unipred import NEPA
-from unipred.registry import MODELS
+from unipred.base.registry import MODELS
 
 OFFICIAL = {
     "nepa_vit_b14": 85_527_552,

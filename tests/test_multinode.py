@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipred.checkpoint import read_checkpoint
-from unipred.config import load_config
-from unipred.engine import fit
+from unipred.train.checkpoint import read_checkpoint
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
 COMMON = ["trainer.progress_bar=false", "trainer.loggers=[]", "data.image_size=16",

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unipred.config import load_config
 from unipred.data.remote import NetworkPolicy, ShardGone, open_shard
-from unipred.engine import fit
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 N, PER_SHARD = 40, 4  # 10 shards
 

@@ -10,18 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unipred.callbacks import CollapseMonitor
-from unipred.config import ConfigError, build_model_config, load_config
-from unipred.loss import next_embedding_loss, pair_loss
-from unipred.model import NEPA, model_config
-from unipred.objectives import (
+from unipred.base.registry import TOKENIZERS
+from unipred.nn.loss import next_embedding_loss, pair_loss
+from unipred.nn.model import NEPA, model_config
+from unipred.nn.objectives import (
     ObjectiveConfig,
     normalise_targets,
     order_keys,
     permutation,
     permute,
 )
-from unipred.registry import TOKENIZERS
+from unipred.train.callbacks import CollapseMonitor
+from unipred.train.config import ConfigError, build_model_config, load_config
 
 SR = 16000
 MODALITIES = {
@@ -375,7 +375,7 @@ def test_config_keys_and_errors(tmp_path):
 
 
 def test_pretrained_objective_parameters_are_dropped_for_finetuning(tmp_path):
-    from unipred.checkpoint import load_backbone
+    from unipred.train.checkpoint import load_backbone
 
     src = _model(mask_ratio=0.2, horizon=2, registers=2)
     dst = _model(registers=2, cls_head="mean", causal=False, seed=3)

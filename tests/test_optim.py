@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unipred import optim
-from unipred.model import NEPA
+from unipred.nn.model import NEPA
 
 
 def _cls_model(depth=4):
@@ -62,7 +62,7 @@ def test_llrd_exponents_and_head_lr():
 
 
 def _reference_llrd(t, W, T, f):
-    """nepa-recipe.md section 10, written independently of unipred.optim."""
+    """nepa-recipe.md section 10, written independently of unipred.train.optim."""
     w = max(1, W - round(W * min(f, 1.0)))
     if t < w:
         return f * t / w
@@ -136,7 +136,7 @@ def test_unknown_schedule_is_rejected():
 def test_llrd_depth_offset_gives_mmseg_numbering():
     """offset 1 (BEiT/MAE/mmseg): block i -> llrd^(L-i), embeddings -> llrd^(L+1), head -> 1."""
     from unipred import NEPA
-    from unipred.optim import param_groups
+    from unipred.train.optim import param_groups
 
     m = NEPA.from_name("nepa_debug", head="mean", num_classes=3)  # depth 2
     groups = param_groups(m, 1.0, 0.05, llrd=0.5, depth=len(m.predictor.blocks) + 1)

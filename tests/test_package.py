@@ -39,7 +39,7 @@ def test_hugging_face_tokenizers_still_imports_from_site_packages(tmp_path):
     if importlib.util.find_spec("tokenizers") is None:
         pytest.skip("Hugging Face tokenizers is not installed")
     code = (
-        "import tokenizers, unipred.tokenizers.image, unipred.registry as r;"
+        "import tokenizers, unipred.tokenizers.image, unipred.base.registry as r;"
         "print(tokenizers.__file__); print(hasattr(tokenizers, 'Tokenizer')); print(r.TOKENIZERS.names())"
     )
     out = subprocess.run(

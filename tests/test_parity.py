@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unipred.hub import config_from_official, official_to_ours
-from unipred.model import NEPA
+from unipred.nn.model import NEPA
+from unipred.weights.hub import config_from_official, official_to_ours
 
 FIX = Path(__file__).parent / "fixtures" / "nepa_ref"
 META = json.loads((FIX / "meta.json").read_text())
@@ -77,7 +77,7 @@ def test_bidirectional_outputs(cls):
 
 @torch.no_grad()
 def test_loss_on_bidirectional_backbone(pre):
-    from unipred.loss import next_embedding_loss
+    from unipred.nn.loss import next_embedding_loss
 
     x = IO["pixel_values"]
     out = pre.forward_features(x, causal=False)

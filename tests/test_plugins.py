@@ -106,7 +106,7 @@ def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_w
 def test_a_size_used_with_another_tokenizer_takes_that_tokenizers_coord_dims_and_no_args():
     """``nepa_debug`` (an image size, patch_size 4) with a 1-D tokenizer: the printed config
     says coord_dims 1 and passes none of the image tokenizer's arguments to the new one."""
-    from unipred.config import build_model_config, explain, load_config
+    from unipred.train.config import build_model_config, explain, load_config
 
     cfg = load_config(None, ["task=debug_image_pretrain", "model.tokenizer=audio_frames"])
     mc = build_model_config(cfg.model)
@@ -119,7 +119,7 @@ def test_a_size_used_with_another_tokenizer_takes_that_tokenizers_coord_dims_and
 
 
 def test_tokenizer_contract_errors_are_one_line():
-    from unipred.model import build_tokenizer
+    from unipred.nn.model import build_tokenizer
 
     with pytest.raises(TypeError, match=r"tokenizer 'image' with model.tokenizer_args=\{'n_mels'"):
         build_tokenizer("image", 32, {"n_mels": 64})
@@ -127,7 +127,7 @@ def test_tokenizer_contract_errors_are_one_line():
 
 def test_a_classify_task_without_a_class_count_fails_naming_the_key():
     from unipred import ClassifyTask
-    from unipred.config import ConfigError, load_config
+    from unipred.train.config import ConfigError, load_config
 
     cfg = load_config(None, ["task=debug_image_classify", "data.num_classes=0"])
     cfg.data.num_classes = 0  # load_config fills it from the data; a plugin may not have any

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from unipred.predictor import Predictor, PredictorConfig
-from unipred.rope import AxialRoPE, apply_rope, grid_coords
+from unipred.nn.predictor import Predictor, PredictorConfig
+from unipred.nn.rope import AxialRoPE, apply_rope, grid_coords
 
 
 def _pred(**kw):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unipred.hub import save_official_nepa, to_timm
-from unipred.model import NEPA
-from unipred.pretrained import PretrainedError
+from unipred.nn.model import NEPA
+from unipred.weights.hub import save_official_nepa, to_timm
+from unipred.weights.pretrained import PretrainedError
 
 ROOT = Path(__file__).resolve().parents[1]
 

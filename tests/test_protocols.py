@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from unipred.heads import pool_tokens
-from unipred.model import NEPA
+from unipred.nn.heads import pool_tokens
+from unipred.nn.model import NEPA
 from unipred.protocols import (
     AttentiveProbe,
     AttentiveSettings,
@@ -178,8 +178,8 @@ def test_evaluate_suite_writes_the_table(tiny_ckpt, capsys):
     out = capsys.readouterr().out
     assert "<- best" in out and "final norm" in out
     # the export's model card carries this table (EMA rows for the EMA weights)
-    from unipred.checkpoint import read_checkpoint
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
+    from unipred.train.checkpoint import read_checkpoint
 
     assert main(["export", str(tiny_ckpt), str(folder / "hf"), "--ema"]) == 0
     card = (folder / "hf" / "README.md").read_text()
@@ -214,8 +214,8 @@ def test_eval_protocol_and_ema_switch(tiny_ckpt, capsys):
 def test_random_init_baseline_is_the_seeded_untrained_model(tmp_path, capsys):
     """ckpt=random: the config's model at its init, the same for the same seed, no load."""
     from unipred.cli import main
-    from unipred.config import load_config
     from unipred.protocols import frozen_eval, weight_sets
+    from unipred.train.config import load_config
 
     assert weight_sets("random", "both") == [("random", None)]
     with pytest.raises(ProtocolError, match="no EMA"):

@@ -117,7 +117,7 @@ def test_cpu_commands_run_as_written(tmp_path):
 
 
 def test_the_one_machine_line_is_what_a_cpu_run_prints():
-    from unipred.config import load_config
+    from unipred.train.config import load_config
     from unipred.train.machine import fit_to_machine
 
     cfg = load_config("image/nepa_vit_b14_pretrain", check_paths=False)

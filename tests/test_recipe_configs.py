@@ -10,9 +10,9 @@ import pytest
 from unipred.tasks.image.tasks import ImageClassify
 from unipred.tasks.image.transforms import eval_resize_size
 
-from unipred.config import build_model_config, load_config
-from unipred.engine import batch_plan
-from unipred.optim import warmup_steps
+from unipred.train.config import build_model_config, load_config
+from unipred.train.engine import batch_plan
+from unipred.train.optim import warmup_steps
 
 ROOT = Path(__file__).resolve().parents[1] / "configs/image"
 

@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import torch
 
-import unipred.checkpoint as ckpt_mod
-from unipred.checkpoint import atomic_torch_save, find_resume_checkpoint, read_checkpoint
-from unipred.config import load_config
-from unipred.engine import fit
+import unipred.train.checkpoint as ckpt_mod
+from unipred.train.checkpoint import atomic_torch_save, find_resume_checkpoint, read_checkpoint
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 TINY = Path(__file__).resolve().parents[1] / "configs/debug/image_nepa_tiny.yaml"
 
@@ -110,7 +110,7 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path):
 
 
 def test_resume_on_another_world_size_skips_the_same_samples():
-    from unipred.loader import build_loader
+    from unipred.data.loader import build_loader
 
     data = list(range(96))
     # 1 rank x batch 8, stopped after 5 global batches (40 samples) ...
@@ -133,7 +133,7 @@ def test_resume_on_another_world_size_skips_the_same_samples():
 def test_resume_refuses_a_changed_recipe_and_never_overwrites_the_original(tmp_path):
     import json
 
-    from unipred.config import RecipeError
+    from unipred.train.config import RecipeError
 
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="killed"):

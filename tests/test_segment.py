@@ -1,4 +1,4 @@
-"""Segmentation is written once (unipred.segment) and works for every tokenizer: tokens are laid
+"""Segmentation is written once (unipred.task.segment) and works for every tokenizer: tokens are laid
 on the grid their coordinates span, whatever the tokenizer, and the shipped tasks learn on an
 image source (2-D labels), an audio source (labels over time only) and a video source (labels
 per pixel of every frame); ADE20K's UperNet decoder runs through the same objective."""
@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from unipred import NEPA, TASKS
-from unipred.config import load_config
-from unipred.engine import fit
-from unipred.segment import (
+from unipred.task.segment import (
     LinearSegmenter,
     SegmentOutput,
     SegmentTask,
@@ -19,6 +17,8 @@ from unipred.segment import (
     segment_loss,
     tokens_to_grid,
 )
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 
 def _cfg(task: str, *over: str):
@@ -93,7 +93,7 @@ def test_a_pretrained_backbone_loads_and_the_probe_trains_the_decoder_alone():
 
 
 def test_upernet_needs_an_image_backbone_and_says_so():
-    from unipred.config import ConfigError
+    from unipred.train.config import ConfigError
 
     for task in ("audio_events_segment", "video_segment"):
         with pytest.raises(ConfigError, match="needs the image tokenizer.*data.decoder=linear"):
@@ -105,7 +105,7 @@ def test_upernet_needs_an_image_backbone_and_says_so():
 
 def test_class_count_below_the_labels_is_one_clear_line(tmp_path, capsys):
     from unipred.cli import main
-    from unipred.config import ConfigError
+    from unipred.train.config import ConfigError
 
     with pytest.raises(ConfigError, match="data.num_classes=2 but the data have 5 classes"):
         _cfg("debug_image_segment", "data.num_classes=2")
@@ -168,7 +168,7 @@ def test_the_generic_task_learns_on_images_audio_and_video(tmp_path, task):
 
 
 def test_the_moved_class_count_key_says_where_it_went():
-    from unipred.config import ConfigError
+    from unipred.train.config import ConfigError
 
     with pytest.raises(ConfigError, match="'data.head.num_classes'.* is now 'data.num_classes'"):
         load_config(None, ["task=segment_ade20k", "data.head.num_classes=150"])

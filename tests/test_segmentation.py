@@ -31,14 +31,14 @@ from unipred.tasks.image.segmentation import (
     window_starts,
 )
 
-from unipred.checkpoint import load_backbone
-from unipred.model import NEPA
-from unipred.seg_metrics import (
+from unipred.nn.model import NEPA
+from unipred.task.seg_metrics import (
     MeanAccuracy,
     MeanIoU,
     PixelAccuracy,
     segmentation_metrics,
 )
+from unipred.train.checkpoint import load_backbone
 
 
 def tiny_model(num_classes=5, **kw):
@@ -273,7 +273,7 @@ def test_synthetic_scenes_have_all_classes():
 
 # -------------------------------------------------------------------------------- task
 def test_poly_schedule_values():
-    from unipred.optim import poly_multiplier
+    from unipred.train.optim import poly_multiplier
 
     assert poly_multiplier(0, 1500, 160000) == pytest.approx(1e-6)
     assert poly_multiplier(750, 1500, 160000) == pytest.approx((1 - 750 / 160000) * (0.5 + 0.5e-6))
@@ -284,8 +284,8 @@ def test_poly_schedule_values():
 def test_task_smoke_fit_and_validate(tmp_path):
     from unipred.tasks.image.segment import SegmentADE20K
 
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     over = [f"{k}={v}" for k, v in SegmentADE20K.smoke_config().items()]
     over += ["task=segment_ade20k", f"run_dir={tmp_path}", "trainer.accelerator=cpu",
@@ -297,8 +297,8 @@ def test_task_smoke_fit_and_validate(tmp_path):
 
 
 def test_task_reads_the_folder_layout(tmp_path):
-    from unipred.config import load_config
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.config import load_config
 
     make_ade(tmp_path, "training", n=2)
     make_ade(tmp_path, "validation", n=1)
@@ -314,7 +314,7 @@ def test_task_reads_the_folder_layout(tmp_path):
 
 DDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-from unipred.seg_metrics import MeanIoU
+from unipred.task.seg_metrics import MeanIoU
 
 def work(rank, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])

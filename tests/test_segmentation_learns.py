@@ -6,7 +6,7 @@ import torch
 from unipred.tasks.image.seg_data import SyntheticScenes
 from unipred.tasks.image.segmentation import SegHeadConfig, SegmentationModel
 
-from unipred.seg_metrics import segmentation_metrics
+from unipred.task.seg_metrics import segmentation_metrics
 
 SIZE, BATCH, N_VAL = 32, 8, 64
 

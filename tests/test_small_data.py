@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from unipred.tasks.image.decode import decode_image
 
+from unipred.base.registry import TASKS
 from unipred.cli import main
-from unipred.config import ConfigError, build_model_config, load_config
 from unipred.data.accounting import COUNTER, BadSampleCounter
-from unipred.registry import TASKS
 from unipred.task import dataset_labels, per_class_indices
+from unipred.train.config import ConfigError, build_model_config, load_config
 from unipred.train.provenance import source_of
 
 
@@ -284,8 +284,8 @@ def test_fit_config_help_lists_the_task_keys(capsys):
 
 
 def test_model_init_reports_what_it_loaded(tmp_path, capsys):
-    from unipred.checkpoint import load_backbone
-    from unipred.model import NEPA, model_config
+    from unipred.nn.model import NEPA, model_config
+    from unipred.train.checkpoint import load_backbone
 
     src = NEPA(model_config("nepa_debug", head=None)).state_dict()
     model = NEPA(model_config("nepa_debug", head="mean", num_classes=3))
@@ -360,8 +360,8 @@ def test_size_from_the_data_without_data_is_one_clear_line(tmp_path):
 def test_frozen_protocols_load_a_backbone_pretrained_with_an_objective_head(tmp_path):
     """A pixel-target (or MLP-head) pretraining has parameters of its own (``objective.*``):
     ``unipred eval protocol=knn|linear`` drops them like ``model.init=pretrain:`` does."""
-    from unipred.model import NEPA, model_config
-    from unipred.objectives import ObjectiveConfig
+    from unipred.nn.model import NEPA, model_config
+    from unipred.nn.objectives import ObjectiveConfig
     from unipred.protocols import load_backbone_weights, weight_sets
 
     pre = NEPA(model_config("nepa_debug", head=None, objective=ObjectiveConfig(target="patch")))

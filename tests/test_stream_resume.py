@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from unipred.config import load_config
-from unipred.engine import fit
+from unipred.train.config import load_config
+from unipred.train.engine import fit
 
 STEPS = 6  # optimizer steps per epoch in every run below (samples = 6 x global batch)
 COMMON = ["trainer.progress_bar=false", "trainer.loggers=[]", "trainer.accelerator=cpu",
@@ -103,7 +103,7 @@ def test_loader_resumes_a_shard_stream_mid_epoch(tmp_path):
     batches consumed, the position saved, a new loader resumes: every sample once."""
     from unipred.tasks.image.data import ShardDataset
 
-    from unipred.loader import build_loader
+    from unipred.data.loader import build_loader
 
     shards = _image_shards(tmp_path, 48)
 
@@ -148,7 +148,7 @@ def test_every_shard_reader_is_a_resumable_stream(tmp_path):
     from unipred.tasks.image.seg_data import SegShardDataset
     from unipred.tasks.video.data import VideoShardDataset
 
-    from unipred.loader import ResumableStream
+    from unipred.data.loader import ResumableStream
 
     for cls in (ShardDataset, AudioShardDataset, VideoShardDataset, SegShardDataset):
         assert issubclass(cls, ResumableStream), cls

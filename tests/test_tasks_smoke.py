@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from unipred.config import load_config
-from unipred.engine import LitTask, fit
-from unipred.registry import TASKS
+from unipred.base.registry import TASKS
+from unipred.train.config import load_config
+from unipred.train.engine import LitTask, fit
 
 ENGINE_SMOKE = {
     "trainer.accelerator": "cpu",

@@ -24,7 +24,7 @@ from unipred.tasks.text.naive_bayes import char_ngram_nb
 from unipred.tokenizers.text import DiscreteTokenizer, encode_batch
 
 from unipred.data.accounting import BadSampleCounter
-from unipred.model import NEPA, model_config
+from unipred.nn.model import NEPA, model_config
 
 
 def _model(head=None, causal=True, **tk):
@@ -286,7 +286,7 @@ def test_text_demo_quick_plan_writes_the_table(tmp_path):
 
 @pytest.mark.parametrize("name", ["pretrain", "finetune", "probe"])
 def test_text_recipes_load_and_name_a_text_model(name):
-    from unipred.config import build_model_config, load_config, packaged_configs
+    from unipred.train.config import build_model_config, load_config, packaged_configs
 
     cfg = load_config(packaged_configs() / "text" / f"{name}.yaml", ["data.corpus=''"])
     assert cfg.task.startswith("text_")
@@ -294,7 +294,7 @@ def test_text_recipes_load_and_name_a_text_model(name):
 
 
 def test_a_text_task_on_image_model_is_one_line():
-    from unipred.config import load_config, packaged_configs
+    from unipred.train.config import load_config, packaged_configs
 
     with pytest.raises(Exception, match="uses the 'image' tokenizer"):
         load_config(packaged_configs() / "text" / "probe.yaml", ["model.name=nepa_debug",

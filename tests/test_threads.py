@@ -1,4 +1,4 @@
-"""The thread policy of the demos and of every CPU run (unipred.threads)."""
+"""The thread policy of the demos and of every CPU run (unipred.base.threads)."""
 
 import os
 import re

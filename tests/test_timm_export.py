@@ -1,6 +1,6 @@
 """The timm export is timm's own folder: ``timm.create_model("local-dir:EXPORT",
 pretrained=True)`` builds it with NEPA's preprocessing, and with the export's LayerNorm
-epsilon (``unipred.hub.load_timm``) it gives unipred's outputs to 1e-5."""
+epsilon (``unipred.weights.hub.load_timm``) it gives unipred's outputs to 1e-5."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from unipred.hub import export_timm, load_timm, set_layernorm_eps
-from unipred.model import NEPA
+from unipred.nn.model import NEPA
+from unipred.weights.hub import export_timm, load_timm, set_layernorm_eps
 
 timm = pytest.importorskip("timm", reason="timm (the 'vision' extra) is not installed")
 

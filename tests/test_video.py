@@ -24,8 +24,8 @@ from unipred.tokenizers.video import (
 )
 
 from unipred.data.accounting import BadSampleCounter
-from unipred.model import NEPA, model_config
-from unipred.rope import grid_coords
+from unipred.nn.model import NEPA, model_config
+from unipred.nn.rope import grid_coords
 
 
 def _codec_works() -> bool:
@@ -105,7 +105,7 @@ def test_image_nepa_state_dict_loads_into_video_nepa():
 def test_inflate_checkpoint_feeds_model_init(tmp_path):
     from unipred.tokenizers.video import inflate_checkpoint
 
-    from unipred.checkpoint import apply_init
+    from unipred.train.checkpoint import apply_init
 
     img = NEPA(model_config("nepa_debug"))
     src = tmp_path / "image.ckpt"
@@ -241,8 +241,8 @@ def test_pack_video_cli(tmp_path, capsys):
 @needs_codec
 def test_engine_classifies_real_files(tmp_path):
     """video_classify through the engine on real mp4/webm files and a frame folder."""
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     _make_tree(tmp_path / "data")
     over = ["task=video_classify", "model.name=nepa_video_debug", f"run_dir={tmp_path / 'run'}",

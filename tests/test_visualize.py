@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from unipred.tasks.image.visualize import main, maps
 
-from unipred.config import load_config, to_dict
-from unipred.model import NEPA
+from unipred.nn.model import NEPA
+from unipred.train.config import load_config, to_dict
 
 FIX = Path(__file__).parent / "fixtures" / "nepa_ref"
 
@@ -28,7 +28,7 @@ def _official_folder(tmp_path):
 
 
 def test_prediction_map_matches_the_official_outputs(tmp_path):
-    from unipred.hub import load_official_nepa
+    from unipred.weights.hub import load_official_nepa
 
     model = load_official_nepa(_official_folder(tmp_path)).eval()
     io = load_file(str(FIX / "io.safetensors"))

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipred.extras import require
-from unipred.registry import TOKENIZERS
-from unipred.tokens import Tokens
+from unipred.base.extras import require
+from unipred.base.registry import TOKENIZERS
+from unipred.base.tokens import Tokens
 
 
 def _torchaudio():
-    # imported when an audio tokenizer is used, never by the image path (see unipred.extras)
+    # imported when an audio tokenizer is used, never by the image path (see unipred.base.extras)
     return require("torchaudio", "audio", "the audio tokenizer")
 
 

@@ -7,11 +7,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from unipred.model import ModelConfig
-from unipred.predictor import PredictorConfig
-from unipred.registry import MODELS, TOKENIZERS
-from unipred.rope import grid_coords
-from unipred.tokens import Tokens
+from unipred.base.registry import MODELS, TOKENIZERS
+from unipred.base.tokens import Tokens
+from unipred.nn.model import ModelConfig
+from unipred.nn.predictor import PredictorConfig
+from unipred.nn.rope import grid_coords
 
 
 @TOKENIZERS.register("image")

@@ -43,8 +43,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unipred.registry import TOKENIZERS
-from unipred.tokens import Tokens
+from unipred.base.registry import TOKENIZERS
+from unipred.base.tokens import Tokens
 
 RAW_VIEWS = ("onehot", "ngram", "fixed", "ema")
 _HASH = (1_000_003, 998_244_353, 65_537)  # multipliers of the n-gram hash

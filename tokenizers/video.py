@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unipred.registry import TOKENIZERS
-from unipred.rope import grid_coords
-from unipred.tokens import Tokens
+from unipred.base.registry import TOKENIZERS
+from unipred.base.tokens import Tokens
+from unipred.nn.rope import grid_coords
 
 PATCH_KEY = "tokenizer.proj.weight"
 
@@ -58,16 +58,16 @@ def inflate_image_state_dict(state: dict[str, torch.Tensor], tubelet_size: int) 
 def inflate_checkpoint(src: str, dst: str, tubelet_size: int = 2) -> str:
     """Write an image NEPA's weights, inflated for video, where ``model.init`` can load them.
 
-    ``src`` is ``official:PATH`` (a released NEPA image model, see unipred.hub) or one of our
+    ``src`` is ``official:PATH`` (a released NEPA image model, see unipred.weights.hub) or one of our
     checkpoints (``.ckpt``, its EMA weights when present). Returns the ``model.init`` value,
     ``pretrain:DST``; the video model must use the image model's dim and patch size.
     """
     if src.startswith("official:"):
-        from unipred.hub import load_official_nepa
+        from unipred.weights.hub import load_official_nepa
 
         state = load_official_nepa(src.split(":", 1)[1]).state_dict()
     else:
-        from unipred.checkpoint import read_checkpoint
+        from unipred.train.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(src)
         state = ckpt.get("ema_state_dict") or {

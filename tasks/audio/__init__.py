@@ -5,7 +5,7 @@ needs the ``audio`` extra (torchaudio, torchcodec), imported only when audio is 
 
 from unipred.tasks.audio import events, tasks  # noqa: F401 (registrations)
 
-from unipred.registry import COMMANDS
+from unipred.base.registry import COMMANDS
 
 COMMANDS.add("demo audio", "unipred.tasks.audio.demo")
 COMMANDS.add("data pack-audio", "unipred.tasks.audio.pack")

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from unipred.base.extras import require
 from unipred.data.accounting import (
     COUNTER,
     BadSampleCounter,
@@ -42,7 +43,6 @@ from unipred.data.accounting import (
 from unipred.data.book import SampleBook
 from unipred.data.scan import Scan, ScanReport, list_dir, log_classes, read_regular
 from unipred.data.shards import ShardReader, is_shard_spec
-from unipred.extras import require
 
 # conversions only audio makes (the skip reasons are the core's)
 register_reasons(converted=("resampled", "silent", "wrong_extension"))

@@ -12,7 +12,7 @@
 4. The frozen-feature protocols of ``unipred.protocols`` (kNN, linear, attentive, per-layer)
    with every training clip labelled (configs/audio/digits_linprobe.yaml), on the NEPA
    backbone and on the same backbone at random init.
-Everything runs through the engine (``unipred.engine.fit``). ``--quick`` is a smoke run.
+Everything runs through the engine (``unipred.train.engine.fit``). ``--quick`` is a smoke run.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unipred.config import packaged_configs
-from unipred.threads import set_threads
+from unipred.base.threads import set_threads
+from unipred.train.config import packaged_configs
 
 CONFIGS = packaged_configs() / "audio"
 
@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _fit(config: str, overrides: list[str]) -> dict[str, float]:
     """One engine run; returns the final logged metrics."""
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     cfg = load_config(CONFIGS / config, overrides)
     trainer = fit(cfg, show_recipe="pretrain" in config)  # the others: recipe.json

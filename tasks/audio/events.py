@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from unipred.tasks.audio.tasks import check_audio_config
 
-from unipred.model import ModelConfig
+from unipred.nn.model import ModelConfig
 from unipred.task import DataConfig, DataSource, register_data
 
 EVENTS = ("silence", "tone", "sweep", "noise")

@@ -27,9 +27,9 @@ import torch
 from unipred.tasks.audio.data import ClipTransform, audio_dataset, list_audio, pad_collate
 from unipred.tasks.audio.spoken_digits import DIGITS, available_engines, synthesize, tone_digit
 
+from unipred.base.registry import MODELS
 from unipred.base.warn import warn
-from unipred.model import ModelConfig, model_config
-from unipred.registry import MODELS
+from unipred.nn.model import ModelConfig, model_config
 from unipred.task import DataConfig, DataSource, check_tokenizer, model_tokenizer, register_data
 
 

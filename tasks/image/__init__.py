@@ -4,7 +4,7 @@ attention maps. Its tokenizer is ``unipred.tokenizers.image``; its recipes ``con
 
 from unipred.tasks.image import debug, fashion_mnist, segment, tasks  # noqa: F401 (registrations)
 
-from unipred.registry import COMMANDS
+from unipred.base.registry import COMMANDS
 
 COMMANDS.add("demo image", "unipred.tasks.image.demo")
 COMMANDS.add("data pack-images", "unipred.tasks.image.pack")

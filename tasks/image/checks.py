@@ -1,7 +1,7 @@
 """Config-time checks of the image tasks: shape mistakes fail before anything is built.
 
 ``check_image_config`` is what ``ImagePretrain.check_config`` / ``ImageClassify.check_config``
-run (``unipred.config.load_config`` calls them, also under ``--print-config``). It checks the
+run (``unipred.train.config.load_config`` calls them, also under ``--print-config``). It checks the
 tokenizer kind, image size vs patch size, ``in_chans`` vs the normalisation and vs the data
 (one file is opened), and the number of classes vs the classes found in the data. Each problem
 is one ``ValueError`` line naming the keys to change.

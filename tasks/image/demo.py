@@ -14,7 +14,7 @@
    OUT/results.json with the wall time of each stage; plots in OUT/plots/ (loss curves,
    accuracy bars, next-embedding prediction maps).
 
-Every stage is an ordinary engine run (``unipred.engine.fit``) of a config a user can rerun
+Every stage is an ordinary engine run (``unipred.train.engine.fit``) of a config a user can rerun
 with ``unipred fit``. Data: Debian's ``dataset-fashion-mnist``, else torchvision's download.
 """
 
@@ -31,8 +31,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from unipred.config import packaged_configs
-from unipred.threads import set_threads
+from unipred.base.threads import set_threads
+from unipred.train.config import packaged_configs
 
 CONFIGS = packaged_configs() / "demo"
 
@@ -108,8 +108,8 @@ class Demo:
 
     def fit(self, config: str, name: str, overrides: list[str]) -> dict[str, float]:
         """One engine run in OUT/name (replacing an earlier one); returns its final metrics."""
-        from unipred.config import load_config
-        from unipred.engine import fit
+        from unipred.train.config import load_config
+        from unipred.train.engine import fit
 
         run = self.out / name
         if run.exists():

@@ -83,9 +83,9 @@ def _models(out: Path, seed: int):
     from omegaconf import OmegaConf
     from unipred.tasks.image.visualize import load_model
 
-    from unipred.checkpoint import read_checkpoint
-    from unipred.config import schema_for
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.checkpoint import read_checkpoint
+    from unipred.train.config import schema_for
 
     ckpt = out / "pretrain" / "checkpoints" / "last.ckpt"
     args = type("Args", (), {"ckpt": str(ckpt), "ema": False, "official": "", "seed": seed})

@@ -1,5 +1,5 @@
 """ADE20K semantic segmentation: the ``ade20k`` data source of the generic segmentation
-objective (unipred.segment; task ``segment_ade20k``) and the image modality's ``upernet``
+objective (unipred.task.segment; task ``segment_ade20k``) and the image modality's ``upernet``
 decoder (tasks/image/segmentation.py).
 
 The protocol is the standard BEiT/MAE one (NEPA publishes none): 150 classes, labels reduced
@@ -26,8 +26,8 @@ from unipred.tasks.image.seg_transforms import (
 )
 from unipred.tasks.image.segmentation import SegHeadConfig, SegmentationModel
 
-from unipred.segment import DECODERS, SegmentData
 from unipred.task import DataSource, register_data
+from unipred.task.segment import DECODERS, SegmentData
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipred.model import NEPA, ModelConfig, model_config
-from unipred.segment import SegmentOutput, segment_loss
+from unipred.nn.model import NEPA, ModelConfig, model_config
+from unipred.task.segment import SegmentOutput, segment_loss
 
 # predict()'s defaults where neither the call nor the model's ``inference`` sets one
 INFERENCE = {"mode": "slide", "crop": 512, "stride": 341, "scales": (1.0,), "flip": False,
@@ -132,10 +132,10 @@ class SegHead(nn.Module):
 
 class SegmentationModel(NEPA):
     """A NEPA backbone plus a UperNet head: the image modality's ``upernet`` decoder of the
-    generic segmentation objective (unipred.segment). The backbone's parameter names are
+    generic segmentation objective (unipred.task.segment). The backbone's parameter names are
     exactly NEPA's (``tokenizer.*``, ``cls_token``, ``predictor.*``) and the new modules live
     under ``head.*`` like NEPA's classifier, so any NEPA checkpoint (pretraining or
-    fine-tuning, ours or official) loads through ``unipred.checkpoint.apply_init`` /
+    fine-tuning, ours or official) loads through ``unipred.train.checkpoint.apply_init`` /
     ``model.init``. ``inference`` holds ``predict``'s defaults (the config's ``data.eval``)."""
 
     def __init__(self, cfg: ModelConfig, head: SegHeadConfig, num_classes: int = 150,

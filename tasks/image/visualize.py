@@ -51,10 +51,10 @@ def load_model(args) -> torch.nn.Module:
     if args.ckpt:
         return _from_checkpoint(args.ckpt, args.ema).eval()
     if args.official:
-        from unipred.hub import load_official_nepa
+        from unipred.weights.hub import load_official_nepa
 
         return load_official_nepa(args.official).eval()
-    from unipred.model import NEPA
+    from unipred.nn.model import NEPA
 
     torch.manual_seed(args.seed)
     return NEPA.from_name(args.model).eval()
@@ -63,9 +63,9 @@ def load_model(args) -> torch.nn.Module:
 def _from_checkpoint(path: str, ema: bool):
     from omegaconf import OmegaConf
 
-    from unipred.checkpoint import _strip, check_state_dict, read_checkpoint
-    from unipred.config import schema_for
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.checkpoint import _strip, check_state_dict, read_checkpoint
+    from unipred.train.config import schema_for
 
     ckpt = read_checkpoint(path)
     if "unipred_config" not in ckpt:

@@ -35,8 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from unipred.config import packaged_configs
-from unipred.threads import set_threads
+from unipred.base.threads import set_threads
+from unipred.train.config import packaged_configs
 
 CONFIGS = packaged_configs()
 MODALITIES = ("image", "audio", "video")
@@ -138,8 +138,8 @@ class Demo:
 
     # -- runs ---------------------------------------------------------------------------
     def fit(self, config: str, name: str, overrides: list[str]) -> dict[str, float]:
-        from unipred.config import load_config
-        from unipred.engine import fit
+        from unipred.train.config import load_config
+        from unipred.train.engine import fit
 
         run = self.out / name
         if run.exists():

@@ -6,7 +6,7 @@ text, the character n-gram naive Bayes baseline, the packer and the demo. Its to
 
 from unipred.tasks.text import tasks  # noqa: F401 (registrations)
 
-from unipred.registry import COMMANDS
+from unipred.base.registry import COMMANDS
 
 COMMANDS.add("data pack-text", "unipred.tasks.text.pack")
 COMMANDS.add("demo text", "unipred.tasks.text.demo")

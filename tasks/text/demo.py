@@ -25,8 +25,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from unipred.config import packaged_configs
-from unipred.threads import set_threads
+from unipred.base.threads import set_threads
+from unipred.train.config import packaged_configs
 
 CONFIGS = packaged_configs() / "text"
 
@@ -74,8 +74,8 @@ def _data(corpus: str, plan: Plan, out: Path) -> tuple[list[str], str]:
 
 
 def _fit(config: str, overrides: list[str]) -> dict[str, float]:
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     cfg = load_config(CONFIGS / config, overrides)
     trainer = fit(cfg, show_recipe=config == "pretrain.yaml")
@@ -84,8 +84,8 @@ def _fit(config: str, overrides: list[str]) -> dict[str, float]:
 
 def _baseline(common: list[str], k: int) -> dict[str, float]:
     """The data source's own baselines (char n-gram naive Bayes) on the same k labels/class."""
-    from unipred.config import load_config
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.config import load_config
 
     cfg = load_config(CONFIGS / "probe.yaml", [*common, f"data.labels_per_class={k}"])
     task = TASKS.get(cfg.task)(cfg)
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = set_threads(args.threads)
     common, data = _data(args.corpus, plan, out)
     common += [f"seed={args.seed}", "trainer.progress_bar=false"]
-    from unipred.config import load_config
-    from unipred.registry import TASKS
+    from unipred.base.registry import TASKS
+    from unipred.train.config import load_config
 
     cfg = load_config(CONFIGS / "probe.yaml", common)
     task = TASKS.get(cfg.task)(cfg)

@@ -23,9 +23,9 @@ from unipred.tasks.text import corpora
 from unipred.tasks.text.data import TextRecords, TextShards, pad_collate, read_records
 from unipred.tasks.text.naive_bayes import char_ngram_nb
 
+from unipred.base.registry import MODELS
 from unipred.data.shards import is_shard_spec, shard_metadata
-from unipred.model import ModelConfig, model_config
-from unipred.registry import MODELS
+from unipred.nn.model import ModelConfig, model_config
 from unipred.task import DataConfig, DataSource, check_tokenizer, model_tokenizer, register_data
 
 

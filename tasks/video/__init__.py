@@ -4,7 +4,7 @@ its recipes ``configs/video``. Decoding video files needs the ``video`` extra (t
 
 from unipred.tasks.video import tasks  # noqa: F401 (registrations)
 
-from unipred.registry import COMMANDS
+from unipred.base.registry import COMMANDS
 
 COMMANDS.add("demo video", "unipred.tasks.video.demo")
 COMMANDS.add("data pack-video", "unipred.tasks.video.pack")

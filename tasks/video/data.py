@@ -29,11 +29,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
+from unipred.base.extras import require
 from unipred.data.accounting import COUNTER, BadSampleCounter, SkipSample
 from unipred.data.book import SampleBook
 from unipred.data.scan import ScanReport, list_dir, log_classes, once_each
 from unipred.data.shards import ShardReader, is_shard_spec
-from unipred.extras import require
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 FRAME_EXTS = (".jpg", ".jpeg", ".png")

@@ -13,7 +13,7 @@
    decoding path end to end, on frames never seen in training).
 4. The frozen-feature protocols of ``unipred.protocols`` (kNN, linear, attentive, per-layer)
    on each task, NEPA backbone (with its causal pretraining attention) vs random init.
-Everything runs through the engine (``unipred.engine.fit``). ``--quick`` is a smoke run.
+Everything runs through the engine (``unipred.train.engine.fit``). ``--quick`` is a smoke run.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from unipred.config import packaged_configs
-from unipred.threads import set_threads
+from unipred.base.threads import set_threads
+from unipred.train.config import packaged_configs
 
 CONFIGS = packaged_configs() / "video"
 SIZE, FRAMES = 32, 16
@@ -136,8 +136,8 @@ def write_real(root: Path, videos: dict[str, str], step: int = 2, hop: int = 2) 
 # ------------------------------------------------------------------------------- training
 def _fit(config: str, overrides: list[str]) -> dict[str, float]:
     """One engine run; returns the final logged metrics."""
-    from unipred.config import load_config
-    from unipred.engine import fit
+    from unipred.train.config import load_config
+    from unipred.train.engine import fit
 
     cfg = load_config(CONFIGS / config, overrides)
     trainer = fit(cfg, show_recipe="pretrain" in config)  # the others: recipe.json

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from unipred.tasks.video.data import ClipTransform, video_dataset
 
-from unipred.model import ModelConfig, model_config
-from unipred.registry import MODELS
+from unipred.base.registry import MODELS
+from unipred.nn.model import ModelConfig, model_config
 from unipred.task import (
     DataConfig,
     DataSource,
