@@ -91,7 +91,7 @@ def pretrain(a, conf: Path, run: Path, data: list[str], res: dict) -> str:
     late = [h for h in mon.history if h["step"] > warm]
     spreads = [min(v for k, v in h.items() if k.endswith("spread")) for h in late]
     res.update({"steps": a.steps, "pretrain_seconds": round(pt_seconds),
-                "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+                **json.loads((run / "pt" / "results.json").read_text())["metrics"],
                 "collapse_checks_after_warmup": len(late),
                 "collapse_warnings_after_warmup": sum(1 for s in spreads if s < 0.1),
                 "min_spread_after_warmup": round(min(spreads, default=float("nan")), 3)})  # fmt: skip
