@@ -7,7 +7,8 @@ raw input, per label budget and seed, from one feature pass per weight set.
 CONFIG is a classification recipe (e.g. small/probe) and the overrides point it at the data
 (``data.root=DIR/train data.val_root=DIR/val``). For every budget K and seed S
 (``data.labels_per_class=K data.subset_seed=S``, probe seed S) it extracts the final-norm
-tokens of CKPT and of the config's random-init model (``ckpt=random``, the config's seed) once,
+tokens of CKPT and of the config's random-init model (``ckpt=random``, the config's ``seed``,
+as ``unipred compare``) once,
 then runs the k-NN and the linear probe of ``unipred eval`` on each read-out: ``features.pool=
 grid`` with ``features.grid=G`` for each G of --grids (G = 1 is the mean pooling) through the
 shipped ``unipred.protocols.features.grid_pool``, and the k-NN also on features standardised
@@ -67,13 +68,15 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids) 
     """{row name: {knn, knn_std, linear}} for one budget and seed."""
     cfg = load_config(
         config,
-        [*overrides, f"data.labels_per_class={k}", f"data.subset_seed={seed}", f"seed={seed}"],
+        [*overrides, f"data.labels_per_class={k}", f"data.subset_seed={seed}"],
     )
     task = TASKS.get(cfg.task)(cfg)
     fs = FeatureSettings()
     rows = {}
     for name, path in (("NEPA", ckpt), ("random init", "random")):
-        torch.manual_seed(cfg.seed)  # the random-init baseline: the config's model at its seed
+        # the random-init baseline: the config's model at the config's seed, one network for
+        # every S, as `unipred compare` (whose seed=S is the probe's)
+        torch.manual_seed(cfg.seed)
         model = task.build_model()
         sets = weight_sets(path, "false")
         if sets[0][1] is not None:
