@@ -377,6 +377,7 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
                       push: str | None = None) -> Path:  # fmt: skip
     """A training checkpoint -> a save_pretrained folder (and optionally the Hub)."""
     from unipred.protocols import suite_folder
+    from unipred.protocols.report import read_results
     from unipred.train.checkpoint import non_finite_key
     from unipred.train.config import to_yaml
 
@@ -389,7 +390,7 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
     ev_path = Path(evaluation) if evaluation else suite_folder(str(path)) / "results.json"
     ev = None
     if ev_path.is_file():
-        ev = json.loads(ev_path.read_text())
+        ev = read_results(ev_path)  # rows with fractions, from either file format
         # this weight set's rows and its baselines' (random init, raw input, the source's)
         keep = (weights, "random", "input", "data")
         ev["rows"] = [r for r in ev.get("rows", []) if r.get("weights") in keep]
