@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                      "UNIPRED_PLUGIN_MANIFEST": "1" if "manifest" in name else "0"}  # fmt: skip
             times[name].append(_time(cmd, e))
     load1 = os.getloadavg()[0]
-    print(f"{'command':<28} {'median s':>9} {'min s':>7}   ({a.rounds} rounds; "
+    print(f"{'command':<30} {'median s':>9} {'min s':>7}   ({a.rounds} rounds; "
           f"load average {load0:.2f} -> {load1:.2f}, {os.cpu_count()} cores)")  # fmt: skip
     for name, ts in times.items():
-        print(f"{name:<28} {statistics.median(ts):9.3f} {min(ts):7.3f}")
+        print(f"{name:<30} {statistics.median(ts):9.3f} {min(ts):7.3f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"load": [load0, load1], "seconds": times}, indent=1))
     return 0

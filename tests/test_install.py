@@ -88,7 +88,7 @@ def test_image_path_works_without_audio_video_or_plot_libraries(tmp_path, throwa
 
 
 def test_a_broken_plugin_leaves_the_registry_consistent(monkeypatch):
-    from unipred import registry
+    from unipred.base import registry
 
     monkeypatch.setattr(registry, "_loaded", False)
     monkeypatch.setattr(registry, "PLUGIN_ERRORS", {})
