@@ -26,6 +26,20 @@ from unipred.train.checkpoint import CheckpointError, UnsafeCheckpointError, rea
 SCRIPT = Path(__file__).parent / "fixtures" / "fsdp_fit.py"
 
 
+def _images(root: Path, n: int) -> Path:
+    """``n`` random 20x24 JPEGs, one class folder each."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / f"c{i:03d}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            root / f"c{i:03d}" / "x.jpg"
+        )
+    return root
+
+
 def _fit(args, timeout=500):
     env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=env,
@@ -34,9 +48,7 @@ def _fit(args, timeout=500):
 
 @pytest.mark.slow  # three gloo runs (2 + 2 + 1 processes): 4-7 min on the loaded 2-core box
 def test_fsdp2_run_killed_on_2_ranks_resumes_on_1_from_its_sharded_checkpoint(tmp_path):
-    from test_elastic import _images
-
-    images = _images(tmp_path, 48)
+    images = _images(tmp_path / "src", 48)
     full, cut = tmp_path / "full", tmp_path / "cut"
     p = _fit([images, full, 2, 1, 0])
     assert p.returncode == 0, p.stderr[-3000:]
