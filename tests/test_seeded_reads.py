@@ -3,11 +3,11 @@
 collate (the Fashion-MNIST shift and flip) must stay seeded by its batch."""
 
 import torch
+from unipred.tasks.image.fashion_mnist import ArrayImages
 
 import unipred.data.seeding as seeding
 from unipred.base.registry import TASKS
 from unipred.data.loader import build_loader
-from unipred.tasks.image.fashion_mnist import ArrayImages
 from unipred.train.config import load_config, packaged_configs
 
 
