@@ -46,3 +46,20 @@ def test_small_pretrain_reads_the_sizes_prints_one_line_and_records_the_choice(t
     assert cfg.model.objective.auto is False and cfg.model.objective.target_norm == "instance"
     TASKS.get(cfg.task)(cfg).build_model()
     assert "model.objective.auto" not in capsys.readouterr().out
+
+
+def test_discrete_tokens_choose_the_fixed_one_hot_target(capsys):
+    keys, line = choose(DataScale(16000, 64, discrete=True), set())
+    assert keys == {"target": "patch"} and "discrete tokens" in line
+    assert choose(DataScale(None, 64, discrete=True), set())[0] == {"target": "patch"}
+    assert choose(DataScale(16000, 64, discrete=True), {"target"})[0] == {}
+    # the text tokenizer says it is discrete; the choice reaches the built model and the config
+    cfg = load_config("text/pretrain", ["data.corpus=''", "data.generated_per_class=4",
+                                        "data.generated_val_per_class=2",
+                                        "model.name=nepa_text_debug", "model.objective.auto=true",
+                                        "model.objective.target=embedding"])  # fmt: skip
+    cfg.model.objective.target = None  # as a config that leaves the target unset
+    model = TASKS.get(cfg.task)(cfg).build_model()
+    assert model.cfg.objective.target == "patch" and cfg.model.objective.target == "patch"
+    out = capsys.readouterr().out
+    assert "16 training samples" in out and "discrete tokens -> target=patch" in out

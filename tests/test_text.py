@@ -189,10 +189,6 @@ def test_jsonl_and_csv_records(tmp_path):
     assert recs == [(b"hello, world", 0), (b"hallo", 1)]
     with pytest.raises(ValueError, match="no column 'body'"):
         read_records(str(c), text_key="body")
-    pq = tmp_path / "d.parquet"
-    pq.write_bytes(b"PAR1")
-    with pytest.raises(ValueError, match="convert it to JSONL or CSV"):
-        read_records(str(pq))
 
 
 def test_windows_for_pretraining_and_one_window_for_classification():

@@ -1,6 +1,7 @@
-"""The timm export is timm's own folder: ``timm.create_model("local-dir:EXPORT",
-pretrained=True)`` builds it with NEPA's preprocessing, and with the export's LayerNorm
-epsilon (``unipred.weights.hub.load_timm``) it gives unipred's outputs to 1e-5."""
+"""The timm export is timm's own folder: plain ``timm.create_model("local-dir:EXPORT",
+pretrained=True)`` builds it with NEPA's preprocessing and gives unipred's outputs to 1e-5,
+although timm builds its LayerNorms with epsilon 1e-5 where NEPA's is 1e-12 (the export folds
+the epsilon into the weights, ``unipred.weights.timm_export.fold_norm_eps``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from unipred.nn.model import NEPA
 from unipred.weights.hub import export_timm, load_timm, set_layernorm_eps
+from unipred.weights.timm_export import timm_state_dict
 
 timm = pytest.importorskip("timm", reason="timm (the 'vision' extra) is not installed")
 
@@ -24,33 +26,70 @@ def _model(**kw):
     return m.eval()
 
 
-def test_local_dir_builds_with_nepa_preprocessing_and_matches(tmp_path):
-    m = _model(causal=False, head="mean", num_classes=5)  # patch 4
+def _plain_timm(folder):
+    """What a timm user types, nothing of unipred involved."""
+    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_plain_local_dir_matches_unipred_logits(tmp_path, qk_norm):
+    m = _model(causal=False, head="mean", num_classes=5, qk_norm=qk_norm)  # patch 4
     folder = export_timm(m, tmp_path / "export", image_size=32)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architecture"] and cfg["pretrained_cfg"]["mean"] == [0.5] * 3
-    net = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    net = _plain_timm(folder)
+    assert {x.eps for x in net.modules() if isinstance(x, torch.nn.LayerNorm)} == {1e-5}
     data = timm.data.resolve_model_data_config(net)
     assert tuple(data["mean"]) == tuple(data["std"]) == (0.5, 0.5, 0.5)  # not ImageNet's
     assert tuple(data["input_size"]) == (3, 32, 32) and data["interpolation"] == "bicubic"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        want = m(x).logits
-        plain = (net(x) - want).abs().max().item()  # timm's own LayerNorm eps (1e-5)
-        set_layernorm_eps(net, cfg["unipred"]["norm_eps"])
-        fixed = (net(x) - want).abs().max().item()
+        out = m(x)
+        logits = (net(x) - out.logits).abs().max().item()
+        f = net.forward_features(x)
+        pre = (net.forward_head(f, pre_logits=True) - out.features).abs().max().item()
+        s = cfg["unipred"]["residual_scale"]  # the classifier's fc_norm reads s * final norm
+        feats = (f / s - m.forward_features(x, causal=False).hidden).abs().max().item()
+        # the unfolded weights under timm's epsilon: what the fold removes (about 1e-4 here)
+        unfolded = timm.create_model(f"local-dir:{folder}").eval()
+        unfolded.load_state_dict(timm_state_dict(m))
+        before = (unfolded(x) - out.logits).abs().max().item()
         loaded = load_timm(folder)
         assert not loaded.training
-        via_loader = (loaded(x) - want).abs().max().item()
-    assert fixed < 1e-5 and via_loader < 1e-5, (fixed, via_loader)
-    print(f"timm local-dir vs unipred logits: {plain:.2e} as built, {fixed:.2e} with norm_eps")
+        via_loader = (loaded(x) - out.logits).abs().max().item()
+    assert logits < 1e-5 and pre < 1e-5 and via_loader < 1e-5, (logits, pre, via_loader)
+    assert feats < 1e-5, feats
+    assert before > 1e-5, before  # the test can fail: without the fold timm is off
+    print(f"plain timm local-dir vs unipred logits: {logits:.2e} ({before:.2e} unfolded)")
 
 
 def test_backbone_export_matches_bidirectional_features(tmp_path):
     m = _model()  # a causal pretraining backbone: exported bidirectional
     folder = export_timm(m, tmp_path / "bb", bidirectional=True, image_size=32)
-    net = load_timm(folder)
+    net = _plain_timm(folder)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        err = (net.forward_features(x) - m.forward_features(x, causal=False).hidden).abs().max()
+        want = m.forward_features(x, causal=False).hidden
+        err = (net.forward_features(x) - want).abs().max()  # no fc_norm: features unscaled
+    assert err < 1e-5
+
+
+def test_old_export_without_fold_still_loads_exactly(tmp_path):
+    """A folder written before the fold (unfolded weights, ``unipred.norm_eps`` only):
+    load_timm still sets the epsilon."""
+    from safetensors.torch import save_file
+
+    m = _model(causal=False, head="mean", num_classes=5)
+    folder = export_timm(m, tmp_path / "old", image_size=32)
+    cfg = json.loads((folder / "config.json").read_text())
+    for k in ("residual_scale", "timm_norm_eps"):
+        del cfg["unipred"][k]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in timm_state_dict(m).items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        err = (load_timm(folder)(x) - m(x).logits).abs().max()
+        fixed = set_layernorm_eps(_plain_timm(folder), 1e-12)
+        assert (fixed(x) - m(x).logits).abs().max() < 1e-5
     assert err < 1e-5

@@ -116,6 +116,7 @@ class DiscreteTokenizer(nn.Module):
     """
 
     coord_dims = 1
+    discrete = True  # an embedding table over ids: model.objective.auto picks target=patch
 
     def __init__(
         self,

@@ -8,6 +8,8 @@ Layouts a ``data.root`` may have (``read_records``):
 * a ``.jsonl`` file of ``{"text": ..., "label": ...}`` records (keys configurable); a record
   may give ``"ids": [int, ...]`` instead of text (any vocabulary, ``vocab_size`` ids);
 * a ``.csv`` / ``.tsv`` file with a header naming the text and label columns, one record a line;
+* a ``.parquet`` file, or a folder of them, with the same columns (``tasks/text/parquet.py``,
+  needs pyarrow: the ``parquet`` extra);
 * webdataset shards from ``unipred data pack-text`` (``TextShards``, streamed).
 
 Bad input is skipped and counted in the bad-sample report (``unipred.data.accounting``), never
@@ -152,7 +154,9 @@ def read_table(path: Path, text_key: str, label_key: str, ids_key: str, max_byte
     its text (UTF-8 bytes) or, in JSONL, a list of ids under ``ids_key``; no label = -1."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        raise ValueError(f"{path}: Parquet is not read here; convert it to JSONL or CSV")
+        from unipred.tasks.text.parquet import read_parquet
+
+        return read_parquet(path, text_key, label_key, ids_key, max_bytes, counter, classes)
     rows, labels = [], []
     header = None
     with open(path, "rb") as f:
@@ -213,13 +217,17 @@ def read_records(spec: str, unit: str = "line", text_key: str = "text",
     counter = counter or COUNTER
     path = Path(spec)
     if path.is_dir():
+        from unipred.tasks.text.parquet import parquet_files, read_parquet
+
+        if parquet_files(path) and not any(p.is_dir() for p in path.iterdir()):
+            return read_parquet(path, text_key, label_key, ids_key, max_bytes, counter, classes)
         return read_folder(path, unit, max_bytes, counter, classes)
     if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
         return read_table(path, text_key, label_key, ids_key, max_bytes, counter, classes)
     if path.is_file():  # one plain text file: unlabelled records
         recs = read_file_records(path, unit, max_bytes, counter)
         return [(r, -1) for r in recs], []
-    raise ValueError(f"{spec}: not a folder, a .jsonl/.csv/.tsv file or a text file")
+    raise ValueError(f"{spec}: not a folder, a .jsonl/.csv/.tsv/.parquet file or a text file")
 
 
 def to_ids(x) -> torch.Tensor:

@@ -8,8 +8,9 @@
 3. For each label budget (labelled words per language): ``text_classify`` fine-tuning
    (configs/text/finetune.yaml) from the checkpoint and from scratch, same recipe and subset;
    the frozen k-NN and linear probe (``unipred.protocols``, configs/text/probe.yaml) of the
-   checkpoint and of the same network at random init; the character 1-3-gram naive Bayes on
-   the same labelled words (``DataSource.baseline_scores``).
+   checkpoint, of the same network at random init and of the raw input (the tokenizer's
+   one-hot bytes, flattened); the character 1-3-gram naive Bayes on the same labelled words
+   (``DataSource.baseline_scores``).
 4. One table of test top-1: printed and written to OUT/results.md / results.json.
 
 Every stage is an ordinary engine run a user can repeat with ``unipred fit text/...``.
@@ -95,6 +96,18 @@ def _baseline(common: list[str], k: int) -> dict[str, float]:
                                        [te[i] for i in range(len(te))])  # fmt: skip
 
 
+def _raw_input(common: list[str], k: int, out: Path) -> dict[str, float]:
+    """k-NN and linear probe on the raw input (the tokenizer's one-hot bytes, flattened)."""
+    from unipred.protocols.baselines import run_raw
+    from unipred.protocols.settings import parse_eval_settings
+    from unipred.train.config import load_config
+
+    cfg = load_config(CONFIGS / "probe.yaml", [*common, f"data.labels_per_class={k}", "ckpt=random",
+                      f"run_dir={out / f'frozen_input_{k}'}"])  # fmt: skip
+    rows = run_raw(cfg, parse_eval_settings(["ema=false"]), log=lambda s: None)
+    return {f"{r['protocol']}_input": r["top1"] for r in rows}
+
+
 def run_budget(out: Path, plan: Plan, common: list[str], k: int, n_classes: int, ckpt: Path,
                t0: float) -> dict:  # fmt: skip
     """Every row of one label budget: fine-tunes, frozen probes, n-gram baseline (fractions)."""
@@ -112,6 +125,7 @@ def run_budget(out: Path, plan: Plan, common: list[str], k: int, n_classes: int,
                            f"run_dir={out / f'frozen_{name}_{k}'}"], src, ("knn", "linear"),
                            log=lambda s: None)  # fmt: skip
         row.update({f"{r['protocol']}_{name}": r["top1"] for r in rows})
+    row.update(_raw_input(common, k, out))
     row.update(_baseline(common, k))
     print(f"[text demo] {k} labels/class: " + ", ".join(f"{n} {v:.3f}" for n, v in row.items())
           + f"  [{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
@@ -121,6 +135,8 @@ def run_budget(out: Path, plan: Plan, common: list[str], k: int, n_classes: int,
 ROWS = (("ft_nepa", "NEPA-pretrained, fine-tuned"), ("ft_scratch", "from scratch, fine-tuned"),
         ("linear_nepa", "NEPA frozen, linear probe"), ("linear_random", "random init frozen, linear probe"),
         ("knn_nepa", "NEPA frozen, kNN"), ("knn_random", "random init frozen, kNN"),
+        ("linear_input", "raw input (one-hot bytes), linear probe"),
+        ("knn_input", "raw input (one-hot bytes), kNN"),
         ("char_ngram_nb", "character 1-3-gram naive Bayes"))  # fmt: skip
 
 

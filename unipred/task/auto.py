@@ -12,6 +12,12 @@ docs/small-data.md):
   The horizon is a row of a square grid of the same token count (``round(sqrt(tokens))``,
   2 to 16), so output t predicts as far as the token below it.
 * **large data**: the release objective (the paper's ImageNet recipe), unchanged.
+* **discrete tokens** (a tokenizer whose ``discrete`` attribute is true: an embedding table
+  over a vocabulary, such as the text tokenizer), at any scale: ``target=patch``, the next
+  token's ids through the tokenizer's fixed one-hot view. With a learned table as both input
+  and target the release objective has an easy way out; on the word-language set the fixed
+  target beat it frozen and fine-tuned (docs/text.md). The image-measured small-data keys are
+  not added: they were not measured on discrete tokens.
 
 No modality is named here: the tokenizer and the data source give the sizes.
 """
@@ -30,6 +36,7 @@ SMALL_DATA = 100_000  # training samples below which the small-data settings are
 class DataScale:
     samples: int | None  # None: a streamed set (no length)
     tokens: int  # tokens per sample (the first sample's)
+    discrete: bool = False  # the tokenizer embeds ids of a vocabulary (its ``discrete``)
 
 
 def _has_len(ds) -> bool:
@@ -55,14 +62,20 @@ def measure(source, tokenizer) -> DataScale:
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
     with torch.no_grad():
         tokens = int(tokenizer(x).tokens.shape[1])
-    return DataScale(n, tokens)
+    return DataScale(n, tokens, bool(getattr(tokenizer, "discrete", False)))
 
 
 def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
     """(objective keys to set, the reason); keys in ``explicit`` are left to the config."""
     size = f"{scale.samples:,} training samples" if scale.samples else "a streamed training set"
     size += f", {scale.tokens} tokens per sample"
-    if scale.samples is not None and scale.samples < SMALL_DATA:
+    if scale.discrete:
+        size += ", discrete tokens"
+        pick = {"target": "patch"}
+        why = ("discrete tokens: the next token's ids through the tokenizer's fixed one-hot "
+               "view, not a learned table, as measured best on word-language identification "
+               "(docs/text.md)")  # fmt: skip
+    elif scale.samples is not None and scale.samples < SMALL_DATA:
         horizon = min(16, max(2, round(math.sqrt(scale.tokens))), max(1, scale.tokens - 1))
         pick = {"target_norm": "instance", "head": "mlp", "horizon": horizon}
         why = (f"small data (< {SMALL_DATA:,} samples): instance-normalised targets, an MLP "

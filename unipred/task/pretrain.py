@@ -63,7 +63,7 @@ class PretrainTask(Task):
                     is not None} - {"auto"}  # fmt: skip
         tok = build_tokenizer(mc.tokenizer, mc.predictor.dim, mc.tokenizer_args)
         mc = auto.resolve(mc, self.source, tok, explicit)
-        for key in ("target_norm", "head", "horizon"):
+        for key in ("target", "target_norm", "head", "horizon"):
             setattr(section, key, getattr(mc.objective, key))
         section.auto = False
         mc.objective = dataclasses.replace(mc.objective, auto=False)

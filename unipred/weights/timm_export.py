@@ -5,6 +5,7 @@ builds on lives in unipred.weights.hub."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -82,8 +83,10 @@ def timm_kwargs(model: NEPA, bidirectional: bool = False) -> dict:
     )
 
 
-def timm_state_dict(model: NEPA) -> dict[str, torch.Tensor]:
-    """Our state dict renamed (and completed) for the timm model of :func:`timm_kwargs`."""
+def timm_state_dict(model: NEPA, residual_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Our state dict renamed (and completed) for the timm model of :func:`timm_kwargs`;
+    ``residual_scale`` != 1 writes the equivalent network whose LayerNorm inputs are that many
+    times larger (:func:`fold_norm_eps`, what a timm build with another epsilon needs)."""
     pc = model.cfg.predictor
     out = {}
     for k, v in model.state_dict().items():
@@ -113,7 +116,41 @@ def timm_state_dict(model: NEPA) -> dict[str, torch.Tensor]:
                 w = f"blocks.{i}.attn.{n}.weight"
                 out.setdefault(w, torch.ones(pc.head_dim))
                 out[f"blocks.{i}.attn.{n}.bias"] = torch.zeros(pc.head_dim)
-    return {k: v.detach().clone() for k, v in out.items()}
+    out = {k: v.detach().clone() for k, v in out.items()}
+    if residual_scale != 1.0:
+        fold_norm_eps(out, model, residual_scale)
+    return out
+
+
+def fold_norm_eps(sd: dict[str, torch.Tensor], model: NEPA, s: float) -> None:
+    """Rescale the timm state dict ``sd`` (in place) so that every LayerNorm sees its input
+    ``s`` times larger and every output is unchanged.
+
+    Why: LayerNorm(s * x, eps) == LayerNorm(x, eps / s**2) exactly (the mean and the deviation
+    scale with s, the epsilon does not). timm builds this architecture's LayerNorms with its
+    own epsilon (1e-5) and its JSON config has no field for another one, so an export for
+    ``timm.create_model("local-dir:...")`` scales the inputs by s = sqrt(timm_eps / our_eps)
+    instead of changing the epsilon. What writes into the residual stream is multiplied by s:
+    the patch embedding, the cls token and both LayerScale gammas of every block, so every
+    block's norm1 / norm2 and the final norm see s * x. With QK-norm the q and k rows of the
+    fused qkv projection are scaled too (its LayerNorms see s * q, s * k). A mean-pooling
+    classifier's fc_norm reads the pooled final-norm output, so the final norm's weight and
+    bias are scaled as well: then timm's ``forward_features`` (the final-norm tokens) is s
+    times ours, while its pre-logits and logits equal ours."""
+    pc, d = model.cfg.predictor, model.cfg.predictor.dim
+    for k in ("cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias"):
+        if k in sd:
+            sd[k] = sd[k] * s
+    for i in range(pc.depth):
+        for g in ("gamma_1", "gamma_2"):
+            sd[f"blocks.{i}.{g}"] = sd[f"blocks.{i}.{g}"] * s
+        if pc.qk_norm:
+            for k in (f"blocks.{i}.attn.qkv.weight", f"blocks.{i}.attn.qkv.bias"):
+                if k in sd:  # rows [0, 2d) are q and k, [2d, 3d) v (v needs no scaling)
+                    sd[k] = torch.cat([sd[k][: 2 * d] * s, sd[k][2 * d :]])
+    if "fc_norm.weight" in sd:
+        sd["norm.weight"] = sd["norm.weight"] * s
+        sd["norm.bias"] = sd["norm.bias"] * s
 
 
 def to_timm(model: NEPA, bidirectional: bool = False):
@@ -153,18 +190,35 @@ def timm_pretrained_cfg(model: NEPA, image_size: int = 224) -> dict:
 
 @for_inference
 def load_timm(folder: str | Path):
-    """``timm.create_model("local-dir:FOLDER", pretrained=True)`` with the LayerNorm epsilon
-    of the export (``config.json: unipred.norm_eps``; timm's JSON cannot carry it and its
-    Eva default is 1e-5), in eval mode: unipred's outputs to 1e-5."""
+    """``timm.create_model("local-dir:FOLDER", pretrained=True)`` in eval mode. An export of
+    this version needs nothing else (its weights fold the LayerNorm epsilon in, see
+    :func:`fold_norm_eps`); one written before that (``config.json`` holding
+    ``unipred.norm_eps`` but no ``unipred.residual_scale``) gets the epsilon set here."""
     from unipred.base.extras import require
 
     timm = require("timm", "vision", "loading a timm export")
     folder = Path(folder)
     net = timm.create_model(f"local-dir:{folder}", pretrained=True)
-    eps = json.loads((folder / TIMM_CONFIG).read_text()).get("unipred", {}).get("norm_eps")
-    if eps is not None:
-        set_layernorm_eps(net, eps)
+    extra = json.loads((folder / TIMM_CONFIG).read_text()).get("unipred", {})
+    if extra.get("norm_eps") is not None and "residual_scale" not in extra:
+        set_layernorm_eps(net, extra["norm_eps"])
     return net
+
+
+def timm_norm_eps(model: NEPA) -> float:
+    """The LayerNorm epsilon timm gives ``TIMM_ARCH`` when ``create_model`` gets no
+    ``norm_layer`` (as from a local-dir config.json), read off a one-block build of the
+    export's width so that a timm release that changes it changes the folding too."""
+    from unipred.base.extras import require
+
+    timm = require("timm", "vision", "exporting to timm")
+    pc = model.cfg.predictor
+    net = timm.create_model(TIMM_ARCH, pretrained=False, embed_dim=pc.dim, depth=1,
+                            num_heads=pc.heads, num_classes=0)  # fmt: skip
+    eps = {m.eps for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}
+    if len(eps) != 1:
+        raise ValueError(f"timm's {TIMM_ARCH} mixes LayerNorm epsilons {sorted(eps)}")
+    return eps.pop()
 
 
 def set_layernorm_eps(net: torch.nn.Module, eps: float) -> torch.nn.Module:
@@ -179,19 +233,23 @@ def export_timm(model: NEPA, folder: str | Path, bidirectional: bool = False,
                 image_size: int = 224) -> Path:  # fmt: skip
     """Write timm's own model folder: ``model.safetensors`` (timm's key names) and
     ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg`` with NEPA's
-    preprocessing), so ``timm.create_model("local-dir:FOLDER", pretrained=True)`` builds it.
-    The LayerNorm epsilon is not a JSON-able timm argument: it is kept as
-    ``unipred.norm_eps`` (``load_timm`` / ``set_layernorm_eps`` apply it; docs/hub.md)."""
+    preprocessing), so plain ``timm.create_model("local-dir:FOLDER", pretrained=True)``
+    builds it and gives our logits. timm builds its LayerNorms with its own epsilon (its JSON
+    has no field for ours), so the weights are written with every LayerNorm input scaled by
+    ``sqrt(timm_eps / norm_eps)`` (:func:`fold_norm_eps`, exact); the factor is recorded as
+    ``unipred.residual_scale`` (timm's block outputs are that many times ours; docs/hub.md)."""
     from safetensors.torch import save_file
 
     kw = timm_kwargs(model, bidirectional)
+    pc = model.cfg.predictor
+    timm_eps = timm_norm_eps(model)
+    scale = math.sqrt(timm_eps / pc.norm_eps)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.contiguous() for k, v in timm_state_dict(model).items()}
+    sd = {k: v.contiguous() for k, v in timm_state_dict(model, scale).items()}
     _atomic(folder / TIMM_WEIGHTS, lambda f: save_file(sd, f, metadata={"format": "pt"}))
     args = {k: v for k, v in kw.items() if k not in ("norm_layer", "pretrained")}
     args["img_size"] = image_size
-    pc = model.cfg.predictor
     js = {
         "architecture": TIMM_ARCH,
         "num_classes": args["num_classes"],
@@ -201,8 +259,13 @@ def export_timm(model: NEPA, folder: str | Path, bidirectional: bool = False,
         "pretrained_cfg": timm_pretrained_cfg(model, image_size),
         "unipred": {
             "norm_eps": pc.norm_eps,
-            "note": "every LayerNorm of this model has eps=norm_eps; timm builds them with 1e-5 "
-            "(unipred.hub.load_timm or set_layernorm_eps applies it)",
+            "timm_norm_eps": timm_eps,
+            "residual_scale": scale,
+            "note": "the weights fold unipred's LayerNorm epsilon (norm_eps) into timm's "
+            "(timm_norm_eps): every LayerNorm input is residual_scale times unipred's, so "
+            "logits, pre-logits and normed features equal unipred's, while block outputs "
+            "(forward_intermediates without norm) are residual_scale times unipred's"
+            + (" and so is forward_features (the fc_norm reads it)" if args["use_fc_norm"] else ""),
             "causal_attention_exported_as": "bidirectional" if pc.causal else None,
         },
     }
