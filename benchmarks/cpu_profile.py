@@ -20,6 +20,8 @@ runs it (one thread unless ``--threads``). Three parts, one JSON line each (and 
   timed ALTERNATING, in a rotating order, ``--rounds`` times in this one process, and each
   ratio (baseline time / variant time, > 1 = faster) is the median over rounds of that
   round's ratio: on a shared machine the load drifts, but it drifts for both sides of a round.
+* ``attention`` (``--attention``): CPU ms of one block's bf16 attention fwd + bwd, SDPA's
+  math kernel against ``unipred.nn.predictor._cpu_attention``, at 17 to 257 tokens.
 * ``data`` (demo model, or ``--data``): CPU ms per batch of the demo's training loader, with
   and without per-sample seeding (``data_part``).
 """
@@ -160,6 +162,36 @@ def data_part(batch: int, rounds: int, steps: int) -> dict:
     return {k: round(statistics.median(v), 2) for k, v in per.items()}
 
 
+def attention_part(rounds: int) -> dict:
+    """CPU ms (``time.process_time``) of one block's attention forward + backward in bf16:
+    SDPA's math kernel (the previous path) against ``unipred.nn.predictor._cpu_attention``, at
+    the demo's shape and longer ones up to ViT-B/14's 257 tokens; the median of ``rounds``."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from unipred.nn.predictor import _cpu_attention
+
+    def math(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    out = {}
+    for B, H, T, d in ((128, 4, 17, 32), (32, 4, 65, 32), (16, 6, 129, 64), (8, 12, 257, 64)):
+        qkvg = [torch.randn(B, H, T, d, dtype=torch.bfloat16) for _ in range(4)]
+        per: dict[str, list[float]] = {"math": [], "unipred": []}
+        for r in range(rounds):
+            for name in sorted(per, reverse=bool(r % 2)):
+                q, k, v = (t.clone().requires_grad_() for t in qkvg[:3])
+                t0 = time.process_time()
+                if name == "math":
+                    math(q, k, v).backward(qkvg[3])
+                else:
+                    _cpu_attention(q, k, v, None, True).backward(qkvg[3])
+                per[name].append(1e3 * (time.process_time() - t0))
+        out[f"B{B} H{H} T{T} d{d}"] = {k: round(statistics.median(v), 2) for k, v in per.items()}
+    return out
+
+
 def ratios(variants: list[Variant], x, rounds: int, steps: int) -> dict:
     """Alternating, rotating-order timing; per-round ratios baseline / variant."""
     per_round: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -194,6 +226,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 rounds x 2 steps, 1 profiled step")
     ap.add_argument("--data", action="store_true", help="also time the demo's loader "
                     "(always for --model demo)")  # fmt: skip
+    ap.add_argument("--attention", action="store_true",
+                    help="also time the CPU bf16 attention paths at 17-257 tokens")  # fmt: skip
     ap.add_argument("--out", default="", help="also append the JSON lines to this file")
     a = ap.parse_args()
     if a.quick:
@@ -236,6 +270,9 @@ def main() -> int:
     records.append({**head, "part": "ratios", "rounds": a.rounds, "steps_per_round": a.steps,
                     "compile_backend": a.compile_backend, "compile_s": compile_s or None,
                     **res})  # fmt: skip
+    if a.attention:
+        records.append({**head, "part": "attention", "unit": "CPU ms per block, fwd + bwd",
+                        **attention_part(max(a.rounds, 5))})  # fmt: skip
     if a.model == "demo" or a.data:
         records.append({**head, "part": "data", "unit": "CPU ms per batch",
                         **data_part(batch, a.rounds, a.steps)})  # fmt: skip

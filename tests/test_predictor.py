@@ -150,17 +150,8 @@ def test_gradient_checkpointing_same_gradients():
         assert torch.allclose(a, q.grad, atol=1e-6)
 
 
-def test_cpu_bf16_attention_avoids_flash_and_matches_the_math_kernel():
-    """CPU flash-attention backward in bf16 is slow; the predictor routes around it with its
-    own fp32 attention (``_cpu_attention``), which must give what SDPA's math kernel gives
-    (outputs and gradients), causal, bidirectional and with a padding mask."""
-    from torch.profiler import ProfilerActivity, profile
-
-    import unipred.nn.predictor as P
-
-    x, c = _inputs()
-    valid = torch.ones(2, 17, dtype=torch.bool)
-    valid[1, 13:] = False
+def _same_as_math_kernel(P, x, c, valid):
+    """bf16 outputs and gradients of ``_cpu_attention`` against SDPA's math kernel."""
 
     def run(kind, causal, mask):
         P.CPU_ATTENTION = kind
@@ -178,9 +169,26 @@ def test_cpu_bf16_attention_avoids_flash_and_matches_the_math_kernel():
         for mask in (None, valid):
             ref, ref_g = run("math", causal, mask)
             out, g = run("explicit", causal, mask)
-            assert (out - ref).abs().max() < 0.05, (causal, mask is None)  # bf16 rounding
+            assert (out - ref).abs().max() < 0.05, (x.shape, causal, mask is None)  # rounding
             for a, b in zip(g, ref_g):
-                assert (a - b).norm() <= 0.02 * b.norm() + 1e-3, (causal, mask is None)
+                assert (a - b).norm() <= 0.02 * b.norm() + 1e-3, (x.shape, causal, mask is None)
+
+
+def test_cpu_bf16_attention_avoids_flash_and_matches_the_math_kernel():
+    """CPU flash-attention backward in bf16 is slow; the predictor routes around it with its
+    own fp32 attention (``_cpu_attention``: explicit ops for 17 tokens, SDPA on fp32 copies for
+    37), which must give what SDPA's math kernel gives (outputs and gradients), causal,
+    bidirectional and with a padding mask."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import unipred.nn.predictor as P
+
+    for n in (4, 6):
+        x, c = _inputs(n=n)
+        valid = torch.ones(2, n * n + 1, dtype=torch.bool)
+        valid[1, n * n - 3 :] = False
+        _same_as_math_kernel(P, x, c, valid)
+    x, c = _inputs()
     p = _pred().train()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -171,18 +171,29 @@ CPU_ATTENTION = "explicit"
 
 
 def _cpu_attention(q, k, v, mask, is_causal):
-    """What SDPA's math kernel computes on CPU in bf16 (it upcasts q, k, v to fp32), in fewer
-    ops: no "safe softmax" pass (two reductions over the scores per call) and no scaling of
-    both q and k. Every row sees at least itself (``_attention_mask``), so no row is fully
-    masked. The demo model (17 tokens): attention fwd + bwd 5.9 -> 4.9 ms per block."""
+    """What SDPA's math kernel computes on CPU in bf16 (it upcasts q, k, v to fp32), faster.
+
+    Up to ``_EXPLICIT_MAX_TOKENS`` tokens as explicit fp32 ops: no "safe softmax" pass (two
+    reductions over the scores) and no scaling of both q and k (the demo model, 17 tokens:
+    fwd + bwd 5.9 -> 4.6 ms per block). Longer sequences: SDPA on the fp32 copies, where torch
+    picks its CPU flash kernel, whose fp32 backward is fast (65 tokens 10.1 -> 8.0 ms, ViT-B/14's
+    257 tokens at batch 8 112 -> 89 ms per block; benchmarks/README.md). Every row sees at
+    least itself (``_attention_mask``), so no row is fully masked."""
     T, S = q.shape[-2], k.shape[-2]
     with torch.autocast("cpu", enabled=False):  # fp32 products, as the math kernel
-        scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+        q, k, v32 = q.float(), k.float(), v.float()
+        if max(T, S) > _EXPLICIT_MAX_TOKENS:
+            out = F.scaled_dot_product_attention(q, k, v32, attn_mask=mask, is_causal=is_causal)
+            return out.to(v.dtype)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if is_causal:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
+        return (scores.softmax(dim=-1) @ v32).to(v.dtype)
+
+
+_EXPLICIT_MAX_TOKENS = 32  # explicit ops win at 17 tokens, SDPA's fp32 flash kernel at 65
 
 
 def _eager_attention(q, k, v, mask, causal):
