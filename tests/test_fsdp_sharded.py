@@ -1,10 +1,10 @@
 """FSDP2 (``trainer.strategy=fsdp2``) with sharded distributed checkpoints, resharded on load.
 
-* a real 2-rank gloo run on CPU (FSDP2 through Lightning's ModelParallelStrategy) is killed
-  after its step-2 checkpoint, a folder holding one shard file per rank, and resumed with
-  ``resume=auto`` on 1 rank: it starts at step 2 with the scheduler, the learning rate and the
-  optimizer moments of the checkpoint, and ends with the weights and optimizer state of the
-  uninterrupted 2-rank run (to float32 reduction-order tolerance);
+* a real gloo run on CPU (FSDP2 through Lightning's ModelParallelStrategy) on W ranks is
+  killed after its step-2 checkpoint, a folder holding one shard file per rank, and resumed
+  with ``resume=auto`` on W' ranks (2 -> 1, 4 -> 2): it starts at step 2 with the scheduler,
+  the learning rate and the optimizer moments of the checkpoint, and ends with the weights and
+  optimizer state of the uninterrupted W-rank run (to float32 reduction-order tolerance);
 * a sharded checkpoint is read back whole on one process (``read_checkpoint``), and one whose
   DCP index pickle carries code is refused before anything in it runs.
 """
@@ -46,23 +46,27 @@ def _fit(args, timeout=500):
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-@pytest.mark.slow  # three gloo runs (2 + 2 + 1 processes): 4-7 min on the loaded 2-core box
-def test_fsdp2_run_killed_on_2_ranks_resumes_on_1_from_its_sharded_checkpoint(tmp_path):
+@pytest.mark.slow  # three gloo runs (W, W and W' processes): 6 min or more on 2 loaded cores
+@pytest.mark.parametrize(("world", "new_world"), [(2, 1), (4, 2)])
+def test_fsdp2_run_killed_resumes_on_another_world_size_from_its_sharded_checkpoint(
+    tmp_path, world, new_world
+):
     images = _images(tmp_path / "src", 48)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    p = _fit([images, full, 2, 1, 0])
+    p = _fit([images, full, world, 1, 0])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "EMA is not supported with FSDP" in p.stderr + p.stdout  # said, not silently off
-    p = _fit([images, cut, 2, 1, 3])
+    p = _fit([images, cut, world, 1, 3])
     assert p.returncode != 0 and "killed at step 3" in p.stderr, p.stderr[-3000:]
     step2 = cut / "checkpoints" / "step00000002.ckpt"
     # a DCP folder: one shard file per rank, DCP's index, Lightning's meta.pt
     assert sorted(x.name for x in step2.iterdir()) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # fmt: skip
+        ".metadata", *(f"__{r}_0.distcp" for r in range(world)), "meta.pt"]  # fmt: skip
     assert not list((cut / "checkpoints").glob(".*")), "a temporary was left"
-    p = _fit([images, cut, 1, 2, 0])
+    p = _fit([images, cut, new_world, 2, 0])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "resuming on 1 devices (saved on 2) with the same global batch 8" in p.stdout
+    line = f"resuming on {new_world} devices (saved on {world}) with the same global batch 8"
+    assert line in p.stdout, p.stdout[-3000:]
     start = json.loads((cut / "start-2.json").read_text())
     first = json.loads((full / "start-1.json").read_text())
     assert start["global_step"] == 2 and start["scheduler_step"] == 2, start
@@ -71,13 +75,13 @@ def test_fsdp2_run_killed_on_2_ranks_resumes_on_1_from_its_sharded_checkpoint(tm
 
     a = read_checkpoint(full / "checkpoints" / "last.ckpt", require_training_state=True)
     b = read_checkpoint(cut / "checkpoints" / "last.ckpt", require_training_state=True)
-    assert len(list((cut / "checkpoints" / "last.ckpt").glob("*.distcp"))) == 1  # 1 rank wrote
+    assert len(list((cut / "checkpoints" / "last.ckpt").glob("*.distcp"))) == new_world
     assert a["global_step"] == b["global_step"] == 6
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 6
     init = read_checkpoint(step2)["state_dict"]
     moved = 0.0
     for k, v in a["state_dict"].items():
-        # 1 rank sums the batch's gradients in another order than 2 ranks' reduce-scatter
+        # W' ranks sum the batch's gradients in another order than W ranks' reduce-scatter
         torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-4, atol=1e-6, msg=k)
         moved = max(moved, float((v - init[k]).abs().max()))
     assert moved > 1e-3  # steps 3-6 changed the weights well beyond the tolerance
