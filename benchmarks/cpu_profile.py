@@ -14,10 +14,16 @@ runs it (one thread unless ``--threads``). Three parts, one JSON line each (and 
 * ``ratios``: variants against the baseline (eager, fp32, foreach AdamW), each its own model
   copy with the same initial weights: ``bf16`` (autocast, AMX through oneDNN where the CPU has
   it), ``fused`` (``AdamW(fused=True)``), ``compile`` (``torch.compile``, inductor's CPU
-  backend; its first-call compile time is reported apart as ``compile_s``). The variants are
+  backend; its first-call compile time is reported apart as ``compile_s``), ``bf16_compile``
+  (both), ``bf16_math_attention`` (bf16 with the previous CPU attention, SDPA's math kernel,
+  instead of ``unipred.nn.predictor._cpu_attention``). The variants are
   timed ALTERNATING, in a rotating order, ``--rounds`` times in this one process, and each
   ratio (baseline time / variant time, > 1 = faster) is the median over rounds of that
   round's ratio: on a shared machine the load drifts, but it drifts for both sides of a round.
+* ``attention`` (``--attention``): CPU ms of one block's bf16 attention fwd + bwd, SDPA's
+  math kernel against ``unipred.nn.predictor._cpu_attention``, at 17 to 257 tokens.
+* ``data`` (demo model, or ``--data``): CPU ms per batch of the demo's training loader, with
+  and without per-sample seeding (``data_part``).
 """
 
 from __future__ import annotations
@@ -59,10 +65,11 @@ def build_model(name: str):
 class Variant:
     """One model copy + optimizer + step function of a configuration."""
 
-    def __init__(self, base, name: str, bf16=False, fused=False, compile_backend=""):
+    def __init__(self, base, name: str, bf16=False, fused=False, compile_backend="",
+                 attention="explicit"):  # fmt: skip
         import torch
 
-        self.name, self.bf16 = name, bf16
+        self.name, self.bf16, self.attention = name, bf16, attention
         self.model = copy.deepcopy(base)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=1e-4, fused=fused, foreach=not fused
@@ -74,6 +81,9 @@ class Variant:
     def forward(self, x):
         import torch
 
+        import unipred.nn.predictor as predictor
+
+        predictor.CPU_ATTENTION = self.attention  # only read on CPU under bf16
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             return self.run(x).loss
 
@@ -120,6 +130,68 @@ def top_ops(v: Variant, x, steps: int, rows: int) -> list[dict]:
              "share": round(e.self_cpu_time_total / total, 3)} for e in top]  # fmt: skip
 
 
+def data_part(batch: int, rounds: int, steps: int) -> dict:
+    """CPU ms per training batch of the Fashion-MNIST demo's loader (the engine's
+    ``build_loader``: shuffled, seeded, shift + flip in the collate; generated stand-in images,
+    the cost does not depend on their content), with the per-sample seeding of
+    ``unipred.data.seeding.SeededDataset`` (the previous path) and without it (the default:
+    its samples draw nothing random), alternating."""
+    from unipred.tasks.image.fashion_mnist import ArrayImages
+
+    from unipred.base.registry import TASKS
+    from unipred.data.loader import build_loader
+    from unipred.train.config import load_config, packaged_configs
+
+    cfg = load_config(packaged_configs() / "demo" / "fmnist_pretrain.yaml",
+                      ["data.root=''", f"data.generated_samples={batch * 8}"], check_paths=False)  # fmt: skip
+    task = TASKS.get(cfg.task)(cfg)
+    loader = build_loader(task.build_dataset("train"), batch, 1, 0, 1, 0, True, 0,
+                          task.collate_fn("train"))  # fmt: skip
+    per: dict[str, list[float]] = {"seeded_per_sample": [], "unseeded": []}
+    for r in range(rounds):
+        for name in sorted(per, reverse=bool(r % 2)):
+            ArrayImages.per_sample_random = name == "seeded_per_sample"
+            t, n = time.process_time(), 0
+            while n < steps:
+                for _ in loader:
+                    n += 1
+                    if n == steps:
+                        break
+            per[name].append(1e3 * (time.process_time() - t) / steps)
+    ArrayImages.per_sample_random = False
+    return {k: round(statistics.median(v), 2) for k, v in per.items()}
+
+
+def attention_part(rounds: int) -> dict:
+    """CPU ms (``time.process_time``) of one block's attention forward + backward in bf16:
+    SDPA's math kernel (the previous path) against ``unipred.nn.predictor._cpu_attention``, at
+    the demo's shape and longer ones up to ViT-B/14's 257 tokens; the median of ``rounds``."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from unipred.nn.predictor import _cpu_attention
+
+    def math(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    out = {}
+    for B, H, T, d in ((128, 4, 17, 32), (32, 4, 65, 32), (16, 6, 129, 64), (8, 12, 257, 64)):
+        qkvg = [torch.randn(B, H, T, d, dtype=torch.bfloat16) for _ in range(4)]
+        per: dict[str, list[float]] = {"math": [], "unipred": []}
+        for r in range(rounds):
+            for name in sorted(per, reverse=bool(r % 2)):
+                q, k, v = (t.clone().requires_grad_() for t in qkvg[:3])
+                t0 = time.process_time()
+                if name == "math":
+                    math(q, k, v).backward(qkvg[3])
+                else:
+                    _cpu_attention(q, k, v, None, True).backward(qkvg[3])
+                per[name].append(1e3 * (time.process_time() - t0))
+        out[f"B{B} H{H} T{T} d{d}"] = {k: round(statistics.median(v), 2) for k, v in per.items()}
+    return out
+
+
 def ratios(variants: list[Variant], x, rounds: int, steps: int) -> dict:
     """Alternating, rotating-order timing; per-round ratios baseline / variant."""
     per_round: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -152,6 +224,10 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--compile-backend", default="inductor", help="'' skips the compile variant")
     ap.add_argument("--quick", action="store_true", help="3 rounds x 2 steps, 1 profiled step")
+    ap.add_argument("--data", action="store_true", help="also time the demo's loader "
+                    "(always for --model demo)")  # fmt: skip
+    ap.add_argument("--attention", action="store_true",
+                    help="also time the CPU bf16 attention paths at 17-257 tokens")  # fmt: skip
     ap.add_argument("--out", default="", help="also append the JSON lines to this file")
     a = ap.parse_args()
     if a.quick:
@@ -175,20 +251,31 @@ def main() -> int:
     variants = [
         base,
         Variant(base_model, "bf16", bf16=True),
+        Variant(base_model, "bf16_math_attention", bf16=True, attention="math"),
         Variant(base_model, "fused", fused=True),
     ]
-    compile_s = None
+    compile_s = {}
     if a.compile_backend:
         variants.append(Variant(base_model, "compile", compile_backend=a.compile_backend))
-    for v in variants[1:]:  # warm-up; the compiled one compiles here (cache hits are faster)
+        variants.append(
+            Variant(base_model, "bf16_compile", bf16=True, compile_backend=a.compile_backend)
+        )
+    for v in variants[1:]:  # warm-up; the compiled ones compile here (cache hits are faster)
         t = time.perf_counter()
         v.step(x)
         v.step(x)
-        if v.name == "compile":
-            compile_s = round(time.perf_counter() - t, 1)
+        if "compile" in v.name:
+            compile_s[v.name] = round(time.perf_counter() - t, 1)
     res = ratios(variants, x, a.rounds, a.steps)
     records.append({**head, "part": "ratios", "rounds": a.rounds, "steps_per_round": a.steps,
-                    "compile_backend": a.compile_backend, "compile_s": compile_s, **res})  # fmt: skip
+                    "compile_backend": a.compile_backend, "compile_s": compile_s or None,
+                    **res})  # fmt: skip
+    if a.attention:
+        records.append({**head, "part": "attention", "unit": "CPU ms per block, fwd + bwd",
+                        **attention_part(max(a.rounds, 5))})  # fmt: skip
+    if a.model == "demo" or a.data:
+        records.append({**head, "part": "data", "unit": "CPU ms per batch",
+                        **data_part(batch, a.rounds, a.steps)})  # fmt: skip
     for rec in records:
         line = json.dumps(rec)
         print(line, flush=True)

@@ -92,7 +92,7 @@ def test_cpu_profile_quick_runs_every_part():
     the alternating ratios of every variant (dynamo's eager backend stands in for inductor
     to keep it short; no timing is asserted, only that each figure was measured)."""
     cmd = [sys.executable, "-P", str(ROOT / "benchmarks/cpu_profile.py"), "--model", "debug",
-           "--quick", "--compile-backend", "eager", "--rows", "5"]  # fmt: skip
+           "--quick", "--compile-backend", "eager", "--rows", "5", "--data", "--attention"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
@@ -106,6 +106,10 @@ def test_cpu_profile_quick_runs_every_part():
     assert len(ops) == 5 and any(o["op"].startswith("aten::") for o in ops)
     r = recs["ratios"]
     assert r["base"]["speedup_per_round"] == [1.0, 1.0, 1.0]
-    for name in ("bf16", "fused", "compile"):
+    for name in ("bf16", "bf16_math_attention", "fused", "compile", "bf16_compile"):
         assert len(r[name]["speedup_per_round"]) == 3 and r[name]["speedup_vs_base"] > 0
-    assert r["compile_s"] is not None
+    assert set(r["compile_s"]) == {"compile", "bf16_compile"}
+    att = recs["attention"]
+    assert all(v["math"] > 0 and v["unipred"] > 0 for k, v in att.items() if k.startswith("B"))
+    data = recs["data"]
+    assert data["seeded_per_sample"] > 0 and data["unseeded"] > 0

@@ -324,25 +324,43 @@ def test_sigterm_to_the_process_group_writes_last_ckpt_and_resume_is_exact(
 
 @pytest.mark.slow  # one `unipred fit` process and a resumed run per case: ~30 s each
 @pytest.mark.parametrize("source", ["folder", "shards"])
-@pytest.mark.parametrize(
-    "how",
-    [
-        "SIGTERM",
-        "SIGUSR1",
-        "group-SIGTERM",
-        pytest.param(
-            "SIGKILL",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason=(
-                    "open: measured 2026-12-06, 5 of 9 SIGKILL runs on a loaded 2-core box ended with "
-                    "different weights although the step-8 checkpoint equals the uninterrupted run's and "
-                    "every resumed batch matches; isolated runs pass"
-                ),
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGUSR1", "group-SIGTERM", "SIGKILL"])
 def test_every_stop_signal_resumes_exactly(folder, shards, tmp_path, how, source, uninterrupted):
     root = {"folder": folder, "shards": shards}[source]
     check_signalled(root, tmp_path, how, uninterrupted, source)
+
+
+KILL_AT = Path(__file__).parent / "fixtures" / "kill_at.py"
+
+
+@pytest.mark.slow  # one killed `unipred fit` process and a resumed run per point: ~30 s each
+@pytest.mark.parametrize(
+    "point,resumes_at",
+    [
+        ("after_optimizer:10", 8),  # the optimizer stepped; no callback, no checkpoint saw it
+        ("after_ema:10", 8),  # the EMA took the step too
+        ("after_save:12:step00000012.ckpt", 12),  # step file written; last.ckpt still at 8
+        ("after_save:12:last.ckpt", 12),  # step 12 ends epoch 1: resumes at epoch 2's start
+        ("after_optimizer:13", 12),  # the first step of epoch 2
+    ],
+)
+def test_sigkill_at_each_point_of_a_step_resumes_exactly(
+    folder, tmp_path, uninterrupted, point, resumes_at
+):
+    """`unipred fit` SIGKILLed with its workers at a controlled point (tests/fixtures/kill_at.py),
+    then resume=auto: it resumes from the newest checkpoint and ends bit-identical to the
+    uninterrupted run (weights, EMA, optimizer), every resumed batch the same."""
+    d = tmp_path / "run"
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "KILL_AT": point}
+    cmd = [sys.executable, str(KILL_AT), "fit", "small/pretrain", *SMALL, *SIG_RUN,
+           f"data.root={folder}", f"run_dir={d}"]  # fmt: skip
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                       start_new_session=True)  # fmt: skip
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    resumed = Batches()
+    fit(small(folder, d, *SIG_RUN, "resume=auto"), callbacks=[resumed], show_recipe=False)
+    assert min(resumed.seen) == resumes_at + 1, sorted(resumed.seen)
+    want = uninterrupted(("folder", "batches"))
+    for step, got in resumed.seen.items():
+        assert got == want[step], (step, got, want[step])
+    assert_same_state(final(d), uninterrupted("folder"))

@@ -70,7 +70,10 @@ def generated(n: int, seed: int, size: int = 28) -> tuple[torch.Tensor, torch.Te
 
 class ArrayImages(torch.utils.data.Dataset):
     """In-memory images (uint8 (N, H, W)) and labels; ``repeat`` passes per epoch. Items are
-    (image (1, H, W) uint8, label) or, with ``with_index``, (image, label, index)."""
+    (image (1, H, W) uint8, label) or, with ``with_index``, (image, label, index). Reading an
+    item draws nothing random (the augmentation is in the collate, seeded per batch)."""
+
+    per_sample_random = False  # unipred.data.seeding.SeededDataset skips per-sample seeding
 
     def __init__(self, images, labels, repeat: int = 1, with_index: bool = False):
         if repeat < 1:

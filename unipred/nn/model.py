@@ -125,7 +125,8 @@ class NEPA(PretrainedMixin, nn.Module):
     def forward_features(self, x, layers=(), return_attn=False, causal=None) -> PredictorOutput:
         seq, coords, valid = self.embed(x)
         out = self.predictor.forward_features(seq, coords, valid, causal, layers, return_attn)
-        out.inputs, out.valid = seq, valid  # handy for visualisation and the loss
+        # handy for visualisation, the loss and the protocols' spatial pooling (features.pool=grid)
+        out.inputs, out.valid, out.coords = seq, valid, coords
         return out
 
     def forward(self, x, causal=None):

@@ -155,13 +155,45 @@ class Attention(nn.Module):
 
 
 def _sdpa(q, k, v, mask, is_causal):
-    """SDPA (flash / memory-efficient kernels on GPUs). On CPU in bf16/fp16 it uses the math
-    kernel: torch's CPU flash-attention backward is several times slower in bf16 than in fp32,
-    which cancelled bf16's gain (measured on the demo model: whole step 2.1x faster with math)."""
+    """SDPA (flash / memory-efficient kernels on GPUs). On CPU in bf16/fp16: ``_cpu_attention``
+    (torch's CPU flash-attention backward is several times slower in bf16 than in fp32, which
+    cancelled bf16's gain; measured on the demo model: whole step 2.1x faster without it)."""
     if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or v.dtype != torch.float32):
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        if CPU_ATTENTION == "math":  # the previous path, kept for benchmarks/cpu_profile.py
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return _cpu_attention(q, k, v, mask, is_causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+# "explicit" (default) or "math": how CPU attention runs in reduced precision (see _sdpa)
+CPU_ATTENTION = "explicit"
+
+
+def _cpu_attention(q, k, v, mask, is_causal):
+    """What SDPA's math kernel computes on CPU in bf16 (it upcasts q, k, v to fp32), faster.
+
+    Up to ``_EXPLICIT_MAX_TOKENS`` tokens as explicit fp32 ops: no "safe softmax" pass (two
+    reductions over the scores) and no scaling of both q and k (the demo model, 17 tokens:
+    fwd + bwd 5.9 -> 4.6 ms per block). Longer sequences: SDPA on the fp32 copies, where torch
+    picks its CPU flash kernel, whose fp32 backward is fast (65 tokens 10.1 -> 8.0 ms, ViT-B/14's
+    257 tokens at batch 8 112 -> 89 ms per block; benchmarks/README.md). Every row sees at
+    least itself (``_attention_mask``), so no row is fully masked."""
+    T, S = q.shape[-2], k.shape[-2]
+    with torch.autocast("cpu", enabled=False):  # fp32 products, as the math kernel
+        q, k, v32 = q.float(), k.float(), v.float()
+        if max(T, S) > _EXPLICIT_MAX_TOKENS:
+            out = F.scaled_dot_product_attention(q, k, v32, attn_mask=mask, is_causal=is_causal)
+            return out.to(v.dtype)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if is_causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(dim=-1) @ v32).to(v.dtype)
+
+
+_EXPLICIT_MAX_TOKENS = 32  # explicit ops win at 17 tokens, SDPA's fp32 flash kernel at 65
 
 
 def _eager_attention(q, k, v, mask, causal):

@@ -82,9 +82,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if cos.dim() == 3:  # (B, N, rot) -> (B, 1, N, rot)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     xr, xp = x[..., :rot], x[..., rot:]
-    h1, h2 = xr.float().chunk(2, dim=-1)
+    xf = xr.float()  # one upcast (a no-op in fp32), shared by both terms
+    h1, h2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-h2, h1], dim=-1)
-    out = (xr.float() * cos + rotated * sin).to(x.dtype)
+    out = (xf * cos + rotated * sin).to(x.dtype)
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 

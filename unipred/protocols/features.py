@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unipred.nn.heads import pool_tokens
@@ -65,6 +66,61 @@ def load_backbone_weights(model: nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd, strict=False)
 
 
+# ----------------------------------------------------------------------------- pooling
+POOLS = ("mean", "last", "cls", "grid")
+
+
+def grid_pool(hidden, n_prefix: int, valid, coords, cells: int) -> torch.Tensor:
+    """(B, T, D) -> (B, cells**k * D): the patch tokens averaged per cell of a grid with
+    ``cells`` equal bins along each of the k axes of the tokens' coordinates (``coords``
+    (N, k) or (B, N, k), the positions the tokenizer gives RoPE: (y, x) for images, (t, y, x)
+    for video, time and frequency for audio, position for text), the cell means concatenated
+    in a fixed order. Where a token sits survives, which a mean over all tokens throws away:
+    the classic linear-probe read-out of spatial feature maps, and the layout the raw-input
+    baseline (flattened patches) keeps. Bins span each sample's own coordinate range (its real
+    tokens only), so a variable-length sample is cut into ``cells`` parts of its own length;
+    a cell no token falls in gives zeros. ``cells`` at the token grid's own resolution keeps
+    every token (the features of all tokens, concatenated)."""
+    x = hidden[:, n_prefix:].float()
+    B, N, D = x.shape
+    c = coords.to(x.device).float()
+    c = c.expand(B, *c.shape[-2:]) if c.dim() == 2 else c
+    if c.shape[1] != N:
+        raise ProtocolError(f"features.pool=grid: {c.shape[1]} coordinates for {N} tokens")
+    v = (
+        torch.ones(B, N, dtype=torch.bool, device=x.device)
+        if valid is None
+        else valid[:, n_prefix:]
+    )
+    vv = v.unsqueeze(-1)
+    big = torch.finfo(c.dtype).max
+    lo = torch.where(vv, c, big).amin(dim=1, keepdim=True)
+    hi = torch.where(vv, c, -big).amax(dim=1, keepdim=True)
+    span = (hi - lo).clamp_min(1e-6)
+    # the centre of a token on a bin edge (e.g. the middle row of 5 for 2 cells) goes up
+    b = ((c - lo) / span * cells).floor().clamp(0, cells - 1).long()  # (B, N, k)
+    idx = torch.zeros(B, N, dtype=torch.long, device=x.device)
+    for axis in range(b.shape[-1]):
+        idx = idx * cells + b[..., axis]
+    n_cells = cells ** b.shape[-1]
+    w = F.one_hot(idx, n_cells).to(x.dtype) * v.unsqueeze(-1).to(x.dtype)  # (B, N, C)
+    sums = torch.einsum("bnd,bnc->bcd", x, w)
+    return (sums / w.sum(dim=1).clamp_min(1.0).unsqueeze(-1)).reshape(B, n_cells * D)
+
+
+def pool_features(out, src, n_prefix: int, pool: str, cells: int = 2) -> torch.Tensor:
+    """Pool one (B, T, D) output ``src`` of a ``forward_features`` result ``out``: ``grid``
+    (``grid_pool`` on the tokens' coordinates) or a pooling of ``unipred.nn.heads.pool_tokens``."""
+    if pool == "grid":
+        coords = getattr(out, "coords", None)
+        if coords is None:
+            raise ProtocolError(
+                "features.pool=grid: the model's forward_features gives no token coordinates"
+            )
+        return grid_pool(src, n_prefix, out.valid, coords, cells)
+    return pool_tokens(src, n_prefix, out.valid, pool)
+
+
 # ----------------------------------------------------------------------------- features
 @dataclass
 class Features:
@@ -119,9 +175,11 @@ def extract_features(
     autocast: torch.dtype | None = None,
     max_samples: int = 0,
     block: int | None = None,
+    cells: int = 2,
 ) -> Features:
     """One pass of the frozen backbone (eval mode, no grad) over labelled batches. ``pooled``
-    is the final norm's output, or that of block ``block`` (negative: from the top)."""
+    is the final norm's output, or that of block ``block`` (negative: from the top), pooled
+    by ``pool`` (``grid``: ``cells`` bins per coordinate axis, see ``grid_pool``)."""
     model.eval()
     device = torch.device(device)
     n_prefix = int(getattr(model, "n_prefix", 0))
@@ -143,9 +201,9 @@ def extract_features(
             out = model.forward_features(x, layers=want)
         v = out.valid
         src = out.hidden if block is None else out.layers[want.index(block % n_blocks)]
-        pooled.append(pool_tokens(src, n_prefix, v, pool).float().cpu())
+        pooled.append(pool_features(out, src, n_prefix, pool, cells).float().cpu())
         if layers:
-            hs = [pool_tokens(h, n_prefix, v, pool) for h in (*out.layers, out.hidden)]
+            hs = [pool_features(out, h, n_prefix, pool, cells) for h in (*out.layers, out.hidden)]
             per_layer.append(torch.stack(hs).float().cpu())
         if tokens:
             toks.append(out.hidden[:, n_prefix:].to(torch.bfloat16).cpu())

@@ -51,7 +51,10 @@ class AttentiveSettings:
 @dataclass
 class FeatureSettings:
     batch: int = 256  # batch of the feature pass
-    pool: str = "mean"  # mean over patch tokens | last | cls
+    # mean over patch tokens | last | cls | grid: the tokens averaged per cell of a grid over
+    # their coordinates, cells concatenated (keeps where things are, as the raw input does)
+    pool: str = "mean"
+    grid: int = 2  # pool=grid: cells per coordinate axis (2 on an image: 2 x 2 cells)
     # k-NN and linear read this block's output (negative: from the top) instead of the final
     # norm; autoregressive models probe best in the middle (iGPT, AIM)
     block: int | None = None
@@ -122,8 +125,10 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
     for name in ([s.protocol] if s.protocol else []) + list(s.protocols):
         if name not in PROTOCOLS:
             raise ProtocolError(f"protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
-    if s.features.pool not in ("mean", "last", "cls"):
-        raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last or cls")
+    if s.features.pool not in ("mean", "last", "cls", "grid"):
+        raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last, cls or grid")
+    if s.features.grid < 1:
+        raise ProtocolError(f"features.grid={s.features.grid} must be >= 1 (cells per axis)")
     if s.knn.k < 1 or s.knn.temperature <= 0:
         raise ProtocolError(f"knn.k={s.knn.k} must be >= 1 and knn.temperature > 0")
     if s.raw.max_dim < 0:

@@ -206,10 +206,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path)
 
 
-def read_checkpoint(path: str | os.PathLike, require_training_state: bool = False) -> dict:
+def read_checkpoint(
+    path: str | os.PathLike, require_training_state: bool = False, shapes_only: bool = False
+) -> dict:
     """Load a checkpoint on CPU; raise CheckpointError naming the file (and the key) when it
-    is unusable: not a dict, a key missing, or a key holding the wrong kind of value."""
+    is unusable: not a dict, a key missing, or a key holding the wrong kind of value.
+
+    A sharded checkpoint folder (``trainer.strategy=fsdp2``, unipred.train.sharded) is read
+    into the same dict, its tensors unsharded; ``shapes_only`` reads its tensors' shapes only
+    (meta tensors: enough to check a model against it)."""
     path = Path(path)
+    from unipred.train.sharded import is_sharded, read_sharded
+
+    if is_sharded(path):
+        ckpt = read_sharded(path, tensors=not shapes_only)
+        if require_training_state and "optimizer_states" not in ckpt:
+            raise CheckpointError(f"{path}: missing key 'optimizer_states'")
+        _check_contents(path, ckpt)
+        return ckpt
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint dict (got {type(ckpt).__name__})")
@@ -308,6 +322,8 @@ class PeriodicCheckpoint(Callback):
         self._last_saved = -1
 
     def _save(self, trainer, step_file: bool) -> None:
+        from unipred.train.sharded import remove_checkpoint
+
         step = trainer.global_step
         if step == self._last_saved and not step_file:
             return
@@ -316,7 +332,7 @@ class PeriodicCheckpoint(Callback):
             if trainer.is_global_zero:
                 old = sorted(self.dir.glob("step*.ckpt"), key=_step_of)[: -self.keep or None]
                 for p in old if self.keep > 0 else []:
-                    p.unlink(missing_ok=True)
+                    remove_checkpoint(p)  # a file, or a sharded checkpoint's folder
         trainer.save_checkpoint(self.dir / "last.ckpt", weights_only=False)
         self._last_saved = step
 
@@ -389,7 +405,7 @@ def _strip(sd: dict, prefix: str = "model.") -> dict:
 
 def validate_resume(path, lit) -> dict:
     """Check that a training checkpoint fits the LightningModule before Lightning loads it."""
-    ckpt = read_checkpoint(path, require_training_state=True)
+    ckpt = read_checkpoint(path, require_training_state=True, shapes_only=True)
     check_state_dict(path, ckpt["state_dict"], lit.state_dict())
     return ckpt
 

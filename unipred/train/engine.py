@@ -51,6 +51,14 @@ class LitTask(L.LightningModule):
         self._compiled = False
 
     # -- hooks ----------------------------------------------------------------------------
+    def configure_model(self):
+        """``trainer.strategy=fsdp2``: shard the model over the ranks (unipred.train.sharded);
+        the other strategies wrap the model themselves."""
+        if self.cfg.trainer.strategy == "fsdp2":
+            from unipred.train.sharded import shard_model
+
+            shard_model(self.model, self.device_mesh["data_parallel"])
+
     def on_fit_start(self):
         if self.cfg.trainer.compile and not self._compiled:
             self.model.compile()  # in place: state-dict keys stay unchanged

@@ -21,6 +21,7 @@ from unipred.train.checkpoint import (
     check_state_dict,
     read_checkpoint,
 )
+from unipred.train.sharded import is_sharded
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, model_state: dict | None = None):
@@ -41,14 +42,15 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, model_state: dict | None 
     usable, refused, notes = [], [], []
     for p in cands:
         try:
-            st = _regular_file(p)
+            # a sharded checkpoint (trainer.strategy=fsdp2) is a folder; any other one a file
+            st = p.stat() if is_sharded(p) else _regular_file(p)
             if not os.access(p, os.R_OK):
                 raise CheckpointError(f"{p}: cannot be opened (permission denied)")
         except CheckpointError as e:
             notes.append(str(e))  # not a file we can read: left where it is
             continue
         try:
-            ckpt = read_checkpoint(p, require_training_state=True)
+            ckpt = read_checkpoint(p, require_training_state=True, shapes_only=True)
             if model_state is not None:
                 check_state_dict(p, ckpt["state_dict"], model_state)
         except UnsafeCheckpointError as e:

@@ -27,7 +27,9 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: int = 1  # per node; -1 = all visible GPUs
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp
+    # auto | ddp | fsdp (FSDP1, full checkpoints, GPUs) | fsdp2 (torch fully_shard, sharded
+    # checkpoints resharded on load to any world size, GPUs or CPU/gloo: unipred/train/sharded.py)
+    strategy: str = "auto"
     find_unused_parameters: bool = False  # DDP: only for models with parameters a step skips
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_epochs: int = 1
@@ -105,7 +107,7 @@ def batch_plan(cfg) -> BatchPlan:
     return BatchPlan.of(cfg.trainer, cfg.optim)
 
 
-def _strategy(t: TrainerConfig):
+def _strategy(t: TrainerConfig, world_size: int = 1):
     if t.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -122,6 +124,10 @@ def _strategy(t: TrainerConfig):
             state_dict_type="full",
             activation_checkpointing_policy={Block} if t.activation_checkpointing else None,
         )
+    if t.strategy == "fsdp2":
+        from unipred.train.sharded import ShardedStrategy
+
+        return ShardedStrategy(world_size)
     return t.strategy
 
 
@@ -170,7 +176,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
     report = None if t.fast_dev_run else out / "data_report.json"  # counts + names per epoch
     cbs = [NonFiniteLossStop(t.log_every_n_steps), Throughput(plan.global_batch),
            bad_sample_logger(report=report), *callbacks]  # fmt: skip
-    ema_ok = ema.enabled and t.strategy != "fsdp"
+    ema_ok = ema.enabled and t.strategy not in ("fsdp", "fsdp2")
     if ema.enabled and not ema_ok:
         warn("EMA is not supported with FSDP (sharded weights); ema disabled")
     if ema_ok:
@@ -202,7 +208,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=_strategy(t),
+        strategy=_strategy(t, plan.world_size),
         precision=t.precision,
         max_epochs=-1 if t.max_steps > 0 else t.max_epochs,  # max_steps, when set, rules
         max_steps=t.max_steps,
