@@ -3,7 +3,7 @@
     unipred fit CONFIG [key=value ...] [--print-config]
     unipred eval CONFIG ckpt=PATH [protocol=knn|linear|attentive|layers|finetune] [ema=both]
     unipred evaluate-suite CONFIG ckpt=PATH [protocols=knn,linear,...] [out=DIR]
-    unipred export CKPT OUT [--ema] [--push REPO_ID]
+    unipred export CKPT OUT [--ema] [--push REPO_ID] | --timm [--bidirectional]
     unipred list
     unipred data ... | demo NAME ... | visualize ... | convert ...
 
@@ -33,6 +33,7 @@ commands:
                                                 fine-tune vs scratch, frozen vs random init vs
                                                 raw input, per label budget and seed
   export CKPT OUT [--ema] [--push REPO_ID]      checkpoint -> save_pretrained folder (docs/hub.md)
+  export CKPT OUT --timm [--bidirectional]      checkpoint -> timm's local-dir folder
   list                                          registered tokenizers, tasks and model sizes
   data SUBCOMMAND ...                           data preparation (unipred data --help)
   demo NAME ...                                 runnable demos (unipred demo --help)
@@ -419,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         unipred.load_all()
     try:
         code = _dispatch(cmd, rest)
+        sys.stdout.flush()  # a reader gone early (`unipred list | head`) shows up here
+    except BrokenPipeError:
+        # the reader has what it wanted: no traceback, and no second error when Python
+        # flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UsageError as e:
         print(f"unipred {cmd}: error: {e}", file=sys.stderr)
         return 2
