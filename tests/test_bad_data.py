@@ -268,7 +268,7 @@ def test_read_only_and_full_file_systems_are_named(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from unipred import rundir
+    from unipred.train import rundir
 
     def refuse(code):
         def open_(*a, **k):

@@ -77,7 +77,8 @@ def test_eval_prints_random_init_and_raw_input_rows_beside_the_backbone(tmp_path
     # ckpt=random is itself the random-init baseline: not repeated
     assert got == [("knn", "random"), ("linear", "random"), ("knn", "input"), ("linear", "input")]
     raw = res["rows"][2]
-    assert raw["dim"] == 28 * 28 and 0.0 <= raw["top1"] <= 1.0  # Fashion-MNIST's raw pixels
+    assert raw["dim"] == 28 * 28 and 0.0 <= raw["top1_pct"] <= 100.0  # Fashion-MNIST's pixels
+    assert res["units"] == {"top1_pct": "%", "top5_pct": "%"} and "top1" not in raw
     assert "| linear | input |" in (tmp_path / "results.md").read_text()
     off = subprocess.run([*cmd, "baselines=false"], capture_output=True, text=True, timeout=300)
     assert off.returncode == 0 and "baselines" not in off.stdout
@@ -144,9 +145,13 @@ def test_compare_reads_every_row_of_a_suite_and_tabulates_percentages(tmp_path):
             {"protocol": "knn", "weights": "random", "top1": 0.25},
             {"protocol": "linear", "weights": "input", "top1": 0.75},
             {"protocol": "char-nb", "weights": "data", "top1": 0.8, "top5": None}]  # fmt: skip
-    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))  # an earlier release's
     got = frozen_scores(tmp_path)
     assert got == {"knn_raw": 0.5, "knn_random": 0.25, "linear_input": 0.75, "char-nb": 0.8}
+    from unipred.protocols.report import with_percent
+
+    (tmp_path / "results.json").write_text(json.dumps(with_percent({"rows": rows})))  # percent
+    assert frozen_scores(tmp_path) == got
     cell = _cell([0.5, 0.6, 0.7])
     assert cell == {"mean": 60.0, "min": 50.0, "max": 70.0, "seeds": [50.0, 60.0, 70.0]}
     md = table({10: {"knn_raw": cell}}, [("knn_raw", "NEPA k-NN"), ("ft_nepa", "NEPA ft")])

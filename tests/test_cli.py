@@ -77,6 +77,15 @@ def test_python_m_unipred_is_the_command(tmp_path):
     assert p.returncode == 0 and "tokenizers:" in p.stdout and "image" in p.stdout, p.stderr
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`unipred list | head -3`: the reader closes the pipe before the listing is written."""
+    p = subprocess.Popen([UNIPRED, "list"], cwd=tmp_path, env=_env(tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=600) == 0 and err == "", err[-2000:]
+
+
 def _imports_torch(args, tmp_path, **env) -> tuple[bool, str]:
     """Run ``python -X importtime -m unipred ARGS``: (whether torch was imported, stdout)."""
     p = _run([sys.executable, "-X", "importtime", "-m", "unipred", *args], tmp_path, **env)

@@ -102,6 +102,22 @@ def test_core_imports_no_old_flat_path():
     assert not bad, f"the core imports an old flat path: {bad}"
 
 
+def test_plugins_tests_and_tools_import_no_old_flat_path():
+    """tasks/, tokenizers/, tests, benchmarks, examples and hubconf.py use the new homes too:
+    the old paths stay for other people's code (test_old_flat_paths_are_the_moved_modules)."""
+    from unipred._compat import MOVED
+
+    files = [f for f in [ROOT / "hubconf.py"] if f.is_file()]  # a checkout's (not a wheel's)
+    for d in ("tasks", "tokenizers", "tests", "benchmarks", "examples"):
+        files += sorted((ROOT / d).rglob("*.py"))
+    bad = {}
+    for f in files:
+        hits = sorted(m for m in imported_modules(f) if m in MOVED or m.rsplit(".", 1)[0] in MOVED)
+        if hits:
+            bad[str(f.relative_to(ROOT))] = hits
+    assert not bad, f"old flat import paths: {bad}"
+
+
 def test_old_flat_paths_are_the_moved_modules():
     import importlib
     import sys

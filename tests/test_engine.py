@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 import torch
 
-from unipred import optim
 from unipred.task import collapse_stats
+from unipred.train import optim
 from unipred.train.callbacks import CollapseMonitor, NonFiniteLossError
 from unipred.train.checkpoint import CheckpointError, apply_init, load_weights, read_checkpoint
 from unipred.train.config import load_config

@@ -337,6 +337,7 @@ KILL_AT = Path(__file__).parent / "fixtures" / "kill_at.py"
 @pytest.mark.parametrize(
     "point,resumes_at",
     [
+        ("after_optimizer:7", 6),  # after the epoch-0 end (last.ckpt at step 6, step 4 file)
         ("after_optimizer:10", 8),  # the optimizer stepped; no callback, no checkpoint saw it
         ("after_ema:10", 8),  # the EMA took the step too
         ("after_save:12:step00000012.ckpt", 12),  # step file written; last.ckpt still at 8

@@ -3,6 +3,7 @@ video library, a broken plugin breaks nothing else, and the built wheel works fr
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -87,7 +88,7 @@ def test_image_path_works_without_audio_video_or_plot_libraries(tmp_path, throwa
 
 
 def test_a_broken_plugin_leaves_the_registry_consistent(monkeypatch):
-    from unipred import registry
+    from unipred.base import registry
 
     monkeypatch.setattr(registry, "_loaded", False)
     monkeypatch.setattr(registry, "PLUGIN_ERRORS", {})
@@ -134,6 +135,7 @@ def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path, throwa
     names = zipfile.ZipFile(wheel).namelist()
     assert "unipred/configs/demo/fmnist_pretrain.yaml" in names
     assert "unipred/py.typed" in names and any(n.endswith("licenses/LICENSE") for n in names)
+    assert "unipred/builtin_plugins.json" in names  # unipred list without importing them
     assert not any(n.startswith(("tokenizers/", "tasks/", "configs/")) for n in names)
 
     # the dependencies come from this environment's site-packages; a plain path entry does not
@@ -154,8 +156,13 @@ def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path, throwa
     ).stdout  # fmt: skip
     assert str(env_dir) in where and str(ROOT) not in where, where
     unipred = str(env_dir / "bin" / "unipred")
-    out = subprocess.run([unipred, "list"], cwd=work, env=env, capture_output=True, text=True)
+    env.pop("UNIPRED_PLUGIN_MANIFEST", None)
+    cold = {**env, "UNIPRED_CACHE": str(tmp_path / "empty-cache")}
+    out = subprocess.run([str(py), "-X", "importtime", "-m", "unipred", "list"], cwd=work,
+                         env=cold, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and "image_pretrain" in out.stdout, out.stderr[-2000:]
+    # an installed release lists its own plugins from builtin_plugins.json: no torch import
+    assert not re.search(r"\|\s+torch$", out.stderr, re.M), "a cold list imported torch"
     demo = subprocess.run(
         [unipred, "demo", "image", "--quick", "--out", str(work / "demo")],
         cwd=work, env=env, capture_output=True, text=True, timeout=900,

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from unipred import optim
 from unipred.nn.model import NEPA
+from unipred.train import optim
 
 
 def _cls_model(depth=4):

@@ -34,9 +34,9 @@ def plugin_env(tmp_path: Path, throwaway_env) -> Path:
     return py
 
 
-def _unipred(py: Path, args: list[str], cwd: Path):
+def _unipred(py: Path, args: list[str], cwd: Path, **extra: str):
     code = "import sys; from unipred.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | extra
     return subprocess.run(
         [str(py), "-c", code, *args], cwd=cwd, env={**env, "PYTHONSAFEPATH": "1"},
         capture_output=True, text=True, timeout=300,
@@ -68,6 +68,13 @@ def test_an_installed_plugin_is_listed_and_trained_and_a_broken_one_fails_only_w
                  "image_pretrain", "nepa_debug"):  # fmt: skip
         assert f"  {name} " in out.stdout, (name, out.stdout)
     assert "unipred_toy.broken" in out.stdout and "RuntimeError" in out.stdout, out.stdout
+    # the same listing when the built-in plugins come from their manifest (an installed
+    # release) and only the entry points are imported, each from an empty cache
+    fresh = {"UNIPRED_PLUGIN_MANIFEST": "0", "UNIPRED_CACHE": str(tmp_path / "c0")}
+    imported = _unipred(py, ["list"], work, **fresh)
+    fresh = {"UNIPRED_PLUGIN_MANIFEST": "1", "UNIPRED_CACHE": str(tmp_path / "c1")}
+    manifest = _unipred(py, ["list"], work, **fresh)
+    assert manifest.returncode == 0 and manifest.stdout == imported.stdout == out.stdout
 
     # 2. `unipred fit` trains it end to end from its own config: 4 optimizer steps + validation
     run = work / "run"

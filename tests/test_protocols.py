@@ -172,7 +172,9 @@ def test_evaluate_suite_writes_the_table(tiny_ckpt, capsys):
     want = [(p, w) for w in ("raw", "ema", "random") for p in ("knn", "linear", "attentive",
                                                                "layers")]  # fmt: skip
     assert got == want + [("knn", "input"), ("linear", "input")]  # the baselines follow
-    assert all(0.0 <= r["top1"] <= r["top5"] <= 1.0 for r in res["rows"])
+    assert all(0.0 <= r["top1_pct"] <= r["top5_pct"] <= 100.0 for r in res["rows"])
+    layers = next(r for r in res["rows"] if r["protocol"] == "layers")["per_layer"]
+    assert all(set(acc) == {"top1_pct", "top5_pct"} for acc in layers.values())
     md = (folder / "results.md").read_text()
     assert "| knn | raw |" in md and "Per-layer probe (ema weights)" in md
     out = capsys.readouterr().out
@@ -268,3 +270,26 @@ def test_the_suite_report_and_the_model_card_print_one_rows_table():
     card = model_card(model, config_to_dict(model.cfg), evaluation={"rows": rows})
     assert "| protocol | weights | top-1 | top-5 | details |\n" in card
     assert "| linear | ema | 62.50 % | - | 3 epochs, lr 0.1 |\n" in card
+
+
+def test_results_files_hold_percent_and_read_back_as_fractions(tmp_path):
+    """results.json / eval/<protocol>.json: every accuracy in percent with the unit in the
+    key and in "units"; read_results gives the in-memory fractions from this format and from
+    an earlier release's file (fractions under top1 / top5)."""
+    from unipred.protocols.report import read_results, with_percent, write_results
+
+    rows = [{"protocol": "layers", "weights": "raw", "top1": 0.375, "top5": 0.9, "seconds": 1.0,
+             "best_layer": "block 1", "per_layer": {"block 0": {"top1": 0.25, "top5": 0.5},
+                                                    "block 1": {"top1": 0.375, "top5": 0.9}}},
+            {"protocol": "char-nb", "weights": "data", "top1": 0.8, "top5": None,
+             "seconds": 0.5}]  # fmt: skip
+    _, js = write_results({"rows": rows, "meta": {}}, tmp_path)
+    saved = json.loads(js.read_text())
+    assert saved["units"] == {"top1_pct": "%", "top5_pct": "%"}
+    assert "top1" not in json.dumps(saved).replace("top1_pct", "")  # no fraction left
+    assert saved["rows"][0]["top1_pct"] == 37.5 and saved["rows"][1]["top5_pct"] is None
+    assert saved["rows"][0]["per_layer"]["block 0"] == {"top1_pct": 25.0, "top5_pct": 50.0}
+    for data in (js, {"rows": rows}, with_percent({"rows": rows})):  # new file, old, new dict
+        back = read_results(data)["rows"]
+        assert [r["top1"] for r in back] == [0.375, 0.8] and back[1]["top5"] is None
+        assert back[0]["per_layer"]["block 0"]["top1"] == 0.25

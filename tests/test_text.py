@@ -289,6 +289,29 @@ def test_text_recipes_load_and_name_a_text_model(name):
     assert build_model_config(cfg.model).tokenizer == "text"
 
 
+def test_a_root_given_to_a_text_recipe_replaces_its_corpus(tmp_path):
+    """docs/first-hour.md adds data.root / data.val_root to the text recipes, whose base sets
+    data.corpus=wordlang: the user's folders are read (not wordlang, and no "pick one" error)."""
+    from unipred.tasks.text.tasks import uses_corpus
+
+    from unipred.base.registry import TASKS
+    from unipred.train.config import load_config, packaged_configs
+
+    for split, words in (("train", ["alpha", "beta", "gamma"]), ("val", ["delta", "eps"])):
+        for lang in ("xx", "yy", "zz"):
+            d = tmp_path / split / lang
+            d.mkdir(parents=True)
+            (d / "w.txt").write_text("\n".join(f"{lang}{w}" for w in words) + "\n")
+    over = [f"data.root={tmp_path / 'train'}", f"data.val_root={tmp_path / 'val'}"]
+    cfg = load_config(packaged_configs() / "text" / "probe.yaml", over)
+    assert cfg.data.corpus == "wordlang" and not uses_corpus(cfg.data)
+    task = TASKS.get(cfg.task)(cfg)
+    assert task.num_classes() == 3  # the folders' classes, not wordlang's 8
+    assert len(task.feature_dataset("val")[0]) == 6
+    plain = load_config(packaged_configs() / "text" / "probe.yaml", [])
+    assert uses_corpus(plain.data)  # no root: the recipe's corpus
+
+
 def test_a_text_task_on_image_model_is_one_line():
     from unipred.train.config import load_config, packaged_configs
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from unipred import threads
+from unipred.base import threads
 
 
 def _fake_proc_stat(monkeypatch, idle_fraction: float, cores: int = 4):

@@ -6,6 +6,7 @@ the epsilon into the weights, ``unipred.weights.timm_export.fold_norm_eps``)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,38 @@ def test_old_export_without_fold_still_loads_exactly(tmp_path):
         fixed = set_layernorm_eps(_plain_timm(folder), 1e-12)
         assert (fixed(x) - m(x).logits).abs().max() < 1e-5
     assert err < 1e-5
+
+
+@pytest.mark.slow  # a 1-step fit and two exports, each a fresh process (~30 s idle)
+def test_unipred_export_timm_from_a_checkpoint(tmp_path):
+    """`unipred export CKPT OUT --timm` as a user runs it: a causal pretraining checkpoint is
+    refused in one line naming --bidirectional, then exported; plain timm loads the folder
+    with the run's image size and gives the checkpoint's bidirectional features."""
+    import os
+    import subprocess
+    import sys
+
+    from unipred.weights.pretrained import model_from_checkpoint
+
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    cli = [sys.executable, "-m", "unipred"]
+    run = tmp_path / "run"
+    fit = subprocess.run([*cli, "fit", "configs/debug/image_nepa_tiny.yaml", f"run_dir={run}",
+                          "trainer.max_steps=1", "trainer.loggers=[]", "data.train_samples=16",
+                          "data.val_samples=16"], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    ckpt, out = run / "checkpoints" / "last.ckpt", tmp_path / "timm"
+    p = subprocess.run([*cli, "export", str(ckpt), str(out), "--timm"], env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 2 and "--bidirectional" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([*cli, "export", str(ckpt), str(out), "--timm", "--bidirectional"],
+                       env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    net = _plain_timm(out)
+    assert tuple(timm.data.resolve_model_data_config(net)["input_size"]) == (3, 32, 32)
+    m = model_from_checkpoint(ckpt)[0]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        err = (net.forward_features(x) - m.forward_features(x, causal=False).hidden).abs().max()
+    assert err < 1e-5, err

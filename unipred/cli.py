@@ -3,7 +3,7 @@
     unipred fit CONFIG [key=value ...] [--print-config]
     unipred eval CONFIG ckpt=PATH [protocol=knn|linear|attentive|layers|finetune] [ema=both]
     unipred evaluate-suite CONFIG ckpt=PATH [protocols=knn,linear,...] [out=DIR]
-    unipred export CKPT OUT [--ema] [--push REPO_ID]
+    unipred export CKPT OUT [--ema] [--push REPO_ID] | --timm [--bidirectional]
     unipred list
     unipred data ... | demo NAME ... | visualize ... | convert ...
 
@@ -33,6 +33,7 @@ commands:
                                                 fine-tune vs scratch, frozen vs random init vs
                                                 raw input, per label budget and seed
   export CKPT OUT [--ema] [--push REPO_ID]      checkpoint -> save_pretrained folder (docs/hub.md)
+  export CKPT OUT --timm [--bidirectional]      checkpoint -> timm's local-dir folder
   list                                          registered tokenizers, tasks and model sizes
   data SUBCOMMAND ...                           data preparation (unipred data --help)
   demo NAME ...                                 runnable demos (unipred demo --help)
@@ -233,15 +234,42 @@ def _eval_settings(argv: list[str]):
 
     config, overrides, flags = _split(argv)
     mine, rest = split_eval_args(overrides)
-    settings = parse_eval_settings(mine)
-    return settings, [config, *rest, *flags] if config else [*rest, *flags], config
+    settings = parse_eval_settings(mine)  # checked now; merged over the recipe's defaults later
+    return mine, settings, [config, *rest, *flags] if config else [*rest, *flags], config
+
+
+def _with_recipe_defaults(settings, cfg, argv_settings: list[str]):
+    """The eval settings with the recipe's ``eval_defaults`` under the command line's."""
+    if not cfg.eval_defaults:
+        return settings
+    from omegaconf import OmegaConf
+
+    from unipred.protocols import parse_eval_settings, split_eval_args
+
+    flat = OmegaConf.to_container(OmegaConf.create(cfg.eval_defaults))
+    dotlist = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                v = "null" if v is None else ",".join(map(str, v)) if isinstance(v, list) else v
+                dotlist.append(f"{prefix}{k}={v}")
+
+    walk(flat)
+    mine, rest = split_eval_args(dotlist)
+    if rest:
+        raise UsageError(f"eval_defaults: {rest[0].split('=')[0]} is not an eval setting")
+    return parse_eval_settings([*mine, *argv_settings])
 
 
 def cmd_eval(argv: list[str]) -> int:
     from unipred.train.config import to_yaml
 
-    settings, argv, _ = _eval_settings(argv)
+    mine, settings, argv, _ = _eval_settings(argv)
     cfg, printing = _load(argv, "eval")
+    settings = _with_recipe_defaults(settings, cfg, mine)
     if printing:
         print(to_yaml(cfg), end="")
         return 0
@@ -291,8 +319,9 @@ def _save_eval(results: dict, cfg, settings, protocol: str) -> None:
 def cmd_suite(argv: list[str]) -> int:
     from unipred.protocols import evaluate_suite
 
-    settings, argv, config = _eval_settings(argv)
+    mine, settings, argv, config = _eval_settings(argv)
     cfg, printing = _load(argv, "evaluate-suite")
+    settings = _with_recipe_defaults(settings, cfg, mine)
     if printing:
         from unipred.train.config import to_yaml
 
@@ -419,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         unipred.load_all()
     try:
         code = _dispatch(cmd, rest)
+        sys.stdout.flush()  # a reader gone early (`unipred list | head`) shows up here
+    except BrokenPipeError:
+        # the reader has what it wanted: no traceback, and no second error when Python
+        # flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UsageError as e:
         print(f"unipred {cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,13 @@ else, a missing or unreadable cache included, computes the listing afresh.
 
 The cache lives in ``$UNIPRED_CACHE`` or ``$XDG_CACHE_HOME/unipred`` (``~/.cache/unipred``);
 it holds names and one-line descriptions only, never code.
+
+Without a current cache, an installed release does not import its own plugins either: what
+they register is shipped in ``builtin_plugins.json`` beside this file (written by ``python -m
+unipred.listing --write-manifest``; ``tests/test_listing.py`` fails when it differs from what
+importing them registers), and only the plugins of other packages (entry points) are
+imported. An editable install (a source checkout, whose files change under it) imports its
+plugins as before. ``UNIPRED_PLUGIN_MANIFEST=1`` / ``=0`` forces either way.
 """
 
 from __future__ import annotations
@@ -93,20 +100,108 @@ def fingerprint() -> str:
     return h.hexdigest()
 
 
-def compute() -> dict:
-    """The listing, from the registries (imports every plugin)."""
+def _collect() -> dict:
+    """The listing of what the registries hold now (imports nothing)."""
     from unipred.base import registry
 
     sections = []
     for title, attr in SECTIONS:
-        reg = getattr(registry, attr)
+        items = getattr(registry, attr).registered()
         rows = []
-        for name in reg.names():
-            doc = (reg.get(name).__doc__ or "").strip().splitlines()
+        for name in sorted(items):
+            doc = (items[name].__doc__ or "").strip().splitlines()
             rows.append([name, doc[0] if doc else ""])
         sections.append([title, rows])
-    commands = [[name, registry.COMMANDS.get(name)] for name in registry.COMMANDS.names()]
+    commands = sorted([k, v] for k, v in registry.COMMANDS.registered().items())
     return {"sections": sections, "commands": commands, "errors": dict(registry.PLUGIN_ERRORS)}
+
+
+def compute() -> dict:
+    """The listing, from the registries (imports every plugin)."""
+    from unipred.base import registry
+
+    registry.load_plugins()
+    return _collect()
+
+
+def compute_builtin() -> dict:
+    """The listing of unipred's own plugins alone (imports them, and no other package's):
+    what ``builtin_plugins.json`` holds."""
+    from unipred.base import registry
+
+    for module in registry.builtin_plugin_modules():
+        registry.import_plugin(module)
+    return _collect()
+
+
+MANIFEST = Path(__file__).with_name("builtin_plugins.json")
+MANIFEST_ENV = "UNIPRED_PLUGIN_MANIFEST"
+
+
+def _editable_install() -> bool:
+    """Whether unipred runs from a source tree (an editable install, or none at all), whose
+    files may differ from the manifest written for them (PEP 610's direct_url.json)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        text = distribution("unipred").read_text("direct_url.json")
+    except PackageNotFoundError:
+        return True
+    return bool(text) and bool(json.loads(text).get("dir_info", {}).get("editable"))
+
+
+def read_manifest() -> dict | None:
+    """The built-in plugins' listing shipped with unipred, when this install may use it."""
+    choice = os.environ.get(MANIFEST_ENV, "")
+    if choice == "0" or (choice != "1" and _editable_install()):
+        return None
+    try:
+        data = json.loads(MANIFEST.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        return None
+    return data.get("listing")
+
+
+def compute_with_manifest(manifest: dict) -> dict:
+    """The built-in plugins' listing from ``manifest``, plus what the plugins of other
+    packages register: only those are imported (and torch only if they import it)."""
+    from unipred.base import registry
+
+    for module in registry.entry_point_modules():
+        registry.import_plugin(module)
+    live = _collect()  # the entry points' names (and any built-in module they imported)
+    sections = []
+    for (title, rows), (_, more) in zip(manifest["sections"], live["sections"]):
+        merged = dict(map(tuple, rows)) | dict(map(tuple, more))
+        sections.append([title, [[n, merged[n]] for n in sorted(merged)]])
+    commands = dict(map(tuple, manifest["commands"])) | dict(map(tuple, live["commands"]))
+    return {"sections": sections, "commands": [[n, commands[n]] for n in sorted(commands)],
+            "errors": live["errors"]}  # fmt: skip
+
+
+def write_manifest(path: Path = MANIFEST) -> Path:
+    """Write ``builtin_plugins.json`` (run in a fresh process: ``python -m unipred.listing
+    --write-manifest``, so that no other package's plugin is in the registries)."""
+    data = compute_builtin()
+    if data["errors"]:
+        raise RuntimeError(f"built-in plugins failed to import: {data['errors']}")
+    # one name per line, so that a change shows as the lines it changes
+    row = json.dumps
+    lines = [f'{{"format": {_FORMAT}, "listing": {{"errors": {{}}, "sections": [']
+    for i, (title, rows) in enumerate(data["sections"]):
+        lines.append(f" [{row(title)}, [")
+        lines += [f"  {row(r)}," for r in rows[:-1]] + [f"  {row(r)}" for r in rows[-1:]]
+        lines.append(" ]]" + ("," if i < len(data["sections"]) - 1 else ""))
+    lines.append('], "commands": [')
+    cmds = data["commands"]
+    lines += [f" {row(c)}," for c in cmds[:-1]] + [f" {row(c)}" for c in cmds[-1:]]
+    lines.append("]}}")
+    text = "\n".join(lines) + "\n"
+    assert json.loads(text) == {"format": _FORMAT, "listing": data}
+    path.write_text(text)
+    return path
 
 
 def listing() -> dict:
@@ -123,7 +218,8 @@ def listing() -> dict:
             return cached["listing"]
     except (OSError, ValueError, KeyError, AttributeError):
         pass
-    data = compute()
+    manifest = read_manifest()
+    data = compute() if manifest is None else compute_with_manifest(manifest)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -132,3 +228,21 @@ def listing() -> dict:
     except OSError:
         pass  # a read-only home: list without caching
     return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m unipred.listing --write-manifest`` (after changing what a built-in plugin
+    registers) or ``--print-builtin`` (the listing it would write, as JSON)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--write-manifest"]:
+        print(f"wrote {write_manifest()}")
+        return 0
+    if args == ["--print-builtin"]:
+        print(json.dumps(compute_builtin()))
+        return 0
+    print("usage: python -m unipred.listing --write-manifest | --print-builtin", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

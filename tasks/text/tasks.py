@@ -4,8 +4,9 @@ objectives of unipred.task on the ``text`` data source.
 Data (``data.root`` / ``data.val_root``): a folder of class sub-folders of text files, a JSONL
 or CSV file of (text, label) records, loose text files (unlabelled), or ``unipred data
 pack-text`` shards; see ``unipred.tasks.text.data``. ``data.corpus`` names a set built on this
-machine from Debian packages instead (``wordlang``, ``manlang``: ``unipred.tasks.text.corpora``).
-An empty ``data.root`` (and no corpus) means generated stand-in text.
+machine from Debian packages instead (``wordlang``, ``manlang``: ``unipred.tasks.text.corpora``),
+read only when no root is set (the recipes default to wordlang; a root replaces it). An empty
+``data.root`` (and no corpus) means generated stand-in text.
 
 Model sizes registered here (the "text" tokenizer: UTF-8 bytes, 1-D coordinates):
 ``nepa_text_b`` (dim 768, depth 12), ``nepa_text_s`` (384, 12), ``nepa_text_tiny`` (the demo's
@@ -62,7 +63,9 @@ def nepa_text_debug() -> ModelConfig:
 class TextData(DataConfig):
     """Where the records come from, how they are cut, and the generated stand-in."""
 
-    corpus: str = ""  # "" | wordlang | manlang: a set built from Debian packages (corpora.py)
+    # "" | wordlang | manlang: a set built from Debian packages (corpora.py), read only when
+    # data.root and data.val_root are empty (they name your own data and win)
+    corpus: str = ""
     corpus_train: int = 2000  # records per class of the corpus' train / test splits
     corpus_test: int = 500
     cache_dir: str = ""  # where corpora are built ("" = $UNIPRED_CACHE or ~/.cache/unipred)
@@ -89,6 +92,13 @@ KNOWN_TOKENIZERS = ("image", "audio", "audio_frames", "video", "text")
 
 def cache_dir(d: TextData) -> Path:
     return Path(d.cache_dir or os.environ.get("UNIPRED_CACHE", "~/.cache/unipred")).expanduser()
+
+
+def uses_corpus(d: TextData) -> bool:
+    """Whether ``data.corpus`` is read: only when no ``data.root`` / ``data.val_root`` names
+    the user's own data. The text recipes default to the wordlang corpus, and a person who
+    adds ``data.root=DIR`` to one (docs/first-hour.md) means DIR, not wordlang."""
+    return bool(d.corpus) and not (d.root or d.val_root)
 
 
 def corpus_folder(d: TextData) -> Path:
@@ -126,13 +136,11 @@ class TextSource(DataSource):
             raise ValueError(f"data.context={d.context} must be >= 1")
         if d.corpus and d.corpus not in corpora.SETS:
             raise ValueError(f"data.corpus={d.corpus!r}: use one of {sorted(corpora.SETS)} or ''")
-        if d.corpus and (d.root or d.val_root):
-            raise ValueError("data.corpus and data.root/val_root both set: pick one")
 
     # -- where the split lives
     def _spec(self, split: str) -> str:
         d: TextData = self.cfg.data
-        if d.corpus:
+        if uses_corpus(d):
             return str(corpus_folder(d) / ("train" if split == "train" else "test"))
         return d.root if split == "train" else d.val_root
 
@@ -158,7 +166,7 @@ class TextSource(DataSource):
 
     def num_classes(self):
         d: TextData = self.cfg.data
-        if not d.root and not d.corpus:
+        if not d.root and not uses_corpus(d):
             return d.generated_classes
         return len(self.train_classes()) or None
 
@@ -166,7 +174,7 @@ class TextSource(DataSource):
         d: TextData = self.cfg.data
         train = split == "train"
         windows = self.objective == "pretrain" and d.windows
-        if not d.root and not d.corpus:
+        if not d.root and not uses_corpus(d):
             n = d.generated_per_class if train else d.generated_val_per_class
             if n <= 0:
                 return None

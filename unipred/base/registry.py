@@ -58,6 +58,11 @@ class Registry:
         load_plugins()
         return sorted(self._items)
 
+    def registered(self) -> dict[str, Callable]:
+        """What is registered so far, without importing any plugin (``unipred list`` reads
+        the built-in plugins' names from a manifest and imports only the others)."""
+        return dict(self._items)
+
     def __contains__(self, name: str) -> bool:
         load_plugins()
         return name in self._items
@@ -88,15 +93,29 @@ def _import(module: str) -> None:
         PLUGIN_ERRORS[module] = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def plugin_modules() -> list[str]:
-    """Every plugin module: the built-in ones, then those installed packages declare."""
+def builtin_plugin_modules() -> list[str]:
+    """The plugin modules unipred ships (its modalities and the joint task)."""
     mods = []
     for pkg_name in BUILTIN_PACKAGES:
         pkg = importlib.import_module(pkg_name)
         mods += [f"{pkg_name}.{info.name}" for info in pkgutil.iter_modules(pkg.__path__)]
     mods.append("unipred.task.joint")  # the modality-free joint pretraining task and tokenizer
-    mods += [ep.value.split(":")[0] for ep in entry_points(group=PLUGIN_GROUP)]
     return mods
+
+
+def entry_point_modules() -> list[str]:
+    """The plugin modules installed packages declare (``unipred.plugins`` entry points)."""
+    return [ep.value.split(":")[0] for ep in entry_points(group=PLUGIN_GROUP)]
+
+
+def plugin_modules() -> list[str]:
+    """Every plugin module: the built-in ones, then those installed packages declare."""
+    return builtin_plugin_modules() + entry_point_modules()
+
+
+def import_plugin(module: str) -> None:
+    """Import one plugin module, remembering (in PLUGIN_ERRORS) why it failed, if it did."""
+    _import(module)
 
 
 def load_plugins() -> None:

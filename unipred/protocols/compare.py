@@ -37,6 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from unipred.protocols.report import read_results
+
 # (column key, heading): fine-tunes first, then the frozen protocols of each weight set
 FINETUNE = (("ft_nepa", "NEPA fine-tune"), ("ft_scratch", "scratch fine-tune"))
 FROZEN = (
@@ -63,7 +65,7 @@ def last_val_acc(run: Path) -> float | None:
 def frozen_scores(folder: Path) -> dict[str, float]:
     """{column key: top-1 fraction} from an evaluate-suite ``results.json``: ``knn_raw``,
     ``linear_random``, ``linear_input``, ... and the source's baselines by their names."""
-    rows = json.loads((folder / "results.json").read_text())["rows"]
+    rows = read_results(folder / "results.json")["rows"]  # percent or (older) fractions
     out = {}
     for r in rows:
         key = r["protocol"] if r["weights"] == "data" else f"{r['protocol']}_{r['weights']}"
@@ -222,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    a = parser().parse_intermixed_args(argv)  # key=value after the options too
     bad = [o for o in a.overrides + a.set_pretrain + a.set_finetune + a.set_probe if "=" not in o]
     if bad:
         print(f"unipred compare: error: {bad[0]!r} is not key=value", file=sys.stderr)

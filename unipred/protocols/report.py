@@ -84,22 +84,57 @@ def suite_folder(ckpt: str, out: str = "") -> Path:
     return run / "eval"
 
 
-# the JSON files keep top-1/top-5 as fractions (what unipred compare and scripts read) and
-# carry the percentages every printed table shows beside them, each unit named
-UNITS = {"top1": "fraction (0-1)", "top5": "fraction (0-1)", "top1_pct": "%", "top5_pct": "%"}
+# The JSON files hold accuracies in percent, as every printed line and table shows them, with
+# the unit in the key (top1_pct) and in "units". In memory (run_suite, frozen_eval) a row keeps
+# top1 / top5 as fractions; read_results turns a file, of this format or the earlier one
+# (fractions under "top1" / "top5"), back into such rows.
+UNITS = {"top1_pct": "%", "top5_pct": "%"}
+_ACC = ("top1", "top5")
+
+
+def _pct_value(v):
+    ok = isinstance(v, (int, float)) and v == v  # None and NaN stay None
+    return round(100 * v, 4) if ok else None
+
+
+def _to_pct(entry: dict) -> dict:
+    """A row (or a per-layer entry) with top1 / top5 fractions -> top1_pct / top5_pct."""
+    out = {}
+    for k, v in entry.items():
+        if k in _ACC:
+            out[f"{k}_pct"] = _pct_value(v)
+        elif k == "per_layer" and isinstance(v, dict):
+            out[k] = {layer: _to_pct(acc) for layer, acc in v.items()}
+        else:
+            out[k] = v
+    return out
 
 
 def with_percent(results: dict) -> dict:
-    """``results`` with ``top1_pct`` / ``top5_pct`` on every row and the units named."""
-    rows = []
-    for r in results.get("rows", []):
-        r = dict(r)
-        for k in ("top1", "top5"):
-            v = r.get(k)
-            ok = isinstance(v, (int, float)) and v == v
-            r[f"{k}_pct"] = round(100 * v, 4) if ok else None
-        rows.append(r)
+    """``results`` as the JSON files hold it: every accuracy in percent (``top1_pct``,
+    ``top5_pct``, per-layer entries too), the units named in ``units``."""
+    rows = [_to_pct(r) for r in results.get("rows", [])]
     return {**results, "rows": rows, "units": UNITS}
+
+
+def _from_pct(entry: dict) -> dict:
+    out = dict(entry)
+    for k in _ACC:
+        if f"{k}_pct" in out:
+            v = out[f"{k}_pct"]
+            out[k] = None if v is None else v / 100
+    if isinstance(out.get("per_layer"), dict):
+        out["per_layer"] = {layer: _from_pct(a) for layer, a in out["per_layer"].items()}
+    return out
+
+
+def read_results(data: dict | str | Path) -> dict:
+    """An evaluate-suite ``results.json`` / ``eval/<protocol>.json`` (its dict or path) with
+    every row's top1 / top5 as fractions, as the in-memory rows have them: files in percent
+    (this format) and files of earlier releases (fractions) alike."""
+    if not isinstance(data, dict):
+        data = json.loads(Path(data).read_text())
+    return {**data, "rows": [_from_pct(r) for r in data.get("rows", [])]}
 
 
 def _write_json(data: dict, path: Path) -> None:

@@ -315,7 +315,8 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, model_state: dict | None 
 
 class PeriodicCheckpoint(Callback):
     """Save ``stepNNNNNNNN.ckpt`` every N optimizer steps (keeping the newest ``keep``), and
-    ``last.ckpt`` at the same times and at the end of every epoch and of training."""
+    ``last.ckpt`` at the same times, at the end of every epoch (after its last batch) and of
+    training."""
 
     def __init__(self, dirpath: str | os.PathLike, every_n_steps: int, keep: int = 2):
         self.dir, self.every, self.keep = Path(dirpath), every_n_steps, keep
@@ -340,8 +341,17 @@ class PeriodicCheckpoint(Callback):
         step = trainer.global_step
         if self.every > 0 and step > 0 and step % self.every == 0 and step != self._last_saved:
             self._save(trainer, step_file=True)
+        elif step > 0 and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # the epoch's end is saved here, after its last batch, where Lightning's loop state
+            # and the loader's position agree. Saved from on_train_epoch_end, the loops say
+            # "epoch E, not completed" while the loader says "epoch E consumed": a resume ran
+            # one batch of epoch E+1 as part of E and every later epoch one ahead (found by
+            # SIGKILL between an epoch end and the next step checkpoint)
+            self._save(trainer, step_file=False)
 
     def on_train_epoch_end(self, trainer, pl_module):
+        # only when the last batch was not known as such (an epoch cut by
+        # limit_train_batches); normally saved at the end of the last batch
         self._save(trainer, step_file=False)
 
     def on_train_end(self, trainer, pl_module):

@@ -2,8 +2,9 @@
 
 Parameters, gradients and optimizer state are sharded with torch's ``fully_shard`` (FSDP2,
 one unit per predictor block plus the root), run through Lightning's ``ModelParallelStrategy``
-(data parallel over every rank, no tensor parallelism). It runs on GPUs (NCCL) and on CPU
-processes (gloo), unlike Lightning's ``FSDPStrategy``, which refuses ``accelerator=cpu``.
+(data parallel over every rank, no tensor parallelism). It runs on CPU processes (gloo; tested
+in tests/test_fsdp_sharded.py) as on GPUs (NCCL; not run by the tests), unlike Lightning's
+``FSDPStrategy``, which refuses ``accelerator=cpu``.
 
 A checkpoint is a *folder* written by torch's distributed checkpoint (DCP): each rank writes
 its own shards (``__R_0.distcp``), DCP's index (``.metadata``) says which slice of which tensor

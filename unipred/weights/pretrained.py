@@ -8,7 +8,8 @@ evaluation table of that checkpoint). ``from_pretrained`` takes such a folder, a
 ``local_files_only`` are honoured), or an official NEPA folder (``model_type: vit_nepa``).
 
 ``unipred export CKPT OUT [--ema] [--push REPO_ID]`` turns a training checkpoint into such a
-folder, rebuilding the model from the run config stored in the checkpoint.
+folder, rebuilding the model from the run config stored in the checkpoint (``--timm``: timm's
+own folder instead, :mod:`unipred.weights.timm_export`).
 """
 
 from __future__ import annotations
@@ -377,6 +378,7 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
                       push: str | None = None) -> Path:  # fmt: skip
     """A training checkpoint -> a save_pretrained folder (and optionally the Hub)."""
     from unipred.protocols import suite_folder
+    from unipred.protocols.report import read_results
     from unipred.train.checkpoint import non_finite_key
     from unipred.train.config import to_yaml
 
@@ -389,7 +391,7 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
     ev_path = Path(evaluation) if evaluation else suite_folder(str(path)) / "results.json"
     ev = None
     if ev_path.is_file():
-        ev = json.loads(ev_path.read_text())
+        ev = read_results(ev_path)  # rows with fractions, from either file format
         # this weight set's rows and its baselines' (random init, raw input, the source's)
         keep = (weights, "random", "input", "data")
         ev["rows"] = [r for r in ev.get("rows", []) if r.get("weights") in keep]
@@ -408,8 +410,24 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
     return folder
 
 
+def export_timm_checkpoint(path, out, *, ema: bool = False, bidirectional: bool = False,
+                           image_size: int = 0) -> Path:  # fmt: skip
+    """A training checkpoint -> timm's own folder (``timm.create_model("local-dir:OUT",
+    pretrained=True)``), for image models whose layout timm's ViT holds."""
+    from unipred.weights.timm_export import export_timm
+
+    model, cfg, _ = model_from_checkpoint(path, ema)
+    size = image_size or int(getattr(cfg.data, "image_size", 0) or 0) or 224
+    try:
+        return export_timm(model, out, bidirectional=bidirectional, image_size=size)
+    except ValueError as e:  # what timm's ViT cannot hold, each reason named
+        hint = " (add --bidirectional)" if "bidirectional=True" in str(e) else ""
+        raise PretrainedError(f"{path}: {e}{hint}") from None
+
+
 def main(argv: list[str]) -> int:
-    """``unipred export CKPT OUT``: a training checkpoint -> a from_pretrained folder."""
+    """``unipred export CKPT OUT``: a training checkpoint -> a from_pretrained folder (or,
+    with --timm, timm's own folder)."""
     ap = argparse.ArgumentParser(prog="unipred export", description=main.__doc__)
     ap.add_argument("ckpt", help="a training checkpoint (e.g. runs/x/checkpoints/last.ckpt)")
     ap.add_argument("out", help="output folder")
@@ -417,11 +435,32 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--eval", default=None,
                     help="evaluate-suite results.json (default: <run>/eval/results.json)")  # fmt: skip
     ap.add_argument("--push", default=None, metavar="REPO_ID", help="also upload to the Hub")
+    ap.add_argument("--timm", action="store_true",
+                    help="write timm's folder instead: timm.create_model('local-dir:OUT', "
+                         "pretrained=True) loads it (image models; docs/hub.md)")  # fmt: skip
+    ap.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="with --timm: export a causal model's bidirectional forward",
+    )
+    ap.add_argument("--image-size", type=int, default=0,
+                    help="with --timm: the input size its pretrained_cfg names (default: the "
+                         "run's data.image_size, else 224)")  # fmt: skip
     a = ap.parse_args(argv)
     try:
-        folder = export_checkpoint(a.ckpt, a.out, ema=a.ema, evaluation=a.eval, push=a.push)
+        if a.timm:
+            if a.push or a.eval:
+                raise PretrainedError("--timm writes a local folder only (no --push / --eval)")
+            folder = export_timm_checkpoint(a.ckpt, a.out, ema=a.ema,
+                                            bidirectional=a.bidirectional,
+                                            image_size=a.image_size)  # fmt: skip
+        elif a.bidirectional or a.image_size:
+            raise PretrainedError("--bidirectional and --image-size go with --timm")
+        else:
+            folder = export_checkpoint(a.ckpt, a.out, ema=a.ema, evaluation=a.eval, push=a.push)
     except PretrainedError as e:
         print(f"unipred export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {a.ckpt} ({'ema' if a.ema else 'raw'} weights) -> {folder}")
+    kind = "timm folder" if a.timm else "folder"
+    print(f"exported {a.ckpt} ({'ema' if a.ema else 'raw'} weights) -> {kind} {folder}")
     return 0
