@@ -56,7 +56,7 @@ def main() -> int:
             cpu, wall = time.process_time() - c0, time.time() - w0
             steps = [m["perf/step_s"] for m in read_metrics(run) if "perf/step_s" in m]
             rec = {"cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
-                   "median_step_s": round(statistics.median(steps[1:] or steps), 4),
+                   "median_step_s": round(statistics.median(steps[1:] or steps or [0.0]), 4),
                    "load": round(os.getloadavg()[0], 1)}  # fmt: skip
             res[mode].append(rec)
             print(mode, rec, flush=True)
