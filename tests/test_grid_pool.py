@@ -109,3 +109,33 @@ def test_the_eval_cli_reads_out_a_grid_for_the_backbone_and_the_random_baseline(
                "features.pool=grid", "features.grid=2", "baselines=false"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0 and "grid 2 per axis pooling" in out and "width 128" in out
+
+
+def test_a_recipes_eval_defaults_set_the_read_out_and_the_command_line_wins(tmp_path, capsys):
+    """`eval_defaults: {features: {pool: grid, grid: 2}}` in a recipe: `unipred eval` reads
+    out a grid unless the command line says otherwise; a key that is not an eval setting is
+    one line, exit 2."""
+    from unipred.cli import main
+
+    recipe = tmp_path / "probe.yaml"
+    base = "_base_: " + str(_repo() / "configs/demo/fmnist_probe.yaml") + "\n"
+    recipe.write_text(base + "eval_defaults: {features: {pool: grid, grid: 2}, knn: {k: 5}}\n")
+    tiny = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2",
+            "data.root=''", "data.generated_samples=48", "trainer.progress_bar=false",
+            "trainer.precision=32-true", "trainer.accelerator=cpu", "baselines=false",
+            "ckpt=random", "protocol=knn"]  # fmt: skip
+    assert main(["eval", str(recipe), *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "grid 2 per axis pooling" in out and "width 128" in out and "k=5" in out
+    assert main(["eval", str(recipe), *tiny, "features.pool=mean"]) == 0
+    out = capsys.readouterr().out
+    assert "mean pooling" in out and "width 32" in out and "k=5" in out
+    recipe.write_text(base + "eval_defaults: {optim: {lr: 0.1}}\n")
+    assert main(["eval", str(recipe), *tiny]) == 2
+    assert "eval_defaults: optim.lr is not an eval setting" in capsys.readouterr().err
+
+
+def _repo():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent

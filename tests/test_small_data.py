@@ -263,6 +263,9 @@ def test_small_recipes_load_with_their_documented_shapes():
     assert build_model_config(patch).objective.target == "patch"
     ft = load_config("small/finetune", check_paths=False)
     assert ft.optim.freeze == [] and ft.data.aug.mixup == 0 and ft.data.aug.cutmix == 0
+    # the frozen protocols of small/probe read a 3 x 3 grid of token means (docs/small-data.md)
+    probe = load_config("small/probe", check_paths=False)
+    assert probe.eval_defaults == {"features": {"pool": "grid", "grid": 3}}
 
 
 # ------------------------------------------------------------------ --help and model.init

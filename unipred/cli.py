@@ -234,15 +234,42 @@ def _eval_settings(argv: list[str]):
 
     config, overrides, flags = _split(argv)
     mine, rest = split_eval_args(overrides)
-    settings = parse_eval_settings(mine)
-    return settings, [config, *rest, *flags] if config else [*rest, *flags], config
+    settings = parse_eval_settings(mine)  # checked now; merged over the recipe's defaults later
+    return mine, settings, [config, *rest, *flags] if config else [*rest, *flags], config
+
+
+def _with_recipe_defaults(settings, cfg, argv_settings: list[str]):
+    """The eval settings with the recipe's ``eval_defaults`` under the command line's."""
+    if not cfg.eval_defaults:
+        return settings
+    from omegaconf import OmegaConf
+
+    from unipred.protocols import parse_eval_settings, split_eval_args
+
+    flat = OmegaConf.to_container(OmegaConf.create(cfg.eval_defaults))
+    dotlist = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                v = "null" if v is None else ",".join(map(str, v)) if isinstance(v, list) else v
+                dotlist.append(f"{prefix}{k}={v}")
+
+    walk(flat)
+    mine, rest = split_eval_args(dotlist)
+    if rest:
+        raise UsageError(f"eval_defaults: {rest[0].split('=')[0]} is not an eval setting")
+    return parse_eval_settings([*mine, *argv_settings])
 
 
 def cmd_eval(argv: list[str]) -> int:
     from unipred.train.config import to_yaml
 
-    settings, argv, _ = _eval_settings(argv)
+    mine, settings, argv, _ = _eval_settings(argv)
     cfg, printing = _load(argv, "eval")
+    settings = _with_recipe_defaults(settings, cfg, mine)
     if printing:
         print(to_yaml(cfg), end="")
         return 0
@@ -292,8 +319,9 @@ def _save_eval(results: dict, cfg, settings, protocol: str) -> None:
 def cmd_suite(argv: list[str]) -> int:
     from unipred.protocols import evaluate_suite
 
-    settings, argv, config = _eval_settings(argv)
+    mine, settings, argv, config = _eval_settings(argv)
     cfg, printing = _load(argv, "evaluate-suite")
+    settings = _with_recipe_defaults(settings, cfg, mine)
     if printing:
         from unipred.train.config import to_yaml
 

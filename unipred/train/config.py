@@ -54,6 +54,9 @@ class RunConfig:
     # with the differences listed, unless this is true
     resume_allow_changes: bool = False
     ckpt: str = ""  # weights for `unipred eval` ("random": the config's model at its init)
+    # defaults of `unipred eval` / `evaluate-suite` settings for this recipe (e.g. the frozen
+    # protocols' read-out, {features: {pool: grid, grid: 3}}); the command line overrides them
+    eval_defaults: dict = field(default_factory=dict)
 
 
 def schema_for(task: str) -> type:
