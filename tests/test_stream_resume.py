@@ -228,6 +228,6 @@ def test_segmentation_shards_resume_exactly(tmp_path):
     assert pack_split(src, tmp_path / "shards", "training", shard_size=2) == n
     over = [f"{k}={v}" for k, v in SegmentADE20K.smoke_config().items()]
     over += ["task=segment_ade20k", f"data.root={tmp_path / 'shards/training'}",
-             f"data.num_classes={n}", "data.aug.crop_size=16", "data.aug.img_scale=[32,24]",
+             "data.aug.crop_size=16", "data.aug.img_scale=[32,24]",
              "data.num_workers=3"]  # fmt: skip
     check_epochs(interrupted_run(tmp_path / "cut", over, _seg_keys), n)
