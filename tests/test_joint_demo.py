@@ -24,8 +24,8 @@ def test_joint_demo_quick_end_to_end(tmp_path):
     info = json.loads((tmp_path / "results.json").read_text())
     for m in ("image", "audio", "video"):
         for arm in ("scratch", "single", "joint"):
-            accs = info["accuracy"][m][arm]
-            assert len(accs) == plan.seeds and all(0.0 <= a <= 1.0 for a in accs)
+            accs = info["accuracy_pct"][m][arm]
+            assert len(accs) == plan.seeds and all(0.0 <= a <= 100.0 for a in accs)
     assert sum(line.startswith("| ") for line in table.splitlines()) == 4  # header + 3 rows
     assert "joint − single, per seed" in table
     # every modality's fine-tune from the joint checkpoint got that modality's tokenizer

@@ -277,7 +277,7 @@ def test_text_demo_quick_plan_writes_the_table(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
         assert row.count("%") == 1, row
     assert "generated stand-in" in table
-    assert json.loads((tmp_path / "results.json").read_text())["accuracy"]["3"]["ft_nepa"] >= 0
+    assert json.loads((tmp_path / "results.json").read_text())["accuracy_pct"]["3"]["ft_nepa"] >= 0
 
 
 @pytest.mark.parametrize("name", ["pretrain", "finetune", "probe"])

@@ -213,10 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     table += f" Threads: {threads}."
     print(table, flush=True)
     (out / "results.md").write_text(table + "\n")
-    info = {"accuracy": acc, "plan": asdict(plan), "seconds": demo.times,
+    from unipred.protocols.report import percent_tree, with_percent
+
+    # percent, as every other results.json of unipred (the unit named in "units")
+    info = {"accuracy_pct": percent_tree(acc), "units": {"accuracy_pct": "percent (top-1)"},
+            "plan": asdict(plan), "seconds": demo.times,
             "cpu_seconds": demo.cpu, "samples_per_s": demo.speed, "total_seconds": seconds, "data": root or "generated",
             "load_average": [load0[0], load1[0]], "cpus": os.cpu_count(), "threads": threads,
-            "frozen": frozen, "plots": plots}  # fmt: skip
+            "frozen": {k: with_percent({"rows": v})["rows"] for k, v in frozen.items()},
+            "plots": plots}  # fmt: skip
     (out / "results.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"[image demo] results: {out / 'results.md'}; plots: {out / 'plots'}", flush=True)
     return 0

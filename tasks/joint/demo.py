@@ -264,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    info = {"accuracy": acc, "plan": asdict(plan), "seconds": demo.times, "cpu_seconds": demo.cpu,
+    from unipred.protocols.report import percent_tree
+
+    info = {"accuracy_pct": percent_tree(acc), "units": {"accuracy_pct": "percent (top-1)"},
+            "plan": asdict(plan), "seconds": demo.times, "cpu_seconds": demo.cpu,
             "total_seconds": seconds, "load_average": [load0[0], load1[0]], "threads": threads,
             "fashion_mnist": fmnist or "generated", "argv": sys.argv[1:] if argv is None else argv}  # fmt: skip
     (out / "results.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    info = {"accuracy": {str(k): v for k, v in rows.items()}, "plan": asdict(plan),
+    from unipred.protocols.report import percent_tree
+
+    info = {"accuracy_pct": percent_tree({str(k): v for k, v in rows.items()}),
+            "units": {"accuracy_pct": "percent (top-1)"}, "plan": asdict(plan),
             "data": data, "seconds": seconds, "threads": str(threads)}  # fmt: skip
     (out / "results.json").write_text(json.dumps(info, indent=1) + "\n")
     return 0

@@ -117,6 +117,18 @@ def with_percent(results: dict) -> dict:
     return {**results, "rows": rows, "units": UNITS}
 
 
+def percent_tree(obj):
+    """Every float in a nested dict / list of accuracies (fractions) as a percentage, rounded
+    to 1e-4 points: what the demos write to their ``results.json`` as ``accuracy_pct``."""
+    if isinstance(obj, dict):
+        return {k: percent_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [percent_tree(v) for v in obj]
+    if isinstance(obj, float):
+        return round(obj * 100, 4)
+    return obj
+
+
 def _from_pct(entry: dict) -> dict:
     out = dict(entry)
     for k in _ACC:
