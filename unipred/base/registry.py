@@ -85,7 +85,8 @@ PLUGIN_ERRORS: dict[str, str] = {}
 _loaded = False
 
 
-def _import(module: str) -> None:
+def import_plugin(module: str) -> None:
+    """Import one plugin module, remembering (in PLUGIN_ERRORS) why it failed, if it did."""
     try:
         importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - a broken plugin must not break the others
@@ -113,11 +114,6 @@ def plugin_modules() -> list[str]:
     return builtin_plugin_modules() + entry_point_modules()
 
 
-def import_plugin(module: str) -> None:
-    """Import one plugin module, remembering (in PLUGIN_ERRORS) why it failed, if it did."""
-    _import(module)
-
-
 def load_plugins() -> None:
     """Import every plugin module once, so that their registrations run."""
     global _loaded
@@ -125,4 +121,4 @@ def load_plugins() -> None:
         return
     _loaded = True
     for module in plugin_modules():
-        _import(module)
+        import_plugin(module)
