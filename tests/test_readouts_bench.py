@@ -70,3 +70,16 @@ def test_raw_patches_pool_per_sample():
     p = raw_patches(model.tokenizer, x)[1].float()
     n = int(model.tokenizer(x).valid[1].sum())
     assert torch.allclose(means[3], p[:n].mean(0), atol=1e-5)
+
+
+def test_the_video_probe_recipe_reads_a_time_space_grid():
+    """configs/video/demo_classify.yaml's eval_defaults: a 2 x 2 x 2 grid, the command line wins."""
+    from unipred.cli import _with_recipe_defaults
+    from unipred.protocols import parse_eval_settings
+    from unipred.train.config import load_config
+
+    cfg = load_config("video/demo_classify", [])
+    s = _with_recipe_defaults(parse_eval_settings([]), cfg, [])
+    assert (s.features.pool, s.features.grid) == ("grid", 2)
+    s = _with_recipe_defaults(parse_eval_settings([]), cfg, ["features.pool=mean"])
+    assert s.features.pool == "mean"
