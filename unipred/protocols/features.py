@@ -176,17 +176,21 @@ def extract_features(
     max_samples: int = 0,
     block: int | None = None,
     cells: int = 2,
+    concat: tuple[int, ...] = (),
 ) -> Features:
     """One pass of the frozen backbone (eval mode, no grad) over labelled batches. ``pooled``
     is the final norm's output, or that of block ``block`` (negative: from the top), pooled
-    by ``pool`` (``grid``: ``cells`` bins per coordinate axis, see ``grid_pool``)."""
+    by ``pool`` (``grid``: ``cells`` bins per coordinate axis, see ``grid_pool``), then the
+    outputs of the blocks in ``concat``, pooled alike, appended to it."""
     model.eval()
     device = torch.device(device)
     n_prefix = int(getattr(model, "n_prefix", 0))
     n_blocks = len(model.predictor.blocks)
-    if block is not None and not -n_blocks <= block < n_blocks:
-        raise ProtocolError(f"features.block={block}: the backbone has {n_blocks} blocks")
-    want = tuple(range(n_blocks)) if layers else ((block % n_blocks,) if block is not None else ())
+    for key, b in [("block", block)] * (block is not None) + [("concat", b) for b in concat]:
+        if not -n_blocks <= b < n_blocks:
+            raise ProtocolError(f"features.{key}={b}: the backbone has {n_blocks} blocks")
+    picked = ([block] if block is not None else []) + list(concat)
+    want = tuple(range(n_blocks)) if layers else tuple(sorted({b % n_blocks for b in picked}))
     pooled, labels, per_layer, toks, valid = [], [], [], [], []
     n = 0
     for batch in batches:
@@ -201,7 +205,12 @@ def extract_features(
             out = model.forward_features(x, layers=want)
         v = out.valid
         src = out.hidden if block is None else out.layers[want.index(block % n_blocks)]
-        pooled.append(pool_features(out, src, n_prefix, pool, cells).float().cpu())
+        parts = [src] + [out.layers[want.index(b % n_blocks)] for b in concat]
+        pooled.append(
+            torch.cat([pool_features(out, h, n_prefix, pool, cells) for h in parts], -1)
+            .float()
+            .cpu()
+        )
         if layers:
             hs = [pool_features(out, h, n_prefix, pool, cells) for h in (*out.layers, out.hidden)]
             per_layer.append(torch.stack(hs).float().cpu())

@@ -58,6 +58,10 @@ class FeatureSettings:
     # k-NN and linear read this block's output (negative: from the top) instead of the final
     # norm; autoregressive models probe best in the middle (iGPT, AIM)
     block: int | None = None
+    # the pooled outputs of these blocks appended to the read-out above (e.g. [0, 1, 2]; the
+    # same pooling): early blocks keep local statistics of the input that later ones trade
+    # for prediction, and a linear read-out can weigh both
+    concat: list[int] = field(default_factory=list)
     max_train: int = 0  # use the first N training samples (0 = all)
     max_val: int = 0
     num_workers: int = -1  # -1 = data.num_workers
@@ -139,7 +143,7 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
 def _list_arg(a: str) -> str:
     """``protocols=knn,linear`` -> ``protocols=[knn,linear]`` (OmegaConf's list syntax)."""
     k, _, v = a.partition("=")
-    if k == "protocols" and v and not v.startswith("["):
+    if k in ("protocols", "features.concat") and v and not v.startswith("["):
         return f"{k}=[{v}]"
     return a
 

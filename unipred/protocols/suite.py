@@ -104,13 +104,14 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
             feats[split] = extract_features(
                 model, _loader(task, split, fs, workers), inputs=task.inputs, pool=fs.pool,
                 layers=want_layers, tokens=want_tokens, device=device, autocast=autocast,
-                max_samples=limit, block=fs.block, cells=fs.grid,
+                max_samples=limit, block=fs.block, cells=fs.grid, concat=tuple(fs.concat),
             )  # fmt: skip
         meta["feature_seconds"][name] = round(time.perf_counter() - t0, 2)
         tr, va = feats["train"], feats["val"]
         meta.update(train_samples=len(tr.labels), val_samples=len(va.labels))
         C = _num_classes(task, tr.labels, va.labels)
         where = "final norm" if fs.block is None else f"block {fs.block}"
+        where += f" + blocks {list(fs.concat)}" if fs.concat else ""
         how = f"grid {fs.grid} per axis" if fs.pool == "grid" else fs.pool
         log(f"[{name}] features ({where}, {how} pooling): {len(tr.labels)} train / "
             f"{len(va.labels)} val samples, width {tr.pooled.shape[1]}, "
@@ -154,7 +155,8 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
     step = 0
     for _ in range(s.epochs):
         f = extract_features(model, loader, inputs=task.inputs, pool=fs.pool, device=device,
-                             autocast=autocast, block=fs.block, cells=fs.grid)  # fmt: skip
+                             autocast=autocast, block=fs.block, cells=fs.grid,
+                             concat=tuple(fs.concat))  # fmt: skip
         probe.train()
         for i in range(0, len(f.labels), s.batch):
             x, y = f.pooled[i : i + s.batch].to(device), f.labels[i : i + s.batch].to(device)
