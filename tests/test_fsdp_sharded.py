@@ -109,7 +109,7 @@ def test_fsdp2_run_killed_resumes_on_another_world_size_from_its_sharded_checkpo
     # what the folder gives other commands: `unipred export --ema`, `model.init=pretrain:...:ema`
     from unipred.cli import main
     from unipred.nn.model import NEPA
-    from unipred.weights.pretrained import apply_init
+    from unipred.train.checkpoint import apply_init
 
     last = cut / "checkpoints" / "last.ckpt"
     assert main(["export", str(last), str(tmp_path / "exported"), "--ema"]) == 0
