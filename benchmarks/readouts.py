@@ -112,6 +112,19 @@ def _scores(tr: Features, va: Features, C: int, seed: int, linear: bool = True) 
     return out
 
 
+_VAL: dict = {}
+
+
+def _once(key, split: str, fn, *args):
+    """``fn(*args)``, kept for the validation split: it is the same for every label budget and
+    seed of one run (the budget and seed pick training samples only)."""
+    if split != "val":
+        return fn(*args)
+    if (key, split) not in _VAL:
+        _VAL[key, split] = fn(*args)
+    return _VAL[key, split]
+
+
 def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
         block: int | None = None) -> dict:  # fmt: skip
     """{row name: {knn, knn_std, linear}} for one budget and seed."""
@@ -130,23 +143,24 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
         sets = weight_sets(path, "false")
         if sets[0][1] is not None:
             load_backbone_weights(model, sets[0][1], path)
-        f = {s: _tokens(model, _loader(task, s, fs, 0), task.inputs, block)
-             for s in ("train", "val")}  # fmt: skip
+        f = {s: _once((path, block), s, _tokens, model, _loader(task, s, fs, 0), task.inputs,
+                      block) for s in ("train", "val")}  # fmt: skip
         pools = {s: _pools(*f[s][:4], grids) for s in f}
         C = int(max(f["train"][4].max(), f["val"][4].max())) + 1
         for label in pools["train"]:
             tr, va = (Features(pools[s][label], f[s][4]) for s in ("train", "val"))
             rows[f"{name}: {label} ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
     # one patch count for both splits: variable-length samples pad to the longest of either
-    chunks = {s: raw_chunks(model.tokenizer, _loader(task, s, fs, 0), task.inputs)
-              for s in ("train", "val")}  # fmt: skip
+    chunks = {s: _once("chunks", s, raw_chunks, model.tokenizer, _loader(task, s, fs, 0),
+                       task.inputs) for s in ("train", "val")}  # fmt: skip
     n = max(r.shape[1] for rows_, _ in chunks.values() for r in rows_)
     tr, va = (flatten_chunks(*chunks[s], n, RawSettings().max_dim, 0) for s in ("train", "val"))
     rows[f"raw input: flattened patches ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
     # the raw patches through the same grid read-outs: zero-padding a variable-length input
     # to the longest sample leaves columns no labelled sample fills, which a standardising
     # probe blows up; per-sample cells do not
-    raw = {s: _raw(model, _loader(task, s, fs, 0), task.inputs) for s in ("train", "val")}
+    raw = {s: _once("raw", s, _raw, model, _loader(task, s, fs, 0), task.inputs)
+           for s in ("train", "val")}  # fmt: skip
     for g in grids:
         tr, va = (Features(grid_pool(r[0], 0, r[1], r[2], g), r[3]) for r in
                   (raw["train"], raw["val"]))  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from unipred.nn.model import NEPA, model_config
@@ -72,13 +73,15 @@ def test_raw_patches_pool_per_sample():
     assert torch.allclose(means[3], p[:n].mean(0), atol=1e-5)
 
 
-def test_the_video_probe_recipe_reads_a_time_space_grid():
-    """configs/video/demo_classify.yaml's eval_defaults: a 2 x 2 x 2 grid, the command line wins."""
+@pytest.mark.parametrize("recipe", ["video/demo_classify", "audio/digits_linprobe"])
+def test_the_video_and_audio_probe_recipes_read_a_grid(recipe):
+    """The recipes' eval_defaults: a 2-per-axis grid (video: t, y, x; audio: time, frequency);
+    the command line wins."""
     from unipred.cli import _with_recipe_defaults
     from unipred.protocols import parse_eval_settings
     from unipred.train.config import load_config
 
-    cfg = load_config("video/demo_classify", [])
+    cfg = load_config(recipe, [])
     s = _with_recipe_defaults(parse_eval_settings([]), cfg, [])
     assert (s.features.pool, s.features.grid) == ("grid", 2)
     s = _with_recipe_defaults(parse_eval_settings([]), cfg, ["features.pool=mean"])
