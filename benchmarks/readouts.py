@@ -156,9 +156,8 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
     n = max(r.shape[1] for rows_, _ in chunks.values() for r in rows_)
     tr, va = (flatten_chunks(*chunks[s], n, RawSettings().max_dim, 0) for s in ("train", "val"))
     rows[f"raw input: flattened patches ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
-    # the raw patches through the same grid read-outs: zero-padding a variable-length input
-    # to the longest sample leaves columns no labelled sample fills, which a standardising
-    # probe blows up; per-sample cells do not
+    # the raw patches through the same read-outs: flattened position by position, clips whose
+    # words start at different times are hardly comparable; per-sample cells are
     raw = {s: _once("raw", s, _raw, model, _loader(task, s, fs, 0), task.inputs)
            for s in ("train", "val")}  # fmt: skip
     for g in grids:
