@@ -14,7 +14,7 @@ TEST_APT := ffmpeg espeak-ng flite dataset-fashion-mnist \
 DEMO_APT := dataset-fashion-mnist espeak-ng flite ffmpeg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: test demo demo-quick lint format lock check-lock system-test system-demo clean
+.PHONY: test demo demo-quick lint format lock check-lock system-test system-demo clean test-versions
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -72,5 +72,12 @@ demo: system-demo $(VENV)/.installed
 demo-quick: system-demo $(VENV)/.installed
 	$(BIN)/unipred demo image --quick
 
+# Another torch family than the lock's, in a venv of its own (.venv-torchX; not part of `make
+# test` or CI): `make test-versions TORCH=2.11.0` runs the checkpoint-safety and fault tests
+# on the GPU image's family; TESTS="tests/test_x.py -q" picks other pytest arguments.
+TORCH ?= 2.11.0
+test-versions:
+	bash .ci/test_versions.sh $(TORCH) $(TESTS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-torch* runs .pytest_cache .ruff_cache

@@ -6,8 +6,9 @@
 Times, each in a fresh process and interleaved round by round (a busy phase of a shared
 machine hits every command alike): ``unipred --help``, ``unipred fit --help``, ``unipred list``
 from its cache (warm), ``unipred list`` with an empty cache (cold) reading the built-in
-plugins from ``unipred/builtin_plugins.json`` as an installed release does, and cold importing
-every plugin as a source checkout does, and two references: ``python -c pass`` (the interpreter alone) and ``python -c "import torch"``
+plugins from ``unipred/builtin_plugins.json`` as an installed release does, cold importing every plugin,
+and cold as this install decides by itself (a source checkout: the manifest while it is
+current for the checkout's files, else imports), and two references: ``python -c pass`` (the interpreter alone) and ``python -c "import torch"``
 (what every command paid before the imports were made lazy). Prints the median and the
 minimum of each, and the 1-minute load average before and after (the targets, < 0.5 s for
 ``--help`` and < 2 s for ``list``, are for an idle machine).
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "unipred list (cached)": [str(BIN), "list"],
         "unipred list (cold, manifest)": [str(BIN), "list"],
         "unipred list (cold, imports)": [str(BIN), "list"],
+        "unipred list (cold, default)": [str(BIN), "list"],
         "python -c pass": [sys.executable, "-c", "pass"],
         "python -c 'import torch'": [sys.executable, "-c", "import torch"],
     }
@@ -60,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, cmd in cases.items():
             e = env
             if "cold" in name:  # an empty cache; the built-in plugins from their manifest (as
-                # an installed release reads them) or imported (as a source checkout does)
+                # an installed release reads them), imported, or as this install decides
+                choice = {"manifest": "1", "imports": "0", "default": ""}[name[20:-1]]
                 e = {**env, "UNIPRED_CACHE": tempfile.mkdtemp(prefix="unipred-cold-"),
-                     "UNIPRED_PLUGIN_MANIFEST": "1" if "manifest" in name else "0"}  # fmt: skip
+                     "UNIPRED_PLUGIN_MANIFEST": choice}  # fmt: skip
             times[name].append(_time(cmd, e))
     load1 = os.getloadavg()[0]
     print(f"{'command':<30} {'median s':>9} {'min s':>7}   ({a.rounds} rounds; "

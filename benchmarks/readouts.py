@@ -27,17 +27,12 @@ import sys
 import torch
 
 from unipred.base.registry import TASKS
-from unipred.protocols.baselines import raw_features
-from unipred.protocols.features import (
-    Features,
-    extract_features,
-    grid_pool,
-    load_backbone_weights,
-    weight_sets,
-)
+from unipred.nn.heads import pool_tokens
+from unipred.protocols.baselines import flatten_chunks, raw_chunks, raw_patches
+from unipred.protocols.features import Features, grid_pool, load_backbone_weights, weight_sets
 from unipred.protocols.knn import run_knn
 from unipred.protocols.linear import run_linear
-from unipred.protocols.settings import FeatureSettings, KNNSettings, ProbeSettings
+from unipred.protocols.settings import FeatureSettings, KNNSettings, ProbeSettings, RawSettings
 from unipred.protocols.suite import _loader
 from unipred.train.config import load_config
 
@@ -47,10 +42,63 @@ def _standardise(tr: torch.Tensor, va: torch.Tensor):
     return (tr - m) / s, (va - m) / s
 
 
-def _coords(model, task, loader):
-    x = task.inputs(next(iter(loader)))
-    with torch.no_grad():
-        return model.tokenizer(x).coords
+def _pad(chunks: list[torch.Tensor], value=0) -> torch.Tensor:
+    """(B_i, T_i, ...) chunks -> one (sum B_i, max T_i, ...) tensor, padded with ``value``."""
+    T = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.cat([c, c.new_full((c.shape[0], T - c.shape[1], *c.shape[2:]),
+                                               value)], 1) for c in chunks])  # fmt: skip
+
+
+@torch.no_grad()
+def _tokens(model, loader, inputs, block: int | None):
+    """Every sample's patch tokens (final norm, or block ``block``'s output), the prefix tokens,
+    the real-token mask and each token's coordinates, padded to the longest sample: per-sample
+    coordinates, so variable-length inputs (audio clips, text) bin by their own length."""
+    model.eval()
+    n_prefix = int(getattr(model, "n_prefix", 0))
+    want = () if block is None else (block % len(model.predictor.blocks),)
+    toks, pre, valid, coords, labels = [], [], [], [], []
+    for batch in loader:
+        out = model.forward_features(inputs(batch), layers=want)
+        h = (out.hidden if block is None else out.layers[0]).float()
+        B, N = h.shape[0], h.shape[1] - n_prefix
+        toks.append(h[:, n_prefix:])
+        pre.append(h[:, :n_prefix])
+        v = out.valid
+        valid.append(torch.ones(B, N, dtype=torch.bool) if v is None else v[:, n_prefix:].bool())
+        c = out.coords.float()
+        coords.append(c.expand(B, *c.shape[-2:]) if c.dim() == 2 else c)
+        labels.append(torch.as_tensor(batch[1]).long().reshape(-1))
+    return (_pad(toks), torch.cat(pre), _pad(valid, False), _pad(coords), torch.cat(labels))
+
+
+@torch.no_grad()
+def _raw(model, loader, inputs):
+    """The tokenizer's raw patches (the raw-input baseline's view), its real-token mask and
+    coordinates, padded to the longest sample, and the labels."""
+    model.tokenizer.eval()
+    rows, valid, coords, labels = [], [], [], []
+    for batch in loader:
+        x = inputs(batch)
+        p, t = raw_patches(model.tokenizer, x).float(), model.tokenizer(x)
+        B, N = p.shape[:2]
+        rows.append(p)
+        valid.append(torch.ones(B, N, dtype=torch.bool) if t.valid is None else t.valid.bool())
+        c = t.coords.float()
+        coords.append(c.expand(B, *c.shape[-2:]) if c.dim() == 2 else c)
+        labels.append(torch.as_tensor(batch[1]).long().reshape(-1))
+    return _pad(rows), _pad(valid, False), _pad(coords), torch.cat(labels)
+
+
+def _pools(toks, pre, valid, coords, grids) -> dict:
+    """{read-out name: (N, F) features} of one weight set."""
+    out = {}
+    for g in grids:
+        out["mean" if g == 1 else f"grid {g}"] = grid_pool(toks, 0, valid, coords, g)
+    out["last"] = pool_tokens(toks, 0, valid, "last")
+    if pre.shape[1]:
+        out["cls"] = pre[:, 0]
+    return out
 
 
 def _scores(tr: Features, va: Features, C: int, seed: int, linear: bool = True) -> dict:
@@ -64,7 +112,21 @@ def _scores(tr: Features, va: Features, C: int, seed: int, linear: bool = True) 
     return out
 
 
-def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids) -> dict:
+_VAL: dict = {}
+
+
+def _once(key, split: str, fn, *args):
+    """``fn(*args)``, kept for the validation split: it is the same for every label budget and
+    seed of one run (the budget and seed pick training samples only)."""
+    if split != "val":
+        return fn(*args)
+    if (key, split) not in _VAL:
+        _VAL[key, split] = fn(*args)
+    return _VAL[key, split]
+
+
+def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
+        block: int | None = None) -> dict:  # fmt: skip
     """{row name: {knn, knn_std, linear}} for one budget and seed."""
     cfg = load_config(
         config,
@@ -81,18 +143,30 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids) 
         sets = weight_sets(path, "false")
         if sets[0][1] is not None:
             load_backbone_weights(model, sets[0][1], path)
-        f = {s: extract_features(model, _loader(task, s, fs, 0), inputs=task.inputs, tokens=True)
-             for s in ("train", "val")}  # fmt: skip
-        coords = _coords(model, task, _loader(task, "train", fs, 0))
-        C = int(max(f["train"].labels.max(), f["val"].labels.max())) + 1
-        for g in grids:
-            pooled = {s: grid_pool(f[s].tokens.float(), 0, f[s].valid, coords, g) for s in f}
-            tr, va = (Features(pooled[s], f[s].labels) for s in ("train", "val"))
-            label = "mean" if g == 1 else f"grid {g}"
+        f = {s: _once((path, block), s, _tokens, model, _loader(task, s, fs, 0), task.inputs,
+                      block) for s in ("train", "val")}  # fmt: skip
+        pools = {s: _pools(*f[s][:4], grids) for s in f}
+        C = int(max(f["train"][4].max(), f["val"][4].max())) + 1
+        for label in pools["train"]:
+            tr, va = (Features(pools[s][label], f[s][4]) for s in ("train", "val"))
             rows[f"{name}: {label} ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
-    tr, va = (raw_features(model.tokenizer, _loader(task, s, fs, 0), task.inputs)
-              for s in ("train", "val"))  # fmt: skip
+    # one patch count for both splits: variable-length samples pad to the longest of either
+    chunks = {s: _once("chunks", s, raw_chunks, model.tokenizer, _loader(task, s, fs, 0),
+                       task.inputs) for s in ("train", "val")}  # fmt: skip
+    n = max(r.shape[1] for rows_, _ in chunks.values() for r in rows_)
+    tr, va = (flatten_chunks(*chunks[s], n, RawSettings().max_dim, 0) for s in ("train", "val"))
     rows[f"raw input: flattened patches ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
+    # the raw patches through the same read-outs: flattened position by position, clips whose
+    # words start at different times are hardly comparable; per-sample cells are
+    raw = {s: _once("raw", s, _raw, model, _loader(task, s, fs, 0), task.inputs)
+           for s in ("train", "val")}  # fmt: skip
+    for g in grids:
+        tr, va = (Features(grid_pool(r[0], 0, r[1], r[2], g), r[3]) for r in
+                  (raw["train"], raw["val"]))  # fmt: skip
+        label = "mean" if g == 1 else f"grid {g}"
+        rows[f"raw input: patches, {label} ({tr.pooled.shape[1]} values)"] = _scores(
+            tr, va, C, seed
+        )
     return rows
 
 
@@ -104,6 +178,12 @@ def main(argv=None) -> int:
     p.add_argument("--labels", default="10,20")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--grids", default="1,2,3,5")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="read block BLOCK's output (negative: from the top) instead of the final norm",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -111,7 +191,7 @@ def main(argv=None) -> int:
     table, cols = {}, ("knn", "knn_std", "linear")
     for k in (int(v) for v in a.labels.split(",")):
         for seed in (int(v) for v in a.seeds.split(",")):
-            for row, sc in one(a.config, a.ckpt, a.overrides, k, seed, grids).items():
+            for row, sc in one(a.config, a.ckpt, a.overrides, k, seed, grids, a.block).items():
                 for c in cols:
                     table.setdefault((k, row), {}).setdefault(c, []).append(100 * sc[c])
             print(f"labels {k} seed {seed}: done", file=sys.stderr, flush=True)

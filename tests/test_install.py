@@ -5,7 +5,6 @@ import importlib.util
 import os
 import re
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -114,55 +113,63 @@ def test_packaged_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatc
         find_config("demo/fmnist_pretrian")
 
 
-def test_built_wheel_installs_and_runs_from_an_unrelated_folder(tmp_path, throwaway_env):
-    """Build the wheel, install it (not editable) into a throwaway environment that reuses the
-    installed dependencies, and run the commands a newcomer runs, from an empty folder."""
-    # build from a copy without build/: setuptools reuses a checkout's build/lib, and a stale
-    # one (modules since moved or deleted) would land in the wheel
-    import shutil
-
-    src, dist = tmp_path / "src", tmp_path / "dist"
-    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info",
-                                  "__pycache__", ".pytest_cache", ".ruff_cache", "examples")  # fmt: skip
-    shutil.copytree(ROOT, src, ignore=skip)
-    subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist)],
-        cwd=src, check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    wheel = next(dist.glob("unipred-*.whl"))
+def test_the_built_wheel_holds_the_recipes_and_the_manifest_and_no_source_folders(
+    installed_wheel,
+):
     import zipfile
 
-    names = zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(installed_wheel[1]).namelist()
     assert "unipred/configs/demo/fmnist_pretrain.yaml" in names
     assert "unipred/py.typed" in names and any(n.endswith("licenses/LICENSE") for n in names)
     assert "unipred/builtin_plugins.json" in names  # unipred list without importing them
+    assert "unipred/tasks/image/demo.py" in names and "unipred/tokenizers/image.py" in names
     assert not any(n.startswith(("tokenizers/", "tasks/", "configs/")) for n in names)
 
-    # the dependencies come from this environment's site-packages; a plain path entry does not
-    # run that folder's .pth files, so the editable unipred of the checkout stays invisible
-    py = throwaway_env(str(throwaway_env.site_packages))
-    env_dir = py.parent.parent
-    subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-index", str(wheel)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
 
+def _installed(installed_wheel, tmp_path):
+    """(python, unipred script, environment, an empty working folder) of the installed wheel."""
+    py = installed_wheel[0]
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", MANIFEST_ENV)}
+    return py, str(py.parent / "unipred"), env, work
+
+
+MANIFEST_ENV = "UNIPRED_PLUGIN_MANIFEST"
+
+
+def test_built_wheel_installs_and_runs_from_an_unrelated_folder(installed_wheel, tmp_path):
+    """The installed wheel (not editable), run as a newcomer runs it from an empty folder: it
+    is the one imported, lists its plugins cold without importing torch, and runs the whole
+    image demo (five engine runs, table, plots) on generated data with a tiny plan."""
+    py, unipred, env, work = _installed(installed_wheel, tmp_path)
+    env_dir = py.parent.parent
     where = subprocess.run(
         [str(py), "-c", "import unipred; print(unipred.__file__, unipred.__version__)"],
         cwd=work, env=env, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert str(env_dir) in where and str(ROOT) not in where, where
-    unipred = str(env_dir / "bin" / "unipred")
-    env.pop("UNIPRED_PLUGIN_MANIFEST", None)
     cold = {**env, "UNIPRED_CACHE": str(tmp_path / "empty-cache")}
     out = subprocess.run([str(py), "-X", "importtime", "-m", "unipred", "list"], cwd=work,
                          env=cold, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0 and "image_pretrain" in out.stdout, out.stderr[-2000:]
     # an installed release lists its own plugins from builtin_plugins.json: no torch import
     assert not re.search(r"\|\s+torch$", out.stderr, re.M), "a cold list imported torch"
+    tiny = ["--data", "generated", "--pretrain-steps", "2", "--train-images", "1024",
+            "--test-images", "64", "--labels-per-class", "5", "--finetune-steps", "1",
+            "--probe-epochs", "1", "--threads", "1"]  # fmt: skip
+    demo = subprocess.run(
+        [unipred, "demo", "image", "--quick", "--out", str(work / "demo"), *tiny],
+        cwd=work, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert demo.returncode == 0, (demo.stdout + demo.stderr)[-3000:]
+    assert (work / "demo" / "results.md").is_file()
+    assert (work / "demo" / "plots" / "accuracy.png").is_file()
+
+
+@pytest.mark.slow  # the real quick plan on Fashion-MNIST: about a minute more than the above
+def test_built_wheel_runs_the_quick_image_demo_on_fashion_mnist(installed_wheel, tmp_path):
+    _, unipred, env, work = _installed(installed_wheel, tmp_path)
     demo = subprocess.run(
         [unipred, "demo", "image", "--quick", "--out", str(work / "demo")],
         cwd=work, env=env, capture_output=True, text=True, timeout=900,

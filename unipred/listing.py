@@ -15,8 +15,10 @@ Without a current cache, an installed release does not import its own plugins ei
 they register is shipped in ``builtin_plugins.json`` beside this file (written by ``python -m
 unipred.listing --write-manifest``; ``tests/test_listing.py`` fails when it differs from what
 importing them registers), and only the plugins of other packages (entry points) are
-imported. An editable install (a source checkout, whose files change under it) imports its
-plugins as before. ``UNIPRED_PLUGIN_MANIFEST=1`` / ``=0`` forces either way.
+imported. A source checkout (an editable install, whose files change under it) uses the
+manifest only while it is current for the checkout's files (unipred.listing_sources: decided
+without importing anything), and imports its plugins otherwise. ``UNIPRED_PLUGIN_MANIFEST=1``
+/ ``=0`` forces either way.
 """
 
 from __future__ import annotations
@@ -151,9 +153,11 @@ def _editable_install() -> bool:
 
 
 def read_manifest() -> dict | None:
-    """The built-in plugins' listing shipped with unipred, when this install may use it."""
+    """The built-in plugins' listing shipped with unipred, when this install may use it: an
+    installed release always; a source checkout while the manifest is current for its files
+    (unipred.listing_sources: no import, a hash or syntax-tree comparison per file)."""
     choice = os.environ.get(MANIFEST_ENV, "")
-    if choice == "0" or (choice != "1" and _editable_install()):
+    if choice == "0":
         return None
     try:
         data = json.loads(MANIFEST.read_text())
@@ -161,6 +165,14 @@ def read_manifest() -> dict | None:
         return None
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         return None
+    if choice != "1" and _editable_install():
+        from unipred.listing_sources import current
+
+        try:
+            if not current(data.get("sources") or {}):
+                return None
+        except Exception:  # noqa: BLE001 - when in doubt, import the plugins
+            return None
     return data.get("listing")
 
 
@@ -182,12 +194,15 @@ def compute_with_manifest(manifest: dict) -> dict:
 
 
 def write_manifest(path: Path = MANIFEST) -> Path:
-    """Write ``builtin_plugins.json`` (run in a fresh process: ``python -m unipred.listing
-    --write-manifest``, so that no other package's plugin is in the registries)."""
-    data = compute_builtin()
+    """Write ``builtin_plugins.json``: the built-in plugins' listing and the record of the
+    source files it was computed from (unipred.listing_sources; the plugins are imported in a
+    fresh interpreter, so that no other package's plugin is in the registries)."""
+    from unipred.listing_sources import record
+
+    data, sources = record()
     if data["errors"]:
         raise RuntimeError(f"built-in plugins failed to import: {data['errors']}")
-    # one name per line, so that a change shows as the lines it changes
+    # one name (or source file) per line, so that a change shows as the lines it changes
     row = json.dumps
     lines = [f'{{"format": {_FORMAT}, "listing": {{"errors": {{}}, "sections": [']
     for i, (title, rows) in enumerate(data["sections"]):
@@ -197,9 +212,16 @@ def write_manifest(path: Path = MANIFEST) -> Path:
     lines.append('], "commands": [')
     cmds = data["commands"]
     lines += [f" {row(c)}," for c in cmds[:-1]] + [f" {row(c)}" for c in cmds[-1:]]
-    lines.append("]}}")
+    lines.append(']}, "sources": {')
+    head = {k: v for k, v in sources.items() if k != "files"}
+    lines += [f" {row(k)}: {row(v)}," for k, v in head.items()]
+    lines.append(' "files": {')
+    files = sorted(sources["files"].items())
+    lines += [f"  {row(k)}: {row(v, sort_keys=True)}," for k, v in files]
+    lines[-1] = lines[-1].rstrip(",")
+    lines.append("}}}")
     text = "\n".join(lines) + "\n"
-    assert json.loads(text) == {"format": _FORMAT, "listing": data}
+    assert json.loads(text) == {"format": _FORMAT, "listing": data, "sources": sources}
     path.write_text(text)
     return path
 

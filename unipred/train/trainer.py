@@ -176,10 +176,19 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
     report = None if t.fast_dev_run else out / "data_report.json"  # counts + names per epoch
     cbs = [NonFiniteLossStop(t.log_every_n_steps), Throughput(plan.global_batch),
            bad_sample_logger(report=report), *callbacks]  # fmt: skip
-    ema_ok = ema.enabled and t.strategy not in ("fsdp", "fsdp2")
+    ema_ok = ema.enabled and t.strategy != "fsdp"
     if ema.enabled and not ema_ok:
-        warn("EMA is not supported with FSDP (sharded weights); ema disabled")
-    if ema_ok:
+        warn("EMA is not supported with trainer.strategy=fsdp; ema disabled (fsdp2 keeps it)")
+    if ema_ok and t.strategy == "fsdp2":
+        from unipred.train.sharded_ema import ShardedEMA
+
+        cbs.append(ShardedEMA.from_config(ema))
+        if ema.monitor_ema and not t.fast_dev_run:
+            warn("trainer.strategy=fsdp2: the EMA is kept sharded and saved in every "
+                 "checkpoint, but validated weights are the raw ones (val/, not val_ema/); "
+                 "the best checkpoint follows val/")  # fmt: skip
+        ema_ok = False  # no val_ema/ metric to monitor
+    elif ema_ok:
         cbs.append(EMA.from_config(ema))
     if t.collapse_every_n_steps > 0 and hasattr(lit.task, "want_stats"):
         dim = getattr(getattr(lit.model, "cfg", None), "predictor", None)
