@@ -2,20 +2,23 @@
 raw input, per label budget and seed, from one feature pass per weight set.
 
     python benchmarks/readouts.py CONFIG CKPT [key=value ...] [--labels 10,20] [--seeds 0,1,2]
-                                  [--grids 1,2,3,5] [--out FILE.json]
+                                  [--grids 1,2,3,5] [--block I] [--out FILE.json]
 
-CONFIG is a classification recipe (e.g. small/probe) and the overrides point it at the data
-(``data.root=DIR/train data.val_root=DIR/val``). For every budget K and seed S
-(``data.labels_per_class=K data.subset_seed=S``, probe seed S) it extracts the final-norm
-tokens of CKPT and of the config's random-init model (``ckpt=random``, the config's ``seed``,
-as ``unipred compare``) once,
-then runs the k-NN and the linear probe of ``unipred eval`` on each read-out: ``features.pool=
-grid`` with ``features.grid=G`` for each G of --grids (G = 1 is the mean pooling) through the
-shipped ``unipred.protocols.features.grid_pool``, and the k-NN also on features standardised
-with the training features' mean and std. The raw-input rows are the baseline of
-``unipred eval`` (the tokenizer's flattened patches). Prints one markdown table, mean over the
-seeds (min-max). ``unipred eval`` / ``unipred compare`` with ``features.pool=grid
-features.grid=G`` give the same figures one read-out at a time.
+CONFIG is a classification recipe (e.g. small/probe, audio/digits_linprobe,
+video/demo_classify) and the overrides point it at the data (``data.root=DIR/train
+data.val_root=DIR/val``). For every budget K and seed S (``data.labels_per_class=K
+data.subset_seed=S``, probe seed S) it extracts the final-norm tokens (``--block I``: block I's
+output) of CKPT and of the config's random-init model (``ckpt=random``, the config's ``seed``,
+as ``unipred compare``), with each sample's own token coordinates, so variable-length inputs
+(audio clips) work; the validation features once per run. Then it runs the k-NN and the linear
+probe of ``unipred eval`` on each read-out: ``features.pool=grid`` with ``features.grid=G`` for
+each G of --grids (G = 1 is the mean pooling) through the shipped
+``unipred.protocols.features.grid_pool``, the last token and the cls token, and the k-NN also
+on features standardised with the training features' mean and std. The raw-input rows are the
+baseline of ``unipred eval`` (the tokenizer's flattened patches) and the same raw patches
+through each grid read-out. Prints one markdown table, mean over the seeds (min-max).
+``unipred eval`` / ``unipred compare`` with ``features.pool=grid features.grid=G`` give the
+backbone's figures one read-out at a time.
 """
 
 from __future__ import annotations
@@ -112,6 +115,19 @@ def _scores(tr: Features, va: Features, C: int, seed: int, linear: bool = True) 
     return out
 
 
+_VAL: dict = {}
+
+
+def _once(key, split: str, fn, *args):
+    """``fn(*args)``, kept for the validation split: it is the same for every label budget and
+    seed of one run (the budget and seed pick training samples only)."""
+    if split != "val":
+        return fn(*args)
+    if (key, split) not in _VAL:
+        _VAL[key, split] = fn(*args)
+    return _VAL[key, split]
+
+
 def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
         block: int | None = None) -> dict:  # fmt: skip
     """{row name: {knn, knn_std, linear}} for one budget and seed."""
@@ -130,23 +146,23 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
         sets = weight_sets(path, "false")
         if sets[0][1] is not None:
             load_backbone_weights(model, sets[0][1], path)
-        f = {s: _tokens(model, _loader(task, s, fs, 0), task.inputs, block)
-             for s in ("train", "val")}  # fmt: skip
+        f = {s: _once((path, block), s, _tokens, model, _loader(task, s, fs, 0), task.inputs,
+                      block) for s in ("train", "val")}  # fmt: skip
         pools = {s: _pools(*f[s][:4], grids) for s in f}
         C = int(max(f["train"][4].max(), f["val"][4].max())) + 1
         for label in pools["train"]:
             tr, va = (Features(pools[s][label], f[s][4]) for s in ("train", "val"))
             rows[f"{name}: {label} ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
     # one patch count for both splits: variable-length samples pad to the longest of either
-    chunks = {s: raw_chunks(model.tokenizer, _loader(task, s, fs, 0), task.inputs)
-              for s in ("train", "val")}  # fmt: skip
+    chunks = {s: _once("chunks", s, raw_chunks, model.tokenizer, _loader(task, s, fs, 0),
+                       task.inputs) for s in ("train", "val")}  # fmt: skip
     n = max(r.shape[1] for rows_, _ in chunks.values() for r in rows_)
     tr, va = (flatten_chunks(*chunks[s], n, RawSettings().max_dim, 0) for s in ("train", "val"))
     rows[f"raw input: flattened patches ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
-    # the raw patches through the same grid read-outs: zero-padding a variable-length input
-    # to the longest sample leaves columns no labelled sample fills, which a standardising
-    # probe blows up; per-sample cells do not
-    raw = {s: _raw(model, _loader(task, s, fs, 0), task.inputs) for s in ("train", "val")}
+    # the raw patches through the same read-outs: flattened position by position, clips whose
+    # words start at different times are hardly comparable; per-sample cells are
+    raw = {s: _once("raw", s, _raw, model, _loader(task, s, fs, 0), task.inputs)
+           for s in ("train", "val")}  # fmt: skip
     for g in grids:
         tr, va = (Features(grid_pool(r[0], 0, r[1], r[2], g), r[3]) for r in
                   (raw["train"], raw["val"]))  # fmt: skip

@@ -47,3 +47,18 @@ def test_a_block_the_backbone_lacks_is_one_clear_error_and_the_setting_parses():
     assert parse_eval_settings(["features.concat=0,1"]).features.concat == [0, 1]
     assert parse_eval_settings(["features.concat=[-1]"]).features.concat == [-1]
     assert parse_eval_settings([]).features.concat == []
+
+
+def test_the_text_probe_recipe_reads_out_concatenated_blocks_and_the_command_line_wins(capsys):
+    """configs/text/probe.yaml's eval_defaults append blocks 0-2 (4 x 128 wide) to the mean;
+    `features.concat=[]` on the command line gives the plain mean (128 wide)."""
+    from unipred.cli import main
+
+    tiny = ["data.corpus=''", "data.labels_per_class=4", "trainer.progress_bar=false",
+            "ckpt=random", "protocol=knn", "baselines=false", "data.num_workers=0"]  # fmt: skip
+    assert main(["eval", "text/probe", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "final norm + blocks [0, 1, 2], mean pooling" in out and "width 512" in out
+    assert main(["eval", "text/probe", *tiny, "features.concat=[]"]) == 0
+    out = capsys.readouterr().out
+    assert "(final norm, mean pooling)" in out and "width 128" in out

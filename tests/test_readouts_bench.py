@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from unipred.nn.model import NEPA, model_config
@@ -72,14 +73,38 @@ def test_raw_patches_pool_per_sample():
     assert torch.allclose(means[3], p[:n].mean(0), atol=1e-5)
 
 
-def test_the_video_probe_recipe_reads_a_time_space_grid():
-    """configs/video/demo_classify.yaml's eval_defaults: a 2 x 2 x 2 grid, the command line wins."""
+@pytest.mark.parametrize("recipe", ["video/demo_classify", "audio/digits_linprobe"])
+def test_the_video_and_audio_probe_recipes_read_a_grid(recipe):
+    """The recipes' eval_defaults: a 2-per-axis grid (video: t, y, x; audio: time, frequency);
+    the command line wins."""
     from unipred.cli import _with_recipe_defaults
     from unipred.protocols import parse_eval_settings
     from unipred.train.config import load_config
 
-    cfg = load_config("video/demo_classify", [])
+    cfg = load_config(recipe, [])
     s = _with_recipe_defaults(parse_eval_settings([]), cfg, [])
     assert (s.features.pool, s.features.grid) == ("grid", 2)
     s = _with_recipe_defaults(parse_eval_settings([]), cfg, ["features.pool=mean"])
     assert s.features.pool == "mean"
+
+
+def test_spoken_words_builds_a_word_set(tmp_path):
+    """benchmarks/spoken_words.py, run as a user runs it: one folder per word, each with its
+    clips, and the digits' module left speaking digits in this process."""
+    import shutil
+    import subprocess
+    import sys
+
+    from unipred.tasks.audio import spoken_digits
+
+    if not (shutil.which("espeak-ng") or shutil.which("flite")):
+        pytest.skip("no speech synthesiser")
+    out = tmp_path / "words"
+    cmd = [sys.executable, "-P", str(ROOT / "benchmarks/spoken_words.py"), str(out),
+           "--train-per-class", "1", "--test-per-class", "1"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    words = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+    for split in ("train", "test"):
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(words)
+        assert all(len(list((out / split / w).glob("*.wav"))) == 1 for w in words)
+    assert spoken_digits.DIGITS[0] == "zero"

@@ -33,8 +33,10 @@ from unipred.train.config import packaged_configs
 CONFIGS = packaged_configs() / "text"
 # Two read-outs of the frozen backbones: the mean over the tokens, and the last real token (in a
 # causal model the only one that has seen the whole text). The last token won by 5-11 points on
-# single words (the tuning set) and lost by 20-24 on cut man-page lines (held out): docs/text.md
-READOUTS = (("", ()), ("_last", ("features.pool=last",)))
+# single words (the tuning set) and lost by 20-24 on cut man-page lines (held out): docs/text.md.
+# A third: the mean of blocks 0-2 appended to the final norm's (features.concat, the text probe
+# recipe's default), above the plain mean on both sets.
+READOUTS = (("", ()), ("_last", ("features.pool=last",)), ("_concat", ("features.concat=0,1,2",)))
 
 
 @dataclass
@@ -145,6 +147,10 @@ ROWS = (("ft_nepa", "NEPA-pretrained, fine-tuned"), ("ft_scratch", "from scratch
         ("linear_random_last", "random init frozen, linear probe, last token"),
         ("knn_nepa_last", "NEPA frozen, kNN, last token"),
         ("knn_random_last", "random init frozen, kNN, last token"),
+        ("linear_nepa_concat", "NEPA frozen, linear probe, 4 blocks concatenated"),
+        ("linear_random_concat", "random init frozen, linear probe, 4 blocks concatenated"),
+        ("knn_nepa_concat", "NEPA frozen, kNN, 4 blocks concatenated"),
+        ("knn_random_concat", "random init frozen, kNN, 4 blocks concatenated"),
         ("linear_input", "raw input (one-hot bytes), linear probe"),
         ("knn_input", "raw input (one-hot bytes), kNN"),
         ("char_ngram_nb", "character 1-3-gram naive Bayes"))  # fmt: skip
