@@ -2,20 +2,23 @@
 raw input, per label budget and seed, from one feature pass per weight set.
 
     python benchmarks/readouts.py CONFIG CKPT [key=value ...] [--labels 10,20] [--seeds 0,1,2]
-                                  [--grids 1,2,3,5] [--out FILE.json]
+                                  [--grids 1,2,3,5] [--block I] [--out FILE.json]
 
-CONFIG is a classification recipe (e.g. small/probe) and the overrides point it at the data
-(``data.root=DIR/train data.val_root=DIR/val``). For every budget K and seed S
-(``data.labels_per_class=K data.subset_seed=S``, probe seed S) it extracts the final-norm
-tokens of CKPT and of the config's random-init model (``ckpt=random``, the config's ``seed``,
-as ``unipred compare``) once,
-then runs the k-NN and the linear probe of ``unipred eval`` on each read-out: ``features.pool=
-grid`` with ``features.grid=G`` for each G of --grids (G = 1 is the mean pooling) through the
-shipped ``unipred.protocols.features.grid_pool``, and the k-NN also on features standardised
-with the training features' mean and std. The raw-input rows are the baseline of
-``unipred eval`` (the tokenizer's flattened patches). Prints one markdown table, mean over the
-seeds (min-max). ``unipred eval`` / ``unipred compare`` with ``features.pool=grid
-features.grid=G`` give the same figures one read-out at a time.
+CONFIG is a classification recipe (e.g. small/probe, audio/digits_linprobe,
+video/demo_classify) and the overrides point it at the data (``data.root=DIR/train
+data.val_root=DIR/val``). For every budget K and seed S (``data.labels_per_class=K
+data.subset_seed=S``, probe seed S) it extracts the final-norm tokens (``--block I``: block I's
+output) of CKPT and of the config's random-init model (``ckpt=random``, the config's ``seed``,
+as ``unipred compare``), with each sample's own token coordinates, so variable-length inputs
+(audio clips) work; the validation features once per run. Then it runs the k-NN and the linear
+probe of ``unipred eval`` on each read-out: ``features.pool=grid`` with ``features.grid=G`` for
+each G of --grids (G = 1 is the mean pooling) through the shipped
+``unipred.protocols.features.grid_pool``, the last token and the cls token, and the k-NN also
+on features standardised with the training features' mean and std. The raw-input rows are the
+baseline of ``unipred eval`` (the tokenizer's flattened patches) and the same raw patches
+through each grid read-out. Prints one markdown table, mean over the seeds (min-max).
+``unipred eval`` / ``unipred compare`` with ``features.pool=grid features.grid=G`` give the
+backbone's figures one read-out at a time.
 """
 
 from __future__ import annotations

@@ -95,19 +95,20 @@ def _imports_torch(args, tmp_path, **env) -> tuple[bool, str]:
 
 def test_help_and_a_cached_list_load_no_torch(tmp_path):
     """What makes them instant: ``--help`` never imports torch; ``list`` imports the plugins
-    once, then reads its cache until something it depends on changes (here: a new folder on
-    the path with a new file in it, as a package install does)."""
+    once (here told to: without that a current builtin_plugins.json spares even that, see
+    tests/test_listing.py), then reads its cache until something it depends on changes (here:
+    a new folder on the path with a new file in it, as a package install does)."""
     for args in (["--help"], ["fit", "--help"], ["list", "--help"], ["demo", "--help"]):
         assert not _imports_torch(args, tmp_path)[0], args
-    own = str(tmp_path / "own-cache")
-    torch_first, first = _imports_torch(["list"], tmp_path, UNIPRED_CACHE=own)
+    own = {"UNIPRED_CACHE": str(tmp_path / "own-cache"), "UNIPRED_PLUGIN_MANIFEST": "0"}
+    torch_first, first = _imports_torch(["list"], tmp_path, **own)
     assert torch_first and "tokenizers:" in first  # computed
-    torch_again, again = _imports_torch(["list"], tmp_path, UNIPRED_CACHE=own)
+    torch_again, again = _imports_torch(["list"], tmp_path, **own)
     assert not torch_again and again == first  # from the cache, the same listing
     extra = tmp_path / "site"
     extra.mkdir()
     (extra / "newpkg.py").write_text("")
-    moved, _ = _imports_torch(["list"], tmp_path, PYTHONPATH=str(extra), UNIPRED_CACHE=own)
+    moved, _ = _imports_torch(["list"], tmp_path, PYTHONPATH=str(extra), **own)
     assert moved  # the path changed: computed again
 
 

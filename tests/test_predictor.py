@@ -202,3 +202,55 @@ def test_cpu_bf16_attention_avoids_flash_and_matches_the_math_kernel():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         p(x, c).sum().backward()
     assert any("flash_attention" in e.key for e in prof.key_averages())
+
+
+def _fused_vs_apart(P, x, c, bf16=False, **kw):
+    """Outputs and gradients with ``FUSED_QK`` on and off, same weights and RoPE draw."""
+    torch.manual_seed(0)
+    p = Predictor(PredictorConfig(dim=32, depth=2, heads=4, layerscale=0.5, **kw)).train()
+    w = torch.randn(x.shape)
+    res = []
+    for fused in (False, True):
+        P.FUSED_QK = fused
+        try:
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(3)  # the same random RoPE augmentation for both
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = p(xi, c).float()
+            (out * w).sum().backward()  # a loss with a real gradient (not sum of a norm)
+            res.append([xi.grad] + [q.grad.clone() for q in p.parameters()])
+            p.zero_grad(set_to_none=True)
+        finally:
+            P.FUSED_QK = True
+    return res
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm_affine": True}, {"coord_dims": 3}])
+def test_fused_qk_rope_and_layerscale_match_the_separate_ops(kw):
+    """The default path (q and k through one QK-norm and one swapped-sign rotation, LayerScale
+    and residual as one addcmul) gives the gradients of the op-by-op path. Affine QK-norms and
+    partial rotations (3-D RoPE on 8-channel heads rotates 6) take the op-by-op path."""
+    import unipred.nn.predictor as P
+
+    x, c = _inputs()
+    if kw.get("coord_dims") == 3:
+        c = torch.cat([c, torch.zeros(len(c), 1)], 1)
+    apart, fused = _fused_vs_apart(P, x, c, **kw)
+    for a, b in zip(apart, fused):
+        assert (a - b).norm() <= 1e-5 * a.norm(), (a - b).norm() / a.norm()
+    # bf16 autocast: the fp32 residual sums round alike, bf16 casts after them may not
+    apart, fused = _fused_vs_apart(P, x, c, bf16=True, **kw)
+    for a, b in zip(apart, fused):
+        assert (a - b).norm() <= 0.02 * a.norm(), (a - b).norm() / a.norm()
+
+
+def test_swapped_rotation_is_apply_rope_exactly():
+    """``_rope_swapped`` with the sign-folded sin table equals ``apply_rope`` bit for bit;
+    with the plain sin table (a sign lost) it does not."""
+    import unipred.nn.predictor as P
+
+    p = _pred()
+    cos, sin, ssin = p._rope_tables(grid_coords(4, 4), 1)
+    x = torch.randn(2, 3, 4, 17, 8)
+    assert torch.equal(P._rope_swapped(x, cos, ssin), apply_rope(x, cos, sin))
+    assert not torch.allclose(P._rope_swapped(x, cos, sin), apply_rope(x, cos, sin))

@@ -86,3 +86,25 @@ def test_the_video_and_audio_probe_recipes_read_a_grid(recipe):
     assert (s.features.pool, s.features.grid) == ("grid", 2)
     s = _with_recipe_defaults(parse_eval_settings([]), cfg, ["features.pool=mean"])
     assert s.features.pool == "mean"
+
+
+def test_spoken_words_builds_a_word_set(tmp_path):
+    """benchmarks/spoken_words.py, run as a user runs it: one folder per word, each with its
+    clips, and the digits' module left speaking digits in this process."""
+    import shutil
+    import subprocess
+    import sys
+
+    from unipred.tasks.audio import spoken_digits
+
+    if not (shutil.which("espeak-ng") or shutil.which("flite")):
+        pytest.skip("no speech synthesiser")
+    out = tmp_path / "words"
+    cmd = [sys.executable, "-P", str(ROOT / "benchmarks/spoken_words.py"), str(out),
+           "--train-per-class", "1", "--test-per-class", "1"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    words = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+    for split in ("train", "test"):
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(words)
+        assert all(len(list((out / split / w).glob("*.wav"))) == 1 for w in words)
+    assert spoken_digits.DIGITS[0] == "zero"

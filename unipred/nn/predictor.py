@@ -131,20 +131,20 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = nn.Identity()
         self.proj = nn.Linear(cfg.dim, cfg.dim)
+        # without weights the two QK-norms are one function: q and k can share one call
+        self._shared_qk_norm = cfg.qk_norm and not cfg.qk_norm_affine
 
     def forward(self, x, rope, n_prefix, mask, causal, return_attn=False):
         B, T, D = x.shape
         # (B, T, 3D) -> (3, B, H, T, d)
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)  # before RoPE, on every token (cls too)
-        if rope is not None:
-            cos, sin = rope
-            if cos.shape[-2] == T:  # prefix rows are identity (see _identity_prefix): no slicing
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            else:
-                q = torch.cat([q[:, :, :n_prefix], apply_rope(q[:, :, n_prefix:], cos, sin)], 2)
-                k = torch.cat([k[:, :, :n_prefix], apply_rope(k[:, :, n_prefix:], cos, sin)], 2)
+        if FUSED_QK and self._shared_qk_norm and _full_rope(rope, T, self.head_dim):
+            # q and k through one QK-norm and one rotation (see _rope_swapped)
+            qk = _rope_swapped(self.q_norm(qkv[:2]), rope[0], rope[2])
+            (q, k), v = qk.unbind(0), qkv[2]
+        else:
+            q, k = self._norm_rope(qkv, rope, n_prefix, T)
+            v = qkv[2]
         attn = None
         if return_attn:
             out, attn = _eager_attention(q, k, v, mask, causal)
@@ -152,6 +152,43 @@ class Attention(nn.Module):
             out = _sdpa(q, k, v, mask, causal and mask is None)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, H, T, d) -> (B, T, D)
         return self.proj(out), attn
+
+    def _norm_rope(self, qkv, rope, n_prefix: int, T: int):
+        """QK-norm then RoPE, q and k apart: affine QK-norms, or a rotation of fewer channels
+        than the head or of fewer tokens than the sequence."""
+        q, k, _ = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)  # before RoPE, on every token (cls too)
+        if rope is not None:
+            cos, sin = rope[0], rope[1]
+            if cos.shape[-2] == T:  # prefix rows are identity (see _identity_prefix): no slicing
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            else:
+                q = torch.cat([q[:, :, :n_prefix], apply_rope(q[:, :, n_prefix:], cos, sin)], 2)
+                k = torch.cat([k[:, :, :n_prefix], apply_rope(k[:, :, n_prefix:], cos, sin)], 2)
+        return q, k
+
+
+# False restores the q-and-k-apart path everywhere (benchmarks/cpu_profile.py times both)
+FUSED_QK = True
+
+
+def _full_rope(rope, T: int, head_dim: int) -> bool:
+    """Whether ``rope`` (cos, sin, swapped sin) rotates every channel of all T tokens."""
+    return rope is not None and rope[0].shape[-2] == T and rope[0].shape[-1] == head_dim
+
+
+def _rope_swapped(x, cos, ssin):
+    """``apply_rope`` for a tensor whose every channel is rotated, in fewer ops: rotate-half
+    ``cat([-h2, h1]) * sin`` equals ``cat([h2, h1]) * cat([-s1, s2])`` exactly (a sign moved
+    between factors), so the rotation is one flip of the halves and two products, with no
+    negation, slicing or concatenation (nor their backward passes). ``ssin`` is the second
+    form's sign-folded sin table (``Predictor._rope_tables``); cos/ssin (T, d) or (B, T, d)
+    broadcast over heads, and over a leading q|k axis of x."""
+    if cos.dim() == 3:
+        cos, ssin = cos.unsqueeze(1), ssin.unsqueeze(1)
+    xf = x.float()  # one upcast (a no-op in fp32), as apply_rope
+    swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [h1 | h2] -> [h2 | h1]
+    return (xf * cos + swapped * ssin).to(x.dtype)
 
 
 def _sdpa(q, k, v, mask, is_causal):
@@ -239,9 +276,17 @@ class Block(nn.Module):
 
     def forward(self, x, rope, n_prefix, mask, causal, return_attn=False):
         a, attn = self.attn(self.norm1(x), rope, n_prefix, mask, causal, return_attn)
-        x = x + self.drop_path1(self.ls1(a))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = self._residual(x, a, self.ls1, self.drop_path1)
+        x = self._residual(x, self.mlp(self.norm2(x)), self.ls2, self.drop_path2)
         return x, attn
+
+    @staticmethod
+    def _residual(x, branch, ls, drop):
+        """x + drop(ls(branch)); with LayerScale and no drop as one ``addcmul`` (one pass over
+        the activations instead of a product and a sum, forward and backward)."""
+        if FUSED_QK and isinstance(ls, LayerScale) and (drop.p == 0.0 or not drop.training):
+            return torch.addcmul(x, branch, ls.gamma)
+        return x + drop(ls(branch))
 
 
 @dataclass
@@ -286,7 +331,7 @@ class Predictor(nn.Module):
         mask = _attention_mask(valid, causal, B, T, tokens.device)
         if self.cfg.rope_axes is not None:
             coords = lift_coords(coords, self.cfg.rope_axes, self.cfg.rope_dims)
-        rope = _identity_prefix(self.rope.tables(coords.to(tokens.device)), n_prefix)
+        rope = self._rope_tables(coords.to(tokens.device), n_prefix)
         keep, attns = [], []
         for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and not return_attn:
@@ -299,6 +344,13 @@ class Predictor(nn.Module):
             if a is not None:
                 attns.append(a)
         return PredictorOutput(self.norm(tokens), keep, attns)
+
+    def _rope_tables(self, coords, n_prefix: int):
+        """(cos, sin, swapped sin) for the whole sequence, once per forward (every block
+        shares them): prefix rows are the identity, the third is ``_rope_swapped``'s table."""
+        cos, sin = _identity_prefix(self.rope.tables(coords), n_prefix)
+        s1, s2 = sin.chunk(2, dim=-1)
+        return cos, sin, torch.cat([-s1, s2], dim=-1)
 
 
 def _identity_prefix(rope, n_prefix: int):
