@@ -177,6 +177,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
     cbs = [NonFiniteLossStop(t.log_every_n_steps), Throughput(plan.global_batch),
            bad_sample_logger(report=report), *callbacks]  # fmt: skip
     ema_ok = ema.enabled and t.strategy != "fsdp"
+    val_ema = False  # whether validation reports the EMA's weights (val_ema/), to monitor
     if ema.enabled and not ema_ok:
         warn("EMA is not supported with trainer.strategy=fsdp; ema disabled (fsdp2 keeps it)")
     if ema_ok and t.strategy == "fsdp2":
@@ -187,9 +188,9 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
             warn("trainer.strategy=fsdp2: the EMA is kept sharded and saved in every "
                  "checkpoint, but validated weights are the raw ones (val/, not val_ema/); "
                  "the best checkpoint follows val/")  # fmt: skip
-        ema_ok = False  # no val_ema/ metric to monitor
     elif ema_ok:
         cbs.append(EMA.from_config(ema))
+        val_ema = True
     if t.collapse_every_n_steps > 0 and hasattr(lit.task, "want_stats"):
         dim = getattr(getattr(lit.model, "cfg", None), "predictor", None)
         cbs.append(
@@ -200,7 +201,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
     if not t.fast_dev_run:
         cbs.append(PeriodicCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_ckpts))
         cbs.append(Preemption(out / "checkpoints"))  # SIGTERM / SIGUSR1: last.ckpt, stop
-        cbs += _best_checkpoint(lit, ema_ok and ema.monitor_ema, out)
+        cbs += _best_checkpoint(lit, val_ema and ema.monitor_ema, out)
     tqdm = t.progress_bar and use_tqdm()  # a file or a pipe gets plain lines, no escape codes
     if tqdm:
         from unipred.train.callbacks import progress_bar
