@@ -62,6 +62,9 @@ class FeatureSettings:
     # same pooling): early blocks keep local statistics of the input that later ones trade
     # for prediction, and a linear read-out can weigh both
     concat: list[int] = field(default_factory=list)
+    # true: append every block below the top one (blocks 0 .. depth-2) whatever the model's
+    # depth, so a recipe's read-out fits every size of its model; with concat: both, once each
+    concat_below: bool = False
     max_train: int = 0  # use the first N training samples (0 = all)
     max_val: int = 0
     num_workers: int = -1  # -1 = data.num_workers
