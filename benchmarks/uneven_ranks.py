@@ -81,9 +81,11 @@ def main() -> None:
     res = json.loads(out.strip().splitlines()[-1])
     join_us = sorted(res["join_us"])[len(res["join_us"]) // 2]
     step_ms = sorted(res["step_ms"])[len(res["step_ms"]) // 2]
-    print(f"2 gloo ranks, nepa_debug, {a.batch} per rank: all-reduce of two integers "
-          f"{join_us:.0f} us (median of {a.rounds} rounds of 200), DDP step {step_ms:.1f} ms "
-          f"(median of {a.rounds} rounds of 5): {join_us / 1e3 / step_ms * 100:.2f} % of a step")
+    print(
+        f"2 gloo ranks, nepa_debug, {a.batch} per rank: all-reduce of two integers "
+        f"{join_us:.0f} us (median of {a.rounds} rounds of 200), DDP step {step_ms:.1f} ms "
+        f"(median of {a.rounds} rounds of 5): {join_us / 1e3 / step_ms * 100:.2f} % of a step"
+    )
 
 
 if __name__ == "__main__":
