@@ -62,6 +62,9 @@ class FeatureSettings:
     # same pooling): early blocks keep local statistics of the input that later ones trade
     # for prediction, and a linear read-out can weigh both
     concat: list[int] = field(default_factory=list)
+    # true: append every block below the top one (blocks 0 .. depth-2) whatever the model's
+    # depth, so a recipe's read-out fits every size of its model; with concat: both, once each
+    concat_below: bool = False
     max_train: int = 0  # use the first N training samples (0 = all)
     max_val: int = 0
     num_workers: int = -1  # -1 = data.num_workers
@@ -138,6 +141,32 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
     if s.raw.max_dim < 0:
         raise ProtocolError(f"raw.max_dim={s.raw.max_dim} must be >= 0 (0 = no limit)")
     return s
+
+
+def recipe_eval_args(eval_defaults: dict) -> list[str]:
+    """A recipe's ``eval_defaults`` mapping as ``key=value`` eval arguments, to be parsed
+    BEFORE the command line's (which override them); ProtocolError naming a key that is not an
+    eval setting."""
+    from omegaconf import OmegaConf
+
+    if not eval_defaults:
+        return []
+    flat = OmegaConf.to_container(OmegaConf.create(eval_defaults))
+    dotlist: list[str] = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                v = "null" if v is None else ",".join(map(str, v)) if isinstance(v, list) else v
+                dotlist.append(f"{prefix}{k}={v}")
+
+    walk(flat)
+    mine, rest = split_eval_args(dotlist)
+    if rest:
+        raise ProtocolError(f"eval_defaults: {rest[0].split('=')[0]} is not an eval setting")
+    return mine
 
 
 def _list_arg(a: str) -> str:

@@ -91,6 +91,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     model = task.build_model()
     device, autocast = _device(cfg), _autocast(cfg)
     fs = settings.features
+    concat = concat_blocks(fs, model)
     workers = int(getattr(cfg.data, "num_workers", 0))
     rows, meta = [], {"feature_seconds": {}}
     want_layers, want_tokens = "layers" in protocols, "attentive" in protocols
@@ -104,14 +105,14 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
             feats[split] = extract_features(
                 model, _loader(task, split, fs, workers), inputs=task.inputs, pool=fs.pool,
                 layers=want_layers, tokens=want_tokens, device=device, autocast=autocast,
-                max_samples=limit, block=fs.block, cells=fs.grid, concat=tuple(fs.concat),
+                max_samples=limit, block=fs.block, cells=fs.grid, concat=concat,
             )  # fmt: skip
         meta["feature_seconds"][name] = round(time.perf_counter() - t0, 2)
         tr, va = feats["train"], feats["val"]
         meta.update(train_samples=len(tr.labels), val_samples=len(va.labels))
         C = _num_classes(task, tr.labels, va.labels)
         where = "final norm" if fs.block is None else f"block {fs.block}"
-        where += f" + blocks {list(fs.concat)}" if fs.concat else ""
+        where += f" + blocks {list(concat)}" if concat else ""
         how = f"grid {fs.grid} per axis" if fs.pool == "grid" else fs.pool
         log(f"[{name}] features ({where}, {how} pooling): {len(tr.labels)} train / "
             f"{len(va.labels)} val samples, width {tr.pooled.shape[1]}, "
@@ -141,6 +142,15 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     return {"rows": rows, "meta": meta}
 
 
+def concat_blocks(fs, model) -> tuple[int, ...]:
+    """The blocks whose pooled outputs are appended to the read-out: ``features.concat``,
+    then, with ``features.concat_below``, every block below the top one, each once."""
+    n = len(model.predictor.blocks)
+    below = range(n - 1) if fs.concat_below else ()
+    # -1 and n-1 are one block; one the model lacks is left as written for the clear error
+    return tuple(dict.fromkeys([b % n if -n <= b < n else b for b in fs.concat] + [*below]))
+
+
 def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, device,
                          autocast) -> dict:  # fmt: skip
     """Linear probe on features recomputed every epoch through the task's training pipeline
@@ -156,7 +166,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
     for _ in range(s.epochs):
         f = extract_features(model, loader, inputs=task.inputs, pool=fs.pool, device=device,
                              autocast=autocast, block=fs.block, cells=fs.grid,
-                             concat=tuple(fs.concat))  # fmt: skip
+                             concat=concat_blocks(fs, model))  # fmt: skip
         probe.train()
         for i in range(0, len(f.labels), s.batch):
             x, y = f.pooled[i : i + s.batch].to(device), f.labels[i : i + s.batch].to(device)
@@ -233,12 +243,21 @@ def evaluate_suite(cfg, settings: EvalSettings, config_name: str = "", log=print
 
 
 def frozen_eval(config, overrides: list[str], ckpt: str, protocols=FROZEN, settings=(),
-                log=print) -> list[dict]:  # fmt: skip
+                log=print, recipe_defaults: bool = False) -> list[dict]:  # fmt: skip
     """The frozen protocols on one checkpoint (or ``"random"``) of ``config`` with ``overrides``:
     the rows of the demos' tables (raw weights only). ``settings`` are eval keys such as
-    ``"linear.epochs=50"``."""
+    ``"linear.epochs=50"``; with ``recipe_defaults`` the config's ``eval_defaults`` (its
+    read-out, e.g. ``features.pool=grid``) come first, as ``unipred eval`` reads them."""
     from unipred.train.config import load_config
 
-    s = parse_eval_settings([*settings, "ema=false"])
     cfg = load_config(config, [*overrides, f"ckpt={ckpt}"])
-    return run_protocols(cfg, s, protocols, log)["rows"]
+    return run_protocols(cfg, demo_settings(cfg, settings, recipe_defaults), protocols, log)["rows"]
+
+
+def demo_settings(cfg, settings=(), recipe_defaults: bool = False) -> EvalSettings:
+    """The eval settings of a demo's frozen rows: raw weights only, ``settings`` over the
+    config's ``eval_defaults`` when ``recipe_defaults``."""
+    from unipred.protocols.settings import recipe_eval_args
+
+    defaults = recipe_eval_args(cfg.eval_defaults) if recipe_defaults else []
+    return parse_eval_settings([*defaults, *settings, "ema=false"])

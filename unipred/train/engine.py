@@ -49,6 +49,8 @@ class LitTask(L.LightningModule):
         self.ema_metrics = nn.ModuleDict(self.task.build_metrics())
         self.recipe: dict = {}
         self._compiled = False
+        # the current training batch pads for a rank out of samples / its loss weight
+        self.padding, self.loss_weight = False, 1.0
 
     # -- hooks ----------------------------------------------------------------------------
     def configure_model(self):
@@ -85,11 +87,19 @@ class LitTask(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         loader = self.trainer.train_dataloader
-        if hasattr(loader, "mark_consumed"):
+        # a stream on several ranks: whether this batch only pads for a rank that has run
+        # out of samples, and its loss weight (unipred.data.uneven)
+        steps = getattr(loader, "steps", None)
+        self.padding, self.loss_weight = steps.take() if steps is not None else (False, 1.0)
+        if hasattr(loader, "mark_consumed") and not self.padding:
             loader.mark_consumed(self.trainer.current_epoch)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.task.training_step(self.model, batch)
+        if self.loss_weight != 1.0:  # zero for a padding batch: its gradients are zeros
+            loss = loss * self.loss_weight
+        if self.padding:
+            return {"loss": loss, "logs": {}}  # nothing of it is trained: nothing logged
         bs = self.task.batch_size(batch)
         for k, v in logs.items():
             if not k.startswith("collapse/"):  # CollapseMonitor logs those at its own period
@@ -102,15 +112,19 @@ class LitTask(L.LightningModule):
         logs = self.task.validation_step(self.model, batch, dict(self.metrics.items()))
         for k, v in logs.items():
             self.log(f"val/{k}", v, batch_size=bs, sync_dist=True)
-        ema = self.ema_model()
+        ema, sharded = self.ema_model(), self._sharded_ema()
         if ema is not None:
             logs = self.task.validation_step(ema, batch, dict(self.ema_metrics.items()))
+        elif sharded is not None:  # fsdp2: the EMA slices stand in for the weights' slices
+            with sharded.swapped(self.model) as swapped:
+                logs = self.task.validation_step(swapped, batch, dict(self.ema_metrics.items()))
+        if ema is not None or sharded is not None:
             for k, v in logs.items():
                 self.log(f"val_ema/{k}", v, batch_size=bs, sync_dist=True)
 
     def on_validation_epoch_end(self):
         for prefix, metrics in (("val", self.metrics), ("val_ema", self.ema_metrics)):
-            if prefix == "val_ema" and self.ema_model() is None:
+            if prefix == "val_ema" and self.ema_model() is None and self._sharded_ema() is None:
                 continue
             for name, m in metrics.items():
                 self.log(f"{prefix}/{name}", m.compute(), prog_bar=(prefix == "val"))
@@ -124,6 +138,15 @@ class LitTask(L.LightningModule):
         for cb in self.trainer.callbacks:
             if isinstance(cb, EMA) and cb.module is not None:
                 return cb.module.eval()  # it is never trained; Lightning only sets our mode
+        return None
+
+    def _sharded_ema(self):
+        """The sharded EMA of ``trainer.strategy=fsdp2`` once it holds an update, else None."""
+        if self._trainer is None:
+            return None
+        for cb in self.trainer.callbacks:
+            if getattr(cb, "ready", False) and hasattr(cb, "swapped"):
+                return cb
         return None
 
     def configure_optimizers(self):
