@@ -181,7 +181,9 @@ def config_keys_help(config: str | None, overrides: list[str] = ()) -> str:
     this recipe's value where it differs."""
     from unipred.train.config import load_config, schema_for
 
-    cfg = load_config(config, list(overrides), check_paths=False)
+    # no checks: the keys are listed even when task=NAME's default model (an image size) does
+    # not fit that task; the run itself checks them
+    cfg = load_config(config, list(overrides), check_paths=False, checks=False)
     what = f"{config} (task {cfg.task})" if config else f"task {cfg.task}"
     lines = [f"keys of {what}; set any with key=value:"]
     rows = list(_walk_keys(schema_for(cfg.task), cfg, ""))
