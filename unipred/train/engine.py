@@ -100,15 +100,19 @@ class LitTask(L.LightningModule):
         logs = self.task.validation_step(self.model, batch, dict(self.metrics.items()))
         for k, v in logs.items():
             self.log(f"val/{k}", v, batch_size=bs, sync_dist=True)
-        ema = self.ema_model()
+        ema, sharded = self.ema_model(), self._sharded_ema()
         if ema is not None:
             logs = self.task.validation_step(ema, batch, dict(self.ema_metrics.items()))
+        elif sharded is not None:  # fsdp2: the EMA slices stand in for the weights' slices
+            with sharded.swapped(self.model) as swapped:
+                logs = self.task.validation_step(swapped, batch, dict(self.ema_metrics.items()))
+        if ema is not None or sharded is not None:
             for k, v in logs.items():
                 self.log(f"val_ema/{k}", v, batch_size=bs, sync_dist=True)
 
     def on_validation_epoch_end(self):
         for prefix, metrics in (("val", self.metrics), ("val_ema", self.ema_metrics)):
-            if prefix == "val_ema" and self.ema_model() is None:
+            if prefix == "val_ema" and self.ema_model() is None and self._sharded_ema() is None:
                 continue
             for name, m in metrics.items():
                 self.log(f"{prefix}/{name}", m.compute(), prog_bar=(prefix == "val"))
@@ -122,6 +126,15 @@ class LitTask(L.LightningModule):
         for cb in self.trainer.callbacks:
             if isinstance(cb, EMA) and cb.module is not None:
                 return cb.module.eval()  # it is never trained; Lightning only sets our mode
+        return None
+
+    def _sharded_ema(self):
+        """The sharded EMA of ``trainer.strategy=fsdp2`` once it holds an update, else None."""
+        if self._trainer is None:
+            return None
+        for cb in self.trainer.callbacks:
+            if getattr(cb, "ready", False) and hasattr(cb, "swapped"):
+                return cb
         return None
 
     def configure_optimizers(self):

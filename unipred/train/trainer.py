@@ -184,10 +184,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
         from unipred.train.sharded_ema import ShardedEMA
 
         cbs.append(ShardedEMA.from_config(ema))
-        if ema.monitor_ema and not t.fast_dev_run:
-            warn("trainer.strategy=fsdp2: the EMA is kept sharded and saved in every "
-                 "checkpoint, but validated weights are the raw ones (val/, not val_ema/); "
-                 "the best checkpoint follows val/")  # fmt: skip
+        val_ema = True  # validated by swapping its slices in (unipred.train.sharded_ema)
     elif ema_ok:
         cbs.append(EMA.from_config(ema))
         val_ema = True
