@@ -290,9 +290,10 @@ def cmd_eval(argv: list[str]) -> int:
     # YAML, which is usually someone's training run
     cfg.run_dir = str(suite_folder(cfg.ckpt or cfg.model.init.split(":", 1)[-1], settings.out))
     print(f"unipred eval: logs in {cfg.run_dir}", flush=True)
-    metrics = evaluate(cfg)
-    for k, v in sorted(metrics.items()):
-        print(f"{k}: {v:.6g}")
+    units: dict = {}
+    metrics = evaluate(cfg, units)
+    for k, v in sorted(metrics.items()):  # in percent where the progress lines show percent
+        print(f"{k}: {100 * v:.2f} %" if units.get(k) == "%" else f"{k}: {v:.6g}")
     _save_eval({"metrics": metrics, "units": "as logged: accuracies and IoUs as fractions (0-1)"},
                cfg, settings, "validate")  # fmt: skip
     return 0
