@@ -143,6 +143,32 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
     return s
 
 
+def recipe_eval_args(eval_defaults: dict) -> list[str]:
+    """A recipe's ``eval_defaults`` mapping as ``key=value`` eval arguments, to be parsed
+    BEFORE the command line's (which override them); ProtocolError naming a key that is not an
+    eval setting."""
+    from omegaconf import OmegaConf
+
+    if not eval_defaults:
+        return []
+    flat = OmegaConf.to_container(OmegaConf.create(eval_defaults))
+    dotlist: list[str] = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                v = "null" if v is None else ",".join(map(str, v)) if isinstance(v, list) else v
+                dotlist.append(f"{prefix}{k}={v}")
+
+    walk(flat)
+    mine, rest = split_eval_args(dotlist)
+    if rest:
+        raise ProtocolError(f"eval_defaults: {rest[0].split('=')[0]} is not an eval setting")
+    return mine
+
+
 def _list_arg(a: str) -> str:
     """``protocols=knn,linear`` -> ``protocols=[knn,linear]`` (OmegaConf's list syntax)."""
     k, _, v = a.partition("=")

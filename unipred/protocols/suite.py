@@ -243,12 +243,21 @@ def evaluate_suite(cfg, settings: EvalSettings, config_name: str = "", log=print
 
 
 def frozen_eval(config, overrides: list[str], ckpt: str, protocols=FROZEN, settings=(),
-                log=print) -> list[dict]:  # fmt: skip
+                log=print, recipe_defaults: bool = False) -> list[dict]:  # fmt: skip
     """The frozen protocols on one checkpoint (or ``"random"``) of ``config`` with ``overrides``:
     the rows of the demos' tables (raw weights only). ``settings`` are eval keys such as
-    ``"linear.epochs=50"``."""
+    ``"linear.epochs=50"``; with ``recipe_defaults`` the config's ``eval_defaults`` (its
+    read-out, e.g. ``features.pool=grid``) come first, as ``unipred eval`` reads them."""
     from unipred.train.config import load_config
 
-    s = parse_eval_settings([*settings, "ema=false"])
     cfg = load_config(config, [*overrides, f"ckpt={ckpt}"])
-    return run_protocols(cfg, s, protocols, log)["rows"]
+    return run_protocols(cfg, demo_settings(cfg, settings, recipe_defaults), protocols, log)["rows"]
+
+
+def demo_settings(cfg, settings=(), recipe_defaults: bool = False) -> EvalSettings:
+    """The eval settings of a demo's frozen rows: raw weights only, ``settings`` over the
+    config's ``eval_defaults`` when ``recipe_defaults``."""
+    from unipred.protocols.settings import recipe_eval_args
+
+    defaults = recipe_eval_args(cfg.eval_defaults) if recipe_defaults else []
+    return parse_eval_settings([*defaults, *settings, "ema=false"])
