@@ -49,6 +49,8 @@ class LitTask(L.LightningModule):
         self.ema_metrics = nn.ModuleDict(self.task.build_metrics())
         self.recipe: dict = {}
         self._compiled = False
+        # the current training batch pads for a rank out of samples / its loss weight
+        self.padding, self.loss_weight = False, 1.0
 
     # -- hooks ----------------------------------------------------------------------------
     def configure_model(self):
@@ -83,11 +85,19 @@ class LitTask(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         loader = self.trainer.train_dataloader
-        if hasattr(loader, "mark_consumed"):
+        # a stream on several ranks: whether this batch only pads for a rank that has run
+        # out of samples, and its loss weight (unipred.data.uneven)
+        steps = getattr(loader, "steps", None)
+        self.padding, self.loss_weight = steps.take() if steps is not None else (False, 1.0)
+        if hasattr(loader, "mark_consumed") and not self.padding:
             loader.mark_consumed(self.trainer.current_epoch)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.task.training_step(self.model, batch)
+        if self.loss_weight != 1.0:  # zero for a padding batch: its gradients are zeros
+            loss = loss * self.loss_weight
+        if self.padding:
+            return {"loss": loss, "logs": {}}  # nothing of it is trained: nothing logged
         bs = self.task.batch_size(batch)
         for k, v in logs.items():
             if not k.startswith("collapse/"):  # CollapseMonitor logs those at its own period
