@@ -402,12 +402,18 @@ def _fit(cfg, callbacks, task, show_recipe: bool) -> L.Trainer:
     return trainer
 
 
-def evaluate(cfg) -> dict:
-    """Validate the weights of ``cfg.ckpt`` (raw and, when stored, EMA) on the val split."""
+def evaluate(cfg, units: dict | None = None) -> dict:
+    """Validate the weights of ``cfg.ckpt`` (raw and, when stored, EMA) on the val split.
+
+    The metrics come back as logged (accuracies and IoUs as fractions); a ``units`` dict is
+    filled with ``"%"`` for those, so a caller can show them as the run's ``result:`` line does."""
+    from unipred.base.quiet import percent_metrics
     from unipred.train.checkpoint import load_weights
 
     _threads(cfg)
     lit = LitTask(cfg)
+    if units is not None:
+        units.update(dict.fromkeys(percent_metrics(lit), "%"))
     ema_sd = load_weights(lit.model, cfg.ckpt) if cfg.ckpt else None
     trainer = build_trainer(cfg.trainer, cfg.ema, run_dir(cfg), lit)
     _compile(cfg.trainer.compile, lit.model, cfg.trainer.accelerator, None, training=False)
