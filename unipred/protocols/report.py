@@ -21,7 +21,7 @@ def format_row(r: dict) -> str:
         extra = f"  best: {r['best_layer']}"
     elif r["protocol"] == "knn":
         extra = f"  k={r['k']} T={r['temperature']}"
-    return (f"{r['protocol']:<10} {r['weights']:<6} top-1 {_pct(r['top1']):>8}  "
+    return (f"{r['protocol']:<10} {r['weights']:<10} top-1 {_pct(r['top1']):>8}  "
             f"top-5 {_pct(r['top5']):>8}  ({r['seconds']:.1f} s){extra}")  # fmt: skip
 
 

@@ -105,6 +105,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
                 model, _loader(task, split, fs, workers), inputs=task.inputs, pool=fs.pool,
                 layers=want_layers, tokens=want_tokens, device=device, autocast=autocast,
                 max_samples=limit, block=fs.block, cells=fs.grid, concat=tuple(fs.concat),
+                norm=fs.norm,
             )  # fmt: skip
         meta["feature_seconds"][name] = round(time.perf_counter() - t0, 2)
         tr, va = feats["train"], feats["val"]
@@ -113,6 +114,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
         where = "final norm" if fs.block is None else f"block {fs.block}"
         where += f" + blocks {list(fs.concat)}" if fs.concat else ""
         how = f"grid {fs.grid} per axis" if fs.pool == "grid" else fs.pool
+        how += f", tokens standardised per {fs.norm}" if fs.norm != "none" else ""
         log(f"[{name}] features ({where}, {how} pooling): {len(tr.labels)} train / "
             f"{len(va.labels)} val samples, width {tr.pooled.shape[1]}, "
             f"{meta['feature_seconds'][name]} s")  # fmt: skip
@@ -156,7 +158,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
     for _ in range(s.epochs):
         f = extract_features(model, loader, inputs=task.inputs, pool=fs.pool, device=device,
                              autocast=autocast, block=fs.block, cells=fs.grid,
-                             concat=tuple(fs.concat))  # fmt: skip
+                             concat=tuple(fs.concat), norm=fs.norm)  # fmt: skip
         probe.train()
         for i in range(0, len(f.labels), s.batch):
             x, y = f.pooled[i : i + s.batch].to(device), f.labels[i : i + s.batch].to(device)
