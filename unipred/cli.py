@@ -242,26 +242,15 @@ def _with_recipe_defaults(settings, cfg, argv_settings: list[str]):
     """The eval settings with the recipe's ``eval_defaults`` under the command line's."""
     if not cfg.eval_defaults:
         return settings
-    from omegaconf import OmegaConf
+    from unipred.protocols import ProtocolError
+    from unipred.protocols.settings import with_recipe_defaults
 
-    from unipred.protocols import parse_eval_settings, split_eval_args
-
-    flat = OmegaConf.to_container(OmegaConf.create(cfg.eval_defaults))
-    dotlist = []
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                v = "null" if v is None else ",".join(map(str, v)) if isinstance(v, list) else v
-                dotlist.append(f"{prefix}{k}={v}")
-
-    walk(flat)
-    mine, rest = split_eval_args(dotlist)
-    if rest:
-        raise UsageError(f"eval_defaults: {rest[0].split('=')[0]} is not an eval setting")
-    return parse_eval_settings([*mine, *argv_settings])
+    try:
+        return with_recipe_defaults(cfg.eval_defaults, argv_settings)
+    except ProtocolError as e:
+        if str(e).startswith("eval_defaults:"):
+            raise UsageError(str(e)) from None
+        raise
 
 
 def cmd_eval(argv: list[str]) -> int:

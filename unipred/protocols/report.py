@@ -180,15 +180,19 @@ LABELS = {"knn": "kNN (k=20, T=0.07)", "linear": "linear probe", "attentive": "a
 
 
 def comparison_markdown(columns: dict[str, list[dict]]) -> str:
-    """One row per protocol, one column per backbone (e.g. NEPA vs random init): top-1, with
-    the best layer named for the per-layer sweep."""
+    """One row per protocol, one column per backbone (e.g. NEPA vs random init vs the raw
+    input): top-1, with the best layer named for the per-layer sweep; "-" where a column has
+    no such row (the raw input has k-NN and linear only)."""
     names = list(columns)
-    protos = [r["protocol"] for r in columns[names[0]]]
+    protos = list(dict.fromkeys(r["protocol"] for n in names for r in columns[n]))
     lines = ["| protocol | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for p in protos:
         cells = []
         for n in names:
-            r = next(r for r in columns[n] if r["protocol"] == p)
+            r = next((r for r in columns[n] if r["protocol"] == p), None)
+            if r is None:
+                cells.append("-")
+                continue
             best = f" ({r['best_layer']})" if p == "layers" else ""
             cells.append(f"{100 * r['top1']:.1f} %{best}")
         lines.append(f"| {LABELS.get(p, p)} | " + " | ".join(cells) + " |")

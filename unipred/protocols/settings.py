@@ -155,6 +155,32 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
     return s
 
 
+def with_recipe_defaults(eval_defaults, args: list[str]) -> EvalSettings:
+    """The eval settings of ``args`` (``key=value``) over a recipe's ``eval_defaults`` (the run
+    config's nested dict: ``{features: {pool: grid, grid: 2}}``); a key that is not an eval
+    setting names itself."""
+    from omegaconf import OmegaConf
+
+    if not eval_defaults:
+        return parse_eval_settings(list(args))
+    flat = OmegaConf.to_container(OmegaConf.create(eval_defaults))
+    dotlist = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                v = "null" if v is None else ",".join(map(str, v)) if isinstance(v, list) else v
+                dotlist.append(f"{prefix}{k}={v}")
+
+    walk(flat)
+    mine, rest = split_eval_args(dotlist)
+    if rest:
+        raise ProtocolError(f"eval_defaults: {rest[0].split('=')[0]} is not an eval setting")
+    return parse_eval_settings([*mine, *args])
+
+
 def _list_arg(a: str) -> str:
     """``protocols=knn,linear`` -> ``protocols=[knn,linear]`` (OmegaConf's list syntax)."""
     k, _, v = a.partition("=")

@@ -27,7 +27,6 @@ from unipred.protocols.settings import (
     EvalSettings,
     FeatureSettings,
     ProtocolError,
-    parse_eval_settings,
 )
 
 
@@ -235,12 +234,54 @@ def evaluate_suite(cfg, settings: EvalSettings, config_name: str = "", log=print
 
 
 def frozen_eval(config, overrides: list[str], ckpt: str, protocols=FROZEN, settings=(),
-                log=print) -> list[dict]:  # fmt: skip
+                log=print, recipe_defaults: bool = False) -> list[dict]:  # fmt: skip
     """The frozen protocols on one checkpoint (or ``"random"``) of ``config`` with ``overrides``:
     the rows of the demos' tables (raw weights only). ``settings`` are eval keys such as
-    ``"linear.epochs=50"``."""
+    ``"linear.epochs=50"``; ``recipe_defaults`` puts the config's ``eval_defaults`` (its
+    read-out) under them, as ``unipred eval`` does. ``ckpt="input"``: the raw-input baselines'
+    rows instead (``unipred.protocols.baselines.run_raw``: weights ``input``, ``input_flat``)."""
+    from unipred.protocols.settings import with_recipe_defaults
     from unipred.train.config import load_config
 
-    s = parse_eval_settings([*settings, "ema=false"])
-    cfg = load_config(config, [*overrides, f"ckpt={ckpt}"])
+    cfg = load_config(config, [*overrides, f"ckpt={RANDOM if ckpt == 'input' else ckpt}"])
+    args = [*settings, "ema=false"]
+    s = with_recipe_defaults(cfg.eval_defaults if recipe_defaults else {}, args)
+    if ckpt == "input":
+        from unipred.protocols.baselines import run_raw
+
+        return run_raw(cfg, s, log)
     return run_protocols(cfg, s, protocols, log)["rows"]
+
+
+def readout_text(s: EvalSettings) -> str:
+    """How the pooled protocols read the tokens, in words (for tables and logs)."""
+    how = f"grid {s.features.grid} per axis" if s.features.pool == "grid" else s.features.pool
+    how += f", tokens standardised per {s.features.norm}" if s.features.norm != "none" else ""
+    where = "final norm" if s.features.block is None else f"block {s.features.block}"
+    where += f" + blocks {list(s.features.concat)}" if s.features.concat else ""
+    return f"{how} of the {where}"
+
+
+def frozen_columns(config, overrides: list[str], ckpt: str, protocols=FROZEN, settings=(),
+                   run_dirs=None, log=print) -> tuple[dict[str, list[dict]], str]:  # fmt: skip
+    """The demos' frozen table, through the config's own read-out (its ``eval_defaults``):
+    ({"NEPA": rows of ``ckpt``, "random init": rows, "raw input": k-NN and linear on the raw
+    patches read out alike, "raw input, flattened": ...}, the read-out in words). ``run_dirs``
+    maps a column to its run folder (``run_dir=`` override)."""
+    from unipred.protocols.settings import with_recipe_defaults
+    from unipred.train.config import load_config
+
+    run_dirs = run_dirs or {}
+    cols: dict[str, list[dict]] = {}
+    for col, c in (("NEPA", ckpt), ("random init", RANDOM), ("raw input", "input")):
+        ov = [*overrides, *([f"run_dir={run_dirs[col]}"] if col in run_dirs else [])]
+        rows = frozen_eval(config, ov, c, protocols if c != "input" else (), settings,
+                           log=lambda line, col=col: log(f"{col}: {line}"),
+                           recipe_defaults=True)  # fmt: skip
+        if c == "input":
+            cols["raw input"] = [r for r in rows if r["weights"] == "input"]
+            cols["raw input, flattened"] = [r for r in rows if r["weights"] == "input_flat"]
+        else:
+            cols[col] = rows
+    cfg = load_config(config, overrides)
+    return cols, readout_text(with_recipe_defaults(cfg.eval_defaults, [*settings, "ema=false"]))
