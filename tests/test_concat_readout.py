@@ -50,8 +50,9 @@ def test_a_block_the_backbone_lacks_is_one_clear_error_and_the_setting_parses():
 
 
 def test_the_text_probe_recipe_reads_out_concatenated_blocks_and_the_command_line_wins(capsys):
-    """configs/text/probe.yaml's eval_defaults append blocks 0-2 (4 x 128 wide) to the mean;
-    `features.concat=[]` on the command line gives the plain mean (128 wide)."""
+    """configs/text/probe.yaml's eval_defaults append every block below the top one (blocks
+    0-2 of nepa_text_tiny's 4: 4 x 128 wide) to the mean; `features.concat_below=false` on the
+    command line gives the plain mean (128 wide)."""
     from unipred.cli import main
 
     tiny = ["data.corpus=''", "data.labels_per_class=4", "trainer.progress_bar=false",
@@ -59,6 +60,26 @@ def test_the_text_probe_recipe_reads_out_concatenated_blocks_and_the_command_lin
     assert main(["eval", "text/probe", *tiny]) == 0
     out = capsys.readouterr().out
     assert "final norm + blocks [0, 1, 2], mean pooling" in out and "width 512" in out
-    assert main(["eval", "text/probe", *tiny, "features.concat=[]"]) == 0
+    assert main(["eval", "text/probe", *tiny, "features.concat_below=false"]) == 0
     out = capsys.readouterr().out
     assert "(final norm, mean pooling)" in out and "width 128" in out
+
+
+def test_concat_below_appends_every_block_but_the_top_one_for_any_depth():
+    """features.concat_below fits any depth: [0 .. depth-2]; with features.concat both, each
+    block once (-1 and depth-1 are the same block)."""
+    from types import SimpleNamespace
+
+    from unipred.protocols.suite import concat_blocks
+
+    def fs(concat=(), below=True):
+        return SimpleNamespace(concat=list(concat), concat_below=below)
+
+    for depth, want in ((1, ()), (2, (0,)), (4, (0, 1, 2)), (12, tuple(range(11)))):
+        model = SimpleNamespace(predictor=SimpleNamespace(blocks=[None] * depth))
+        assert concat_blocks(fs(), model) == want
+    four = SimpleNamespace(predictor=SimpleNamespace(blocks=[None] * 4))
+    assert concat_blocks(fs((-1, 1)), four) == (3, 1, 0, 2)
+    assert concat_blocks(fs((0, 2), below=False), four) == (0, 2)
+    assert concat_blocks(fs((7,), below=False), four) == (7,)  # left for extract's clear error
+    assert parse_eval_settings(["features.concat_below=true"]).features.concat_below is True

@@ -68,6 +68,9 @@ class FeatureSettings:
     # log-mel patches; needs pool=grid or last, the mean of such tokens is zero). A test
     # sample's statistics come from itself only (unipred.protocols.features.normalise_tokens)
     norm: str = "none"
+    # true: append every block below the top one (blocks 0 .. depth-2) whatever the model's
+    # depth, so a recipe's read-out fits every size of its model; with concat: both, once each
+    concat_below: bool = False
     max_train: int = 0  # use the first N training samples (0 = all)
     max_val: int = 0
     num_workers: int = -1  # -1 = data.num_workers

@@ -90,6 +90,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     model = task.build_model()
     device, autocast = _device(cfg), _autocast(cfg)
     fs = settings.features
+    concat = concat_blocks(fs, model)
     workers = int(getattr(cfg.data, "num_workers", 0))
     rows, meta = [], {"feature_seconds": {}}
     want_layers, want_tokens = "layers" in protocols, "attentive" in protocols
@@ -103,7 +104,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
             feats[split] = extract_features(
                 model, _loader(task, split, fs, workers), inputs=task.inputs, pool=fs.pool,
                 layers=want_layers, tokens=want_tokens, device=device, autocast=autocast,
-                max_samples=limit, block=fs.block, cells=fs.grid, concat=tuple(fs.concat),
+                max_samples=limit, block=fs.block, cells=fs.grid, concat=concat,
                 norm=fs.norm,
             )  # fmt: skip
         meta["feature_seconds"][name] = round(time.perf_counter() - t0, 2)
@@ -111,7 +112,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
         meta.update(train_samples=len(tr.labels), val_samples=len(va.labels))
         C = _num_classes(task, tr.labels, va.labels)
         where = "final norm" if fs.block is None else f"block {fs.block}"
-        where += f" + blocks {list(fs.concat)}" if fs.concat else ""
+        where += f" + blocks {list(concat)}" if concat else ""
         how = f"grid {fs.grid} per axis" if fs.pool == "grid" else fs.pool
         how += f", tokens standardised per {fs.norm}" if fs.norm != "none" else ""
         log(f"[{name}] features ({where}, {how} pooling): {len(tr.labels)} train / "
@@ -142,6 +143,15 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     return {"rows": rows, "meta": meta}
 
 
+def concat_blocks(fs, model) -> tuple[int, ...]:
+    """The blocks whose pooled outputs are appended to the read-out: ``features.concat``,
+    then, with ``features.concat_below``, every block below the top one, each once."""
+    n = len(model.predictor.blocks)
+    below = range(n - 1) if fs.concat_below else ()
+    # -1 and n-1 are one block; one the model lacks is left as written for the clear error
+    return tuple(dict.fromkeys([b % n if -n <= b < n else b for b in fs.concat] + [*below]))
+
+
 def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, device,
                          autocast) -> dict:  # fmt: skip
     """Linear probe on features recomputed every epoch through the task's training pipeline
@@ -157,7 +167,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
     for _ in range(s.epochs):
         f = extract_features(model, loader, inputs=task.inputs, pool=fs.pool, device=device,
                              autocast=autocast, block=fs.block, cells=fs.grid,
-                             concat=tuple(fs.concat), norm=fs.norm)  # fmt: skip
+                             concat=concat_blocks(fs, model), norm=fs.norm)  # fmt: skip
         probe.train()
         for i in range(0, len(f.labels), s.batch):
             x, y = f.pooled[i : i + s.batch].to(device), f.labels[i : i + s.batch].to(device)
