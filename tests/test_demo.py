@@ -122,7 +122,7 @@ def _check_outputs(out: Path) -> dict:
     info = json.loads((out / "results.json").read_text())
     frozen = {
         f"{p}_{m}" for p in ("knn", "linear", "attentive", "layers") for m in ("nepa", "random")
-    }
+    } | {"knn_raw", "linear_raw", "knn_raw_flat", "linear_raw_flat"}  # raw: k-NN, linear only
     assert info["units"] == {"accuracy_pct": "percent (top-1)"}
     assert set(info["accuracy_pct"]) == {"finetune_nepa", "finetune_scratch", "probe_nepa",
                                      "probe_random"} | frozen  # fmt: skip
@@ -132,8 +132,13 @@ def _check_outputs(out: Path) -> dict:
     # the frozen rows in percent too, as evaluate-suite's results.json
     assert all("top1_pct" in r and "top1" not in r for r in info["frozen"]["NEPA"])
     assert [r["weights"] for r in info["frozen"]["random init"]] == ["random"] * 4
+    assert [(r["protocol"], r["weights"]) for r in info["frozen"]["raw input"]] == [
+        ("knn", "input"), ("linear", "input")]  # fmt: skip
+    assert [r["weights"] for r in info["frozen"]["raw input, flattened"]] == ["input_flat"] * 2
     table = (out / "results.md").read_text()
-    assert table.count("| NEPA-pretrained") == 1 and "| protocol | NEPA | random init |" in table
+    assert table.count("| NEPA-pretrained") == 1
+    assert "| protocol | NEPA | random init | raw input | raw input, flattened |" in table
+    assert table.count(" — |") == 4  # no attentive / per-layer row on either raw input
     for row in ("| kNN (k=20, T=0.07) |", "| linear probe |", "| attentive probe |",
                 "| per-layer probe, best layer |"):  # fmt: skip
         assert row in table
@@ -147,18 +152,38 @@ def _check_outputs(out: Path) -> dict:
     return info
 
 
-def test_demo_tiny_end_to_end(tmp_path, capsys):
-    """The whole demo (all five engine runs, table, plots) on generated data, tiny plan."""
+def test_demo_tiny_end_to_end(tmp_path, capfd):
+    """The whole demo (all five engine runs, table, plots) on generated data, tiny plan; the
+    stages after pretraining in 2 processes give the numbers they give one after the other."""
     from unipred.tasks.image.demo import main
 
-    argv = ["--quick", "--data", "generated", "--out", str(tmp_path), "--pretrain-steps", "2",
+    argv = ["--quick", "--data", "generated", "--pretrain-steps", "2", "--threads", "1",
             "--train-images", "1024", "--test-images", "64", "--labels-per-class", "5",
             "--finetune-steps", "1", "--probe-epochs", "1"]  # fmt: skip
-    assert main(argv) == 0
-    assert capsys.readouterr().out.count("effective recipe:") == 1  # not once per stage
-    info = _check_outputs(tmp_path)
+    assert main([*argv, "--out", str(tmp_path / "par"), "--parallel", "on"]) == 0
+    out = capfd.readouterr().out
+    assert out.count("effective recipe:") == 1  # not once per stage
+    assert "the stages after pretraining: 2 processes x 1 thread(s)" in out
+    assert "features (final norm, grid 2 per axis pooling)" in out  # the recipe's eval_defaults
+    info = _check_outputs(tmp_path / "par")
     assert info["plan"]["pretrain_steps"] == 2 and info["data"] == "generated"
-    assert all((tmp_path / s / "recipe.json").is_file() for s in ("pretrain", "finetune_nepa"))
+    assert all(
+        (tmp_path / "par" / s / "recipe.json").is_file() for s in ("pretrain", "finetune_nepa")
+    )
+    assert set(info["seconds"]) == {"pretrain", "finetune_nepa", "finetune_scratch",
+                                    "frozen_nepa", "frozen_random", "frozen_raw"}  # fmt: skip
+    assert info["total_cpu_seconds"] > info["cpu_seconds"]["pretrain"]  # the children counted
+    assert main([*argv, "--out", str(tmp_path / "seq"), "--parallel", "off"]) == 0
+    seq = json.loads((tmp_path / "seq" / "results.json").read_text())
+    assert seq["layout_after_pretraining"] == "sequential, this process"
+    assert (
+        seq["accuracy_pct"] == info["accuracy_pct"]
+        and seq["frozen"].keys() == info["frozen"].keys()
+    )
+    for col in info["frozen"]:
+        assert [r["top1_pct"] for r in seq["frozen"][col]] == [
+            r["top1_pct"] for r in info["frozen"][col]
+        ]
 
 
 def test_demo_missing_data_message(tmp_path, capsys):

@@ -61,7 +61,6 @@ def test_fsdp2_run_killed_resumes_on_another_world_size_from_its_sharded_checkpo
     full, cut = tmp_path / "full", tmp_path / "cut"
     p = _fit([images, full, world, 1, 0])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "the EMA is kept sharded and saved" in p.stderr + p.stdout
     p = _fit([images, cut, world, 1, 3])
     assert p.returncode != 0 and "killed at step 3" in p.stderr, p.stderr[-3000:]
     step2 = cut / "checkpoints" / "step00000002.ckpt"

@@ -9,7 +9,13 @@
    (b) the frozen-feature protocols of ``unipred.protocols`` with all 60,000 labels
    (configs/demo/fmnist_probe.yaml): kNN, linear probe, attentive probe and the per-layer
    probe sweep, on the NEPA backbone and on the same backbone at random init; one feature
-   pass per backbone (what ``unipred evaluate-suite`` runs).
+   pass per backbone (what ``unipred evaluate-suite`` runs), read as the probe recipe's
+   ``eval_defaults`` say (a 2 x 2 grid of token means); and k-NN and the linear probe on the
+   raw input, the baselines ``unipred eval`` prints: the tokenizer's patches read the same way
+   (a 2 x 2 grid of patch means), and flattened.
+   Stages 2a and 2b run as two processes of one thread each (NEPA's; scratch, random init and
+   raw input) where the demo has two or more threads: a model this small gains little from a
+   second thread, so two single-threaded stages at once finish sooner than one after the other.
 3. Top-1 accuracy on the 10,000 test images: printed, and written to OUT/results.md and
    OUT/results.json with the wall time of each stage; plots in OUT/plots/ (loss curves,
    accuracy bars, next-embedding prediction maps).
@@ -63,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the cores the load "
                    "average says are idle, at least 1)")  # fmt: skip
+    p.add_argument("--parallel", choices=("auto", "on", "off"), default="auto",
+                   help="run the stages after pretraining as 2 processes (auto: unless --threads "
+                   "1 or a 1-core machine; each process gets half the threads, at least 1)")  # fmt: skip
     for f, v in asdict(Plan()).items():
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None,
                        help=f"override the plan (full: {v})")  # fmt: skip
@@ -95,7 +104,8 @@ class Demo:
     """The demo's stages, each one ``fit`` of a configs/demo/ file plus overrides."""
 
     def __init__(self, out: Path, plan: Plan, root: str, seed: int):
-        self.out, self.plan, self.seed = out, plan, seed
+        self.out, self.plan, self.seed, self.root = out, plan, seed, root
+        self.layout = ""  # how the stages after pretraining ran (run_groups)
         self.common = [f"data.root={root}" if root else "data.root=''", f"seed={seed}",
                        f"data.val_samples={plan.test_images}",
                        f"trainer.progress_bar={sys.stdout.isatty()}"]  # fmt: skip
@@ -154,9 +164,44 @@ class Demo:
             [f"linear.epochs={p.probe_epochs}", f"attentive.epochs={p.attentive_epochs}",
              f"layers.epochs={p.layers_epochs}", f"seed={self.seed}"],
             log=lambda line: print(f"[image demo] {name}: {line}", flush=True),
+            recipe_defaults=True,
         )  # fmt: skip
         self.times[name], self.cpu[name] = time.time() - t0, time.process_time() - c0
         return rows
+
+    def raw(self, name: str) -> list[dict]:
+        """k-NN and linear probe on the raw input (the tokenizer's patches read as ``frozen``
+        reads the tokens, weights "input", and flattened, "input_flat"), the baseline rows of
+        ``unipred eval``, with the same settings as ``frozen``."""
+        from unipred.protocols.baselines import raw_eval
+
+        p = self.plan
+        t0, c0 = time.time(), time.process_time()
+        rows = raw_eval(
+            CONFIGS / "fmnist_probe.yaml",
+            [*self.common, f"data.train_samples={p.train_images}", f"run_dir={self.out / name}"],
+            [f"linear.epochs={p.probe_epochs}", f"seed={self.seed}"],
+            log=lambda line: print(f"[image demo] {name}: {line}", flush=True),
+            recipe_defaults=True,
+        )  # fmt: skip
+        self.times[name], self.cpu[name] = time.time() - t0, time.process_time() - c0
+        return rows
+
+    def run(self, job: tuple):
+        """One stage after pretraining: ("finetune" | "frozen" | "raw", name, init)."""
+        kind, name, init = job
+        if kind == "finetune":
+            return self.finetune(name, init)
+        return self.frozen(name, init) if kind == "frozen" else self.raw(name)
+
+
+def cpu_total() -> float:
+    """User + system CPU seconds of this process and of its finished children (the stage
+    processes of ``run_groups``): what the demo cost the machine, whatever its load."""
+    import resource
+
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _fmt(m: dict) -> str:
@@ -193,15 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[image demo] data: {root or 'generated stand-in'}; plan: {plan}; {threads}", flush=True)
     demo = Demo(out, plan, root, args.seed)
     ckpt = demo.pretrain()
-    acc = {
-        "finetune_nepa": demo.finetune("finetune_nepa", ckpt),
-        "finetune_scratch": demo.finetune("finetune_scratch", None),
-    }
-    frozen = {
-        "NEPA": demo.frozen("frozen_nepa", ckpt),
-        "random init": demo.frozen("frozen_random", "random"),
-    }
-    for key, col in (("nepa", "NEPA"), ("random", "random init")):
+    # two groups of about equal length: NEPA's stages; the baselines' (scratch, random, raw)
+    groups = [[("finetune", "finetune_nepa", ckpt), ("frozen", "frozen_nepa", ckpt)],
+              [("finetune", "finetune_scratch", None), ("frozen", "frozen_random", "random"),
+               ("raw", "frozen_raw", None)]]  # fmt: skip
+    res = run_groups(demo, groups, args)
+    acc = {k: res[k] for k in ("finetune_nepa", "finetune_scratch")}
+    raw = res["frozen_raw"]
+    frozen = {"NEPA": res["frozen_nepa"], "random init": res["frozen_random"],
+              "raw input": [r for r in raw if r["weights"] == "input"],
+              "raw input, flattened": [r for r in raw if r["weights"] == "input_flat"]}  # fmt: skip
+    for key, col in (("nepa", "NEPA"), ("random", "random init"), ("raw", "raw input"),
+                     ("raw_flat", "raw input, flattened")):  # fmt: skip
         for r in frozen[col]:
             acc[f"{r['protocol']}_{key}"] = r["top1"]
     acc["probe_nepa"], acc["probe_random"] = acc["linear_nepa"], acc["linear_random"]
@@ -210,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = image_plots.write_all(out, acc, demo, root)
     seconds, load1 = time.time() - t0, os.getloadavg()
     table = results_table(acc, frozen, plan, demo, seconds, (load0[0], load1[0]), bool(root))
-    table += f" Threads: {threads}."
+    table += f" Threads: {threads}; after pretraining: {demo.layout}."
     print(table, flush=True)
     (out / "results.md").write_text(table + "\n")
     from unipred.protocols.report import percent_tree, with_percent
@@ -218,13 +266,56 @@ def main(argv: list[str] | None = None) -> int:
     # percent, as every other results.json of unipred (the unit named in "units")
     info = {"accuracy_pct": percent_tree(acc), "units": {"accuracy_pct": "percent (top-1)"},
             "plan": asdict(plan), "seconds": demo.times,
-            "cpu_seconds": demo.cpu, "samples_per_s": demo.speed, "total_seconds": seconds, "data": root or "generated",
+            "cpu_seconds": demo.cpu, "samples_per_s": demo.speed, "total_seconds": seconds, "total_cpu_seconds": cpu_total(),
+            "layout_after_pretraining": demo.layout, "data": root or "generated",
             "load_average": [load0[0], load1[0]], "cpus": os.cpu_count(), "threads": threads,
             "frozen": {k: with_percent({"rows": v})["rows"] for k, v in frozen.items()},
             "plots": plots}  # fmt: skip
     (out / "results.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"[image demo] results: {out / 'results.md'}; plots: {out / 'plots'}", flush=True)
     return 0
+
+
+def run_groups(demo: Demo, groups: list[list[tuple]], args) -> dict:
+    """The stages after pretraining: each group in a process of its own, at once, with half
+    the demo's threads each (at least 1), or all in this process one after the other. Each
+    stage is seeded by itself, so the split changes no number (``tests/test_demo.py``);
+    returns {stage name: what ``Demo.run`` returned} and fills ``demo``'s times."""
+    cores = os.cpu_count() or 1
+    n = args.threads or cores
+    parallel = args.parallel == "on" or (args.parallel == "auto" and n >= 2 and cores >= 2)
+    if not parallel:
+        demo.layout = "sequential, this process"
+        return {job[1]: demo.run(job) for g in groups for job in g}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    each = max(1, n // len(groups))
+    demo.layout = f"{len(groups)} processes x {each} thread(s)"
+    print(f"[image demo] the stages after pretraining: {demo.layout}", flush=True)
+    # spawn, not fork: a forked child of a process that has run OpenMP threads can hang
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(groups), mp_context=ctx) as pool:
+        futures = [pool.submit(_group_worker, demo.out, demo.plan, demo.root, demo.seed, g, each)
+                   for g in groups]  # fmt: skip
+        results = [f.result() for f in futures]
+    out = {}
+    for r in results:
+        out.update(r["results"])
+        demo.times.update(r["times"])
+        demo.cpu.update(r["cpu"])
+        demo.speed.update(r["speed"])
+    return out
+
+
+def _group_worker(out: Path, plan: Plan, root: str, seed: int, jobs: list[tuple],
+                  threads: int) -> dict:  # fmt: skip
+    """One process's stages (``run_groups``): its results and per-stage times."""
+    set_threads(threads)
+    _quiet()
+    demo = Demo(out, plan, root, seed)
+    results = {job[1]: demo.run(job) for job in jobs}
+    return {"results": results, "times": demo.times, "cpu": demo.cpu, "speed": demo.speed}
 
 
 def _quiet() -> None:
@@ -250,9 +341,13 @@ def results_table(acc: dict, frozen: dict, plan: Plan, demo: Demo, seconds: floa
              "| model | test top-1 | stage wall / CPU time |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {m} | {100 * acc[k]:.1f} % | {demo.times[k]:.0f} s / {demo.cpu[k]:.0f} s |"
               for m, k in rows]  # fmt: skip
-    lines += ["", f"Frozen backbone, all {n_train:,} training labels (unipred.protocols; one "
-              f"feature pass and all four protocols took {demo.times['frozen_nepa']:.0f} s for "
-              f"NEPA, {demo.times['frozen_random']:.0f} s for the random init):", "",
+    t = {k: f"{demo.times[k]:.0f} s / {demo.cpu[k]:.0f} s" for k in
+         ("frozen_nepa", "frozen_random", "frozen_raw")}  # fmt: skip
+    lines += ["", f"Frozen backbone, all {n_train:,} training labels (unipred.protocols, read "
+              f"as fmnist_probe.yaml's eval_defaults say; one feature pass and all four "
+              f"protocols, wall / CPU time: NEPA {t['frozen_nepa']}, random init "
+              f"{t['frozen_random']}; raw input read alike and flattened, k-NN and linear: "
+              f"{t['frozen_raw']}):", "",
               comparison_markdown(frozen)]  # fmt: skip
     lines.append(
         f"\n{'Fashion-MNIST' if real else 'Generated stand-in data'}, "
@@ -261,8 +356,9 @@ def results_table(acc: dict, frozen: dict, plan: Plan, demo: Demo, seconds: floa
         f"{demo.cpu['pretrain']:.0f} s CPU, "
         f"{demo.speed['pretrain']:.0f} img/s); fine-tuning {plan.finetune_steps} steps x 100; "
         f"probes: linear {plan.probe_epochs}, attentive {plan.attentive_epochs}, per-layer "
-        f"{plan.layers_epochs} epochs. Total {seconds / 60:.1f} min on {os.cpu_count()} "
-        f"CPUs, load average {load[0]:.1f} at the start, {load[1]:.1f} at the end."
+        f"{plan.layers_epochs} epochs. Total {seconds / 60:.1f} min ({cpu_total() / 60:.1f} "
+        f"min of CPU, all processes) on {os.cpu_count()} CPUs, load average {load[0]:.1f} at "
+        f"the start, {load[1]:.1f} at the end."
     )
     return "\n".join(lines)
 

@@ -227,8 +227,10 @@ class BadSampleCounter:
     def begin_run(self) -> None:
         """Forget the readers and counts of earlier runs in this process (a run stopped
         mid-epoch, a notebook's previous ``fit``): a run counts only the readers it builds."""
-        self.reset()
+        # forget the books first: one an earlier `evaluate` built under inference mode holds
+        # tensors that cannot be zeroed in place outside it
         self._books = weakref.WeakSet()
+        self.reset()
 
     def attach(self, book) -> None:
         """Count a map-style reader's :class:`~unipred.data.book.SampleBook` in this counter

@@ -39,7 +39,7 @@ from unipred.protocols.knn import run_knn
 from unipred.protocols.linear import run_linear
 from unipred.protocols.report import format_row
 from unipred.protocols.settings import RANDOM, EvalSettings, ProtocolError
-from unipred.protocols.suite import _loader, _num_classes
+from unipred.protocols.suite import _loader, _num_classes, demo_settings
 
 INPUT = "input"  # the weights column of the raw-input rows (the backbone's read-out)
 INPUT_FLAT = "input_flat"  # ... of the flattened raw patches
@@ -154,6 +154,17 @@ def _task_and_model(cfg):
     task = TASKS.get(cfg.task)(cfg)
     torch.manual_seed(cfg.seed)
     return task, task.build_model()
+
+
+def raw_eval(config, overrides: list[str], settings=(), log=print,
+             recipe_defaults: bool = False) -> list[dict]:  # fmt: skip
+    """The raw-input rows (k-NN and linear probe on the tokenizer's flattened patches) of
+    ``config`` with ``overrides``, the settings read as ``frozen_eval`` reads them: the demos'
+    third column beside the backbone and its random init."""
+    from unipred.train.config import load_config
+
+    cfg = load_config(config, [*overrides, f"ckpt={RANDOM}"])
+    return run_raw(cfg, demo_settings(cfg, settings, recipe_defaults), log)
 
 
 def run_raw(cfg, settings: EvalSettings, log=print) -> list[dict]:

@@ -180,9 +180,9 @@ LABELS = {"knn": "kNN (k=20, T=0.07)", "linear": "linear probe", "attentive": "a
 
 
 def comparison_markdown(columns: dict[str, list[dict]]) -> str:
-    """One row per protocol, one column per backbone (e.g. NEPA vs random init vs the raw
-    input): top-1, with the best layer named for the per-layer sweep; "-" where a column has
-    no such row (the raw input has k-NN and linear only)."""
+    """One row per protocol, one column per backbone (e.g. NEPA vs random init): top-1, with
+    the best layer named for the per-layer sweep; "—" where a column has no such row (the
+    raw input: k-NN and linear only). The rows: every column's protocols, first seen first."""
     names = list(columns)
     protos = list(dict.fromkeys(r["protocol"] for n in names for r in columns[n]))
     lines = ["| protocol | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -190,8 +190,8 @@ def comparison_markdown(columns: dict[str, list[dict]]) -> str:
         cells = []
         for n in names:
             r = next((r for r in columns[n] if r["protocol"] == p), None)
-            if r is None:
-                cells.append("-")
+            if r is None:  # e.g. the raw input has no attentive or per-layer row
+                cells.append("—")
                 continue
             best = f" ({r['best_layer']})" if p == "layers" else ""
             cells.append(f"{100 * r['top1']:.1f} %{best}")

@@ -158,16 +158,16 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
     return s
 
 
-def with_recipe_defaults(eval_defaults, args: list[str]) -> EvalSettings:
-    """The eval settings of ``args`` (``key=value``) over a recipe's ``eval_defaults`` (the run
-    config's nested dict: ``{features: {pool: grid, grid: 2}}``); a key that is not an eval
-    setting names itself."""
+def recipe_eval_args(eval_defaults: dict) -> list[str]:
+    """A recipe's ``eval_defaults`` mapping as ``key=value`` eval arguments, to be parsed
+    BEFORE the command line's (which override them); ProtocolError naming a key that is not an
+    eval setting."""
     from omegaconf import OmegaConf
 
     if not eval_defaults:
-        return parse_eval_settings(list(args))
+        return []
     flat = OmegaConf.to_container(OmegaConf.create(eval_defaults))
-    dotlist = []
+    dotlist: list[str] = []
 
     def walk(d, prefix=""):
         for k, v in d.items():
@@ -181,7 +181,7 @@ def with_recipe_defaults(eval_defaults, args: list[str]) -> EvalSettings:
     mine, rest = split_eval_args(dotlist)
     if rest:
         raise ProtocolError(f"eval_defaults: {rest[0].split('=')[0]} is not an eval setting")
-    return parse_eval_settings([*mine, *args])
+    return mine
 
 
 def _list_arg(a: str) -> str:

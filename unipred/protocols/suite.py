@@ -27,6 +27,7 @@ from unipred.protocols.settings import (
     EvalSettings,
     FeatureSettings,
     ProtocolError,
+    parse_eval_settings,
 )
 
 
@@ -247,20 +248,21 @@ def frozen_eval(config, overrides: list[str], ckpt: str, protocols=FROZEN, setti
                 log=print, recipe_defaults: bool = False) -> list[dict]:  # fmt: skip
     """The frozen protocols on one checkpoint (or ``"random"``) of ``config`` with ``overrides``:
     the rows of the demos' tables (raw weights only). ``settings`` are eval keys such as
-    ``"linear.epochs=50"``; ``recipe_defaults`` puts the config's ``eval_defaults`` (its
-    read-out) under them, as ``unipred eval`` does. ``ckpt="input"``: the raw-input baselines'
-    rows instead (``unipred.protocols.baselines.run_raw``: weights ``input``, ``input_flat``)."""
-    from unipred.protocols.settings import with_recipe_defaults
+    ``"linear.epochs=50"``; with ``recipe_defaults`` the config's ``eval_defaults`` (its
+    read-out, e.g. ``features.pool=grid``) come first, as ``unipred eval`` reads them."""
     from unipred.train.config import load_config
 
-    cfg = load_config(config, [*overrides, f"ckpt={RANDOM if ckpt == 'input' else ckpt}"])
-    args = [*settings, "ema=false"]
-    s = with_recipe_defaults(cfg.eval_defaults if recipe_defaults else {}, args)
-    if ckpt == "input":
-        from unipred.protocols.baselines import run_raw
+    cfg = load_config(config, [*overrides, f"ckpt={ckpt}"])
+    return run_protocols(cfg, demo_settings(cfg, settings, recipe_defaults), protocols, log)["rows"]
 
-        return run_raw(cfg, s, log)
-    return run_protocols(cfg, s, protocols, log)["rows"]
+
+def demo_settings(cfg, settings=(), recipe_defaults: bool = False) -> EvalSettings:
+    """The eval settings of a demo's frozen rows: raw weights only, ``settings`` over the
+    config's ``eval_defaults`` when ``recipe_defaults``."""
+    from unipred.protocols.settings import recipe_eval_args
+
+    defaults = recipe_eval_args(cfg.eval_defaults) if recipe_defaults else []
+    return parse_eval_settings([*defaults, *settings, "ema=false"])
 
 
 def readout_text(s: EvalSettings) -> str:
@@ -278,20 +280,21 @@ def frozen_columns(config, overrides: list[str], ckpt: str, protocols=FROZEN, se
     ({"NEPA": rows of ``ckpt``, "random init": rows, "raw input": k-NN and linear on the raw
     patches read out alike, "raw input, flattened": ...}, the read-out in words). ``run_dirs``
     maps a column to its run folder (``run_dir=`` override)."""
-    from unipred.protocols.settings import with_recipe_defaults
+    from unipred.protocols.baselines import raw_eval
     from unipred.train.config import load_config
 
     run_dirs = run_dirs or {}
-    cols: dict[str, list[dict]] = {}
-    for col, c in (("NEPA", ckpt), ("random init", RANDOM), ("raw input", "input")):
-        ov = [*overrides, *([f"run_dir={run_dirs[col]}"] if col in run_dirs else [])]
-        rows = frozen_eval(config, ov, c, protocols if c != "input" else (), settings,
-                           log=lambda line, col=col: log(f"{col}: {line}"),
-                           recipe_defaults=True)  # fmt: skip
-        if c == "input":
-            cols["raw input"] = [r for r in rows if r["weights"] == "input"]
-            cols["raw input, flattened"] = [r for r in rows if r["weights"] == "input_flat"]
-        else:
-            cols[col] = rows
+
+    def ov(col):
+        return [*overrides, *([f"run_dir={run_dirs[col]}"] if col in run_dirs else [])]
+
+    def say(col):
+        return lambda line: log(f"{col}: {line}")
+
+    cols = {col: frozen_eval(config, ov(col), c, protocols, settings, say(col), True)
+            for col, c in (("NEPA", ckpt), ("random init", RANDOM))}  # fmt: skip
+    raw = raw_eval(config, ov("raw input"), settings, say("raw input"), recipe_defaults=True)
+    cols["raw input"] = [r for r in raw if r["weights"] == "input"]
+    cols["raw input, flattened"] = [r for r in raw if r["weights"] == "input_flat"]
     cfg = load_config(config, overrides)
-    return cols, readout_text(with_recipe_defaults(cfg.eval_defaults, [*settings, "ema=false"]))
+    return cols, readout_text(demo_settings(cfg, settings, recipe_defaults=True))

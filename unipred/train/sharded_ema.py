@@ -15,12 +15,19 @@ into this callback's tensors through DCP, which reshards it to the new world siz
 the weights. ``read_checkpoint`` of the folder returns it whole, as ``ema_state_dict``, which
 is what ``unipred export --ema`` and ``model.init=pretrain:FOLDER:ema`` read.
 
-Validation under fsdp2 reports the raw weights only (``val/``): validating the EMA would need
-a second sharded model (or swapping the slices in and out); so the best checkpoint follows
-the raw metric there.
+Validation under fsdp2 reports the EMA too (``val_ema/``), as the other strategies do: the EMA
+is sharded exactly like the weights, so :meth:`ShardedEMA.swapped` exchanges, on every rank, the
+local slice of each weight with the local slice of its EMA (no communication), the validation step runs, and the slices are
+exchanged back (bit for bit the training weights again). FSDP2 does not free the root unit's
+gathered weights after a forward pass (for training they would be gathered again at once), so
+every FSDP unit is resharded before and after the swap: no forward pass runs on weights
+gathered before an exchange (a no-op where nothing is gathered). It costs a copy of the local
+slices and three copies per validation batch, and the EMA forward's own all-gathers.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -32,6 +39,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Free every FSDP2 unit's gathered weights, so the next forward gathers the slices anew."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class ShardedEMA(EMA):
@@ -55,7 +71,7 @@ class ShardedEMA(EMA):
 
     @property
     def module(self):
-        return None  # no EMA module to validate under fsdp2 (module docstring)
+        return None  # no separate EMA module: validation swaps the slices in (swapped)
 
     def _count(self) -> int:
         return self._n
@@ -88,6 +104,30 @@ class ShardedEMA(EMA):
                 if not (e.is_floating_point() or e.is_complex()):
                     e.copy_(e * self.decay + c * (1 - self.decay))
         self._n += 1
+
+    @property
+    def ready(self) -> bool:
+        """Whether the EMA holds an update (before the first one there is nothing to validate)."""
+        return self.tensors is not None and self._n > 0
+
+    @contextmanager
+    @torch.no_grad()
+    def swapped(self, model: torch.nn.Module):
+        """Inside the block ``model``'s local slices are the EMA's; afterwards they are the
+        training weights again, bit for bit (module docstring)."""
+        ema = self.state(model)
+        cur = model.state_dict()
+        pairs = [(_local(cur[k]), _local(ema[k])) for k in ema]
+        _reshard(model)  # drop weights gathered from the training slices
+        saved = [c.clone() for c, _ in pairs]
+        for c, e in pairs:
+            c.copy_(e)
+        try:
+            yield model
+        finally:
+            _reshard(model)  # drop weights gathered from the EMA slices
+            for (c, _), s in zip(pairs, saved):
+                c.copy_(s)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if self.tensors is not None and self._n > 0:

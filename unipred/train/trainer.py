@@ -38,7 +38,10 @@ class TrainerConfig:
     limit_val_batches: float | None = None
     val_every_n_epochs: int = 1
     val_check_interval: float | None = None
-    compile: bool = False  # torch.compile the model
+    # auto: CPU runs of models >= 512 wide compile each predictor block (measured faster,
+    # cached between runs; unipred/train/compiling.py), elsewhere eager | true (whole model)
+    # | false | blocks
+    compile: str = "auto"
     activation_checkpointing: bool = False
     channels_last: bool = False
     ckpt_every_n_steps: int = 1000  # plus last.ckpt; 0 = only last.ckpt at epoch ends
@@ -184,10 +187,7 @@ def build_trainer(t: TrainerConfig, ema: EMAConfig, out: Path, lit, callbacks=()
         from unipred.train.sharded_ema import ShardedEMA
 
         cbs.append(ShardedEMA.from_config(ema))
-        if ema.monitor_ema and not t.fast_dev_run:
-            warn("trainer.strategy=fsdp2: the EMA is kept sharded and saved in every "
-                 "checkpoint, but validated weights are the raw ones (val/, not val_ema/); "
-                 "the best checkpoint follows val/")  # fmt: skip
+        val_ema = True  # validated by swapping its slices in (unipred.train.sharded_ema)
     elif ema_ok:
         cbs.append(EMA.from_config(ema))
         val_ema = True
