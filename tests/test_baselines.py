@@ -78,9 +78,9 @@ def test_eval_prints_random_init_and_raw_input_rows_beside_the_backbone(tmp_path
     assert got == [("knn", "random"), ("linear", "random"), ("knn", "input"), ("linear", "input"),
                    ("knn", "input_flat"), ("linear", "input_flat")]  # fmt: skip
     raw, flat = res["rows"][2], res["rows"][4]
-    # the raw patches through the backbone's read-out (the mean of the 16 patches of 7 x 7
-    # pixels), and flattened (Fashion-MNIST's 28 x 28 pixels)
-    assert raw["dim"] == 7 * 7 and flat["dim"] == 28 * 28
+    # the raw patches through the backbone's read-out (the recipe's eval_defaults: a 2 x 2 grid
+    # of means of the 7 x 7 pixel patches), and flattened (Fashion-MNIST's 28 x 28 pixels)
+    assert raw["dim"] == 4 * 7 * 7 and flat["dim"] == 28 * 28
     assert 0.0 <= raw["top1_pct"] <= 100.0
     assert res["units"] == {"top1_pct": "%", "top5_pct": "%"} and "top1" not in raw
     assert "| linear | input |" in (tmp_path / "results.md").read_text()
