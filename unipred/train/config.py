@@ -123,10 +123,14 @@ def find_config(name: str | os.PathLike) -> Path:
     raise ConfigError(f"config file not found: {name}{hint}; packaged recipes: `unipred list`")
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths=True):
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] = (), check_paths=True, checks=True
+):
     """YAML + ``key=value`` overrides -> validated RunConfig (a dataclass instance).
 
-    ``path`` is a file or the name of a packaged recipe (see :func:`find_config`)."""
+    ``path`` is a file or the name of a packaged recipe (see :func:`find_config`).
+    ``checks=False`` keeps the parsing and typing but skips the checks of the names and of the
+    task (``--help`` lists the keys of ``task=NAME`` even when its default model does not fit it)."""
     path = find_config(path) if path else None
     raw = read_yaml(path) if path else OmegaConf.create()
     for item in overrides:
@@ -161,6 +165,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     record(cfg, path, overrides)  # where each value came from (--print-config)
     if not cfg.run_dir:
         cfg.run_dir = str(Path("runs") / cfg.task)
+    if not checks:
+        return cfg
     _check_choices(cfg)
     if check_paths:
         problem = device_problem(cfg)
