@@ -14,7 +14,7 @@ TEST_APT := ffmpeg espeak-ng flite dataset-fashion-mnist \
 DEMO_APT := dataset-fashion-mnist espeak-ng flite ffmpeg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo)
 
-.PHONY: test demo demo-quick lint format lock check-lock system-test system-demo clean test-versions
+.PHONY: install test demo demo-quick lint format lock check-lock system-test system-demo clean test-versions
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml .ci/lock.py | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	$(BIN)/python -m pip check
 	touch $@
+
+# The environment alone (what `make test` / `make demo` build first), for your own commands.
+install: $(VENV)/.installed
 
 # Refresh the lock on purpose: re-resolve pyproject.toml's ranges against today's releases.
 # Then run `make test` and the demos, and commit requirements.lock with what they measured.

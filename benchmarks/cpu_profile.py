@@ -14,8 +14,9 @@ runs it (one thread unless ``--threads``). Three parts, one JSON line each (and 
 * ``ratios``: variants against the baseline (eager, fp32, foreach AdamW), each its own model
   copy with the same initial weights: ``bf16`` (autocast, AMX through oneDNN where the CPU has
   it), ``fused`` (``AdamW(fused=True)``), ``compile`` (``torch.compile``, inductor's CPU
-  backend; its first-call compile time is reported apart as ``compile_s``), ``bf16_compile``
-  (both), ``bf16_math_attention`` (bf16 with the previous CPU attention, SDPA's math kernel,
+  backend, of each predictor block as ``trainer.compile=auto`` does on CPU, or of the whole
+  model with ``--compile-mode whole``; its first two steps, compilation included, are reported
+  apart as ``compile_s``), ``bf16_compile`` (both), ``bf16_fused_compile`` (all three), ``bf16_math_attention`` (bf16 with the previous CPU attention, SDPA's math kernel,
   instead of ``unipred.nn.predictor._cpu_attention``). The variants are
   timed ALTERNATING, in a rotating order, ``--rounds`` times in this one process, and each
   ratio (baseline time / variant time, > 1 = faster) is the median over rounds of that
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -66,17 +68,19 @@ class Variant:
     """One model copy + optimizer + step function of a configuration."""
 
     def __init__(self, base, name: str, bf16=False, fused=False, compile_backend="",
-                 attention="explicit"):  # fmt: skip
+                 attention="explicit", compile_mode="blocks"):  # fmt: skip
         import torch
+
+        from unipred.train import compiling
 
         self.name, self.bf16, self.attention = name, bf16, attention
         self.model = copy.deepcopy(base)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=1e-4, fused=fused, foreach=not fused
         )
-        self.run = (
-            torch.compile(self.model, backend=compile_backend) if compile_backend else self.model
-        )
+        self.run = self.model
+        if compile_backend:  # blocks: as trainer.compile=auto on CPU; whole: the whole model
+            compiling.apply(self.model, compile_mode, backend=compile_backend)
 
     def forward(self, x):
         import torch
@@ -223,6 +227,11 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--compile-backend", default="inductor", help="'' skips the compile variant")
+    ap.add_argument("--compile-mode", choices=["blocks", "whole"], default="blocks",
+                    help="blocks: each predictor block (trainer.compile=auto); whole: the model")  # fmt: skip
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="only these of bf16 bf16_math_attention fused compile bf16_compile "
+                    "bf16_fused_compile (the baseline always runs)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="3 rounds x 2 steps, 1 profiled step")
     ap.add_argument("--data", action="store_true", help="also time the demo's loader "
                     "(always for --model demo)")  # fmt: skip
@@ -256,10 +265,15 @@ def main() -> int:
     ]
     compile_s = {}
     if a.compile_backend:
-        variants.append(Variant(base_model, "compile", compile_backend=a.compile_backend))
+        cb, cm = a.compile_backend, a.compile_mode
+        variants.append(Variant(base_model, "compile", compile_backend=cb, compile_mode=cm))
         variants.append(
-            Variant(base_model, "bf16_compile", bf16=True, compile_backend=a.compile_backend)
+            Variant(base_model, "bf16_compile", bf16=True, compile_backend=cb, compile_mode=cm)
         )
+        variants.append(Variant(base_model, "bf16_fused_compile", bf16=True, fused=True,
+                                compile_backend=cb, compile_mode=cm))  # fmt: skip
+    if a.variants is not None:
+        variants = [base] + [v for v in variants[1:] if v.name in a.variants]
     for v in variants[1:]:  # warm-up; the compiled ones compile here (cache hits are faster)
         t = time.perf_counter()
         v.step(x)
@@ -268,7 +282,8 @@ def main() -> int:
             compile_s[v.name] = round(time.perf_counter() - t, 1)
     res = ratios(variants, x, a.rounds, a.steps)
     records.append({**head, "part": "ratios", "rounds": a.rounds, "steps_per_round": a.steps,
-                    "compile_backend": a.compile_backend, "compile_s": compile_s or None,
+                    "compile_backend": a.compile_backend, "compile_mode": a.compile_mode,
+                    "compile_s": compile_s or None, "load_avg": os.getloadavg(),
                     **res})  # fmt: skip
     if a.attention:
         records.append({**head, "part": "attention", "unit": "CPU ms per block, fwd + bwd",

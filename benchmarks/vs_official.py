@@ -9,7 +9,12 @@ faster). A step is forward + loss + backward, plus the optimizer step with ``--o
 fused kernel and the release's ``--optim adamw_torch``, torch's default kernel). ``--apart`` adds a third contender: ours with
 ``unipred.nn.predictor.FUSED_QK = False`` (q and k normed and rotated apart, LayerScale and
 residual as two ops: the path before issue #27's fusion), so the gain of that fusion is
-measured in the same rounds.
+measured in the same rounds. ``--compile`` sets how ours runs, as ``trainer.compile`` does in the
+engine (default ``auto``: what a CPU training run of the shipped recipe gets; for ViT-B/14 each
+predictor block compiled by inductor, unipred/train/compiling.py); ``--eager`` adds ours
+uncompiled as a further contender. The first (warm-up) step of each contender is timed apart:
+it holds the compilation (from inductor's caches when an earlier run filled them), and the
+printed break-even is how many steps ours needs to win that time back from the official code.
 
     /tmp/offvenv/bin/python benchmarks/vs_official.py --official /tmp/nepa_official \\
         --batch 8 --precision fp32 bf16 --rounds 6 --threads 2
@@ -35,12 +40,19 @@ def _stepper(impl: str, args, precision: str):
     import unipred.nn.predictor as P
 
     fused = impl != "ours_apart"
-    impl = "ours" if impl == "ours_apart" else impl
+    compile_setting = "false" if impl in ("ours_apart", "ours_eager") else args.compile
+    impl = "ours" if impl.startswith("ours") else impl
     cfg = BenchConfig(model=args.model, batch=args.batch, res=args.res, impl=impl,
                       official=args.official, precision=precision)  # fmt: skip
     torch.manual_seed(0)
     model, loss_fn, mcfg = build(cfg)
     model.train()
+    if impl == "ours":
+        from unipred.train import compiling
+
+        mode, why = compiling.choose(compile_setting, "cpu", model, None)
+        print(f"ours ({precision}): {compiling.describe(mode, why, model)}", flush=True)
+        compiling.apply(model, mode)
     opt = None
     if args.optimizer == "own":  # as each code trains: unipred's fused AdamW (optim.fused
         # default), the release's `--optim adamw_torch` (HF: torch AdamW, default kernel)
@@ -78,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", choices=["fused", "foreach", "own"], default=None,
                    help="add an AdamW step; own: each code's (ours fused, official default)")  # fmt: skip
     p.add_argument("--apart", action="store_true", help="also time ours with FUSED_QK off")
+    p.add_argument("--compile", default="auto", help="ours as trainer.compile=VALUE (engine)")
+    p.add_argument("--eager", action="store_true", help="also time ours uncompiled")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
@@ -88,12 +102,16 @@ def main(argv=None) -> int:
     out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}
     for prec in args.precision:
         impls = ("ours", "official") + (("ours_apart",) if args.apart else ())
+        impls += ("ours_eager",) if args.eager else ()
         steps = {impl: _stepper(impl, args, prec)[0] for impl in impls}
         torch.manual_seed(1)
         x = torch.randn(args.batch, 3, args.res, args.res)
+        first = {impl: 0.0 for impl in impls}  # warm-up wall s: compilation lands here
         for _ in range(args.warmup):
             for impl in steps:
+                t0 = time.perf_counter()
                 steps[impl](x)
+                first[impl] += time.perf_counter() - t0
         times = {impl: [] for impl in impls}
         ratios = {impl: [] for impl in impls if impl != "ours"}
         for r in range(args.rounds):
@@ -105,6 +123,10 @@ def main(argv=None) -> int:
             for impl in ratios:
                 ratios[impl].append(times[impl][-1] / times["ours"][-1])
         row = {f"{impl}_s": statistics.median(times[impl]) for impl in impls}
+        row.update({f"{impl}_warmup_s": round(first[impl], 2) for impl in impls})
+        gain = row["official_s"] - row["ours_s"]
+        extra = first["ours"] - first["official"]  # what compiling cost ours over official
+        row["break_even_steps"] = max(0.0, extra / gain) if gain > 0 else None
         for impl, rs in ratios.items():
             row[f"{impl}/ours"] = [round(v, 3) for v in rs]
             row[f"{impl}/ours_median"] = statistics.median(rs)
@@ -115,6 +137,11 @@ def main(argv=None) -> int:
             for impl in ratios
         )
         print(f"{prec}: {per} per step; {rat}", flush=True)
+        warm = ", ".join(f"{impl} {first[impl]:.1f} s" for impl in impls)
+        even = row["break_even_steps"]
+        even = "never" if even is None else f"{even:.1f} steps"
+        print(f"{prec}: warm-up ({args.warmup} step(s), compilation included) {warm}; "
+              f"ours wins its warm-up back after {even}", flush=True)  # fmt: skip
         del steps
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -106,9 +106,10 @@ def test_cpu_profile_quick_runs_every_part():
     assert len(ops) == 5 and any(o["op"].startswith("aten::") for o in ops)
     r = recs["ratios"]
     assert r["base"]["speedup_per_round"] == [1.0, 1.0, 1.0]
-    for name in ("bf16", "bf16_math_attention", "fused", "compile", "bf16_compile"):
+    compiled = ("compile", "bf16_compile", "bf16_fused_compile")
+    for name in ("bf16", "bf16_math_attention", "fused", *compiled):
         assert len(r[name]["speedup_per_round"]) == 3 and r[name]["speedup_vs_base"] > 0
-    assert set(r["compile_s"]) == {"compile", "bf16_compile"}
+    assert set(r["compile_s"]) == set(compiled) and r["compile_mode"] == "blocks"
     att = recs["attention"]
     assert all(v["math"] > 0 and v["unipred"] > 0 for k, v in att.items() if k.startswith("B"))
     data = recs["data"]

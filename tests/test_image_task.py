@@ -189,8 +189,11 @@ def test_eval_mode_validates_a_checkpoint(data, finetuned, tmp_path):
     task = TASKS.get("image_classify")(ev)
     assert task.build_dataset("train") is None
     assert isinstance(task.build_dataset("val"), ShardDataset)  # the real val set, not synthetic
-    res = evaluate(ev)
+    units = {}
+    res = evaluate(ev, units)
     assert 0 <= res["val/acc1"] <= 1 and "val/acc5" in res and "val_ema/acc1" in res
+    # `unipred eval` prints these in percent, as the progress lines above them (losses as is)
+    assert units["val/acc1"] == units["val_ema/acc5"] == "%" and "val/loss" not in units
 
 
 def test_bad_mode_and_unknown_epoch_length_fail_clearly(data, tmp_path):

@@ -156,3 +156,25 @@ def test_a_new_plugin_module_or_a_changed_python_makes_the_manifest_stale(
     gone = dict(sources["files"])
     gone["unipred:no_such_file.py"] = gone["unipred:listing.py"]
     assert not ls.current({**sources, "files": gone})
+
+
+def test_every_listed_name_has_a_one_line_description():
+    """A newcomer reads `unipred list` to pick a size: each row says something (a size without
+    a docstring is described by what it builds), on one line that ends where a sentence or a
+    "..." does, never mid-phrase at a docstring's line break."""
+    sections = dict(json.loads(MANIFEST.read_text())["listing"]["sections"])
+    from unipred.base.registry import MODELS, load_plugins
+
+    load_plugins()
+    for name, text in dict(sections["model sizes"]).items():  # the numbers are what it builds
+        p = MODELS.get(name)().predictor
+        m = re.search(r"dim (\d+), depth (\d+), (\d+) heads", text)
+        if m:
+            assert tuple(map(int, m.groups())) == (p.dim, p.depth, p.heads), (name, text)
+        assert ("bidirectional" in text) == (p.causal is False), (name, text)
+    for title, rows in sections.items():
+        for name, text in rows:
+            assert text, (title, name)
+            assert len(text) <= 110 and "\n" not in text, (title, name, text)
+    joint = dict(sections["tokenizers"])["joint"]
+    assert joint.endswith("..."), joint

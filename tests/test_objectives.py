@@ -87,6 +87,51 @@ def test_horizon_one_equals_default_and_k_averages_the_heads():
     assert isinstance(m2.objective.heads[1], torch.nn.Linear)
 
 
+def test_transformer_head_shapes_gradients_and_the_loss_it_computes():
+    x = _input("image")
+    m = _model(head="transformer", head_depth=2, horizon=2).eval()
+    obj = m.objective
+    assert len(obj.trunk_head.blocks) == 2 and obj.trunk_head.cfg.dim == m.predictor.cfg.dim
+    assert isinstance(obj.heads[0], torch.nn.Identity) and isinstance(obj.heads[1], torch.nn.Linear)
+    with pytest.raises(ValueError, match="head_depth must be >= 1"):
+        ObjectiveConfig(head="transformer", head_depth=0)
+    out = m(x)
+    seq, coords, valid = m.embed(x)
+    assert out.predictions.shape == seq.shape  # the trunk's output, as without the head
+    assert torch.equal(out.predictions, m.predictor(seq, coords, valid))
+    h = obj.trunk_head(out.predictions, coords, valid)  # the head reads the trunk's output
+    t = out.targets.detach()
+    ref = (-F.cosine_similarity(h[:, :-1], t[:, 1:], dim=-1).mean()
+           - F.cosine_similarity(obj.heads[1](h[:, :-2]), t[:, 2:], dim=-1).mean()) / 2  # fmt: skip
+    torch.testing.assert_close(out.loss, ref, rtol=0, atol=1e-6)
+    m.train()
+    m(x).loss.backward()
+    for part in (obj.trunk_head, m.predictor, m.tokenizer):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_transformer_head_keeps_the_objective_causal():
+    """Output t of the head must not see token t + 1 (its target): changing the last trunk
+    output leaves every earlier head output alone; a bidirectional head (the broken variant)
+    leaks."""
+    m = _model(head="transformer").eval()
+    head = m.objective.trunk_head
+    with torch.no_grad():  # a trained head's residual branches, not LayerScale's 1e-5 start
+        for name, p in head.named_parameters():
+            if ".ls" in name:
+                p.fill_(1.0)
+    _, coords, valid = m.embed(_input("image"))
+    torch.manual_seed(2)
+    hidden = torch.randn(3, 1 + coords.shape[0], m.predictor.cfg.dim)
+    moved = hidden.clone()
+    moved[:, -1] = torch.randn(3, hidden.shape[-1])
+    for broken in (False, True):
+        causal = False if broken else None  # None: the trunk's own (causal) attention
+        a, b = (m.objective.transform(h, coords, valid, causal) for h in (hidden, moved))
+        assert torch.allclose(a[:, :-1], b[:, :-1], atol=1e-5) != broken
+        assert not torch.allclose(a[:, -1], b[:, -1], atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- token order
 def test_identity_permutation_equals_default():
     m, x = _model().eval(), _input("image")
@@ -335,6 +380,7 @@ SWITCHES = [
     {"target": "patch"}, {"horizon": 3}, {"order": "reverse"}, {"order": "random_fixed"},
     {"order": "random"}, {"head": "mlp"}, {"registers": 2}, {"target_norm": "center"},
     {"target_norm": "instance"}, {"target": "ema"}, {"target": "ema", "ema_layers": 2},
+    {"head": "transformer"}, {"head": "transformer", "head_depth": 2, "horizon": 2},
 ]  # fmt: skip
 
 
@@ -377,7 +423,8 @@ def test_config_keys_and_errors(tmp_path):
 def test_pretrained_objective_parameters_are_dropped_for_finetuning(tmp_path):
     from unipred.train.checkpoint import load_backbone
 
-    src = _model(mask_ratio=0.2, horizon=2, registers=2)
+    src = _model(mask_ratio=0.2, horizon=2, registers=2, head="transformer")
+    assert any(k.startswith("objective.trunk_head.") for k in src.state_dict())
     dst = _model(registers=2, cls_head="mean", causal=False, seed=3)
     load_backbone(dst, src.state_dict(), "test")
     assert torch.equal(dst.register_tokens, src.register_tokens)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from unipred.nn.model import NEPA
+from unipred.nn.objectives import ObjectiveConfig
 from unipred.weights.hub import export_timm, load_timm, set_layernorm_eps
 from unipred.weights.timm_export import timm_state_dict
 
@@ -72,6 +73,20 @@ def test_backbone_export_matches_bidirectional_features(tmp_path):
     with torch.no_grad():
         want = m.forward_features(x, causal=False).hidden
         err = (net.forward_features(x) - want).abs().max()  # no fc_norm: features unscaled
+    assert err < 1e-5
+
+
+def test_a_small_data_pretraining_backbone_exports_without_its_objective_head(tmp_path):
+    """The small-image recipe pretrains with an MLP head per horizon step (model.objective.head,
+    pretraining-only, under ``objective.*``): the export stopped at "no timm name for
+    'objective.heads.0.fc1.weight'". The encoder's features never read it: left out."""
+    m = _model(objective=ObjectiveConfig(head="mlp", horizon=2, target_norm="instance"))
+    assert any(k.startswith("objective.") for k in m.state_dict())
+    folder = export_timm(m, tmp_path / "bb", bidirectional=True, image_size=32)
+    net = _plain_timm(folder)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        err = (net.forward_features(x) - m.forward_features(x, causal=False).hidden).abs().max()
     assert err < 1e-5
 
 

@@ -135,3 +135,28 @@ def test_checkpoint_maps_use_the_training_size_by_default(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--patch", "36", "--out", str(tmp_path / "b")]) == 2
     assert "--patch 36 is outside the 6x6 patch grid" in capsys.readouterr().err
+
+
+def test_a_grey_checkpoint_reads_the_images_grey(tmp_path):
+    """The small-image recipe trains on grey folders with a 1-channel tokenizer (in_chans read
+    from the data): visualize read every image as RGB and stopped with "ImageTokenizer expects
+    (B, 1, H, W) images, got (1, 3, ...)"."""
+    from unipred.base.registry import TASKS
+
+    over = ["task=image_pretrain", "model.name=nepa_debug", "model.tokenizer_args.in_chans=1",
+            "data.aug.img_size=24", "data.aug.mean=[0.5]", "data.aug.std=[0.5]"]  # fmt: skip
+    cfg = load_config(None, over, check_paths=False)
+    model = TASKS.get(cfg.task)(cfg).build_model()
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "unipred_config": to_dict(cfg),
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    img = tmp_path / "imgs"
+    img.mkdir()
+    grey = np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)
+    Image.fromarray(grey).save(img / "g.png")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(img / "rgb.png")  # an RGB file: read grey
+    out = tmp_path / "out"
+    assert main(["--ckpt", str(tmp_path / "m.ckpt"), str(img), "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 2

@@ -98,31 +98,37 @@ def _finetune(cfg: ModelConfig, drop_path: float, num_classes: int = 1000) -> Mo
 
 @MODELS.register("nepa_vit_b14")
 def nepa_vit_b14() -> ModelConfig:
+    """The release's ViT-B/14 for pretraining: patch 14, dim 768, depth 12, 12 heads, causal."""
     return _vit(768, 12, 12, qk_norm_affine=False)
 
 
 @MODELS.register("nepa_vit_b14_cls")
 def nepa_vit_b14_cls() -> ModelConfig:
+    """The release's ViT-B/14 fine-tune config: dim 768, depth 12, 12 heads, bidirectional, mean head."""
     return _finetune(nepa_vit_b14(), 0.1)
 
 
 @MODELS.register("nepa_vit_l14")
 def nepa_vit_l14() -> ModelConfig:
+    """The release's ViT-L/14 for pretraining: patch 14, dim 1024, depth 24, 16 heads, causal."""
     return _vit(1024, 24, 16, qk_norm_affine=True)
 
 
 @MODELS.register("nepa_vit_l14_cls")
 def nepa_vit_l14_cls() -> ModelConfig:
+    """The release's ViT-L/14 fine-tune config: dim 1024, depth 24, 16 heads, bidirectional, mean head."""
     return _finetune(nepa_vit_l14(), 0.2)
 
 
 @MODELS.register("nepa_vit_s14")
 def nepa_vit_s14() -> ModelConfig:
+    """ViT-S/14: patch 14, dim 384, depth 12, 6 heads, causal."""
     return _vit(384, 12, 6, qk_norm_affine=True)
 
 
 @MODELS.register("nepa_vit_ti14")
 def nepa_vit_ti14() -> ModelConfig:
+    """ViT-Ti/14: patch 14, dim 192, depth 12, 3 heads, causal."""
     return _vit(192, 12, 3, qk_norm_affine=True)
 
 

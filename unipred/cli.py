@@ -181,7 +181,9 @@ def config_keys_help(config: str | None, overrides: list[str] = ()) -> str:
     this recipe's value where it differs."""
     from unipred.train.config import load_config, schema_for
 
-    cfg = load_config(config, list(overrides), check_paths=False)
+    # no checks: the keys are listed even when task=NAME's default model (an image size) does
+    # not fit that task; the run itself checks them
+    cfg = load_config(config, list(overrides), check_paths=False, checks=False)
     what = f"{config} (task {cfg.task})" if config else f"task {cfg.task}"
     lines = [f"keys of {what}; set any with key=value:"]
     rows = list(_walk_keys(schema_for(cfg.task), cfg, ""))
@@ -276,9 +278,10 @@ def cmd_eval(argv: list[str]) -> int:
     # YAML, which is usually someone's training run
     cfg.run_dir = str(suite_folder(cfg.ckpt or cfg.model.init.split(":", 1)[-1], settings.out))
     print(f"unipred eval: logs in {cfg.run_dir}", flush=True)
-    metrics = evaluate(cfg)
-    for k, v in sorted(metrics.items()):
-        print(f"{k}: {v:.6g}")
+    units: dict = {}
+    metrics = evaluate(cfg, units)
+    for k, v in sorted(metrics.items()):  # in percent where the progress lines show percent
+        print(f"{k}: {100 * v:.2f} %" if units.get(k) == "%" else f"{k}: {v:.6g}")
     _save_eval({"metrics": metrics, "units": "as logged: accuracies and IoUs as fractions (0-1)"},
                cfg, settings, "validate")  # fmt: skip
     return 0

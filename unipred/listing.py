@@ -37,7 +37,7 @@ SECTIONS = (
     ("segmentation decoders", "DECODERS"),
     ("model sizes", "MODELS"),
 )
-_FORMAT = 1  # bumped when the cached layout changes
+_FORMAT = 2  # bumped when the cached layout or the way descriptions are made changes
 
 
 def cache_dir() -> Path:
@@ -102,6 +102,15 @@ def fingerprint() -> str:
     return h.hexdigest()
 
 
+def _summary(doc: str | None, width: int = 110) -> str:
+    """The first paragraph of a docstring on one line, cut at a word with "..." past ``width``
+    (its first line alone used to end mid-phrase where the docstring was wrapped)."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    if len(para) <= width:
+        return para
+    return para[: width - 3].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+
+
 def _collect() -> dict:
     """The listing of what the registries hold now (imports nothing)."""
     from unipred.base import registry
@@ -111,8 +120,7 @@ def _collect() -> dict:
         items = getattr(registry, attr).registered()
         rows = []
         for name in sorted(items):
-            doc = (items[name].__doc__ or "").strip().splitlines()
-            rows.append([name, doc[0] if doc else ""])
+            rows.append([name, _summary(items[name].__doc__)])
         sections.append([title, rows])
     commands = sorted([k, v] for k, v in registry.COMMANDS.registered().items())
     return {"sections": sections, "commands": commands, "errors": dict(registry.PLUGIN_ERRORS)}

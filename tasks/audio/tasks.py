@@ -42,21 +42,25 @@ def _audio(base: str, **tokenizer_args) -> ModelConfig:
 
 @MODELS.register("nepa_audio_b16")
 def nepa_audio_b16() -> ModelConfig:
+    """Audio log-mel, 16x16 patches: dim 768, depth 12, 12 heads (ViT-B), causal."""
     return _audio("nepa_vit_b14")
 
 
 @MODELS.register("nepa_audio_b16_cls")
 def nepa_audio_b16_cls() -> ModelConfig:
+    """Audio log-mel, 16x16 patches, fine-tune config: ViT-B, bidirectional, mean head."""
     return _audio("nepa_vit_b14_cls")
 
 
 @MODELS.register("nepa_audio_s16")
 def nepa_audio_s16() -> ModelConfig:
+    """Audio log-mel, 16x16 patches: dim 384, depth 12, 6 heads (ViT-S), causal."""
     return _audio("nepa_vit_s14")
 
 
 @MODELS.register("nepa_audio_tiny")
 def nepa_audio_tiny() -> ModelConfig:
+    """Audio log-mel, 16x16 patches: dim 128, depth 4, 4 heads (the digits demo's)."""
     cfg = _audio("nepa_debug")
     cfg.predictor = dataclasses.replace(cfg.predictor, dim=128, depth=4, heads=4)
     return cfg
@@ -64,6 +68,7 @@ def nepa_audio_tiny() -> ModelConfig:
 
 @MODELS.register("nepa_audio_debug")
 def nepa_audio_debug() -> ModelConfig:
+    """Audio, 32 mels, 16x16 patches: dim 64, depth 2, 4 heads (tests and smoke runs)."""
     return _audio("nepa_debug", n_mels=32)
 
 

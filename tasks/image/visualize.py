@@ -18,6 +18,7 @@ released Hugging Face folder), or neither (random init of ``--model``, for compa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -82,27 +83,34 @@ def _from_checkpoint(path: str, ema: bool):
     model.load_state_dict(sd)
     aug = getattr(cfg.data, "aug", None)
     model.trained_size = getattr(aug, "img_size", None)  # visualize at the training size
+    model.trained_aug = aug  # and with its normalisation (1 channel for grey data)
     return model
 
 
-def load_images(paths: list[str], n: int, size: int, seed: int) -> list[tuple[str, torch.Tensor]]:
-    """(name, normalised (3, size, size) tensor) for up to n images; synthetic if none given."""
+def load_images(
+    paths: list[str], n: int, size: int, seed: int, aug=None, chans: int = 3
+) -> list[tuple[str, torch.Tensor]]:
+    """(name, normalised (chans, size, size) tensor) for up to n images; synthetic if none given.
+    ``aug`` is the training run's ImageAugConfig (its mean/std), ``chans`` the model's input
+    channels: a model trained on grey images reads them grey (1 channel)."""
     files = []
     for p in paths:
         if os.path.isdir(p):
             files += sorted(os.path.join(p, f) for f in os.listdir(p) if is_image_file(f))
         else:
             files.append(p)
-    tf = eval_transform(ImageAugConfig(img_size=size))
+    aug = dataclasses.replace(aug, img_size=size) if aug is not None else None
+    tf = eval_transform(aug or ImageAugConfig(img_size=size))
+    mode = "L" if chans == 1 else "RGB"
     out = []
     for f in files[:n]:
         with Image.open(f) as im:
-            out.append((os.path.splitext(os.path.basename(f))[0], tf(im.convert("RGB"))))
+            out.append((os.path.splitext(os.path.basename(f))[0], tf(im.convert(mode))))
     if not files:
         rng = np.random.default_rng(seed)
         for i in range(n):
             a = np.clip(rng.normal(rng.uniform(40, 215, 3), 30, (size, size, 3)), 0, 255)
-            out.append((f"synthetic{i}", tf(Image.fromarray(a.astype(np.uint8)))))
+            out.append((f"synthetic{i}", tf(Image.fromarray(a.astype(np.uint8)).convert(mode))))
     return out
 
 
@@ -149,6 +157,8 @@ def draw(path: str, x: torch.Tensor, m: dict, patch: int, gamma: float, causal: 
     from matplotlib.patches import Rectangle
 
     img = ((x.permute(1, 2, 0).float() + 1) / 2).clamp(0, 1).numpy()  # undo Normalize(0.5, 0.5)
+    if img.shape[2] == 1:  # a grey model's input: drawn grey
+        img = np.repeat(img, 3, axis=2)
     (n_h, n_w), H, W = m["grid"], x.shape[1], x.shape[2]
     ph, pw = H / n_h, W / n_w
     pred = m["prediction"] / max(float(m["prediction"].max()), 1e-12)
@@ -188,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args)
         size = args.size or getattr(model, "trained_size", None) or 224
-        images = load_images(args.images, args.num_images, size, args.seed)
+        chans = getattr(model.tokenizer, "in_chans", 3)
+        aug = getattr(model, "trained_aug", None)
+        images = load_images(args.images, args.num_images, size, args.seed, aug, chans)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"visualize: {e}", file=sys.stderr)
         return 2

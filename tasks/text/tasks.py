@@ -40,21 +40,25 @@ def _text(base: str, dim: int, depth: int, heads: int, **tokenizer_args) -> Mode
 
 @MODELS.register("nepa_text_b")
 def nepa_text_b() -> ModelConfig:
+    """Text, one byte per token: dim 768, depth 12, 12 heads."""
     return _text("nepa_vit_b14", 768, 12, 12)
 
 
 @MODELS.register("nepa_text_s")
 def nepa_text_s() -> ModelConfig:
+    """Text, one byte per token: dim 384, depth 12, 6 heads."""
     return _text("nepa_vit_s14", 384, 12, 6)
 
 
 @MODELS.register("nepa_text_tiny")
 def nepa_text_tiny() -> ModelConfig:
+    """Text, one byte per token: dim 128, depth 4, 4 heads (the text recipes')."""
     return _text("nepa_debug", 128, 4, 4)
 
 
 @MODELS.register("nepa_text_debug")
 def nepa_text_debug() -> ModelConfig:
+    """Text, one byte per token: dim 64, depth 2, 4 heads (tests and smoke runs)."""
     return _text("nepa_debug", 64, 2, 4)
 
 

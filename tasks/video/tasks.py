@@ -43,21 +43,25 @@ def _video(base: str, patch: int, tubelet: int = 2, **over) -> ModelConfig:
 
 @MODELS.register("nepa_video_b16")
 def nepa_video_b16() -> ModelConfig:
+    """Video, 2x16x16 tubelets: dim 768, depth 12, 12 heads (ViT-B), causal."""
     return _video("nepa_vit_b14", 16)
 
 
 @MODELS.register("nepa_video_b16_cls")
 def nepa_video_b16_cls() -> ModelConfig:
+    """Video, 2x16x16 tubelets, fine-tune config: ViT-B, bidirectional, mean head."""
     return _video("nepa_vit_b14_cls", 16)
 
 
 @MODELS.register("nepa_video_s16")
 def nepa_video_s16() -> ModelConfig:
+    """Video, 2x16x16 tubelets: dim 384, depth 12, 6 heads (ViT-S), causal."""
     return _video("nepa_vit_s14", 16)
 
 
 @MODELS.register("nepa_video_debug")
 def nepa_video_debug() -> ModelConfig:
+    """Video, 2x4x4 tubelets: dim 64, depth 2, 4 heads (tests and smoke runs)."""
     return _video("nepa_debug", 4)
 
 

@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from unipred.base.warn import warn
+from unipred.data import uneven
+from unipred.data.uneven import Steps
 
 
 @runtime_checkable
@@ -109,6 +111,16 @@ class ResumableLoader(DataLoader):
         # streams resumed elastically: global samples before the resumed part of the epoch,
         # and batches this rank took since then
         self.samples_before, self.since_plan = 0, 0
+        self.steps = Steps()  # (padding, loss weight) of each delivered batch (uneven.py)
+
+    def __iter__(self):
+        it = super().__iter__()
+        # a training stream on several ranks: the ranks may deliver different numbers of
+        # batches (a shard gone on one of them); they stay in step without repeating a sample
+        if isinstance(self.dataset, IterableDataset) and uneven.active():
+            self.steps.clear()
+            return uneven.joined(it, self.steps, int(self.batch_size or 1))
+        return it
 
     def __len__(self) -> int:
         # A training stream of known size plans whole batches per rank (its quota), even
@@ -237,10 +249,9 @@ def build_loader(
         common["persistent_workers"] = False  # workers must see set_epoch / resume
         if train and isinstance(dataset, ResumableStream):
             dataset.resume(0, batch_size)  # whole batches per worker from the first epoch
-        # one rank: a reader that falls short (a shard gone) ends with a partial batch rather
-        # than dropping samples; several ranks need equal batches (readers pad instead)
-        drop = train and world > 1
-        return ResumableLoader(dataset, drop_last=drop, world=world, rank=rank, **common)
+        # a reader that falls short (a shard gone) ends with a partial batch rather than
+        # dropping samples; on several ranks the loader keeps the ranks in step (uneven.py)
+        return ResumableLoader(dataset, drop_last=False, world=world, rank=rank, **common)
     n = len(dataset)
     per_rank = n // world
     if train:
@@ -249,7 +260,8 @@ def build_loader(
         if per_rank == 0:
             raise ValueError(
                 f"the training set has {n} samples, fewer than one global batch "
-                f"({batch_size} x {accumulate} accumulation x {world} devices)"
+                f"({batch_size} x {accumulate} accumulation x {world} devices); set "
+                f"trainer.global_batch to at most {n}"
             )
     else:
         per_rank = -(-n // world)  # validation sees every sample (the last rank may repeat a few)

@@ -154,8 +154,10 @@ class ShardReader(IterableDataset):
       resume). ``resume(batches, batch_size)`` is the older same-world-size contract of
       :class:`unipred.loader.ResumableStream`: skip what this rank's workers delivered.
     * A shard that cannot be read (404, truncated, a store that stays away longer than
-      ``network.deadline``) is skipped and counted by URL; with several ranks a reader that
-      falls short re-reads its own samples so the ranks stay in step (counted as repeated).
+      ``network.deadline``) is skipped and counted by URL; a reader that falls short ends
+      short, and on several ranks the loader keeps the ranks in step without repeating a
+      sample (:mod:`unipred.data.uneven`). Only an epoch length given for shards of unknown
+      size (``data.num_samples``) is filled by re-reading samples (counted as repeated).
     """
 
     def __init__(
@@ -424,9 +426,11 @@ class ShardReader(IterableDataset):
         if quota is not None and quota <= 0:
             self._ended[slot] = torch.tensor([epoch, 0])
             return
-        pad = quota is not None and world > 1  # ranks must stay in step
+        # a reader that falls short ends short: the loader keeps the ranks in step
+        # (unipred.data.uneven); samples are re-read only to fill an epoch length the user gave
+        pad = False
         if quota is None and self.training and self.num_samples and not self.known:
-            # sizes unknown: the epoch length the user gave, re-reading to fill it
+            # sizes unknown: the epoch length the user gave (data.num_samples), re-reading to fill it
             batches = self.num_samples // world // bs
             quota = elastic.batches_per_worker(batches, workers)[role] * bs
             pad = True

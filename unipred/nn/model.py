@@ -80,7 +80,7 @@ class NEPA(PretrainedMixin, nn.Module):
         self.head = _build_head(cfg)
         if cfg.head is None:  # pretraining: the objective's own parameters (none by default)
             tdim = objectives.target_dim(self.tokenizer, cfg.objective, pc.dim)
-            self.objective = Objective(cfg.objective, pc.dim, tdim)
+            self.objective = Objective(cfg.objective, pc.dim, tdim, pc)
         init_weights(self, cfg.init_std)
         nn.init.trunc_normal_(self.cls_token, std=cfg.init_std)
         if cfg.registers:
@@ -159,7 +159,9 @@ class NEPA(PretrainedMixin, nn.Module):
         else:  # prefix rows are never targets: zeros keep the positions aligned
             target = torch.cat([patches.new_zeros(patches.shape[0], self.n_prefix,
                                                   patches.shape[2]), patches], 1)  # fmt: skip
-        loss = obj.loss(out.hidden, target, valid, self.n_prefix)
+        hidden = obj.transform(out.hidden, coords, valid, causal)  # head=transformer only
+        loss = obj.loss(hidden, target, valid, self.n_prefix)
+        # the trunk's output (the features kept) is what the collapse monitor watches
         return PretrainOutput(loss, out.hidden, target, valid)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:

@@ -18,24 +18,28 @@ them:
    sample's tokens, as data2vec normalises its targets (the release: unchanged).
 4. ``shift`` / ``horizon``: output t predicts the targets at t + s, ..., t + s + K - 1
    (s = 1 with the shift, 0 without); one output head per step, losses averaged.
-5. ``head``: an optional MLP between the trunk and the loss; ``loss`` the comparison
-   (cosine, MSE, smooth L1, InfoNCE over the other positions of the same sample).
+5. ``head``: an optional MLP, or a small transformer (I-JEPA's narrow predictor: ``head_depth``
+   blocks of the trunk's kind, with its attention and RoPE, then a linear map per step),
+   between the trunk and the loss; ``loss`` the comparison (cosine, MSE, smooth L1, InfoNCE
+   over the other positions of the same sample).
 
 Prefix tokens (cls and registers) are never targets; they can only predict the first tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from unipred.nn.loss import LOSSES, pair_loss
+from unipred.nn.predictor import Predictor
 
 TARGETS = ("embedding", "layer", "patch", "ema")
 ORDERS = ("tokenizer", "reverse", "random_fixed", "random")
-HEADS = ("none", "mlp")
+HEADS = ("none", "mlp", "transformer")
 TARGET_NORMS = ("none", "center", "instance")
 
 
@@ -51,8 +55,9 @@ class ObjectiveConfig:
     horizon: int = 1  # K: predict the next K targets, losses averaged
     order: str = "tokenizer"  # tokenizer | reverse | random_fixed | random (per sample)
     order_seed: int = 0  # seed of the random_fixed permutation
-    head: str = "none"  # none | mlp: predictor head between the trunk and the loss
+    head: str = "none"  # none | mlp | transformer: predictor head between trunk and loss
     head_ratio: float = 2.0  # mlp head hidden width / model width
+    head_depth: int = 1  # transformer head: blocks (the trunk's width, heads and attention)
     # none | center | instance: per feature, subtract the mean over the sample's target tokens
     # (center), and divide by their std (instance, data2vec's instance norm); after stop_grad
     target_norm: str = "none"
@@ -89,6 +94,8 @@ class ObjectiveConfig:
                              f"{self.ema_momentum}")  # fmt: skip
         if self.ema_layers < 1:
             raise ValueError(f"model.objective.ema_layers must be >= 1, got {self.ema_layers}")
+        if self.head_depth < 1:
+            raise ValueError(f"model.objective.head_depth must be >= 1, got {self.head_depth}")
         if self.head_ratio <= 0:
             raise ValueError(f"model.objective.head_ratio must be > 0, got {self.head_ratio}")
 
@@ -186,9 +193,19 @@ class MLPHead(nn.Module):
 class Objective(nn.Module):
     """Parameters and steps of the objective. Holds nothing for the release's defaults."""
 
-    def __init__(self, cfg: ObjectiveConfig, dim: int, target_dim: int):
+    def __init__(self, cfg: ObjectiveConfig, dim: int, target_dim: int, predictor=None):
+        """``predictor``: the trunk's PredictorConfig, the shape of a transformer head."""
         super().__init__()
         self.cfg = cfg
+        self.trunk_head = None  # head == "transformer": blocks on the trunk's output
+        if cfg.head == "transformer":
+            if predictor is None or predictor.dim != dim:
+                raise ValueError("model.objective.head='transformer' needs the trunk's "
+                                 "predictor config (its width, heads and RoPE)")  # fmt: skip
+            # no stochastic depth in the head: its blocks are not the features kept
+            self.trunk_head = Predictor(
+                dataclasses.replace(predictor, depth=cfg.head_depth, drop_path=0.0)
+            )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.mask_ratio > 0 else None
         hidden = max(1, int(round(dim * cfg.head_ratio)))
 
@@ -200,6 +217,13 @@ class Objective(nn.Module):
             return nn.Linear(dim, target_dim)  # a small head per further step, or to P values
 
         self.heads = nn.ModuleList(make(k) for k in range(cfg.horizon))
+
+    def transform(self, hidden, coords, valid, causal=None):
+        """The trunk's output through the transformer head (``head=transformer``; the trunk's
+        attention, so a causal trunk keeps a causal objective), else unchanged."""
+        if self.trunk_head is None:
+            return hidden
+        return self.trunk_head(hidden, coords, valid, causal)
 
     def order(self, tokens, coords, valid, patches):
         keys = order_keys(

@@ -249,9 +249,11 @@ def check_tokenizer(tokenizer: str, want: str, model_name: str, judged=()) -> No
     """The model's tokenizer vs the one the task reads (tokenizers outside ``judged``, e.g. a
     plugin's, are not judged)."""
     if tokenizer in judged and tokenizer != want:
+        article = "an" if want[:1] in "aeiou" else "a"
         raise ValueError(
             f"model.name={model_name!r} uses the {tokenizer!r} tokenizer but this task reads "
-            f"{want} data; pick an {want} model (`unipred list`) or set model.tokenizer={want}"
+            f"{want} data; pick {article} {want} model (`unipred list`) or set "
+            f"model.tokenizer={want}"
         )
 
 

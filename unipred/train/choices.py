@@ -55,6 +55,7 @@ def choice_problem(cfg) -> str | None:
             t.precision not in PRECISIONS + PRECISION_ALIASES
             and _refuse("trainer.precision", t.precision, PRECISIONS)
         ),
+        lambda: _compile_problem(t.compile),
     ]
     checks += [
         (lambda name=name: name not in LOGGERS and _refuse("trainer.loggers", name, LOGGERS))
@@ -83,4 +84,15 @@ def device_problem(cfg) -> str | None:
 
         if not torch.backends.mps.is_available():
             return "trainer.accelerator=mps: MPS is not available here; use cpu or auto"
+    return None
+
+
+def _compile_problem(setting) -> str | None:
+    """trainer.compile outside unipred.train.compiling.CHOICES, as one line."""
+    from unipred.train.compiling import normalise
+
+    try:
+        normalise(setting)
+    except ValueError as e:
+        return str(e)
     return None

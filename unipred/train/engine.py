@@ -49,6 +49,8 @@ class LitTask(L.LightningModule):
         self.ema_metrics = nn.ModuleDict(self.task.build_metrics())
         self.recipe: dict = {}
         self._compiled = False
+        # the current training batch pads for a rank out of samples / its loss weight
+        self.padding, self.loss_weight = False, 1.0
 
     # -- hooks ----------------------------------------------------------------------------
     def configure_model(self):
@@ -60,8 +62,10 @@ class LitTask(L.LightningModule):
             shard_model(self.model, self.device_mesh["data_parallel"])
 
     def on_fit_start(self):
-        if self.cfg.trainer.compile and not self._compiled:
-            self.model.compile()  # in place: state-dict keys stay unchanged
+        if not self._compiled:  # in place: state-dict keys stay unchanged
+            steps = getattr(self.trainer, "estimated_stepping_batches", None)
+            steps = int(steps) if isinstance(steps, (int, float)) and steps < 2**62 else None
+            _compile(self.cfg.trainer.compile, self.model, self.device.type, steps)
             self._compiled = True
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -83,11 +87,19 @@ class LitTask(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         loader = self.trainer.train_dataloader
-        if hasattr(loader, "mark_consumed"):
+        # a stream on several ranks: whether this batch only pads for a rank that has run
+        # out of samples, and its loss weight (unipred.data.uneven)
+        steps = getattr(loader, "steps", None)
+        self.padding, self.loss_weight = steps.take() if steps is not None else (False, 1.0)
+        if hasattr(loader, "mark_consumed") and not self.padding:
             loader.mark_consumed(self.trainer.current_epoch)
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.task.training_step(self.model, batch)
+        if self.loss_weight != 1.0:  # zero for a padding batch: its gradients are zeros
+            loss = loss * self.loss_weight
+        if self.padding:
+            return {"loss": loss, "logs": {}}  # nothing of it is trained: nothing logged
         bs = self.task.batch_size(batch)
         for k, v in logs.items():
             if not k.startswith("collapse/"):  # CollapseMonitor logs those at its own period
@@ -265,6 +277,15 @@ def _retunes_threads(t) -> bool:
     )
 
 
+def _compile(setting, model, device_type: str, steps, training: bool = True) -> None:
+    """trainer.compile: decide (unipred.train.compiling), say it in one line, compile."""
+    from unipred.train import compiling
+
+    mode, why = compiling.choose(setting, device_type, model, steps, training)
+    print(f"[unipred] {compiling.describe(mode, why, model)}", flush=True)
+    compiling.apply(model, mode)
+
+
 def _threads(cfg, training: bool = False) -> bool:
     """Apply the machine fit and the start thread choice, print it; True when a training run
     should also re-check the threads as it goes (``ThreadRetune``)."""
@@ -381,16 +402,21 @@ def _fit(cfg, callbacks, task, show_recipe: bool) -> L.Trainer:
     return trainer
 
 
-def evaluate(cfg) -> dict:
-    """Validate the weights of ``cfg.ckpt`` (raw and, when stored, EMA) on the val split."""
+def evaluate(cfg, units: dict | None = None) -> dict:
+    """Validate the weights of ``cfg.ckpt`` (raw and, when stored, EMA) on the val split.
+
+    The metrics come back as logged (accuracies and IoUs as fractions); a ``units`` dict is
+    filled with ``"%"`` for those, so a caller can show them as the run's ``result:`` line does."""
+    from unipred.base.quiet import percent_metrics
     from unipred.train.checkpoint import load_weights
 
     _threads(cfg)
     lit = LitTask(cfg)
+    if units is not None:
+        units.update(dict.fromkeys(percent_metrics(lit), "%"))
     ema_sd = load_weights(lit.model, cfg.ckpt) if cfg.ckpt else None
     trainer = build_trainer(cfg.trainer, cfg.ema, run_dir(cfg), lit)
-    if cfg.trainer.compile:
-        lit.model.compile()
+    _compile(cfg.trainer.compile, lit.model, cfg.trainer.accelerator, None, training=False)
     results = trainer.validate(lit, verbose=False)[0]
     if ema_sd is not None:
         lit.model.load_state_dict(ema_sd)

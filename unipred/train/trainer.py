@@ -38,7 +38,10 @@ class TrainerConfig:
     limit_val_batches: float | None = None
     val_every_n_epochs: int = 1
     val_check_interval: float | None = None
-    compile: bool = False  # torch.compile the model
+    # auto: CPU runs of models >= 512 wide compile each predictor block (measured faster,
+    # cached between runs; unipred/train/compiling.py), elsewhere eager | true (whole model)
+    # | false | blocks
+    compile: str = "auto"
     activation_checkpointing: bool = False
     channels_last: bool = False
     ckpt_every_n_steps: int = 1000  # plus last.ckpt; 0 = only last.ckpt at epoch ends

@@ -104,6 +104,10 @@ def timm_state_dict(model: NEPA, residual_scale: float = 1.0) -> dict[str, torch
             out["fc_norm." + k.split(".")[-1]] = v
         elif k.startswith("head.classifier."):
             out["head." + k.split(".")[-1]] = v
+        elif k.startswith("objective."):
+            # pretraining-only parts (the MLP head per horizon step, a mask token, an EMA
+            # teacher): the encoder's forward never reads them, fine-tuning drops them too
+            continue
         else:
             raise ValueError(f"no timm name for {k!r}")
     if pc.layerscale is None:
