@@ -122,7 +122,7 @@ def _check_outputs(out: Path) -> dict:
     info = json.loads((out / "results.json").read_text())
     frozen = {
         f"{p}_{m}" for p in ("knn", "linear", "attentive", "layers") for m in ("nepa", "random")
-    } | {"knn_raw", "linear_raw"}  # the raw input: k-NN and linear only
+    } | {"knn_raw", "linear_raw", "knn_raw_flat", "linear_raw_flat"}  # raw: k-NN, linear only
     assert info["units"] == {"accuracy_pct": "percent (top-1)"}
     assert set(info["accuracy_pct"]) == {"finetune_nepa", "finetune_scratch", "probe_nepa",
                                      "probe_random"} | frozen  # fmt: skip
@@ -134,10 +134,11 @@ def _check_outputs(out: Path) -> dict:
     assert [r["weights"] for r in info["frozen"]["random init"]] == ["random"] * 4
     assert [(r["protocol"], r["weights"]) for r in info["frozen"]["raw input"]] == [
         ("knn", "input"), ("linear", "input")]  # fmt: skip
+    assert [r["weights"] for r in info["frozen"]["raw input, flattened"]] == ["input_flat"] * 2
     table = (out / "results.md").read_text()
     assert table.count("| NEPA-pretrained") == 1
-    assert "| protocol | NEPA | random init | raw input |" in table
-    assert table.count(" | — |") == 2  # no attentive / per-layer row on the raw input
+    assert "| protocol | NEPA | random init | raw input | raw input, flattened |" in table
+    assert table.count(" — |") == 4  # no attentive / per-layer row on either raw input
     for row in ("| kNN (k=20, T=0.07) |", "| linear probe |", "| attentive probe |",
                 "| per-layer probe, best layer |"):  # fmt: skip
         assert row in table

@@ -11,7 +11,8 @@
    probe sweep, on the NEPA backbone and on the same backbone at random init; one feature
    pass per backbone (what ``unipred evaluate-suite`` runs), read as the probe recipe's
    ``eval_defaults`` say (a 2 x 2 grid of token means); and k-NN and the linear probe on the
-   raw input (the tokenizer's flattened patches), the baseline ``unipred eval`` prints.
+   raw input, the baselines ``unipred eval`` prints: the tokenizer's patches read the same way
+   (a 2 x 2 grid of patch means), and flattened.
    Stages 2a and 2b run as two processes of one thread each (NEPA's; scratch, random init and
    raw input) where the demo has two or more threads: a model this small gains little from a
    second thread, so two single-threaded stages at once finish sooner than one after the other.
@@ -169,8 +170,9 @@ class Demo:
         return rows
 
     def raw(self, name: str) -> list[dict]:
-        """k-NN and linear probe on the raw input (the tokenizer's flattened patches), the
-        baseline rows of ``unipred eval``, with the same settings as ``frozen``."""
+        """k-NN and linear probe on the raw input (the tokenizer's patches read as ``frozen``
+        reads the tokens, weights "input", and flattened, "input_flat"), the baseline rows of
+        ``unipred eval``, with the same settings as ``frozen``."""
         from unipred.protocols.baselines import raw_eval
 
         p = self.plan
@@ -246,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
                ("raw", "frozen_raw", None)]]  # fmt: skip
     res = run_groups(demo, groups, args)
     acc = {k: res[k] for k in ("finetune_nepa", "finetune_scratch")}
+    raw = res["frozen_raw"]
     frozen = {"NEPA": res["frozen_nepa"], "random init": res["frozen_random"],
-              "raw input": res["frozen_raw"]}  # fmt: skip
-    for key, col in (("nepa", "NEPA"), ("random", "random init"), ("raw", "raw input")):
+              "raw input": [r for r in raw if r["weights"] == "input"],
+              "raw input, flattened": [r for r in raw if r["weights"] == "input_flat"]}  # fmt: skip
+    for key, col in (("nepa", "NEPA"), ("random", "random init"), ("raw", "raw input"),
+                     ("raw_flat", "raw input, flattened")):  # fmt: skip
         for r in frozen[col]:
             acc[f"{r['protocol']}_{key}"] = r["top1"]
     acc["probe_nepa"], acc["probe_random"] = acc["linear_nepa"], acc["linear_random"]
@@ -355,7 +360,8 @@ def results_table(acc: dict, frozen: dict, plan: Plan, demo: Demo, seconds: floa
     lines += ["", f"Frozen backbone, all {n_train:,} training labels (unipred.protocols, read "
               f"as fmnist_probe.yaml's eval_defaults say; one feature pass and all four "
               f"protocols, wall / CPU time: NEPA {t['frozen_nepa']}, random init "
-              f"{t['frozen_random']}; raw input, k-NN and linear: {t['frozen_raw']}):", "",
+              f"{t['frozen_random']}; raw input read alike and flattened, k-NN and linear: "
+              f"{t['frozen_raw']}):", "",
               comparison_markdown(frozen)]  # fmt: skip
     lines.append(
         f"\n{'Fashion-MNIST' if real else 'Generated stand-in data'}, "
