@@ -37,8 +37,10 @@ def main() -> int:
               [("finetune", "finetune_scratch", None), ("frozen", "frozen_random", "random"),
                ("raw", "frozen_raw", None)]]  # fmt: skip
     res = run_groups(demo, groups, Namespace(threads=threads, parallel=parallel))
+    raw = res["frozen_raw"]
     frozen = {"NEPA": res["frozen_nepa"], "random init": res["frozen_random"],
-              "raw input": res["frozen_raw"]}  # fmt: skip
+              "raw input": [r for r in raw if r["weights"] == "input"],
+              "raw input, flattened": [r for r in raw if r["weights"] == "input_flat"]}  # fmt: skip
     print(f"fine-tune: NEPA {100 * res['finetune_nepa']:.1f} %, "
           f"scratch {100 * res['finetune_scratch']:.1f} %")  # fmt: skip
     print(comparison_markdown(frozen))
