@@ -175,7 +175,9 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
                        task.inputs) for s in ("train", "val")}  # fmt: skip
     n = max(r.shape[1] for rows_, _ in chunks.values() for r in rows_)
     tr, va = (flatten_chunks(*chunks[s], n, RawSettings().max_dim, 0) for s in ("train", "val"))
-    rows[f"raw input: flattened patches ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
+    # no value count in the name: the longest clip of a labelled subset sets it, and one row
+    # per count would split the seeds of a budget into several rows
+    rows["raw input: flattened patches (the eval's input_flat)"] = _scores(tr, va, C, seed)
     # the raw patches through the same read-outs: flattened position by position, clips whose
     # words start at different times are hardly comparable; per-sample cells are
     raw = {s: _once("raw", s, _raw, model, _loader(task, s, fs, 0), task.inputs)
