@@ -220,6 +220,10 @@ def _mean_speed(run: Path) -> float:
 # --------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; prints the results table and writes results.md/json and plots/."""
+    if getattr(sys.modules.get("__mp_main__"), "__name__", "") == "__mp_main__":
+        # a stage process of run_groups is importing a script that calls main() without the
+        # `if __name__ == "__main__":` guard: stop before it pretrains again
+        raise RuntimeError("unipred demo image: call main() under `if __name__ == '__main__':`")
     args = _parser().parse_args(argv)
     _quiet()
     plan, out, t0 = _plan(args), Path(args.out), time.time()
@@ -289,16 +293,26 @@ def run_groups(demo: Demo, groups: list[list[tuple]], args) -> dict:
         return {job[1]: demo.run(job) for g in groups for job in g}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     each = max(1, n // len(groups))
     demo.layout = f"{len(groups)} processes x {each} thread(s)"
     print(f"[image demo] the stages after pretraining: {demo.layout}", flush=True)
     # spawn, not fork: a forked child of a process that has run OpenMP threads can hang
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(len(groups), mp_context=ctx) as pool:
-        futures = [pool.submit(_group_worker, demo.out, demo.plan, demo.root, demo.seed, g, each)
-                   for g in groups]  # fmt: skip
-        results = [f.result() for f in futures]
+    try:
+        with ProcessPoolExecutor(len(groups), mp_context=ctx) as pool:
+            futures = [pool.submit(_group_worker, demo.out, demo.plan, demo.root, demo.seed, g,
+                                   each) for g in groups]  # fmt: skip
+            results = [f.result() for f in futures]
+    except BrokenProcessPool as e:
+        # a stage process died (killed for memory; or main() called from a script without
+        # the `if __name__ == "__main__":` guard that spawn needs): the stages are seeded, so
+        # running them here gives the same numbers
+        print(f"[image demo] the stage processes stopped ({e}); running the stages here, "
+              "one after the other", flush=True)  # fmt: skip
+        demo.layout = "sequential, this process (the stage processes stopped)"
+        return {job[1]: demo.run(job) for g in groups for job in g}
     out = {}
     for r in results:
         out.update(r["results"])
