@@ -2,7 +2,8 @@
 raw input, per label budget and seed, from one feature pass per weight set.
 
     python benchmarks/readouts.py CONFIG CKPT [key=value ...] [--labels 10,20] [--seeds 0,1,2]
-                                  [--grids 1,2,3,5] [--block I] [--out FILE.json]
+                                  [--grids 1,2,3,5] [--block I] [--norms none,sample,feature]
+                                  [--out FILE.json]
 
 CONFIG is a classification recipe (e.g. small/probe, audio/digits_linprobe,
 video/demo_classify) and the overrides point it at the data (``data.root=DIR/train
@@ -16,7 +17,12 @@ each G of --grids (G = 1 is the mean pooling) through the shipped
 ``unipred.protocols.features.grid_pool``, the last token and the cls token, and the k-NN also
 on features standardised with the training features' mean and std. The raw-input rows are the
 baseline of ``unipred eval`` (the tokenizer's flattened patches) and the same raw patches
-through each grid read-out. Prints one markdown table, mean over the seeds (min-max).
+through each grid read-out. ``--norms`` repeats every read-out after the per-sample
+standardisation of ``features.norm`` (``unipred.protocols.features.normalise_tokens``: ``sample``
+one mean and std per sample, ``feature`` each feature's per sample, i.e. cepstral mean/variance
+normalisation on log-mel patches; the mean read-out is skipped there, it is zero), the same for
+the backbone, the random-init and the raw rows. Prints one markdown table, mean over the seeds
+(min-max).
 ``unipred eval`` / ``unipred compare`` with ``features.pool=grid features.grid=G`` give the
 backbone's figures one read-out at a time.
 """
@@ -32,7 +38,13 @@ import torch
 from unipred.base.registry import TASKS
 from unipred.nn.heads import pool_tokens
 from unipred.protocols.baselines import flatten_chunks, raw_chunks, raw_patches
-from unipred.protocols.features import Features, grid_pool, load_backbone_weights, weight_sets
+from unipred.protocols.features import (
+    Features,
+    grid_pool,
+    load_backbone_weights,
+    normalise_tokens,
+    weight_sets,
+)
 from unipred.protocols.knn import run_knn
 from unipred.protocols.linear import run_linear
 from unipred.protocols.settings import FeatureSettings, KNNSettings, ProbeSettings, RawSettings
@@ -93,12 +105,17 @@ def _raw(model, loader, inputs):
     return _pad(rows), _pad(valid, False), _pad(coords), torch.cat(labels)
 
 
-def _pools(toks, pre, valid, coords, grids) -> dict:
-    """{read-out name: (N, F) features} of one weight set."""
+def _pools(toks, pre, valid, coords, grids, norms=("none",)) -> dict:
+    """{read-out name: (N, F) features} of one weight set, per norm of ``norms``."""
     out = {}
-    for g in grids:
-        out["mean" if g == 1 else f"grid {g}"] = grid_pool(toks, 0, valid, coords, g)
-    out["last"] = pool_tokens(toks, 0, valid, "last")
+    for norm in norms:
+        t = normalise_tokens(toks, valid, norm)
+        tag = "" if norm == "none" else f", norm {norm}"
+        for g in grids:
+            if g == 1 and norm == "feature":
+                continue  # zero: each feature's own mean was removed
+            out[("mean" if g == 1 else f"grid {g}") + tag] = grid_pool(t, 0, valid, coords, g)
+        out["last" + tag] = pool_tokens(t, 0, valid, "last")
     if pre.shape[1]:
         out["cls"] = pre[:, 0]
     return out
@@ -129,7 +146,7 @@ def _once(key, split: str, fn, *args):
 
 
 def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
-        block: int | None = None) -> dict:  # fmt: skip
+        block: int | None = None, norms=("none",)) -> dict:  # fmt: skip
     """{row name: {knn, knn_std, linear}} for one budget and seed."""
     cfg = load_config(
         config,
@@ -148,7 +165,7 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
             load_backbone_weights(model, sets[0][1], path)
         f = {s: _once((path, block), s, _tokens, model, _loader(task, s, fs, 0), task.inputs,
                       block) for s in ("train", "val")}  # fmt: skip
-        pools = {s: _pools(*f[s][:4], grids) for s in f}
+        pools = {s: _pools(*f[s][:4], grids, norms) for s in f}
         C = int(max(f["train"][4].max(), f["val"][4].max())) + 1
         for label in pools["train"]:
             tr, va = (Features(pools[s][label], f[s][4]) for s in ("train", "val"))
@@ -158,15 +175,16 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
                        task.inputs) for s in ("train", "val")}  # fmt: skip
     n = max(r.shape[1] for rows_, _ in chunks.values() for r in rows_)
     tr, va = (flatten_chunks(*chunks[s], n, RawSettings().max_dim, 0) for s in ("train", "val"))
-    rows[f"raw input: flattened patches ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
+    # no value count in the name: the longest clip of a labelled subset sets it, and one row
+    # per count would split the seeds of a budget into several rows
+    rows["raw input: flattened patches (the eval's input_flat)"] = _scores(tr, va, C, seed)
     # the raw patches through the same read-outs: flattened position by position, clips whose
     # words start at different times are hardly comparable; per-sample cells are
     raw = {s: _once("raw", s, _raw, model, _loader(task, s, fs, 0), task.inputs)
            for s in ("train", "val")}  # fmt: skip
-    for g in grids:
-        tr, va = (Features(grid_pool(r[0], 0, r[1], r[2], g), r[3]) for r in
-                  (raw["train"], raw["val"]))  # fmt: skip
-        label = "mean" if g == 1 else f"grid {g}"
+    pools = {s: _pools(r[0], r[0][:, :0], r[1], r[2], grids, norms) for s, r in raw.items()}
+    for label in pools["train"]:
+        tr, va = (Features(pools[s][label], raw[s][3]) for s in ("train", "val"))
         rows[f"raw input: patches, {label} ({tr.pooled.shape[1]} values)"] = _scores(
             tr, va, C, seed
         )
@@ -187,6 +205,7 @@ def main(argv=None) -> int:
         default=None,
         help="read block BLOCK's output (negative: from the top) instead of the final norm",
     )
+    p.add_argument("--norms", default="none", help="features.norm values, e.g. none,feature")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -194,7 +213,9 @@ def main(argv=None) -> int:
     table, cols = {}, ("knn", "knn_std", "linear")
     for k in (int(v) for v in a.labels.split(",")):
         for seed in (int(v) for v in a.seeds.split(",")):
-            for row, sc in one(a.config, a.ckpt, a.overrides, k, seed, grids, a.block).items():
+            rows = one(a.config, a.ckpt, a.overrides, k, seed, grids, a.block,
+                       a.norms.split(","))  # fmt: skip
+            for row, sc in rows.items():
                 for c in cols:
                     table.setdefault((k, row), {}).setdefault(c, []).append(100 * sc[c])
             print(f"labels {k} seed {seed}: done", file=sys.stderr, flush=True)

@@ -334,3 +334,26 @@ def test_audio_configs_load(path):
         model = TASKS.get(cfg.task)(cfg).build_model()
         freeze(model, cfg.optim.freeze)
         assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"head"}
+
+
+@pytest.mark.parametrize("norm", ["clip", "cmvn"])
+def test_clip_norm_cancels_a_clips_gain_and_ignores_its_padding(norm):
+    """Per-clip normalisation (model.tokenizer_args.clip_norm): a louder copy of a clip gives
+    the same tokens (a gain is an offset of every log-mel value), padding after the clip
+    enters no statistic, and ``cmvn`` leaves each mel bin zero-mean over the clip's frames."""
+    torch.manual_seed(0)
+    tk = TOKENIZERS.get("audio")(dim=8, n_mels=32, patch_size=(8, 32), clip_norm=norm)
+    plain = TOKENIZERS.get("audio")(dim=8, n_mels=32, patch_size=(8, 32))
+    wave = torch.randn(1, SR // 2) * torch.linspace(0.1, 1.0, SR // 2)
+    a = tk.patches(wave)
+    assert torch.allclose(a, tk.patches(3.0 * wave), atol=1e-3)
+    assert not torch.allclose(plain.patches(wave), plain.patches(3.0 * wave), atol=1e-1)
+    padded = {"wave": torch.cat([wave, torch.zeros(1, SR // 2)], 1), "lengths": [SR // 2]}
+    b = tk.patches(padded)
+    assert torch.allclose(a, b[:, : a.shape[1]], atol=1e-4)
+    spec = tk.spectrogram(wave)
+    dims = (1,) if norm == "cmvn" else (1, 2)
+    assert torch.allclose(spec.mean(dims), torch.zeros(1), atol=1e-4)
+    assert torch.allclose(spec.std(dims, unbiased=False), torch.ones(1), atol=1e-3)
+    with pytest.raises(ValueError, match="clip_norm='cvmn'"):
+        TOKENIZERS.get("audio")(dim=8, clip_norm="cvmn")

@@ -26,11 +26,14 @@ def test_audio_demo_tiny_plan_writes_paired_table(tmp_path, monkeypatch):
     for kind in ("scratch", "nepa"):  # both seeds ran, as separate runs
         assert (tmp_path / f"finetune1_{kind}_seed2").is_dir()
     assert (tmp_path / "pretrain" / "checkpoints" / "last.ckpt").is_file()
-    # the frozen protocols, NEPA vs random init, every training clip labelled
-    assert "| protocol | NEPA | random init |" in table
-    for label in ("kNN (k=20, T=0.07)", "linear probe", "attentive probe", "per-layer probe"):
+    # the frozen protocols, NEPA vs random init vs the raw input, every training clip labelled,
+    # through the probe recipe's read-out (its eval_defaults: a 2-cell grid over time)
+    assert "| protocol | NEPA | random init | raw input | raw input, flattened |" in table
+    assert "read the probe recipe's grid 2 per axis of the final norm" in table
+    for label, n in (("kNN (k=20, T=0.07)", 4), ("linear probe", 4), ("attentive probe", 2),
+                     ("per-layer probe", 2)):  # fmt: skip
         row = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
-        assert row.count("%") == 2, row
+        assert row.count("%") == n, row
 
 
 def test_table_reports_mean_sd_and_paired_differences():

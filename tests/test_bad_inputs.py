@@ -316,3 +316,12 @@ def test_video_corpus_in_a_folder_and_in_shards(tmp_path):
     got = list(torch.utils.data.DataLoader(sds, batch_size=None, num_workers=2, timeout=120))
     assert len(got) == 4
     assert _nonzero(counter.snapshot()) == expected_counts(corpus)
+
+
+def test_a_training_set_smaller_than_one_global_batch_says_what_to_set():
+    """A recipe written for a large batch (the B/14 one: 4096) on a small folder: one line
+    naming the sizes and the key that fixes it."""
+    from unipred.data.loader import build_loader
+
+    with pytest.raises(ValueError, match=r"has 90 samples.*set trainer.global_batch to at most 90"):
+        build_loader(list(range(90)), 32, 1, 0, 128, 0, train=True, num_workers=0)

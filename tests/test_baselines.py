@@ -75,9 +75,13 @@ def test_eval_prints_random_init_and_raw_input_rows_beside_the_backbone(tmp_path
     res = json.loads((tmp_path / "results.json").read_text())
     got = [(r["protocol"], r["weights"]) for r in res["rows"]]
     # ckpt=random is itself the random-init baseline: not repeated
-    assert got == [("knn", "random"), ("linear", "random"), ("knn", "input"), ("linear", "input")]
-    raw = res["rows"][2]
-    assert raw["dim"] == 28 * 28 and 0.0 <= raw["top1_pct"] <= 100.0  # Fashion-MNIST's pixels
+    assert got == [("knn", "random"), ("linear", "random"), ("knn", "input"), ("linear", "input"),
+                   ("knn", "input_flat"), ("linear", "input_flat")]  # fmt: skip
+    raw, flat = res["rows"][2], res["rows"][4]
+    # the raw patches through the backbone's read-out (the recipe's eval_defaults: a 2 x 2 grid
+    # of means of the 7 x 7 pixel patches), and flattened (Fashion-MNIST's 28 x 28 pixels)
+    assert raw["dim"] == 4 * 7 * 7 and flat["dim"] == 28 * 28
+    assert 0.0 <= raw["top1_pct"] <= 100.0
     assert res["units"] == {"top1_pct": "%", "top5_pct": "%"} and "top1" not in raw
     assert "| linear | input |" in (tmp_path / "results.md").read_text()
     off = subprocess.run([*cmd, "baselines=false"], capture_output=True, text=True, timeout=300)
@@ -126,7 +130,7 @@ def test_compare_writes_one_table_of_every_system(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     row = res["rows"]["3"]
     want = {"ft_nepa", "ft_scratch", "knn_raw", "knn_random", "knn_input", "linear_raw",
-            "linear_random", "linear_input"}  # fmt: skip
+            "linear_random", "linear_input", "knn_input_flat", "linear_input_flat"}  # fmt: skip
     assert set(row) == want and res["units"] == "percent top-1"
     assert all(0 <= c["mean"] <= 100 and len(c["seeds"]) == 1 for c in row.values())
     md = (tmp_path / "results.md").read_text()
@@ -169,3 +173,71 @@ def test_train_and_val_of_different_lengths_flatten_to_one_width():
     a, b = flatten_chunks(train, y, 7, 0), flatten_chunks(val, y, 7, 0)
     assert a.pooled.shape == b.pooled.shape == (2, 21)
     assert flatten_chunks(val, y, 7, 14).pooled.shape == (2, 14)  # 7 tokens x 2 values
+
+
+def test_the_raw_row_reads_the_patches_through_the_backbones_read_out():
+    """Raw patches pooled as the backbone's tokens are: a word said later in a clip (the same
+    patches shifted in time) gives the same mean and the same grid cells of its own span, while
+    the flattened view, position by position, does not; padded patches enter no cell."""
+    from unipred.protocols.baselines import pooled_chunks
+
+    word = torch.randn(1, 4, 3)
+    early = torch.cat([word, torch.zeros(1, 2, 3)], 1)  # the word, then 2 padded steps
+    late = torch.cat([torch.full((1, 2, 3), -5.0), word], 1)  # 2 steps of silence first
+    valid = torch.tensor([[True] * 4 + [False] * 2, [False] * 2 + [True] * 4])
+    coords = torch.linspace(-1, 1, 6)[:, None]  # one time axis
+    # the late clip's real tokens are its last 4: its own span is cut into cells
+    rows, views, y = [torch.cat([early, late])], [(valid, coords)], torch.tensor([0, 0])
+    for pool, cells, width in (("mean", 1, 3), ("grid", 2, 6), ("last", 2, 3)):
+        f = pooled_chunks(rows, views, y, pool, cells, "none", 0).pooled
+        assert f.shape == (2, width) and torch.allclose(f[0], f[1], atol=1e-6), pool
+    assert torch.allclose(f[0], word[0, -1])
+    flat = flatten_patches(rows[0], 0)
+    assert not torch.allclose(flat[0], flat[1])
+    # above raw.max_dim each cell is averaged down, as the flattened patches are
+    assert pooled_chunks(rows, views, y, "grid", 2, "none", 4).pooled.shape == (2, 4)
+
+
+def test_per_sample_standardisation_cancels_a_samples_own_offset_and_uses_no_other_sample():
+    from unipred.protocols.features import normalise_tokens
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[1, 3:] = False
+    level = x + 7.0  # a louder clip: every value shifted alike
+    spectrum = x + torch.tensor([1.0, -2.0, 3.0, 0.5])  # a voice: each feature shifted
+    for norm, shifted, kept in (("sample", level, spectrum), ("feature", spectrum, None)):
+        a, b = normalise_tokens(x, valid, norm), normalise_tokens(shifted, valid, norm)
+        assert torch.allclose(a[valid], b[valid], atol=1e-5), norm
+        if kept is not None:  # a per-feature offset survives the per-sample level
+            assert not torch.allclose(a[valid], normalise_tokens(kept, valid, norm)[valid])
+    # padded tokens enter no statistic: the real tokens alone give the same result
+    f = normalise_tokens(x, valid, "feature")
+    alone = normalise_tokens(x[1:2, :3], None, "feature")
+    assert torch.allclose(f[1, :3], alone[0], atol=1e-5)
+    assert torch.allclose(f[1, :3].mean(0), torch.zeros(4), atol=1e-5)
+    # a sample's result does not depend on the other samples of its batch
+    assert torch.allclose(normalise_tokens(x[:1], valid[:1], "sample"),
+                          normalise_tokens(x, valid, "sample")[:1])  # fmt: skip
+    assert torch.equal(normalise_tokens(x, valid, "none"), x)
+
+
+def test_eval_norm_and_pool_reach_the_raw_row_and_bad_combinations_are_one_line():
+    from unipred.protocols import ProtocolError
+    from unipred.protocols.baselines import run_raw
+    from unipred.protocols.settings import parse_eval_settings
+    from unipred.train.config import load_config
+
+    cfg = load_config("configs/demo/fmnist_probe.yaml", [*TINY, "data.labels_per_class=2"])
+    s = parse_eval_settings(["features.pool=grid", "features.grid=2", "features.norm=feature",
+                             "raw.flat=false", "linear.epochs=2"])  # fmt: skip
+    rows = run_raw(cfg, s, log=lambda *_: None)
+    assert [(r["protocol"], r["weights"], r["dim"]) for r in rows] == [
+        ("knn", "input", 4 * 49),
+        ("linear", "input", 4 * 49),
+    ]  # 2 x 2 cells of 7 x 7 pixels
+    with pytest.raises(ProtocolError, match="features.norm=feature with features.pool=mean"):
+        parse_eval_settings(["features.norm=feature"])
+    with pytest.raises(ProtocolError, match="features.norm='cmvn'"):
+        parse_eval_settings(["features.norm=cmvn"])

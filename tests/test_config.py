@@ -100,6 +100,26 @@ def test_base_includes(tmp_path):
     assert cfg.trainer.global_batch == 8 and cfg.task == "debug_image_pretrain"
 
 
+def test_a_base_may_name_a_packaged_recipe(tmp_path):
+    """Your own YAML that starts from a shipped recipe, from any folder: `_base_: small/pretrain`
+    was "config file not found: small/pretrain" (only paths beside the file were read)."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("_base_: small/pretrain\ntrainer:\n  global_batch: 8\n")
+    cfg = load_config(mine, check_paths=False)
+    assert cfg.task == "image_pretrain" and cfg.trainer.global_batch == 8
+    assert cfg.model.objective.auto  # the recipe's own value, through its base.yaml
+    (tmp_path / "small").mkdir()  # a file beside it wins over the packaged recipe
+    (tmp_path / "small" / "pretrain.yaml").write_text("task: debug_image_pretrain\n")
+    mine.write_text("_base_: small/pretrain.yaml\n")
+    assert load_config(mine, check_paths=False).task == "debug_image_pretrain"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: small/pretrian\n")
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: _base_: small/pretrian: no file .* no packaged"
+    ):
+        load_config(bad, check_paths=False)
+
+
 def test_cli_exits_nonzero_with_the_key(capsys):
     assert main(["fit", str(TINY), "optim.weight_decy=0.1"]) == 2
     err = capsys.readouterr().err

@@ -122,7 +122,7 @@ def _check_outputs(out: Path) -> dict:
     info = json.loads((out / "results.json").read_text())
     frozen = {
         f"{p}_{m}" for p in ("knn", "linear", "attentive", "layers") for m in ("nepa", "random")
-    } | {"knn_raw", "linear_raw"}  # the raw input: k-NN and linear only
+    } | {"knn_raw", "linear_raw", "knn_raw_flat", "linear_raw_flat"}  # raw: k-NN, linear only
     assert info["units"] == {"accuracy_pct": "percent (top-1)"}
     assert set(info["accuracy_pct"]) == {"finetune_nepa", "finetune_scratch", "probe_nepa",
                                      "probe_random"} | frozen  # fmt: skip
@@ -134,10 +134,11 @@ def _check_outputs(out: Path) -> dict:
     assert [r["weights"] for r in info["frozen"]["random init"]] == ["random"] * 4
     assert [(r["protocol"], r["weights"]) for r in info["frozen"]["raw input"]] == [
         ("knn", "input"), ("linear", "input")]  # fmt: skip
+    assert [r["weights"] for r in info["frozen"]["raw input, flattened"]] == ["input_flat"] * 2
     table = (out / "results.md").read_text()
     assert table.count("| NEPA-pretrained") == 1
-    assert "| protocol | NEPA | random init | raw input |" in table
-    assert table.count(" | — |") == 2  # no attentive / per-layer row on the raw input
+    assert "| protocol | NEPA | random init | raw input | raw input, flattened |" in table
+    assert table.count(" — |") == 4  # no attentive / per-layer row on either raw input
     for row in ("| kNN (k=20, T=0.07) |", "| linear probe |", "| attentive probe |",
                 "| per-layer probe, best layer |"):  # fmt: skip
         assert row in table
@@ -216,3 +217,47 @@ def test_demo_full(tmp_path):
     assert acc["probe_nepa"] > acc["probe_random"] + 10
     # the issue's fine-tuning target (measured: 78.7 % vs 75.6 %)
     assert acc["finetune_nepa"] >= acc["finetune_scratch"] + 3
+
+
+def test_stage_processes_that_die_fall_back_to_this_process(monkeypatch, capsys):
+    """A broken stage pool (a process killed for memory) reruns the stages here, seeded alike;
+    a spawn child importing an unguarded script that calls main() stops before pretraining."""
+    import concurrent.futures
+    import sys
+    import types
+    from argparse import Namespace
+    from concurrent.futures.process import BrokenProcessPool
+
+    from unipred.tasks.image import demo as d
+
+    class Broken:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def submit(self, *a):
+            f = concurrent.futures.Future()
+            f.set_exception(BrokenProcessPool("a child died"))
+            return f
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Broken)
+    ran = []
+    stub = types.SimpleNamespace(out=None, plan=None, root="", seed=0, layout="",
+                                 run=lambda job: ran.append(job[1]) or job[2])  # fmt: skip
+    groups = [[("finetune", "a", 1)], [("frozen", "b", 2), ("raw", "c", 3)]]
+    res = d.run_groups(stub, groups, Namespace(threads=2, parallel="on"))
+    assert res == {"a": 1, "b": 2, "c": 3} and ran == ["a", "b", "c"]
+    assert "the stage processes stopped (a child died)" in capsys.readouterr().out
+    assert stub.layout.startswith("sequential")
+    off = d.run_groups(stub, groups, Namespace(threads=2, parallel="off"))
+    assert off == res and stub.layout == "sequential, this process"
+
+    child_main = types.ModuleType("__mp_main__")  # what spawn imports a script as
+    monkeypatch.setitem(sys.modules, "__mp_main__", child_main)
+    with pytest.raises(RuntimeError, match="__name__ == '__main__'"):
+        d.main(["--quick"])

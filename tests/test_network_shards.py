@@ -381,3 +381,47 @@ def test_two_ranks_over_a_failing_server_see_every_other_sample_exactly_once(tmp
     assert ("skipped/truncated", server.url(cut)) in files
     assert any(n == reset and r.startswith("bytes=") for n, r in server.requests)
     assert took < 300, took  # far below any deadline: nothing waited on a shard
+
+
+@pytest.mark.slow  # two DDP runs of 2 gloo ranks: two minutes or more on 2 loaded cores
+def test_two_ranks_killed_mid_epoch_over_a_failing_server_resume_without_repeats(tmp_path):
+    """The run of the test above (2 DDP ranks, a 404 and a truncated shard) is killed after
+    its step-2 checkpoint and resumed with resume=auto (1 -> 2 workers per rank): over the two
+    runs every readable sample is trained exactly once, none repeated."""
+    shards = _pack(tmp_path)
+    names, owner, gone, cut, kept_of_cut = _damage(shards)
+    server = FaultyShards(shards, {})
+    run, env = tmp_path / "run", {**os.environ, **_ENV}
+    script = Path(__file__).parent / "fixtures" / "elastic_fit.py"
+    extra = ["data.max_bad_fraction=0.5"]
+    try:
+        spec = server.url(f"{names[0].rsplit('-', 1)[0]}-{{000000..{len(names) - 1:06d}}}.tar")
+        runs = []
+        for run_id, workers, kill in (("1", "1", "3"), ("2", "2", "0")):
+            args = [sys.executable, str(script), spec, str(run), "2", workers, run_id, kill]
+            runs.append(subprocess.run([*args, *extra], env=env, capture_output=True,
+                                       text=True, timeout=500))  # fmt: skip
+    finally:
+        server.close()
+    assert runs[0].returncode != 0 and "killed at step 3" in runs[0].stderr, runs[0].stderr[-3000:]
+    assert runs[1].returncode == 0, runs[1].stderr[-3000:]
+    # each step's labels, both ranks; the resumed run's record of a step replaces the killed
+    # run's (that step was not in the checkpoint)
+    by_step: dict[int, dict[str, list[int]]] = {}
+    for path in sorted(run.glob("keys-*.json")):
+        rec = json.loads(path.read_text())
+        for step, labels in rec["steps"].items():
+            by_step.setdefault(int(step), {}).setdefault(str(rec["run"]), []).extend(labels)
+    seen = [y for step in sorted(by_step) for y in by_step[step][max(by_step[step])]]
+    expected = [y for n in names if n not in (gone, cut) for y in owner[n]] + sorted(kept_of_cut)
+    assert sorted(seen) == sorted(expected)
+    report = json.loads((run / "data_report.json").read_text())
+    counts = report["total"]  # the epoch's, over both runs, each lost sample counted once
+    assert counts["skipped/shard_gone"] == PER_SHARD
+    assert counts["skipped/truncated"] == PER_SHARD - len(kept_of_cut)
+    assert counts.get("converted/repeated", 0) == 0
+    files = {(b["reason"], b["file"]) for e in report["epochs"] for b in e["bad_files"]}
+    assert {
+        ("skipped/shard_gone", server.url(gone)),
+        ("skipped/truncated", server.url(cut)),
+    } <= files

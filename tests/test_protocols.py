@@ -171,7 +171,12 @@ def test_evaluate_suite_writes_the_table(tiny_ckpt, capsys):
     got = [(r["protocol"], r["weights"]) for r in res["rows"]]
     want = [(p, w) for w in ("raw", "ema", "random") for p in ("knn", "linear", "attentive",
                                                                "layers")]  # fmt: skip
-    assert got == want + [("knn", "input"), ("linear", "input")]  # the baselines follow
+    assert got == want + [
+        ("knn", "input"),
+        ("linear", "input"),
+        ("knn", "input_flat"),
+        ("linear", "input_flat"),
+    ]  # the baselines follow
     assert all(0.0 <= r["top1_pct"] <= r["top5_pct"] <= 100.0 for r in res["rows"])
     layers = next(r for r in res["rows"] if r["protocol"] == "layers")["per_layer"]
     assert all(set(acc) == {"top1_pct", "top5_pct"} for acc in layers.values())

@@ -54,6 +54,15 @@ def test_padded_tokens_give_the_per_batch_grid_read_out():
         assert torch.allclose(got, want, atol=1e-4), g
     pools = ro._pools(toks, pre, valid, coords, [1, 2])
     assert set(pools) == {"mean", "grid 2", "last", "cls"}
+    # --norms: the eval's per-sample standardisation (features.norm), the same read-outs after
+    # it; "feature" has no mean read-out (it would be zero) and changes the grid
+    normed = ro._pools(toks, pre, valid, coords, [1, 2], ["none", "feature"])
+    assert set(normed) == {"mean", "grid 2", "last", "cls", "grid 2, norm feature",
+                           "last, norm feature"}  # fmt: skip
+    assert torch.equal(normed["grid 2"], pools["grid 2"])
+    assert not torch.allclose(normed["grid 2, norm feature"], pools["grid 2"])
+    want = extract_features(model, batches, pool="grid", cells=2, norm="feature").pooled
+    assert torch.allclose(normed["grid 2, norm feature"], want, atol=1e-4)
     # the block read-out differs from the final norm's
     blk = ro._tokens(model, batches, lambda b: b[0], 0)[0]
     assert blk.shape == toks.shape and not torch.allclose(blk, toks)

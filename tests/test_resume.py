@@ -178,3 +178,22 @@ def test_collapse_metrics_are_logged_at_their_own_period_once_each(tmp_path):
     rows = list(csv.DictReader(open(next(run.glob("logs/version_*/metrics.csv")))))
     steps = [int(r["step"]) for r in rows if r.get("train/collapse/erank")]
     assert steps == [0, 4, 8], steps  # 12 optimizer steps: checked at 0, 4, 8, each once
+
+
+def test_a_fresh_run_in_a_used_folder_sets_the_earlier_checkpoints_aside(tmp_path):
+    """Running the same command again without resume= starts afresh. It overwrote last.ckpt
+    but left the earlier run's step checkpoints, and resume=auto then continued the earlier
+    run's newest step, not this run. They are moved to earlier-1/ (nothing deleted), in one
+    warning line."""
+    run = tmp_path / "run"
+    fit(cfg_for(run))  # 12 steps: step00000010/12 + last
+    old = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    with pytest.warns(UserWarning, match=r"held an earlier run's checkpoints.*earlier-1"):
+        fit(cfg_for(run, "trainer.max_epochs=1"))  # 6 steps
+    assert sorted(p.name for p in (run / "earlier-1/checkpoints").glob("*.ckpt")) == old
+    assert max(int(p.stem[4:]) for p in (run / "checkpoints").glob("step*.ckpt")) == 6
+    found = find_resume_checkpoint(run)
+    assert read_checkpoint(found, require_training_state=True)["global_step"] == 6
+    # resuming sets nothing aside
+    fit(cfg_for(run, "trainer.max_epochs=1", "resume=auto"))
+    assert not (run / "earlier-2").exists()

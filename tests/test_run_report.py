@@ -56,6 +56,16 @@ def test_a_classification_run_says_what_the_data_gave_how_far_it_is_and_what_it_
     last = [r.split(",") for r in rows[1:] if r.split(",")[head.index("val/acc1")]][-1]
     assert abs(100 * float(last[head.index("val/acc1")]) - acc) < 1e-3
     assert not (run / LOCK_NAME).exists()  # released at the end
+    # `unipred eval` of that checkpoint: no step count on its validation line (it trains no
+    # steps), and its closing lines show the accuracies in percent, as the run's line above
+    ev = subprocess.run([UNIPRED, "eval", *TINY, f"ckpt={run}/checkpoints/last.ckpt"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHONSAFEPATH": "1"})  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    line = [ln for ln in ev.stdout.splitlines() if "validated: " in ln]
+    assert line and "step" not in line[0] and "epoch" not in line[0], ev.stdout[-2000:]
+    assert re.search(r"^val/acc1: \d+\.\d\d %$", ev.stdout, re.M), ev.stdout[-2000:]
+    assert re.search(r"^val/loss: \d", ev.stdout, re.M), ev.stdout[-2000:]
     # the data report lists the generic reasons and the image modality's, no other's
     keys = set(json.loads((run / "data_report.json").read_text())["total"])
     assert {"skipped/corrupt", "converted/cmyk", "skipped/total"} <= keys, keys

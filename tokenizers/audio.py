@@ -92,6 +92,9 @@ def waves_at_rate(x, sample_rate: int):
     return wave, lengths
 
 
+CLIP_NORMS = ("none", "clip", "cmvn")
+
+
 @TOKENIZERS.register("audio")
 class AudioSpectrogramTokenizer(nn.Module):
     """Waveform -> normalised log-mel (B, 1, frames, n_mels) -> (pt x pf) patches, time-major.
@@ -117,8 +120,16 @@ class AudioSpectrogramTokenizer(nn.Module):
         mean: float = 0.0,  # dataset statistics of the log-mel values (pack-audio prints them)
         std: float = 1.0,
         time_span: float = 10.24,  # seconds that map onto the time coordinate range [-1, 1]
+        # per-clip normalisation of the log-mel after the dataset statistics, over the clip's
+        # real frames (padding excluded): "none"; "clip" one mean and std per clip (its level:
+        # voice loudness, gain); "cmvn" each mel bin's own mean and std per clip (cepstral mean
+        # and variance normalisation, the speech standard: also the voice's average spectrum)
+        clip_norm: str = "none",
     ):
         super().__init__()
+        if clip_norm not in CLIP_NORMS:
+            raise ValueError(f"audio tokenizer clip_norm={clip_norm!r}: use one of {CLIP_NORMS}")
+        self.clip_norm = clip_norm
         pt, pf = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
         if n_mels % pf:
             raise ValueError(f"n_mels {n_mels} is not divisible by the frequency patch size {pf}")
@@ -147,8 +158,9 @@ class AudioSpectrogramTokenizer(nn.Module):
         n = torch.as_tensor(n_samples)
         return torch.where(n >= self.win, (n - self.win) // self.hop + 1, torch.zeros_like(n))
 
-    def spectrogram(self, wave: torch.Tensor) -> torch.Tensor:
-        """(B, S) waveform -> (B, frames, n_mels) normalised log-mel, computed in float32."""
+    def spectrogram(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) waveform -> (B, frames, n_mels) normalised log-mel, computed in float32;
+        ``lengths`` (B,) real samples per clip, for ``clip_norm`` (None: all of it)."""
         self.mel.float()  # the tables stay float32 even in a bf16 model
         # torch.stft centres the win-long window inside each n_fft-long frame; padding by the
         # difference makes frame i cover exactly samples [i*hop, i*hop + win)
@@ -157,7 +169,23 @@ class AudioSpectrogramTokenizer(nn.Module):
         with torch.autocast(device_type=wave.device.type, enabled=False):
             spec = self.mel(wave)  # (B, n_mels, frames)
         spec = torch.log(spec + 1e-6).transpose(1, 2)  # (B, frames, n_mels)
-        return (spec - self.mean) / self.std
+        spec = (spec - self.mean) / self.std
+        if self.clip_norm != "none":
+            spec = self._clip_normalise(spec, lengths)
+        return spec
+
+    def _clip_normalise(self, spec: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Per-clip standardisation of (B, frames, n_mels) over each clip's real frames (all
+        of them for a clip shorter than one frame); padded frames are scaled alike."""
+        B, T, _ = spec.shape
+        n = torch.full((B,), T, device=spec.device) if lengths is None else self.n_frames(lengths)
+        n = n.to(spec.device).clamp(1, T)
+        w = (torch.arange(T, device=spec.device)[None, :] < n[:, None]).to(spec.dtype)[..., None]
+        dims = (1, 2) if self.clip_norm == "clip" else (1,)
+        count = w.sum(1, keepdim=True) * (spec.shape[2] if self.clip_norm == "clip" else 1)
+        mean = (spec * w).sum(dims, keepdim=True) / count
+        var = ((spec - mean) ** 2 * w).sum(dims, keepdim=True) / count
+        return (spec - mean) / var.sqrt().clamp_min(1e-3)
 
     def example_input(self, batch_size: int = 2) -> dict:
         return example_clips(batch_size, self.sample_rate)
@@ -170,14 +198,14 @@ class AudioSpectrogramTokenizer(nn.Module):
     def patches(self, x) -> torch.Tensor:
         """Any accepted input -> normalised log-mel patches (B, N, pt*pf) in token order
         (time-major; within a patch, frames then mel bins)."""
-        wave, _ = waves_at_rate(x, self.sample_rate)
-        spec = self._patched_spectrogram(wave)  # (B, n_t*pt, n_mels)
+        wave, lengths = waves_at_rate(x, self.sample_rate)
+        spec = self._patched_spectrogram(wave, lengths)  # (B, n_t*pt, n_mels)
         B, pt, pf = spec.shape[0], self.patch_t, self.patch_f
         n_t, n_f = spec.shape[1] // pt, self.n_mels // pf
         spec = spec.reshape(B, n_t, pt, n_f, pf).permute(0, 1, 3, 2, 4)  # (B, n_t, n_f, pt, pf)
         return spec.reshape(B, n_t * n_f, pt * pf)
 
-    def _patched_spectrogram(self, wave: torch.Tensor) -> torch.Tensor:
+    def _patched_spectrogram(self, wave: torch.Tensor, lengths=None) -> torch.Tensor:
         """(B, S) -> (B, n_t * pt, n_mels): the log-mel frames that make whole patches."""
         n_t = int(self.n_frames(wave.shape[1])) // self.patch_t
         if n_t < 1:
@@ -186,11 +214,12 @@ class AudioSpectrogramTokenizer(nn.Module):
                 f"audio of {wave.shape[1]} samples is shorter than one patch ({need} samples "
                 f"at {self.sample_rate} Hz); pad clips to at least that length"
             )
-        return self.spectrogram(wave)[:, : n_t * self.patch_t]  # drop a partial last patch
+        # drop a partial last patch
+        return self.spectrogram(wave, lengths)[:, : n_t * self.patch_t]
 
     def forward(self, x) -> Tokens:
         wave, lengths = waves_at_rate(x, self.sample_rate)
-        spec = self._patched_spectrogram(wave)
+        spec = self._patched_spectrogram(wave, lengths)
         n_t = spec.shape[1] // self.patch_t
         t = self.proj(spec.unsqueeze(1).to(self.proj.weight.dtype))  # (B, D, n_t, n_f)
         n_f = t.shape[-1]

@@ -10,8 +10,9 @@
    several seeds (each seed draws the labelled clips, the init and the order for both runs, so
    the comparison is paired); accuracy on the held-out voices, mean ± sd over the seeds.
 4. The frozen-feature protocols of ``unipred.protocols`` (kNN, linear, attentive, per-layer)
-   with every training clip labelled (configs/audio/digits_linprobe.yaml), on the NEPA
-   backbone and on the same backbone at random init.
+   with every training clip labelled (configs/audio/digits_linprobe.yaml, read out as its
+   ``eval_defaults`` say), on the NEPA backbone and on the same backbone at random init, and
+   k-NN and linear on the raw log-mel patches (read out alike, and flattened).
 Everything runs through the engine (``unipred.train.engine.fit``). ``--quick`` is a smoke run.
 """
 
@@ -114,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = out / "pretrain" / "checkpoints" / "last.ckpt"
     print(f"[audio demo] pretrained -> {ckpt}  [{time.time() - t0:.0f}s]", flush=True)
     rows = [_finetune_row(out, plan, common, n, ckpt, args.seed, t0) for n in plan.labels]
-    frozen = {col: frozen_rows(out, plan, common, c, args.seed)
-              for col, c in (("NEPA", str(ckpt)), ("random init", "random"))}  # fmt: skip
-    table = _table(rows, plan, n_te, time.time() - t0, frozen)
+    frozen = frozen_rows(out, plan, common, str(ckpt), args.seed)
+    table = _table(rows, plan, n_te, time.time() - t0, *frozen)
     print(table)
     (out / "results.md").write_text(table + "\n")
     return 0
@@ -141,19 +141,21 @@ def _finetune_row(out: Path, plan: Plan, common: list[str], n: int, ckpt: Path, 
     return n, accs["scratch"], accs["nepa"]
 
 
-def frozen_rows(out: Path, plan: Plan, common: list[str], ckpt: str, seed: int) -> list[dict]:
-    """kNN, linear, attentive and per-layer probes of the frozen backbone ``ckpt`` (or
-    "random") with every training clip labelled; one feature pass."""
-    from unipred.protocols import frozen_eval
+def frozen_rows(out: Path, plan: Plan, common: list[str], ckpt: str, seed: int):
+    """kNN, linear, attentive and per-layer probes of the frozen backbone ``ckpt`` and of the
+    random-init backbone, and k-NN and linear on the raw input, with every training clip
+    labelled, through the probe recipe's read-out (its ``eval_defaults``, as ``unipred eval``);
+    (columns, the read-out in words)."""
+    from unipred.protocols import frozen_columns
 
-    name = "frozen_random" if ckpt == "random" else "frozen_nepa"
-    return frozen_eval(
+    return frozen_columns(
         CONFIGS / "digits_linprobe.yaml",
-        [*common, f"seed={seed}", f"run_dir={out / name}", "data.max_per_class=0"],
-        ckpt, PROTOCOLS,
+        [*common, f"seed={seed}", "data.max_per_class=0"], ckpt, PROTOCOLS,
         [f"linear.epochs={plan.probe_epochs}", f"layers.epochs={plan.probe_epochs}",
          f"attentive.epochs={plan.attentive_epochs}", "linear.batch=256", "layers.batch=256"],
-        log=lambda line: print(f"[audio demo] {name}: {line}", flush=True),
+        run_dirs={"NEPA": out / "frozen_nepa", "random init": out / "frozen_random",
+                  "raw input": out / "frozen_input"},
+        log=lambda line: print(f"[audio demo] frozen {line}", flush=True),
     )  # fmt: skip
 
 
@@ -165,7 +167,8 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{m:.1%} ± {100 * sd:.1f}"
 
 
-def _table(rows, plan: Plan, n_test: int, seconds: float, frozen: dict | None = None) -> str:
+def _table(rows, plan: Plan, n_test: int, seconds: float, frozen: dict | None = None,
+           readout: str = "") -> str:  # fmt: skip
     """Markdown: per label count, mean ± sd over seeds and the paired per-seed differences."""
     head = ("setting", "labelled train clips", "held-out-voice test clips",
             "from scratch", "NEPA-pretrained", "NEPA − scratch, per seed")  # fmt: skip
@@ -182,8 +185,10 @@ def _table(rows, plan: Plan, n_test: int, seconds: float, frozen: dict | None = 
         from unipred.protocols import comparison_markdown
 
         lines += ["", f"Frozen backbone, all {plan.train_per_class * 10} training clips labelled, "
-                  f"test on the held-out voices (linear / per-layer {plan.probe_epochs} epochs, "
-                  f"attentive {plan.attentive_epochs}):", "", comparison_markdown(frozen)]  # fmt: skip
+                  f"test on the held-out voices; k-NN and linear read the probe recipe's {readout} "
+                  f"(the raw input: its log-mel patches read alike, and flattened); linear / "
+                  f"per-layer {plan.probe_epochs} epochs, attentive {plan.attentive_epochs}:", "",
+                  comparison_markdown(frozen)]  # fmt: skip
     return "\n".join(lines)
 
 

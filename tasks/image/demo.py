@@ -11,7 +11,8 @@
    probe sweep, on the NEPA backbone and on the same backbone at random init; one feature
    pass per backbone (what ``unipred evaluate-suite`` runs), read as the probe recipe's
    ``eval_defaults`` say (a 2 x 2 grid of token means); and k-NN and the linear probe on the
-   raw input (the tokenizer's flattened patches), the baseline ``unipred eval`` prints.
+   raw input, the baselines ``unipred eval`` prints: the tokenizer's patches read the same way
+   (a 2 x 2 grid of patch means), and flattened.
    Stages 2a and 2b run as two processes of one thread each (NEPA's; scratch, random init and
    raw input) where the demo has two or more threads: a model this small gains little from a
    second thread, so two single-threaded stages at once finish sooner than one after the other.
@@ -169,8 +170,9 @@ class Demo:
         return rows
 
     def raw(self, name: str) -> list[dict]:
-        """k-NN and linear probe on the raw input (the tokenizer's flattened patches), the
-        baseline rows of ``unipred eval``, with the same settings as ``frozen``."""
+        """k-NN and linear probe on the raw input (the tokenizer's patches read as ``frozen``
+        reads the tokens, weights "input", and flattened, "input_flat"), the baseline rows of
+        ``unipred eval``, with the same settings as ``frozen``."""
         from unipred.protocols.baselines import raw_eval
 
         p = self.plan
@@ -218,6 +220,10 @@ def _mean_speed(run: Path) -> float:
 # --------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; prints the results table and writes results.md/json and plots/."""
+    if getattr(sys.modules.get("__mp_main__"), "__name__", "") == "__mp_main__":
+        # a stage process of run_groups is importing a script that calls main() without the
+        # `if __name__ == "__main__":` guard: stop before it pretrains again
+        raise RuntimeError("unipred demo image: call main() under `if __name__ == '__main__':`")
     args = _parser().parse_args(argv)
     _quiet()
     plan, out, t0 = _plan(args), Path(args.out), time.time()
@@ -242,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
                ("raw", "frozen_raw", None)]]  # fmt: skip
     res = run_groups(demo, groups, args)
     acc = {k: res[k] for k in ("finetune_nepa", "finetune_scratch")}
+    raw = res["frozen_raw"]
     frozen = {"NEPA": res["frozen_nepa"], "random init": res["frozen_random"],
-              "raw input": res["frozen_raw"]}  # fmt: skip
-    for key, col in (("nepa", "NEPA"), ("random", "random init"), ("raw", "raw input")):
+              "raw input": [r for r in raw if r["weights"] == "input"],
+              "raw input, flattened": [r for r in raw if r["weights"] == "input_flat"]}  # fmt: skip
+    for key, col in (("nepa", "NEPA"), ("random", "random init"), ("raw", "raw input"),
+                     ("raw_flat", "raw input, flattened")):  # fmt: skip
         for r in frozen[col]:
             acc[f"{r['protocol']}_{key}"] = r["top1"]
     acc["probe_nepa"], acc["probe_random"] = acc["linear_nepa"], acc["linear_random"]
@@ -284,16 +293,26 @@ def run_groups(demo: Demo, groups: list[list[tuple]], args) -> dict:
         return {job[1]: demo.run(job) for g in groups for job in g}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     each = max(1, n // len(groups))
     demo.layout = f"{len(groups)} processes x {each} thread(s)"
     print(f"[image demo] the stages after pretraining: {demo.layout}", flush=True)
     # spawn, not fork: a forked child of a process that has run OpenMP threads can hang
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(len(groups), mp_context=ctx) as pool:
-        futures = [pool.submit(_group_worker, demo.out, demo.plan, demo.root, demo.seed, g, each)
-                   for g in groups]  # fmt: skip
-        results = [f.result() for f in futures]
+    try:
+        with ProcessPoolExecutor(len(groups), mp_context=ctx) as pool:
+            futures = [pool.submit(_group_worker, demo.out, demo.plan, demo.root, demo.seed, g,
+                                   each) for g in groups]  # fmt: skip
+            results = [f.result() for f in futures]
+    except BrokenProcessPool as e:
+        # a stage process died (killed for memory; or main() called from a script without
+        # the `if __name__ == "__main__":` guard that spawn needs): the stages are seeded, so
+        # running them here gives the same numbers
+        print(f"[image demo] the stage processes stopped ({e}); running the stages here, "
+              "one after the other", flush=True)  # fmt: skip
+        demo.layout = "sequential, this process (the stage processes stopped)"
+        return {job[1]: demo.run(job) for g in groups for job in g}
     out = {}
     for r in results:
         out.update(r["results"])
@@ -341,7 +360,8 @@ def results_table(acc: dict, frozen: dict, plan: Plan, demo: Demo, seconds: floa
     lines += ["", f"Frozen backbone, all {n_train:,} training labels (unipred.protocols, read "
               f"as fmnist_probe.yaml's eval_defaults say; one feature pass and all four "
               f"protocols, wall / CPU time: NEPA {t['frozen_nepa']}, random init "
-              f"{t['frozen_random']}; raw input, k-NN and linear: {t['frozen_raw']}):", "",
+              f"{t['frozen_random']}; raw input read alike and flattened, k-NN and linear: "
+              f"{t['frozen_raw']}):", "",
               comparison_markdown(frozen)]  # fmt: skip
     lines.append(
         f"\n{'Fashion-MNIST' if real else 'Generated stand-in data'}, "

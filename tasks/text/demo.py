@@ -112,7 +112,8 @@ def _raw_input(common: list[str], k: int, out: Path) -> dict[str, float]:
     cfg = load_config(CONFIGS / "probe.yaml", [*common, f"data.labels_per_class={k}", "ckpt=random",
                       f"run_dir={out / f'frozen_input_{k}'}"])  # fmt: skip
     rows = run_raw(cfg, parse_eval_settings(["ema=false"]), log=lambda s: None)
-    return {f"{r['protocol']}_input": r["top1"] for r in rows}
+    # the flattened bytes (the pooled raw row, "input", reads the mean of the one-hot bytes)
+    return {f"{r['protocol']}_input": r["top1"] for r in rows if r["weights"] == "input_flat"}
 
 
 def run_budget(out: Path, plan: Plan, common: list[str], k: int, n_classes: int, ckpt: Path,

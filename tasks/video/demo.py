@@ -12,7 +12,8 @@
    generated clips, and on the real clips the source video (an easy task: it shows the real
    decoding path end to end, on frames never seen in training).
 4. The frozen-feature protocols of ``unipred.protocols`` (kNN, linear, attentive, per-layer)
-   on each task, NEPA backbone (with its causal pretraining attention) vs random init.
+   on each task, NEPA backbone (with its causal pretraining attention) vs random init vs the
+   raw input (k-NN and linear), read out as the classify recipe's ``eval_defaults`` say.
 Everything runs through the engine (``unipred.train.engine.fit``). ``--quick`` is a smoke run.
 """
 
@@ -196,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, n_tr, n_va, *accs))
         print(f"[video demo] {label}: scratch {accs[0]:.3f}, NEPA {accs[1]:.3f}  "
               f"[{time.time() - t0:.0f}s]", flush=True)  # fmt: skip
-        cols = {col: frozen_rows(out, f"cls{i}_frozen_{tag}", train, val, n_cls, plan, c, args.seed)
-                for col, tag, c in (("NEPA", "nepa", str(ckpt)), ("random init", "random", "random"))}  # fmt: skip
-        frozen.append((label, cols))
+        cols, readout = frozen_rows(out, f"cls{i}_frozen", train, val, n_cls, plan, str(ckpt),
+                                    args.seed)  # fmt: skip
+        frozen.append((label, cols, readout))
     table = _table(rows, plan, time.time() - t0, frozen)
     print(table)
     (out / "results.md").write_text(table + "\n")
@@ -206,18 +207,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def frozen_rows(out: Path, name: str, train: Path, val: Path, n_cls: int, plan: Plan,
-                ckpt: str, seed: int) -> list[dict]:  # fmt: skip
-    """kNN, linear, attentive and per-layer probes of the frozen backbone ``ckpt`` (or
-    "random"), run with the causal attention it was pretrained with; one feature pass."""
-    from unipred.protocols import frozen_eval
+                ckpt: str, seed: int):  # fmt: skip
+    """kNN, linear, attentive and per-layer probes of the frozen backbone ``ckpt`` and of the
+    random-init backbone, run with the causal attention it was pretrained with, and k-NN and
+    linear on the raw tubelets, through the classify recipe's read-out (its ``eval_defaults``,
+    as ``unipred eval``); (columns, the read-out in words)."""
+    from unipred.protocols import frozen_columns
 
     ov = [*_common(out, name, 1, seed), f"data.root={train}", f"data.val_root={val}",
           f"data.num_classes={n_cls}", "model.predictor.causal=true"]  # fmt: skip
-    return frozen_eval(
+    return frozen_columns(
         CONFIGS / "demo_classify.yaml", ov, ckpt, PROTOCOLS,
         [f"linear.epochs={plan.probe_epochs}", f"layers.epochs={plan.probe_epochs}",
          f"attentive.epochs={plan.attentive_epochs}", "linear.batch=64", "layers.batch=64",
          "attentive.batch=64"],
+        run_dirs={"NEPA": out / f"{name}_nepa", "random init": out / f"{name}_random",
+                  "raw input": out / f"{name}_input"},
         log=lambda line: print(f"[video demo] {name}: {line}", flush=True),
     )  # fmt: skip
 
@@ -229,9 +234,11 @@ def _table(rows, plan: Plan, seconds: float, frozen=()) -> str:
               f"pretraining: {plan.pretrain_epochs} epochs; total {seconds / 60:.1f} min")  # fmt: skip
     header = ("task", "train clips", "val clips", "from scratch", "NEPA-pretrained")
     text = results_table(header, rows, footer)
-    for label, cols in frozen:
-        text += (f"\n\nFrozen backbone, {label} (linear / per-layer {plan.probe_epochs} epochs, "
-                 f"attentive {plan.attentive_epochs}):\n\n" + comparison_markdown(cols))  # fmt: skip
+    for label, cols, readout in frozen:
+        text += (f"\n\nFrozen backbone, {label}; k-NN and linear read the recipe's {readout} "
+                 f"(the raw input: its tubelet pixels read alike, and flattened); linear / "
+                 f"per-layer {plan.probe_epochs} epochs, attentive {plan.attentive_epochs}:\n\n"
+                 + comparison_markdown(cols))  # fmt: skip
     return text
 
 

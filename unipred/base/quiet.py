@@ -97,10 +97,13 @@ class PlainProgress(L.Callback):
             if v is not None:
                 parts.append(f"{k.split('/')[-1]} {float(v):.4g}")
         total, step, now = getattr(self, "_total", None), trainer.global_step, time.time()
-        head = f"epoch {trainer.current_epoch} step {step}/{total or '?'}"
+        head = f"epoch {trainer.current_epoch} step {step}/{total or '?'} "
         if total and self._start and step > self._start[0]:
-            head += " " + eta(step - self._start[0], total - step, now - self._start[1])
-        print(f"[{now - self._t0:7.1f}s] {head} {what}{'  ' + '  '.join(parts) if parts else ''}",
+            head += eta(step - self._start[0], total - step, now - self._start[1]) + " "
+        fn = getattr(trainer.state, "fn", None)
+        if fn is not None and getattr(fn, "value", fn) != "fit":  # `unipred eval`: no steps
+            head = ""
+        print(f"[{now - self._t0:7.1f}s] {head}{what}{'  ' + '  '.join(parts) if parts else ''}",
               flush=True)  # fmt: skip
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

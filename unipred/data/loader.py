@@ -260,7 +260,8 @@ def build_loader(
         if per_rank == 0:
             raise ValueError(
                 f"the training set has {n} samples, fewer than one global batch "
-                f"({batch_size} x {accumulate} accumulation x {world} devices)"
+                f"({batch_size} x {accumulate} accumulation x {world} devices); set "
+                f"trainer.global_batch to at most {n}"
             )
     else:
         per_rank = -(-n // world)  # validation sees every sample (the last rank may repeat a few)

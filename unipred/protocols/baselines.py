@@ -6,11 +6,19 @@ unless ``baselines=false``:
 
 * **random init**: the same protocols on the config's model at its random init (``ckpt=random``,
   seeded by the run's ``seed``); for ``protocol=finetune`` the same recipe from scratch.
-* **raw input**: k-NN and the linear probe on the tokenizer's raw patches (``patches(x)``, the
-  view ``model.objective.target=patch`` predicts: pixels, log-mel patches, voxels, waveform
-  frames), flattened per sample. Above ``raw.max_dim`` values per sample each patch is averaged
-  down to ``max_dim // tokens`` values (``adaptive_avg_pool1d``): a lower-resolution input, so
-  the features of a 224 px image fit in memory. Samples with fewer tokens are zero-padded.
+* **raw input** (weights ``input``): k-NN and the linear probe on the tokenizer's raw patches
+  (``patches(x)``, the view ``model.objective.target=patch`` predicts: pixels, log-mel
+  patches, voxels, waveform frames) read out exactly as the backbone's tokens are: the same
+  ``features.pool`` (``grid`` / ``mean`` / ``last``; ``cls``, which raw patches lack, reads
+  their mean) over the tokenizer's own coordinates and real-token mask, after the same
+  ``features.norm``. Above ``raw.max_dim`` values per sample each cell is averaged down
+  (``adaptive_avg_pool1d``). A fair baseline: the backbone is compared with its own input
+  seen through its own read-out.
+* **raw input, flattened** (weights ``input_flat``, ``raw.flat=false`` drops it): the patches
+  flattened position by position, zero-padded to the longest sample, each patch averaged down
+  to ``max_dim // tokens`` values when needed (so a 224 px image fits in memory). It keeps
+  where each pixel is, which suits aligned images and suits badly inputs whose content moves
+  (a word starting at any time of a clip).
 * **the data source's own**: ``DataSource.baseline_scores(train, test)`` (default none), e.g. a
   character n-gram classifier for text; each name becomes one row.
 
@@ -26,14 +34,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from unipred.protocols.features import Features, _labels, _to
+from unipred.protocols.features import Features, _labels, _to, grid_pool, normalise_tokens
 from unipred.protocols.knn import run_knn
 from unipred.protocols.linear import run_linear
 from unipred.protocols.report import format_row
 from unipred.protocols.settings import RANDOM, EvalSettings, ProtocolError
 from unipred.protocols.suite import _loader, _num_classes, demo_settings
 
-INPUT = "input"  # the weights column of the raw-input rows
+INPUT = "input"  # the weights column of the raw-input rows (the backbone's read-out)
+INPUT_FLAT = "input_flat"  # ... of the flattened raw patches
 SOURCE = "data"  # ... of the data source's own baselines
 RAW_PROTOCOLS = ("knn", "linear")
 
@@ -61,14 +70,25 @@ def flatten_patches(p: torch.Tensor, max_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def raw_chunks(tokenizer, batches, inputs, max_samples: int = 0):
-    """One pass: the raw patches (B, N_i, P) of every batch and the labels."""
+def raw_chunks(tokenizer, batches, inputs, max_samples: int = 0, views: list | None = None):
+    """One pass: the raw patches (B, N_i, P) of every batch and the labels; with a list
+    ``views``, each batch's (real-token mask (B, N_i) or None, coordinates) is appended to it
+    (the tokenizer's own forward gives them, as the backbone's read-out sees them)."""
     tokenizer.eval()
     rows, labels, n = [], [], 0
     for batch in batches:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise ProtocolError("the data carry no labels: give a classification config")
-        p = raw_patches(tokenizer, _to(inputs(batch), "cpu"))
+        x = _to(inputs(batch), "cpu")
+        p = raw_patches(tokenizer, x)
+        if views is not None:
+            t = tokenizer(x)
+            if t.coords.shape[-2] != p.shape[1]:
+                raise ProtocolError(
+                    f"tokenizer {type(tokenizer).__name__}: patches(x) gives {p.shape[1]} "
+                    f"patches but its forward {t.coords.shape[-2]} token coordinates"
+                )
+            views.append((t.valid, t.coords))
         rows.append(p.float())
         labels.append(_labels(batch[1]))
         n += p.shape[0]
@@ -77,6 +97,35 @@ def raw_chunks(tokenizer, batches, inputs, max_samples: int = 0):
     if not rows:
         raise ProtocolError("the data set yielded no batches")
     return rows, torch.cat(labels)
+
+
+def pooled_chunks(rows, views, labels, pool: str, cells: int, norm: str, max_dim: int,
+                  max_samples: int = 0) -> Features:  # fmt: skip
+    """Raw-input features through a backbone read-out: each batch's patches standardised per
+    sample (``norm``), then pooled (``grid`` with ``cells`` bins per axis of the tokenizer's
+    coordinates, ``mean``, ``last``; anything else reads the mean), each sample's own real
+    tokens only; cells averaged down when the result exceeds ``max_dim`` values."""
+    out = []
+    for p, (valid, coords) in zip(rows, views):
+        v = None if valid is None else valid.to(p.device).bool()
+        p = normalise_tokens(p, v, norm)
+        if pool == "last":
+            f = pool_tokens_last(p, v)[:, None]
+        else:
+            f = grid_pool(p, 0, v, coords, cells if pool == "grid" else 1)
+            f = f.reshape(p.shape[0], -1, p.shape[2])
+        out.append(flatten_patches(f, max_dim))
+    x = torch.cat(out)
+    if max_samples:
+        x, labels = x[:max_samples], labels[:max_samples]
+    return Features(x, labels)
+
+
+def pool_tokens_last(p: torch.Tensor, valid) -> torch.Tensor:
+    """(B, N, P) -> (B, P): each sample's last real patch."""
+    from unipred.nn.heads import pool_tokens
+
+    return pool_tokens(p, 0, valid, "last")
 
 
 def flatten_chunks(rows, labels, tokens: int, max_dim: int, max_samples: int = 0) -> Features:
@@ -119,7 +168,8 @@ def raw_eval(config, overrides: list[str], settings=(), log=print,
 
 
 def run_raw(cfg, settings: EvalSettings, log=print) -> list[dict]:
-    """k-NN and linear probe on the raw patches of ``cfg``'s data (the label budget applied)."""
+    """k-NN and linear probe on the raw patches of ``cfg``'s data (the label budget applied):
+    through the backbone rows' read-out (``input``) and flattened (``input_flat``)."""
     task, model = _task_and_model(cfg)
     fs = settings.features
     workers = int(getattr(cfg.data, "num_workers", 0))
@@ -127,26 +177,38 @@ def run_raw(cfg, settings: EvalSettings, log=print) -> list[dict]:
     chunks = {}
     for split, limit in (("train", fs.max_train), ("val", fs.max_val)):
         loader = _loader(task, split, fs, workers)
-        chunks[split] = (*raw_chunks(model.tokenizer, loader, task.inputs, limit), limit)
-    # one patch count for both splits (variable-length samples: the longest of either)
-    n = max(r.shape[1] for rows, _, _ in chunks.values() for r in rows)
-    tr, va = (flatten_chunks(rows, y, n, settings.raw.max_dim, lim)
-              for rows, y, lim in (chunks["train"], chunks["val"]))  # fmt: skip
+        views: list = []
+        rows, y = raw_chunks(model.tokenizer, loader, task.inputs, limit, views)
+        chunks[split] = (rows, views, y, limit)
+    tok = type(model.tokenizer).__name__
+    how = {"grid": f"grid {fs.grid} per axis", "last": "last patch"}.get(fs.pool, "mean")
+    how += f", standardised per {fs.norm}" if fs.norm != "none" else ""
+    feats = {INPUT: [pooled_chunks(rows, views, y, fs.pool, fs.grid, fs.norm,
+                                   settings.raw.max_dim, lim)
+                     for rows, views, y, lim in (chunks["train"], chunks["val"])]}  # fmt: skip
+    if settings.raw.flat:
+        # one patch count for both splits (variable-length samples: the longest of either)
+        n = max(r.shape[1] for rows, _, _, _ in chunks.values() for r in rows)
+        feats[INPUT_FLAT] = [flatten_chunks(rows, y, n, settings.raw.max_dim, lim)
+                             for rows, _, y, lim in (chunks["train"], chunks["val"])]  # fmt: skip
+    tr, va = feats[INPUT]
     C = _num_classes(task, tr.labels, va.labels)
-    log(f"[{INPUT}] raw patches of {type(model.tokenizer).__name__}: {len(tr.labels)} train / "
-        f"{len(va.labels)} val samples, {tr.pooled.shape[1]} values each, "
-        f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
-    rows = []
-    for proto in RAW_PROTOCOLS:
-        t0 = time.perf_counter()
-        if proto == "knn":
-            r = run_knn(tr, va, C, settings.knn)
-        else:
-            r = run_linear(tr, va, C, settings.linear, settings.seed)
-        rows.append({"protocol": proto, "weights": INPUT, **r, "dim": tr.pooled.shape[1],
-                     "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
-        log(format_row(rows[-1]))
-    return rows
+    log(f"[{INPUT}] raw patches of {tok} ({how}): {len(tr.labels)} train / {len(va.labels)} "
+        f"val samples, {tr.pooled.shape[1]} values each; [{INPUT_FLAT}] flattened: "
+        + (f"{feats[INPUT_FLAT][0].pooled.shape[1]} values" if INPUT_FLAT in feats else "off")
+        + f"; {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    out = []
+    for weights, (tr, va) in feats.items():
+        for proto in RAW_PROTOCOLS:
+            t0 = time.perf_counter()
+            if proto == "knn":
+                r = run_knn(tr, va, C, settings.knn)
+            else:
+                r = run_linear(tr, va, C, settings.linear, settings.seed)
+            out.append({"protocol": proto, "weights": weights, **r, "dim": tr.pooled.shape[1],
+                        "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+            log(format_row(out[-1]))
+    return out
 
 
 def _items(ds, limit: int) -> list[tuple]:

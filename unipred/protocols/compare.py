@@ -41,10 +41,12 @@ from unipred.protocols.report import read_results
 
 # (column key, heading): fine-tunes first, then the frozen protocols of each weight set
 FINETUNE = (("ft_nepa", "NEPA fine-tune"), ("ft_scratch", "scratch fine-tune"))
+# raw input: the patches through the backbone's read-out ("input"), and flattened ("input_flat")
 FROZEN = (
     ("knn_raw", "NEPA k-NN"), ("knn_random", "random-init k-NN"), ("knn_input", "raw-input k-NN"),
+    ("knn_input_flat", "raw-input k-NN, flattened"),
     ("linear_raw", "NEPA linear"), ("linear_random", "random-init linear"),
-    ("linear_input", "raw-input linear"),
+    ("linear_input", "raw-input linear"), ("linear_input_flat", "raw-input linear, flattened"),
 )  # fmt: skip
 
 

@@ -68,6 +68,31 @@ def load_backbone_weights(model: nn.Module, sd: dict, source: str) -> None:
 
 # ----------------------------------------------------------------------------- pooling
 POOLS = ("mean", "last", "cls", "grid")
+NORMS = ("none", "sample", "feature")
+
+
+def normalise_tokens(x: torch.Tensor, valid, norm: str) -> torch.Tensor:
+    """Per-sample standardisation of (B, N, D) tokens over each sample's own real tokens
+    (``valid`` (B, N) or None), before any pooling: ``sample`` one mean and one std per sample
+    over its real tokens and all D features (a level shift of the whole sample, such as a
+    louder voice, cancels); ``feature`` each feature's own mean and std per sample (cepstral
+    mean and variance normalisation when the tokens are log-mel patches: a per-sample offset
+    of any feature, such as a voice's average spectrum, cancels; the mean over the tokens then
+    is zero, so it is read with a grid or the last token). Only the sample itself enters its
+    statistics: nothing is estimated on another sample or split. ``none`` returns ``x``."""
+    if norm == "none":
+        return x
+    if norm not in NORMS:
+        raise ProtocolError(f"features.norm={norm!r}: use {', '.join(NORMS)}")
+    x = x.float()
+    B, N, D = x.shape
+    w = torch.ones(B, N, device=x.device) if valid is None else valid.to(x.device).float()
+    w = w.unsqueeze(-1)
+    dims = (1, 2) if norm == "sample" else (1,)
+    count = (w.sum(1, keepdim=True) * (D if norm == "sample" else 1)).clamp_min(1.0)
+    mean = (x * w).sum(dims, keepdim=True) / count
+    var = ((x - mean) ** 2 * w).sum(dims, keepdim=True) / count
+    return (x - mean) / var.sqrt().clamp_min(1e-6)
 
 
 def grid_pool(hidden, n_prefix: int, valid, coords, cells: int) -> torch.Tensor:
@@ -108,9 +133,16 @@ def grid_pool(hidden, n_prefix: int, valid, coords, cells: int) -> torch.Tensor:
     return (sums / w.sum(dim=1).clamp_min(1.0).unsqueeze(-1)).reshape(B, n_cells * D)
 
 
-def pool_features(out, src, n_prefix: int, pool: str, cells: int = 2) -> torch.Tensor:
+def pool_features(out, src, n_prefix: int, pool: str, cells: int = 2,
+                  norm: str = "none") -> torch.Tensor:  # fmt: skip
     """Pool one (B, T, D) output ``src`` of a ``forward_features`` result ``out``: ``grid``
-    (``grid_pool`` on the tokens' coordinates) or a pooling of ``unipred.nn.heads.pool_tokens``."""
+    (``grid_pool`` on the tokens' coordinates) or a pooling of ``unipred.nn.heads.pool_tokens``;
+    ``norm`` standardises the patch tokens per sample first (``normalise_tokens``)."""
+    if norm != "none" and pool != "cls":
+        v = None if out.valid is None else out.valid[:, n_prefix:]
+        src = torch.cat(
+            [src[:, :n_prefix].float(), normalise_tokens(src[:, n_prefix:], v, norm)], 1
+        )
     if pool == "grid":
         coords = getattr(out, "coords", None)
         if coords is None:
@@ -177,11 +209,13 @@ def extract_features(
     block: int | None = None,
     cells: int = 2,
     concat: tuple[int, ...] = (),
+    norm: str = "none",
 ) -> Features:
     """One pass of the frozen backbone (eval mode, no grad) over labelled batches. ``pooled``
     is the final norm's output, or that of block ``block`` (negative: from the top), pooled
     by ``pool`` (``grid``: ``cells`` bins per coordinate axis, see ``grid_pool``), then the
-    outputs of the blocks in ``concat``, pooled alike, appended to it."""
+    outputs of the blocks in ``concat``, pooled alike, appended to it; ``norm`` standardises
+    each sample's tokens before pooling (``normalise_tokens``)."""
     model.eval()
     device = torch.device(device)
     n_prefix = int(getattr(model, "n_prefix", 0))
@@ -207,12 +241,13 @@ def extract_features(
         src = out.hidden if block is None else out.layers[want.index(block % n_blocks)]
         parts = [src] + [out.layers[want.index(b % n_blocks)] for b in concat]
         pooled.append(
-            torch.cat([pool_features(out, h, n_prefix, pool, cells) for h in parts], -1)
+            torch.cat([pool_features(out, h, n_prefix, pool, cells, norm) for h in parts], -1)
             .float()
             .cpu()
         )
         if layers:
-            hs = [pool_features(out, h, n_prefix, pool, cells) for h in (*out.layers, out.hidden)]
+            hs = [pool_features(out, h, n_prefix, pool, cells, norm)
+                  for h in (*out.layers, out.hidden)]  # fmt: skip
             per_layer.append(torch.stack(hs).float().cpu())
         if tokens:
             toks.append(out.hidden[:, n_prefix:].to(torch.bfloat16).cpu())

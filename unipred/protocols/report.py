@@ -21,7 +21,7 @@ def format_row(r: dict) -> str:
         extra = f"  best: {r['best_layer']}"
     elif r["protocol"] == "knn":
         extra = f"  k={r['k']} T={r['temperature']}"
-    return (f"{r['protocol']:<10} {r['weights']:<6} top-1 {_pct(r['top1']):>8}  "
+    return (f"{r['protocol']:<10} {r['weights']:<10} top-1 {_pct(r['top1']):>8}  "
             f"top-5 {_pct(r['top5']):>8}  ({r['seconds']:.1f} s){extra}")  # fmt: skip
 
 
@@ -182,9 +182,9 @@ LABELS = {"knn": "kNN (k=20, T=0.07)", "linear": "linear probe", "attentive": "a
 def comparison_markdown(columns: dict[str, list[dict]]) -> str:
     """One row per protocol, one column per backbone (e.g. NEPA vs random init): top-1, with
     the best layer named for the per-layer sweep; "—" where a column has no such row (the
-    raw input: k-NN and linear only). The rows are the first column's protocols."""
+    raw input: k-NN and linear only). The rows: every column's protocols, first seen first."""
     names = list(columns)
-    protos = [r["protocol"] for r in columns[names[0]]]
+    protos = list(dict.fromkeys(r["protocol"] for n in names for r in columns[n]))
     lines = ["| protocol | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for p in protos:
         cells = []

@@ -62,6 +62,12 @@ class FeatureSettings:
     # same pooling): early blocks keep local statistics of the input that later ones trade
     # for prediction, and a linear read-out can weigh both
     concat: list[int] = field(default_factory=list)
+    # per-sample standardisation of the tokens before pooling, for every row alike (backbone,
+    # random init, raw input): none | sample (one mean and std per sample: its level) |
+    # feature (each feature's mean and std per sample: cepstral mean/variance normalisation on
+    # log-mel patches; needs pool=grid or last, the mean of such tokens is zero). A test
+    # sample's statistics come from itself only (unipred.protocols.features.normalise_tokens)
+    norm: str = "none"
     # true: append every block below the top one (blocks 0 .. depth-2) whatever the model's
     # depth, so a recipe's read-out fits every size of its model; with concat: both, once each
     concat_below: bool = False
@@ -72,9 +78,11 @@ class FeatureSettings:
 
 @dataclass
 class RawSettings:
-    """The raw-input baseline (unipred.protocols.baselines): flattened patches of the tokenizer."""
+    """The raw-input baseline (unipred.protocols.baselines): the tokenizer's patches through the
+    backbone rows' read-out (``features.pool`` / ``grid`` / ``norm``), and flattened."""
 
-    max_dim: int = 4096  # values per sample above which each patch is averaged down
+    max_dim: int = 4096  # values per sample above which each patch / cell is averaged down
+    flat: bool = True  # also the flattened patches (weights "input_flat"), the old raw row
 
 
 @dataclass
@@ -134,6 +142,13 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
             raise ProtocolError(f"protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
     if s.features.pool not in ("mean", "last", "cls", "grid"):
         raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last, cls or grid")
+    if s.features.norm not in ("none", "sample", "feature"):
+        raise ProtocolError(f"features.norm={s.features.norm!r}: use none, sample or feature")
+    if s.features.norm == "feature" and s.features.pool in ("mean", "cls"):
+        raise ProtocolError(
+            f"features.norm=feature with features.pool={s.features.pool}: the mean of tokens "
+            "standardised per feature is zero (cls is not a patch token); use pool=grid or last"
+        )
     if s.features.grid < 1:
         raise ProtocolError(f"features.grid={s.features.grid} must be >= 1 (cells per axis)")
     if s.knn.k < 1 or s.knn.temperature <= 0:

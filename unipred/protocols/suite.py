@@ -106,6 +106,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
                 model, _loader(task, split, fs, workers), inputs=task.inputs, pool=fs.pool,
                 layers=want_layers, tokens=want_tokens, device=device, autocast=autocast,
                 max_samples=limit, block=fs.block, cells=fs.grid, concat=concat,
+                norm=fs.norm,
             )  # fmt: skip
         meta["feature_seconds"][name] = round(time.perf_counter() - t0, 2)
         tr, va = feats["train"], feats["val"]
@@ -114,6 +115,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
         where = "final norm" if fs.block is None else f"block {fs.block}"
         where += f" + blocks {list(concat)}" if concat else ""
         how = f"grid {fs.grid} per axis" if fs.pool == "grid" else fs.pool
+        how += f", tokens standardised per {fs.norm}" if fs.norm != "none" else ""
         log(f"[{name}] features ({where}, {how} pooling): {len(tr.labels)} train / "
             f"{len(va.labels)} val samples, width {tr.pooled.shape[1]}, "
             f"{meta['feature_seconds'][name]} s")  # fmt: skip
@@ -166,7 +168,7 @@ def run_linear_augmented(model, task, val: Features, C, settings: EvalSettings, 
     for _ in range(s.epochs):
         f = extract_features(model, loader, inputs=task.inputs, pool=fs.pool, device=device,
                              autocast=autocast, block=fs.block, cells=fs.grid,
-                             concat=concat_blocks(fs, model))  # fmt: skip
+                             concat=concat_blocks(fs, model), norm=fs.norm)  # fmt: skip
         probe.train()
         for i in range(0, len(f.labels), s.batch):
             x, y = f.pooled[i : i + s.batch].to(device), f.labels[i : i + s.batch].to(device)
@@ -261,3 +263,38 @@ def demo_settings(cfg, settings=(), recipe_defaults: bool = False) -> EvalSettin
 
     defaults = recipe_eval_args(cfg.eval_defaults) if recipe_defaults else []
     return parse_eval_settings([*defaults, *settings, "ema=false"])
+
+
+def readout_text(s: EvalSettings) -> str:
+    """How the pooled protocols read the tokens, in words (for tables and logs)."""
+    how = f"grid {s.features.grid} per axis" if s.features.pool == "grid" else s.features.pool
+    how += f", tokens standardised per {s.features.norm}" if s.features.norm != "none" else ""
+    where = "final norm" if s.features.block is None else f"block {s.features.block}"
+    where += f" + blocks {list(s.features.concat)}" if s.features.concat else ""
+    return f"{how} of the {where}"
+
+
+def frozen_columns(config, overrides: list[str], ckpt: str, protocols=FROZEN, settings=(),
+                   run_dirs=None, log=print) -> tuple[dict[str, list[dict]], str]:  # fmt: skip
+    """The demos' frozen table, through the config's own read-out (its ``eval_defaults``):
+    ({"NEPA": rows of ``ckpt``, "random init": rows, "raw input": k-NN and linear on the raw
+    patches read out alike, "raw input, flattened": ...}, the read-out in words). ``run_dirs``
+    maps a column to its run folder (``run_dir=`` override)."""
+    from unipred.protocols.baselines import raw_eval
+    from unipred.train.config import load_config
+
+    run_dirs = run_dirs or {}
+
+    def ov(col):
+        return [*overrides, *([f"run_dir={run_dirs[col]}"] if col in run_dirs else [])]
+
+    def say(col):
+        return lambda line: log(f"{col}: {line}")
+
+    cols = {col: frozen_eval(config, ov(col), c, protocols, settings, say(col), True)
+            for col, c in (("NEPA", ckpt), ("random init", RANDOM))}  # fmt: skip
+    raw = raw_eval(config, ov("raw input"), settings, say("raw input"), recipe_defaults=True)
+    cols["raw input"] = [r for r in raw if r["weights"] == "input"]
+    cols["raw input, flattened"] = [r for r in raw if r["weights"] == "input_flat"]
+    cfg = load_config(config, overrides)
+    return cols, readout_text(demo_settings(cfg, settings, recipe_defaults=True))

@@ -74,7 +74,8 @@ def schema_for(task: str) -> type:
 
 
 def read_yaml(path: str | os.PathLike) -> DictConfig:
-    """Read a YAML file, merging ``_base_`` (a path or list of paths, relative to the file)."""
+    """Read a YAML file, merging ``_base_`` (a path or list of paths, relative to the file, or
+    the name of a packaged recipe: ``_base_: small/pretrain``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -95,8 +96,28 @@ def read_yaml(path: str | os.PathLike) -> DictConfig:
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
     merged = OmegaConf.create()
     for b in bases:
-        merged = OmegaConf.merge(merged, read_yaml(path.parent / b))
+        base = path.parent / b
+        if not base.is_file():  # not a file beside this one: a packaged recipe's name?
+            base = _packaged_recipe(b)
+            if base is None:
+                raise ConfigError(
+                    f"{path}: _base_: {b}: no file {path.parent / b} and no packaged recipe "
+                    f"of that name (`unipred list` names them)"
+                )
+        merged = OmegaConf.merge(merged, read_yaml(base))
     return OmegaConf.merge(merged, cfg)
+
+
+def _packaged_recipe(name: str | os.PathLike) -> Path | None:
+    """The packaged recipe ``name`` names (``small/pretrain``, with or without ``.yaml``, or
+    ``configs/small/pretrain.yaml``), or None."""
+    path = Path(name)
+    rel = Path(*path.parts[1:]) if path.parts and path.parts[0] == "configs" else path
+    root = packaged_configs()
+    for cand in (root / rel, root / rel.with_suffix(".yaml")):
+        if cand.is_file():
+            return cand
+    return None
 
 
 def packaged_configs() -> Path:
@@ -112,11 +133,11 @@ def find_config(name: str | os.PathLike) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    found = _packaged_recipe(path)
+    if found is not None:
+        return found
     rel = Path(*path.parts[1:]) if path.parts and path.parts[0] == "configs" else path
     root = packaged_configs()
-    for cand in (root / rel, root / rel.with_suffix(".yaml")):
-        if cand.is_file():
-            return cand
     known = sorted(str(p.relative_to(root).with_suffix("")) for p in root.glob("*/*.yaml"))
     close = difflib.get_close_matches(str(rel.with_suffix("")), known, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

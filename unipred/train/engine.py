@@ -393,6 +393,14 @@ def _fit(cfg, callbacks, task, show_recipe: bool) -> L.Trainer:
     L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:  # a fresh run must not mix its checkpoints with an earlier run's
+            from unipred.base.warn import warn
+            from unipred.train.rundir import set_aside_earlier_run
+
+            earlier = set_aside_earlier_run(out)
+            if earlier is not None:
+                warn(f"{out} held an earlier run's checkpoints; this run starts afresh "
+                     f"(resume=auto continues a run) and they are kept in {earlier}")  # fmt: skip
         if ckpt is None or not (out / "config.yaml").exists():
             (out / "config.yaml").write_text(to_yaml(cfg))
         if ckpt is not None:  # a resumed run appends a record; the original files stay

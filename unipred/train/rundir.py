@@ -67,3 +67,25 @@ def check_run_dir(path: str | os.PathLike, min_free_mb: float = MIN_FREE_MB) -> 
             "its checkpoints and logs; free some space or set another run_dir"
         )
     return p
+
+
+def set_aside_earlier_run(path: str | os.PathLike) -> Path | None:
+    """A fresh run (no ``resume``) in a folder that holds an earlier run's checkpoints moves
+    them to ``earlier-N/`` and returns that folder (None when there were none).
+
+    Why: the new run overwrites ``last.ckpt`` but not the earlier run's step checkpoints, and
+    ``resume=auto`` continues the newest by step, which would then be the earlier run's, not
+    this one's. Nothing is deleted: the earlier files keep their names inside ``earlier-N/``."""
+    p = Path(path)
+    moving = [q for q in (p / "checkpoints", p / "best") if q.is_dir() and any(q.iterdir())]
+    moving += sorted(p.glob("hpc_ckpt_*.ckpt"))  # Lightning's SLURM saves, also resumed
+    if not moving:
+        return None
+    n = 1
+    while (p / f"earlier-{n}").exists():
+        n += 1
+    dest = p / f"earlier-{n}"
+    dest.mkdir()
+    for q in moving:
+        q.rename(dest / q.name)
+    return dest

@@ -393,7 +393,7 @@ def export_checkpoint(path, out, *, ema: bool = False, evaluation: str | None = 
     if ev_path.is_file():
         ev = read_results(ev_path)  # rows with fractions, from either file format
         # this weight set's rows and its baselines' (random init, raw input, the source's)
-        keep = (weights, "random", "input", "data")
+        keep = (weights, "random", "input", "input_flat", "data")
         ev["rows"] = [r for r in ev.get("rows", []) if r.get("weights") in keep]
     elif evaluation:
         raise PretrainedError(f"--eval {evaluation}: file not found")
