@@ -5,12 +5,12 @@ else: the predictor's blocks one by one ("regional" compilation) when the predic
 ``AUTO_MIN_WIDTH`` wide and the run is long enough to pay the compilation back. All blocks
 share one code object, so inductor compiles one block (forward and backward) once and every
 block reuses it (one block's graphs to compile, not twelve; tests/test_compiling.py). Measured on
-the project's 2-core CPU (benchmarks/README.md, "trainer.compile=auto"), ViT-B/14's training
-step at batch 8 ran 1.15x faster in bf16 (median of 4 alternating rounds) and ~1.2x in fp32
-with its blocks compiled: inductor fuses the element-wise work (casts, layer norms, GELU,
-residuals) that is a third of the eager step. The demo-sized models (width 128) gained 1.19x a
-step but paid more in compilation than their few-minute runs save, and tests run a few steps:
-they stay eager. GPUs keep what they had: ``auto`` leaves them eager, ``true`` compiles the
+the project's shared 2-core CPU under load (benchmarks/README.md, "trainer.compile=auto"),
+ViT-B/14's training step at batch 8 ran 1.32x (bf16) and 1.11x (fp32) faster than eager with its
+blocks compiled, medians of 5 alternating rounds: inductor fuses the element-wise work (casts,
+layer norms, GELU, residuals) that is a third of the eager bf16 step. The demo-sized models
+(width 128) gained 1.19x a step but paid more in compilation than their few-minute runs save,
+and tests run a few steps: they stay eager. GPUs keep what they had: ``auto`` leaves them eager, ``true`` compiles the
 whole model.
 
 Compilations are cached between runs by inductor's FX graph cache and the AOTAutograd cache
