@@ -7,7 +7,8 @@ share one code object, so inductor compiles one block (forward and backward) onc
 block reuses it (one block's graphs to compile, not twelve; tests/test_compiling.py). Measured on
 the project's shared 2-core CPU under load (benchmarks/README.md, "trainer.compile=auto"),
 ViT-B/14's training step at batch 8 ran 1.32x (bf16) and 1.11x (fp32) faster than eager with its
-blocks compiled, medians of 5 alternating rounds: inductor fuses the element-wise work (casts,
+blocks compiled, medians of 5 alternating rounds; on the idle machine 1.08x (bf16) and 0.99x
+(fp32, no gain): inductor fuses the element-wise work (casts,
 layer norms, GELU, residuals) that is a third of the eager bf16 step. The demo-sized models
 (width 128) gained 1.19x a step but paid more in compilation than their few-minute runs save,
 and tests run a few steps: they stay eager. GPUs keep what they had: ``auto`` leaves them eager, ``true`` compiles the
