@@ -32,6 +32,11 @@ def test_auto_compiles_wide_predictors_on_cpu_only():
     mode, why = compiling.choose("auto", "cpu", _stub(128), None)  # the demo's width
     assert mode == "off" and "width 128" in why
     assert compiling.choose("auto", "cpu", vit_b, 20)[0] == "off"  # too short to pay back
+    # fp32 measured no faster compiled on the idle machine: auto compiles bf16 runs only
+    assert compiling.choose("auto", "cpu", vit_b, None, precision="bf16-mixed")[0] == "blocks"
+    mode, why = compiling.choose("auto", "cpu", vit_b, None, precision="32-true")
+    assert mode == "off" and "precision 32-true" in why
+    assert compiling.choose("true", "cpu", vit_b, None, precision="32-true")[0] == "whole"
     assert compiling.choose("auto", "cuda", vit_b, None)[0] == "off"  # GPUs: as before
     assert compiling.choose("auto", "cpu", vit_b, None, training=False)[0] == "off"
     assert compiling.choose("auto", "cpu", nn.Linear(2, 2), None)[0] == "off"

@@ -8,7 +8,7 @@ block reuses it (one block's graphs to compile, not twelve; tests/test_compiling
 the project's shared 2-core CPU under load (benchmarks/README.md, "trainer.compile=auto"),
 ViT-B/14's training step at batch 8 ran 1.32x (bf16) and 1.11x (fp32) faster than eager with its
 blocks compiled, medians of 5 alternating rounds; on the idle machine 1.08x (bf16) and 0.99x
-(fp32, no gain): inductor fuses the element-wise work (casts,
+(fp32, no gain, so ``auto`` compiles bf16 runs only): inductor fuses the element-wise work (casts,
 layer norms, GELU, residuals) that is a third of the eager bf16 step. The demo-sized models
 (width 128) gained 1.19x a step but paid more in compilation than their few-minute runs save,
 and tests run a few steps: they stay eager. GPUs keep what they had: ``auto`` leaves them eager, ``true`` compiles the
@@ -39,12 +39,19 @@ def normalise(setting) -> str:
 
 
 def choose(
-    setting, device_type: str, model: nn.Module, steps: int | None, training: bool = True
+    setting,
+    device_type: str,
+    model: nn.Module,
+    steps: int | None,
+    training: bool = True,
+    precision: str | None = None,
 ) -> tuple[str, str]:
     """(mode, why): mode is ``off``, ``blocks`` (each predictor block compiled) or ``whole``.
 
     ``steps``: the run's optimizer steps when known (None or <= 0: unknown, taken as long).
-    ``training`` False (evaluation): ``auto`` stays eager (only training steps were measured)."""
+    ``training`` False (evaluation): ``auto`` stays eager (only training steps were measured).
+    ``precision``: the run's trainer.precision; ``auto`` compiles bf16 runs only (fp32 measured
+    no faster compiled on the idle machine); None = not known (taken as bf16)."""
     s = normalise(setting)
     if s == "false":
         return "off", "trainer.compile=false"
@@ -67,9 +74,14 @@ def choose(
             f"trainer.compile=auto: predictor width {width} < {AUTO_MIN_WIDTH}, where "
             "compiling on CPU costs more than it saves"
         )
+    if precision is not None and not str(precision).startswith("bf16"):
+        return "off", (
+            f"trainer.compile=auto: precision {precision} on CPU, where compiling measured no "
+            "faster (bf16-mixed runs compile)"
+        )
     if steps is not None and 0 < steps < AUTO_MIN_STEPS:
         return "off", f"trainer.compile=auto: {steps} steps < {AUTO_MIN_STEPS}, too few to pay it"
-    return "blocks", f"trainer.compile=auto: CPU, predictor width {width}"
+    return "blocks", f"trainer.compile=auto: CPU, bf16, predictor width {width}"
 
 
 def apply(model: nn.Module, mode: str, **options) -> None:

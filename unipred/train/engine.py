@@ -65,7 +65,8 @@ class LitTask(L.LightningModule):
         if not self._compiled:  # in place: state-dict keys stay unchanged
             steps = getattr(self.trainer, "estimated_stepping_batches", None)
             steps = int(steps) if isinstance(steps, (int, float)) and steps < 2**62 else None
-            _compile(self.cfg.trainer.compile, self.model, self.device.type, steps)
+            t = self.cfg.trainer
+            _compile(t.compile, self.model, self.device.type, steps, precision=t.precision)
             self._compiled = True
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -277,11 +278,11 @@ def _retunes_threads(t) -> bool:
     )
 
 
-def _compile(setting, model, device_type: str, steps, training: bool = True) -> None:
+def _compile(setting, model, device_type: str, steps, training=True, precision=None) -> None:
     """trainer.compile: decide (unipred.train.compiling), say it in one line, compile."""
     from unipred.train import compiling
 
-    mode, why = compiling.choose(setting, device_type, model, steps, training)
+    mode, why = compiling.choose(setting, device_type, model, steps, training, precision)
     print(f"[unipred] {compiling.describe(mode, why, model)}", flush=True)
     compiling.apply(model, mode)
 

@@ -38,7 +38,7 @@ class TrainerConfig:
     limit_val_batches: float | None = None
     val_every_n_epochs: int = 1
     val_check_interval: float | None = None
-    # auto: CPU runs of models >= 512 wide compile each predictor block (measured faster,
+    # auto: bf16 CPU runs of models >= 512 wide compile each predictor block (measured faster,
     # cached between runs; unipred/train/compiling.py), elsewhere eager | true (whole model)
     # | false | blocks
     compile: str = "auto"
