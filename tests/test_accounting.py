@@ -40,3 +40,18 @@ def test_a_pickled_counter_keeps_its_columns_whatever_the_worker_registered_firs
     w.count("tiny", "y.jpg")
     snap = c.snapshot()  # the parent reads the shared tensor with its own columns
     assert snap["converted/cmyk"] == 1 and snap["skipped/tiny"] == 1 and snap["skipped/total"] == 1
+
+
+def test_a_book_built_under_inference_mode_resets_and_records_outside_it():
+    """An `evaluate` in the same process builds its readers under inference mode; a later run's
+    reset (COUNTER.reset, begin_run) zeroes their books outside it (was a RuntimeError)."""
+    import torch
+
+    from unipred.data.accounting import COUNTER
+    from unipred.data.book import SampleBook
+
+    with torch.inference_mode():
+        book = SampleBook(["a.png", "b.png"], "test")
+    assert not book.marks.is_inference() and not book.bad.is_inference()
+    book.reset()
+    COUNTER.reset()

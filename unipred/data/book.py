@@ -61,10 +61,13 @@ class SampleBook:
         self.names, self.key = names, str(key)
         self.counter = counter or COUNTER
         n = len(names)
-        # column + 1 of the reason in the counter's table; 0: nothing met this epoch
-        self.marks = torch.zeros(n, dtype=torch.int16).share_memory_()
-        # files found unreadable in any epoch: not decoded again as substitutes
-        self.bad = torch.zeros(n, dtype=torch.bool).share_memory_()
+        # normal tensors even when a reader is built under inference mode (an `evaluate` in
+        # this process): a later reset or record outside it updates them in place
+        with torch.inference_mode(False):
+            # column + 1 of the reason in the counter's table; 0: nothing met this epoch
+            self.marks = torch.zeros(n, dtype=torch.int16).share_memory_()
+            # files found unreadable in any epoch: not decoded again as substitutes
+            self.bad = torch.zeros(n, dtype=torch.bool).share_memory_()
         self._warned = 0
         self.counter.attach(self)
 
