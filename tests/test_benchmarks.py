@@ -28,6 +28,8 @@ def test_compiled_model_does_not_recompile_on_the_next_step(name):
     torch._dynamo.reset()
 
 
+# slow: a benchmark script run end to end (the suite stays under ~10 min on 2 cores)
+@pytest.mark.slow
 def test_gpu_profile_dry_run(tmp_path):
     cmd = [sys.executable, "-P", str(ROOT / "benchmarks/gpu_profile.py"), "--dry-run", "--reps", "1",
            "--only", "gemm", "sdpa", "step", "--variants", "base", "--no-compile", "--steps", "1",
@@ -43,7 +45,9 @@ def test_gpu_profile_dry_run(tmp_path):
     assert "error" not in step and step["images_per_s"] > 0
 
 
-@pytest.mark.parametrize("extra", [[], ["--decode-on-device"]])
+@pytest.mark.parametrize(
+    "extra", [[], pytest.param(["--decode-on-device"], marks=pytest.mark.slow)]
+)
 def test_loader_against_training_step_dry_run(extra):
     """`data_loader.py --train`: the same step fed from a device batch and from the shard
     loader (2 workers), both timed, with the share of time spent waiting for data."""
@@ -70,6 +74,8 @@ def test_video_loader_dry_run(layout):
     assert r["layout"] == layout and r["clips"] == 4 and r["clips_per_s"] > 0
 
 
+# slow: a benchmark script run end to end (the suite stays under ~10 min on 2 cores)
+@pytest.mark.slow
 def test_demo_step_writes_the_demo_model_and_times_it(tmp_path):
     """benchmarks/demo_step.py: the JSON of the demo's model config rebuilds the same model."""
     cfg = tmp_path / "m.json"
@@ -87,6 +93,8 @@ def test_demo_step_writes_the_demo_model_and_times_it(tmp_path):
     assert rec["batch"] == 4 and rec["ms_per_step"] > 0 and rec["precision"] == "bf16"
 
 
+# slow: a benchmark script run end to end (the suite stays under ~10 min on 2 cores)
+@pytest.mark.slow
 def test_cpu_profile_quick_runs_every_part():
     """benchmarks/cpu_profile.py --quick on the tiny size: the step split, the op table and
     the alternating ratios of every variant (dynamo's eager backend stands in for inductor

@@ -131,6 +131,7 @@ def test_bare_commands_print_their_usage_and_train_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # every modality's help, 12 s; test_fit_task_help_lists_that_tasks_keys stays
 def test_fit_task_help_lists_the_keys_of_every_modalitys_tasks(tmp_path):
     """docs/first-hour.md: `unipred fit task=NAME --help` lists a task's keys without a YAML.
     The default model (nepa_debug, an image size) does not fit text, audio or video tasks, which
