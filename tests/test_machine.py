@@ -136,3 +136,27 @@ def test_apply_to_run_also_fits_the_loader_workers(monkeypatch, capsys):
     assert len(err) == 1 and err[0] == f"[unipred] {line}"
     assert source_of(cfg, "data.num_workers").startswith("this machine")
     assert machine.apply_to_run(cfg) is None  # fitted once: nothing more to say
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="Linux affinity")
+def test_a_default_worker_count_fits_the_cores_but_a_written_one_is_kept(tmp_path, monkeypatch):
+    """A data section's default of 4 loader workers on a 1-core share becomes 1 (with one
+    line), through the shipped CLI; a count the user wrote is theirs."""
+    import os
+
+    from unipred.train import machine
+
+    cmd = [sys.executable, "-m", "unipred.cli", "fit", "task=audio_pretrain",
+           "model.name=nepa_audio_debug", "--print-config"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"},
+                          preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "num_workers" in ln]
+    assert len(said) == 1 and "data.num_workers 4 (the data section's default) -> 1" in said[0]
+    assert "num_workers: 1  # this machine" in proc.stdout
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 1)
+    for extra, want in (([], 1), (["data.num_workers=3"], 3)):
+        cfg = load_config(None, ["task=audio_pretrain", "model.name=nepa_audio_debug", *extra])
+        machine.apply_to_run(cfg, announce=False)
+        assert cfg.data.num_workers == want

@@ -259,7 +259,7 @@ def test_loss_kinds():
         pair_loss(t, t, None, "l3")
 
 
-@pytest.mark.parametrize("kind", ["mse", "smooth_l1", "infonce"])
+@pytest.mark.parametrize("kind", ["mse", "smooth_l1", "infonce", "infonce_batch"])
 def test_loss_switch_changes_only_the_comparison(kind):
     x = _input("image")
     m0, m1 = _model().eval(), _model(loss=kind).eval()
@@ -513,3 +513,19 @@ def test_collapse_monitor_checks_and_names_each_source():
         mon.on_train_batch_end(tr, _Lit, {"logs": logs}, None, 0)
     assert "image" not in str(w[0].message) and tr.should_stop
     assert mon.history[0]["image/spread"] == pytest.approx(0.8)
+
+
+def test_infonce_batch_uses_the_other_samples_as_negatives():
+    torch.manual_seed(0)
+    t = torch.randn(3, 4, 8)
+    p = F.normalize(t, dim=-1).reshape(12, 8)
+    ref = F.cross_entropy(p @ p.T / 0.1, torch.arange(12))
+    torch.testing.assert_close(pair_loss(t, t, None, "infonce_batch"), ref)
+    # more candidates than the per-sample InfoNCE: a harder task, never an easier one
+    assert pair_loss(t, t, None, "infonce_batch") > pair_loss(t, t, None, "infonce")
+    # padded pairs are no candidates and add no NaN: equal to the loss on the real tokens only
+    pair = torch.tensor([[True] * 4, [True, True, False, False], [True] * 4])
+    real = t[pair]
+    q = F.normalize(real, dim=-1)
+    ref = F.cross_entropy(q @ q.T / 0.1, torch.arange(real.shape[0]))
+    torch.testing.assert_close(pair_loss(t, t, pair, "infonce_batch"), ref)

@@ -26,3 +26,20 @@ def test_a_run_logged_to_a_file_is_plain_and_quiet(tmp_path):
     assert any("step 6/6" in ln for ln in steps) and any(
         "validated: val/loss" in ln for ln in steps
     )
+
+
+def test_lightning_lines_about_its_own_steps_are_dropped(caplog):
+    """Lightning's "Loading `train_dataloader` to estimate..." (an epoch-based fine-tune prints
+    it) says nothing about the user's run; the filter drops it and keeps other info lines."""
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from unipred.base.quiet import quiet_third_party
+
+    quiet_third_party()
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("Loading `train_dataloader` to estimate number of stepping batches.")
+        rank_zero_info("a line about the run")
+    said = [r.getMessage() for r in caplog.records]
+    assert "a line about the run" in said and not any("train_dataloader" in s for s in said)

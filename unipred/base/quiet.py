@@ -11,7 +11,13 @@ import warnings
 import lightning as L
 
 # Lightning info lines that carry no information about this run
-_NOISE_INFO = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
+_NOISE_INFO = (
+    "💡 Tip:",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "Loading `train_dataloader` to estimate",
+)
 # warnings that describe Lightning's or torch's internals, not the user's run; the engine
 # handles what they warn about (short epochs log at their end, empty val lists are intended)
 _NOISE_WARNINGS = (

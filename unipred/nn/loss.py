@@ -33,7 +33,7 @@ def next_embedding_loss(
     return -(cos * pair).sum() / pair.sum().clamp_min(1.0)
 
 
-LOSSES = ("cosine", "mse", "smooth_l1", "infonce")
+LOSSES = ("cosine", "mse", "smooth_l1", "infonce", "infonce_batch")
 
 
 def pair_loss(
@@ -47,7 +47,10 @@ def pair_loss(
 
     cosine: negative cosine (the release; same operations as ``next_embedding_loss``);
     mse / smooth_l1: per-pair mean over the P values; infonce: cross-entropy of picking the
-    pair's own target among all (valid) targets of the same sample, cosine / temperature.
+    pair's own target among all (valid) targets of the same sample, cosine / temperature;
+    infonce_batch: the same among all (valid) targets of the whole batch, so the other samples'
+    tokens are negatives too and different samples are pushed apart (a (B L)^2 matrix: sized
+    for small models and batches, such as the audio recipe's 64 clips of 25 tokens).
     The caller aligns: pred[:, i] predicts target[:, i]. Computed in float32.
     """
     p, t = pred.float(), target.float()
@@ -63,6 +66,16 @@ def pair_loss(
             logits = logits.masked_fill(~pair[:, None, :], float("-inf"))
         per = logits.logsumexp(dim=-1) - logits.diagonal(dim1=1, dim2=2)
         if pair is not None:  # a padded row's own target is masked too: -inf - -inf = nan
+            per = per.masked_fill(~pair, 0.0)
+    elif kind == "infonce_batch":
+        B, L, P = p.shape
+        pf = F.normalize(p, dim=-1).reshape(B * L, P)
+        tf = F.normalize(t, dim=-1).reshape(B * L, P)
+        logits = pf @ tf.T / temperature
+        if pair is not None:
+            logits = logits.masked_fill(~pair.reshape(1, B * L), float("-inf"))
+        per = (logits.logsumexp(dim=-1) - logits.diagonal()).reshape(B, L)
+        if pair is not None:
             per = per.masked_fill(~pair, 0.0)
     else:
         raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")

@@ -87,12 +87,42 @@ def apply_to_run(cfg, announce: bool = True) -> str | None:
             set_source(cfg, key, "this machine (see the line above)")
         # the recipe's loader workers were sized for its node (10 per GPU process): more
         # workers than cores per process only compete with the step for the same cores
-        cores = max(1, (os.cpu_count() or 1) // max(1, cfg.trainer.devices))
+        cores = max(1, usable_cpus() // max(1, cfg.trainer.devices))
         workers = getattr(cfg.data, "num_workers", 0)
         if workers > cores:
             cfg.data.num_workers = cores
             set_source(cfg, "data.num_workers", "this machine (see the line above)")
             line += f"; data.num_workers {workers} -> {cores} (CPU cores per process)"
+    else:
+        line = _default_workers(cfg) or line
     if line and announce and os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"[unipred] {line}", file=sys.stderr, flush=True)
     return line
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a cluster job's share, not the
+    node's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _default_workers(cfg) -> str | None:
+    """A data section's *default* loader worker count (4 for most sources), lowered to the
+    CPUs each process may use: more workers than cores only take turns with the step (torch
+    warns about it). A value the user or a recipe wrote is kept as written."""
+    from unipred.train.provenance import set_source, source_of
+
+    workers = getattr(getattr(cfg, "data", None), "num_workers", 0)
+    if not isinstance(workers, int) or source_of(cfg, "data.num_workers") != "default":
+        return None
+    devices = getattr(cfg.trainer, "devices", 1)
+    cores = max(1, usable_cpus() // (devices if isinstance(devices, int) and devices > 0 else 1))
+    if workers <= cores:
+        return None
+    cfg.data.num_workers = cores
+    set_source(cfg, "data.num_workers", "this machine (see the line above)")
+    return (f"data.num_workers {workers} (the data section's default) -> {cores}: "
+            f"{cores} CPU core{'s' if cores > 1 else ''} per process here")  # fmt: skip
