@@ -2,7 +2,9 @@
 
 1. ``fmnist_pretrain`` (configs/demo/fmnist_pretrain.yaml): next-embedding pretraining of a
    small ViT (dim 128, depth 6, 16 patches of 7x7 px; 4,000 steps of 128) on the 60,000
-   training images, no labels.
+   training images, no labels; as 2 data-parallel processes of one thread each (gloo, 64
+   images per process) where the demo has 2 or more threads (``--ddp``): one thread per
+   process keeps each core busy, where a second thread in one process adds only ~1.3x.
 2. (a) ``fmnist_classify`` fine-tuning with 1,000 labels (100 per class;
    configs/demo/fmnist_finetune.yaml), from the NEPA checkpoint (patch embedding frozen) and
    from scratch with the same recipe;
@@ -156,11 +158,13 @@ class Demo:
         return self.out / "pretrain" / "checkpoints" / "last.ckpt"
 
     def fit_ranks(self, config: str, name: str, overrides: list[str], ranks: int) -> int:
-        """One engine run in OUT/name as ``ranks`` DDP processes (gloo) of one thread each,
-        the global batch split between them: ``unipred fit`` in a subprocess, whose Lightning
-        launcher starts the other ranks. Why: the demo model is too small for a second thread
-        to pay (1.34x at 2 threads), while two processes each keep a core busy. Returns the
-        exit code; times and speed as ``fit`` records them (CPU: every rank's)."""
+        """One engine run in OUT/name as ``ranks`` DDP processes (gloo on 127.0.0.1) of one
+        thread each, the global batch split between them: ``unipred fit`` once per rank,
+        started here (the environment Lightning reads for processes launched by others), so
+        that this process waits for every rank, counts their CPU time, and stops the others
+        when one fails. Why: the demo model is too small for a second thread to pay (~1.3x
+        at 2 threads), while two processes each keep a core busy. Returns the exit code (the
+        first non-zero one); times and speed as ``fit`` records them."""
         import resource
 
         run = self.out / name
@@ -169,12 +173,16 @@ class Demo:
         cmd = [*fit_command(), str(CONFIGS / config), *self.common, f"run_dir={run}",
                *overrides, f"trainer.devices={ranks}", "trainer.strategy=ddp",
                "trainer.threads=1"]  # fmt: skip
-        env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0",
+               "WORLD_SIZE": str(ranks), "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+        env.pop("PL_GLOBAL_SEED", None)  # the config's seed rules
         self.pretrain_layout = f"{ranks} DDP processes x 1 thread"
         print(f"[image demo] {name}: {self.pretrain_layout} (gloo)", flush=True)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.time()
-        rc = subprocess.run(cmd, env=env, check=False).returncode
+        procs = [subprocess.Popen(cmd, env={**env, "LOCAL_RANK": str(r)}) for r in range(ranks)]
+        rc = _wait_all(procs)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.times[name] = time.time() - t0
         self.cpu[name] = (after.ru_utime + after.ru_stime) - (kids.ru_utime + kids.ru_stime)
@@ -241,6 +249,33 @@ class Demo:
 def fit_command() -> list[str]:
     """How a stage process runs ``unipred fit`` (tests replace it)."""
     return [sys.executable, "-m", "unipred.cli", "fit"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> int:
+    """Wait for every process; when one exits with an error, stop the others (a rank alone
+    would wait for its peer until gloo's timeout). Returns 0 or the first error code."""
+    rc, deadline = 0, None
+    while None in [p.poll() for p in procs]:  # a list: every process polled, each time
+        bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        if bad and not rc:
+            rc, deadline = bad[0], time.time() + 30
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        if deadline and time.time() > deadline:  # one stuck in a collective: SIGKILL
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.5)
+    return rc or next((p.returncode for p in procs if p.returncode), 0)
 
 
 def pretrain_ranks(args, cores: int | None = None) -> int:
