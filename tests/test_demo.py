@@ -293,7 +293,9 @@ def test_ddp_pretraining_equals_one_process(tmp_path):
         # steps turn those roundings into differences of up to the learning rate
         demo.common.append("trainer.precision=32")
         ckpt = demo.pretrain(ranks)
-        assert demo.pretrain_layout == ("1 process" if ranks == 1 else "2 DDP processes x 1 thread")
+        assert demo.pretrain_layout == (
+            "1 process" if ranks == 1 else "2 DDP processes x 1 thread(s)"
+        )
         ck = read_checkpoint(ckpt, require_training_state=True)
         assert ck["global_step"] == 3
         weights[ranks] = ck["state_dict"]

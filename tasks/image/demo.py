@@ -140,15 +140,15 @@ class Demo:
         print(f"[image demo] {name}: {_fmt(metrics)}  ({self.times[name]:.0f}s)", flush=True)
         return metrics
 
-    def pretrain(self, ranks: int = 1) -> Path:
+    def pretrain(self, ranks: int = 1, threads: int = 1) -> Path:
         """Stage 1 in this process (``ranks`` 1), or as ``ranks`` data-parallel processes of
-        one thread each (``fit_ranks``); when those stop, once more here."""
+        ``threads`` threads each (``fit_ranks``); when those stop, once more here."""
         p = self.plan
         ov = [f"trainer.max_steps={p.pretrain_steps}", f"data.train_samples={p.train_images}",
               f"trainer.global_batch={p.pretrain_batch}"]  # fmt: skip
         self.pretrain_layout = "1 process"
         if ranks > 1:
-            rc = self.fit_ranks("fmnist_pretrain.yaml", "pretrain", ov, ranks)
+            rc = self.fit_ranks("fmnist_pretrain.yaml", "pretrain", ov, ranks, threads)
             if rc == 0:
                 return self.out / "pretrain" / "checkpoints" / "last.ckpt"
             print(f"[image demo] the {ranks} pretraining processes stopped (exit code {rc}); "
@@ -157,9 +157,10 @@ class Demo:
         self.fit("fmnist_pretrain.yaml", "pretrain", ov)
         return self.out / "pretrain" / "checkpoints" / "last.ckpt"
 
-    def fit_ranks(self, config: str, name: str, overrides: list[str], ranks: int) -> int:
-        """One engine run in OUT/name as ``ranks`` DDP processes (gloo on 127.0.0.1) of one
-        thread each, the global batch split between them: ``unipred fit`` once per rank,
+    def fit_ranks(self, config: str, name: str, overrides: list[str], ranks: int,
+                  threads: int = 1) -> int:  # fmt: skip
+        """One engine run in OUT/name as ``ranks`` DDP processes (gloo on 127.0.0.1) of
+        ``threads`` threads each, the global batch split between them: ``unipred fit`` once per rank,
         started here (the environment Lightning reads for processes launched by others), so
         that this process waits for every rank, counts their CPU time, and stops the others
         when one fails. Why: the demo model is too small for a second thread to pay (~1.3x
@@ -172,12 +173,12 @@ class Demo:
             shutil.rmtree(run)
         cmd = [*fit_command(), str(CONFIGS / config), *self.common, f"run_dir={run}",
                *overrides, f"trainer.devices={ranks}", "trainer.strategy=ddp",
-               "trainer.threads=1"]  # fmt: skip
-        env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1",
+               f"trainer.threads={threads}"]  # fmt: skip
+        env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(threads),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0",
                "WORLD_SIZE": str(ranks), "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
         env.pop("PL_GLOBAL_SEED", None)  # the config's seed rules
-        self.pretrain_layout = f"{ranks} DDP processes x 1 thread"
+        self.pretrain_layout = f"{ranks} DDP processes x {threads} thread(s)"
         print(f"[image demo] {name}: {self.pretrain_layout} (gloo)", flush=True)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.time()
@@ -335,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = set_threads(args.threads)
     print(f"[image demo] data: {root or 'generated stand-in'}; plan: {plan}; {threads}", flush=True)
     demo = Demo(out, plan, root, args.seed)
-    ckpt = demo.pretrain(pretrain_ranks(args))
+    import torch
+
+    ranks = pretrain_ranks(args)  # with more threads than ranks: the rest split between them
+    ckpt = demo.pretrain(ranks, max(1, torch.get_num_threads() // ranks))
     # two groups of about equal length: NEPA's stages; the baselines' (scratch, random, raw)
     groups = [[("finetune", "finetune_nepa", ckpt), ("frozen", "frozen_nepa", ckpt)],
               [("finetune", "finetune_scratch", None), ("frozen", "frozen_random", "random"),
