@@ -261,3 +261,86 @@ def test_stage_processes_that_die_fall_back_to_this_process(monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "__mp_main__", child_main)
     with pytest.raises(RuntimeError, match="__name__ == '__main__'"):
         d.main(["--quick"])
+
+
+def _tiny_demo(out: Path):
+    """A Demo on generated data, tiny plan, augmentation off (so a batch split between two
+    ranks is the same images, the same pixels, as one process's batch): the batch-level shift
+    and flip, and RoPE's random rescaling (each rank draws its own, as each batch does)."""
+    from unipred.tasks.image.demo import Demo, Plan
+
+    plan = Plan(pretrain_steps=3, pretrain_batch=16, train_images=64, test_images=16)
+    demo = Demo(out, plan, "", 0)
+    demo.common += [
+        "data.shift=0",
+        "data.hflip=false",
+        "model.predictor.rope_rescale=0",
+        "trainer.loggers=[]",
+    ]
+    return demo
+
+
+@pytest.mark.slow
+def test_ddp_pretraining_equals_one_process(tmp_path):
+    """The demo's 2-process pretraining (a real `unipred fit` per rank, gloo) ends with the
+    weights of the one-process run, same seed and global batch (fp32); about a minute."""
+    from unipred.train.checkpoint import read_checkpoint
+
+    weights = {}
+    for ranks in (1, 2):
+        demo = _tiny_demo(tmp_path / f"r{ranks}")
+        # fp32: under bf16 autocast a batch of 8 rounds unlike a batch of 16, and Adam's first
+        # steps turn those roundings into differences of up to the learning rate
+        demo.common.append("trainer.precision=32")
+        ckpt = demo.pretrain(ranks)
+        assert demo.pretrain_layout == (
+            "1 process" if ranks == 1 else "2 DDP processes x 1 thread(s)"
+        )
+        ck = read_checkpoint(ckpt, require_training_state=True)
+        assert ck["global_step"] == 3
+        weights[ranks] = ck["state_dict"]
+        assert demo.cpu["pretrain"] > 0 and demo.times["pretrain"] > 0
+    for k, w in weights[1].items():
+        torch.testing.assert_close(weights[2][k], w, rtol=1e-4, atol=1e-5, msg=k)
+    # and steps 2-3 moved the weights by 100x the tolerance or more (a run of 1 step)
+    one = _tiny_demo(tmp_path / "one_step")
+    one.common.append("trainer.precision=32")
+    one.plan.pretrain_steps = 1
+    early = read_checkpoint(one.pretrain(1), require_training_state=True)["state_dict"]
+    assert max(float((early[k] - w).abs().max()) for k, w in weights[1].items()) > 1e-3
+
+
+def test_ddp_pretraining_that_stops_falls_back_to_this_process(tmp_path, monkeypatch, capsys):
+    """When the pretraining processes exit with an error, the demo pretrains in its own
+    process (once), says so in one line and names that layout; --ddp picks the ranks."""
+    import sys
+    from argparse import Namespace
+
+    from unipred.tasks.image import demo as d
+
+    # rank 1 fails at once; rank 0 would wait for it (as in a collective): it is stopped
+    code = (
+        "import os, sys, time; sys.exit(3) if os.environ['LOCAL_RANK'] == '1' else time.sleep(60)"
+    )
+    monkeypatch.setattr(d, "fit_command", lambda: [sys.executable, "-c", code])
+    ran = []
+    monkeypatch.setattr(d.Demo, "fit", lambda self, config, name, ov: ran.append((name, ov)))
+    demo = _tiny_demo(tmp_path)
+    ckpt = demo.pretrain(2)
+    assert ckpt == tmp_path / "pretrain" / "checkpoints" / "last.ckpt"
+    assert [r[0] for r in ran] == ["pretrain"] and "trainer.max_steps=3" in ran[0][1]
+    out = capsys.readouterr().out
+    assert "the 2 pretraining processes stopped (exit code 3); pretraining again in this" in out
+    assert demo.pretrain_layout == "1 process (the 2 processes stopped)"
+    assert demo.times["pretrain"] < 30  # rank 0 was stopped, not waited for
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert d.pretrain_ranks(Namespace(ddp="auto"), cores=2) == 2
+        assert d.pretrain_ranks(Namespace(ddp="off"), cores=2) == 1
+        assert d.pretrain_ranks(Namespace(ddp="auto"), cores=1) == 1
+        torch.set_num_threads(1)
+        assert d.pretrain_ranks(Namespace(ddp="auto"), cores=2) == 1
+        assert d.pretrain_ranks(Namespace(ddp="on"), cores=1) == 2
+    finally:
+        torch.set_num_threads(torch_threads)

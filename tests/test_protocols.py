@@ -97,6 +97,36 @@ def test_attentive_probe_ignores_padding_and_learns():
     assert r["top1"] > 0.9
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attentive_pool_is_the_reference_attention(masked):
+    """The pooled query (projections moved past the softmax) equals V-JEPA's written form,
+    keys and values of every token and SDPA, and so do the gradients of the tokens and of
+    every parameter (non-zero biases: the key bias must cancel, the value bias must not);
+    a wrong head layout or a dropped bias fails it."""
+    torch.manual_seed(0)
+    p = AttentiveProbe(32, 5, heads=4)
+    for m in p.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.bias, std=0.3)
+    t = torch.randn(6, 7, 32, requires_grad=True)
+    valid = (torch.rand(6, 7) > 0.4) | (torch.arange(7) == 0) if masked else None
+    w = torch.randn(6, 32)
+    got = []
+    for pool in (p.pool, p.pool_reference):
+        p.zero_grad()
+        t.grad = None
+        out = pool(t, valid)
+        (out * w).sum().backward()
+        grads = {n: q.grad.clone() for n, q in p.named_parameters() if q.grad is not None}
+        got.append((out.detach(), t.grad.clone(), grads))
+    (o1, g1, p1), (o2, g2, p2) = got
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    assert p1.keys() == p2.keys() and "kv.bias" in p1 and "kv.weight" in p1
+    for n in p1:
+        torch.testing.assert_close(p1[n], p2[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_features_are_the_frozen_backbones_in_eval_mode():
     torch.manual_seed(0)
     model = NEPA.from_name(
