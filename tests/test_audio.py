@@ -357,3 +357,30 @@ def test_clip_norm_cancels_a_clips_gain_and_ignores_its_padding(norm):
     assert torch.allclose(spec.std(dims, unbiased=False), torch.ones(1), atol=1e-3)
     with pytest.raises(ValueError, match="clip_norm='cvmn'"):
         TOKENIZERS.get("audio")(dim=8, clip_norm="cvmn")
+
+
+def test_digits_recipes_share_the_tokenizer_and_the_objective_ignores_padding():
+    """The probe and fine-tune recipes read clips as the pretraining recipe tokenised them (a
+    mismatch, e.g. clip_norm, gives silently wrong frozen numbers), and the recipe's objective
+    (InfoNCE over the whole batch, whose candidates are every clip's tokens) gives one loss
+    whatever sits in a shorter clip's padding."""
+    import dataclasses
+
+    from unipred.nn.objectives import ObjectiveConfig
+    from unipred.train.config import load_config
+
+    pre, probe, ft = (load_config(f"audio/{n}", check_paths=False)
+                      for n in ("digits_pretrain", "digits_linprobe", "digits_finetune"))  # fmt: skip
+    assert pre.model.tokenizer_args == probe.model.tokenizer_args == ft.model.tokenizer_args
+    keys = {k: v for k, v in dataclasses.asdict(pre.model.objective).items() if v is not None}
+    assert keys.get("loss") == "infonce_batch"
+    m = _audio_model("audio", clip_norm=pre.model.tokenizer_args["clip_norm"])
+    torch.manual_seed(0)
+    m = NEPA(dataclasses.replace(m.cfg, objective=ObjectiveConfig(**keys))).eval()
+    torch.manual_seed(3)
+    short, long = torch.randn(int(0.7 * SR)) * 0.3, torch.randn(int(1.3 * SR)) * 0.3
+    with torch.no_grad():
+        clean = m(_pad_batch(short, long, garbage=False)).loss
+        noisy = m(_pad_batch(short, long, garbage=True)).loss
+    assert torch.isfinite(clean)
+    torch.testing.assert_close(noisy, clean, rtol=1e-5, atol=1e-6)

@@ -176,7 +176,9 @@ class Demo:
                f"trainer.threads={threads}"]  # fmt: skip
         env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(threads),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0",
-               "WORLD_SIZE": str(ranks), "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+               "WORLD_SIZE": str(ranks)}  # fmt: skip
+        if sys.platform.startswith("linux"):  # gloo on the loopback, whatever the hostname says
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         env.pop("PL_GLOBAL_SEED", None)  # the config's seed rules
         self.pretrain_layout = f"{ranks} DDP processes x {threads} thread(s)"
         print(f"[image demo] {name}: {self.pretrain_layout} (gloo)", flush=True)
