@@ -28,18 +28,31 @@ def test_a_run_logged_to_a_file_is_plain_and_quiet(tmp_path):
     )
 
 
-def test_lightning_lines_about_its_own_steps_are_dropped(caplog):
+def test_lightning_lines_about_its_own_steps_are_dropped():
     """Lightning's "Loading `train_dataloader` to estimate..." (an epoch-based fine-tune prints
-    it) says nothing about the user's run; the filter drops it and keeps other info lines."""
+    it) says nothing about the user's run; the filter drops it and keeps other info lines.
+    Own handler on Lightning's logger: earlier tests may have changed its level or handlers."""
     import logging
-
-    from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
     from unipred.base.quiet import quiet_third_party
 
     quiet_third_party()
-    with caplog.at_level(logging.INFO):
-        rank_zero_info("Loading `train_dataloader` to estimate number of stepping batches.")
-        rank_zero_info("a line about the run")
-    said = [r.getMessage() for r in caplog.records]
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    keep, level, disabled = Keep(logging.INFO), log.level, log.disabled
+    log.addHandler(keep)
+    log.setLevel(logging.INFO)
+    log.disabled = False
+    try:
+        log.info("Loading `train_dataloader` to estimate number of stepping batches.")
+        log.info("a line about the run")
+    finally:
+        log.removeHandler(keep)
+        log.setLevel(level)
+        log.disabled = disabled
     assert "a line about the run" in said and not any("train_dataloader" in s for s in said)
