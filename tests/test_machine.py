@@ -128,6 +128,7 @@ def test_apply_to_run_also_fits_the_loader_workers(monkeypatch, capsys):
 
     monkeypatch.setattr(machine, "_gpus", lambda: 0)
     monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(machine, "cpu_bf16_is_slow", lambda: False)  # the workers' line only
     cfg = load_config("image/nepa_vit_b14_pretrain", check_paths=False)
     assert cfg.data.num_workers == 10  # sized for one process per GPU of an 8-GPU node
     line = machine.apply_to_run(cfg)
@@ -160,3 +161,59 @@ def test_a_default_worker_count_fits_the_cores_but_a_written_one_is_kept(tmp_pat
         cfg = load_config(None, ["task=audio_pretrain", "model.name=nepa_audio_debug", *extra])
         machine.apply_to_run(cfg, announce=False)
         assert cfg.data.num_workers == want
+
+
+# ------------------------------------------------------------------- bf16 on a slow-bf16 CPU
+SMALL = ["data.root=/nowhere", "data.aug.img_size=20", "model.tokenizer_args.in_chans=1"]
+
+def test_bf16_runs_as_fp32_on_a_cpu_without_fast_bf16(monkeypatch, capsys):
+    """On an AVX2-only CPU oneDNN has no bf16 kernels and a bf16 matmul measured 25x slower than
+    fp32: a bf16 recipe run there becomes 32-true with one line; a GPU run, a fast-bf16 CPU,
+    ``trainer.cpu_bf16=keep`` and an fp32 recipe are left as written."""
+    from unipred.train import machine
+
+    t = TrainerConfig(precision="bf16-mixed", accelerator="auto")
+    new, line = machine.cpu_precision(t, gpus=0, slow=True)
+    assert new.precision == "32-true" and t.precision == "bf16-mixed"
+    assert "bf16-mixed -> 32-true" in line and "trainer.cpu_bf16=keep" in line
+    assert machine.cpu_precision(t, gpus=1, slow=True) == (t, None)  # the GPU takes the run
+    cpu = TrainerConfig(precision="bf16-true", accelerator="cpu")
+    assert machine.cpu_precision(cpu, gpus=1, slow=True)[0].precision == "32-true"
+    assert machine.cpu_precision(t, gpus=0, slow=False) == (t, None)
+    keep = TrainerConfig(precision="bf16-mixed", cpu_bf16="keep")
+    assert machine.cpu_precision(keep, gpus=0, slow=True) == (keep, None)
+    fp32 = TrainerConfig(precision="32-true")
+    assert machine.cpu_precision(fp32, gpus=0, slow=True) == (fp32, None)
+
+    # the path every run takes (engine._threads -> apply_to_run) and the frozen protocols'
+    monkeypatch.setattr(machine, "_gpus", lambda: 0)
+    monkeypatch.setattr(machine, "cpu_bf16_is_slow", lambda: True)
+    cfg = load_config("small/pretrain", SMALL, check_paths=False)
+    assert cfg.trainer.precision == "bf16-mixed"
+    from unipred.protocols.suite import _autocast
+
+    assert _autocast(cfg) is None  # features computed in fp32 here too
+    line = machine.apply_to_run(cfg)
+    assert cfg.trainer.precision == "32-true" and "bf16-mixed -> 32-true" in line
+    assert source_of(cfg, "trainer.precision").startswith("this machine")
+    err = [x for x in capsys.readouterr().err.splitlines() if "32-true" in x]
+    assert len(err) == 1 and err[0].startswith("[unipred] trainer.precision")
+    kept = load_config("small/pretrain", [*SMALL, "trainer.cpu_bf16=keep"],
+                       check_paths=False)  # fmt: skip
+    machine.apply_to_run(kept)
+    assert kept.trainer.precision == "bf16-mixed" and _autocast(kept) == torch.bfloat16
+    monkeypatch.setattr(machine, "cpu_bf16_is_slow", lambda: False)
+    fast = load_config("small/pretrain", SMALL, check_paths=False)
+    machine.apply_to_run(fast)
+    assert fast.trainer.precision == "bf16-mixed"  # a CPU with bf16 kernels keeps the recipe's
+
+
+def test_a_bad_cpu_bf16_value_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "unipred.cli", "fit", "small/pretrain", "data.root=/nowhere",
+         "trainer.cpu_bf16=never", "--print-config"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "trainer.cpu_bf16='never' is not one of the choices" in proc.stderr
+    assert "auto, keep" in proc.stderr

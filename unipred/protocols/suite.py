@@ -42,7 +42,9 @@ def _device(cfg) -> torch.device:
 
 
 def _autocast(cfg) -> torch.dtype | None:
-    p = cfg.trainer.precision
+    from unipred.train.machine import cpu_precision
+
+    p = cpu_precision(cfg.trainer)[0].precision  # no bf16 on a CPU without fast bf16 kernels
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(p)
 
 

@@ -11,6 +11,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 PRECISION_ALIASES = ("32", "16", "bf16", "64", "transformer-engine", "transformer-engine-float16")
 LOGGERS = ("csv", "tensorboard", "wandb")
+CPU_BF16 = ("auto", "keep")
 
 
 def _refuse(key: str, value, choices) -> str:
@@ -56,6 +57,9 @@ def choice_problem(cfg) -> str | None:
             and _refuse("trainer.precision", t.precision, PRECISIONS)
         ),
         lambda: _compile_problem(t.compile),
+        lambda: (
+            t.cpu_bf16 not in CPU_BF16 and _refuse("trainer.cpu_bf16", t.cpu_bf16, CPU_BF16)
+        ),
     ]
     checks += [
         (lambda name=name: name not in LOGGERS and _refuse("trainer.loggers", name, LOGGERS))

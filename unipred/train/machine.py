@@ -21,6 +21,7 @@ line, printed when the run starts and shown by ``--print-config``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 CPU_PER_DEVICE = 32  # most samples one CPU process takes per forward when the recipe is adapted
@@ -95,9 +96,57 @@ def apply_to_run(cfg, announce: bool = True) -> str | None:
             line += f"; data.num_workers {workers} -> {cores} (CPU cores per process)"
     else:
         line = _default_workers(cfg) or line
-    if line and announce and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"[unipred] {line}", file=sys.stderr, flush=True)
-    return line
+    cfg.trainer, bf16 = cpu_precision(cfg.trainer)
+    if bf16:
+        from unipred.train.provenance import set_source
+
+        set_source(cfg, "trainer.precision", "this machine (see the line above)")
+    lines = [x for x in (line, bf16) if x]
+    if announce and os.environ.get("LOCAL_RANK", "0") == "0":
+        for x in lines:
+            print(f"[unipred] {x}", file=sys.stderr, flush=True)
+    return "; ".join(lines) or None
+
+
+BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_is_slow() -> bool:
+    """True on a CPU for which oneDNN has no bfloat16 kernels (x86 without AVX-512, e.g. an
+    AVX2-only AMD EPYC): torch then runs bf16 matmuls through a generic loop, measured 25x
+    slower than fp32 on such a machine (benchmarks/README.md, "bfloat16 on an AVX2 CPU"), so bf16
+    autocast makes a CPU run slower instead of faster. False when torch cannot say."""
+    import torch
+
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return check is not None and not bool(check())
+    except Exception:  # an op this torch build lacks: keep what the recipe says
+        return False
+
+
+def runs_on_cpu(t, gpus: int | None = None) -> bool:
+    """Whether a run of trainer config ``t`` computes on the CPU here."""
+    if t.accelerator == "cpu":
+        return True
+    return t.accelerator == "auto" and (_gpus() if gpus is None else gpus) == 0
+
+
+def cpu_precision(t, gpus: int | None = None, slow: bool | None = None):
+    """``(t, None)``, or ``(t with precision 32-true, one line)`` when ``t`` asks for a bf16
+    precision, runs on the CPU, the CPU has no fast bfloat16 (``cpu_bf16_is_slow``; ``slow``
+    overrides it in tests) and ``trainer.cpu_bf16`` is ``auto``."""
+    if str(t.precision) not in BF16_PRECISIONS or getattr(t, "cpu_bf16", "auto") != "auto":
+        return t, None
+    if not runs_on_cpu(t, gpus) or not (cpu_bf16_is_slow() if slow is None else slow):
+        return t, None
+    line = (
+        f"trainer.precision {t.precision} -> 32-true: this CPU has no fast bfloat16 kernels "
+        "(oneDNN reports none; bf16 matmuls run through a slow generic loop here); "
+        "trainer.cpu_bf16=keep keeps bf16"
+    )
+    return dataclasses.replace(t, precision="32-true"), line
 
 
 def usable_cpus() -> int:
