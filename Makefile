@@ -66,8 +66,11 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# One pytest worker per usable core (pytest-xdist), each test file on one worker so a file's
+# module fixtures are built once; TEST_JOBS=1 runs everything in this process.
+TEST_JOBS ?= auto
 test: system-test $(VENV)/.installed lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 demo: system-demo $(VENV)/.installed
 	$(BIN)/unipred demo image

@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import os
 import pickle
+import random
 import shutil
 import signal
 from pathlib import Path
@@ -95,8 +96,14 @@ def test_unsafe_is_decided_from_the_opcodes_whatever_torch_says(tmp_path, monkey
         assert "weights_only" not in msg and "\n" not in msg
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, good)
+    rng = random.Random(0)
     damaged = {"garbage": os.urandom(4000), "empty": b"", "truncated": good.read_bytes()[:300],
-               "text": b"not a checkpoint at all\n"}  # fmt: skip
+               "text": b"not a checkpoint at all\n",
+               # random bytes that read as a STACK_GLOBAL / GLOBAL opcode (a random file of
+               # the suite once did, and was called unsafe): damaged, not code
+               "stack_global": b"\x93" + rng.randbytes(4000),
+               "global_noise": b"c\xff\x00q\nz\x01\n" + rng.randbytes(400)}  # fmt: skip
+    damaged.update({f"random{i}": rng.randbytes(4000) for i in range(200)})
     for name, data in damaged.items():
         p = tmp_path / f"{name}.ckpt"
         p.write_bytes(data)

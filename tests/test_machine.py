@@ -166,6 +166,7 @@ def test_a_default_worker_count_fits_the_cores_but_a_written_one_is_kept(tmp_pat
 # ------------------------------------------------------------------- bf16 on a slow-bf16 CPU
 SMALL = ["data.root=/nowhere", "data.aug.img_size=20", "model.tokenizer_args.in_chans=1"]
 
+
 def test_bf16_runs_as_fp32_on_a_cpu_without_fast_bf16(monkeypatch, capsys):
     """On an AVX2-only CPU oneDNN has no bf16 kernels and a bf16 matmul measured 25x slower than
     fp32: a bf16 recipe run there becomes 32-true with one line; a GPU run, a fast-bf16 CPU,

@@ -57,9 +57,7 @@ def choice_problem(cfg) -> str | None:
             and _refuse("trainer.precision", t.precision, PRECISIONS)
         ),
         lambda: _compile_problem(t.compile),
-        lambda: (
-            t.cpu_bf16 not in CPU_BF16 and _refuse("trainer.cpu_bf16", t.cpu_bf16, CPU_BF16)
-        ),
+        lambda: t.cpu_bf16 not in CPU_BF16 and _refuse("trainer.cpu_bf16", t.cpu_bf16, CPU_BF16),
     ]
     checks += [
         (lambda name=name: name not in LOGGERS and _refuse("trainer.loggers", name, LOGGERS))

@@ -126,7 +126,10 @@ def unsafe_globals(path: str | Path, extra=()) -> list[str]:
     """The objects the checkpoint's pickle asks for that torch's weights-only loader would
     not build (so loading them could run code), in order of first appearance."""
     ok = allowed_globals(extra)
-    names, _ = pickled_globals(path)
+    names, parsed = pickled_globals(path)
+    if not parsed:  # a damaged stream (random bytes too): only a real dotted name is evidence;
+        # a STACK_GLOBAL of unknown operands or a "name" of stray bytes is noise, not code
+        names = [n for n in names if n != "?" and all(x.isidentifier() for x in n.split("."))]
     out: list[str] = []
     for n in names:
         if n not in ok and not _storage_like(n) and n not in out:
