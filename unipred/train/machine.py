@@ -130,7 +130,14 @@ def runs_on_cpu(t, gpus: int | None = None) -> bool:
     """Whether a run of trainer config ``t`` computes on the CPU here."""
     if t.accelerator == "cpu":
         return True
-    return t.accelerator == "auto" and (_gpus() if gpus is None else gpus) == 0
+    if t.accelerator != "auto" or (_gpus() if gpus is None else gpus) > 0:
+        return False
+    if gpus is None:  # Lightning's auto takes Apple's GPU where there is one
+        import torch
+
+        mps = getattr(torch.backends, "mps", None)
+        return not (mps is not None and mps.is_available())
+    return True
 
 
 def cpu_precision(t, gpus: int | None = None, slow: bool | None = None):
