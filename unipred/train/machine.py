@@ -76,8 +76,9 @@ def fit_to_machine(t, gpus: int | None = None):
 
 
 def apply_to_run(cfg, announce: bool = True) -> str | None:
-    """Fit ``cfg.trainer`` to this machine in place (``fit_to_machine``); print the line once
-    (rank 0) when something changed, and return it."""
+    """Fit ``cfg.trainer`` to this machine in place (``fit_to_machine``, the loader workers,
+    ``cpu_precision``); print one line per change once (rank 0) and return them joined, or
+    None when nothing changed."""
     import sys
 
     cfg.trainer, line = fit_to_machine(cfg.trainer)
@@ -115,7 +116,7 @@ BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
 def cpu_bf16_is_slow() -> bool:
     """True on a CPU for which oneDNN has no bfloat16 kernels (x86 without AVX-512, e.g. an
     AVX2-only AMD EPYC): torch then runs bf16 matmuls through a generic loop, measured 25x
-    slower than fp32 on such a machine (benchmarks/README.md, "bfloat16 on an AVX2 CPU"), so bf16
+    slower than fp32 on such a machine (benchmarks/README.md, "bfloat16 on an AVX2-only CPU"), so bf16
     autocast makes a CPU run slower instead of faster. False when torch cannot say."""
     import torch
 
