@@ -29,7 +29,7 @@ _NOISE_WARNINGS = (
     # (unipred.train.run_report.RunSummary) and the best checkpoint follows the next validation
     r".*could not find the monitored key in the returned metrics",
     # DDP on a one-channel patch embedding: a size-1 dimension's stride differs between the
-    # gradient and its bucket (either is valid); DDP copies 6,272 values a step, once per rank
+    # gradient and its bucket (either is valid; DDP copies that one small gradient), once per rank
     r"Grad strides do not match bucket view strides",
 )
 

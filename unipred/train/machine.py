@@ -145,7 +145,7 @@ def cpu_precision(t, gpus: int | None = None, slow: bool | None = None):
     """``(t, None)``, or ``(t with precision 32-true, one line)`` when ``t`` asks for a bf16
     precision, runs on the CPU, the CPU has no fast bfloat16 (``cpu_bf16_is_slow``; ``slow``
     overrides it in tests) and ``trainer.cpu_bf16`` is ``auto``."""
-    if str(t.precision) not in BF16_PRECISIONS or getattr(t, "cpu_bf16", "auto") != "auto":
+    if str(t.precision) not in BF16_PRECISIONS or t.cpu_bf16 != "auto":
         return t, None
     if not runs_on_cpu(t, gpus) or not (cpu_bf16_is_slow() if slow is None else slow):
         return t, None
