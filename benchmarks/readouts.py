@@ -14,7 +14,8 @@ as ``unipred compare``), with each sample's own token coordinates, so variable-l
 (audio clips) work; the validation features once per run. Then it runs the k-NN and the linear
 probe of ``unipred eval`` on each read-out: ``features.pool=grid`` with ``features.grid=G`` for
 each G of --grids (G = 1 is the mean pooling) through the shipped
-``unipred.protocols.features.grid_pool``, the last token and the cls token, and the k-NN also
+``unipred.protocols.features.grid_pool``, the last token and the cls token (not on a causal
+backbone, whose cls token sees only itself), and the k-NN also
 on features standardised with the training features' mean and std. The raw-input rows are the
 baseline of ``unipred eval`` (the tokenizer's flattened patches) and the same raw patches
 through each grid read-out. ``--norms`` repeats every read-out after the per-sample
@@ -40,6 +41,7 @@ from unipred.nn.heads import pool_tokens
 from unipred.protocols.baselines import flatten_chunks, raw_chunks, raw_patches
 from unipred.protocols.features import (
     Features,
+    cls_unusable,
     grid_pool,
     load_backbone_weights,
     normalise_tokens,
@@ -105,7 +107,7 @@ def _raw(model, loader, inputs):
     return _pad(rows), _pad(valid, False), _pad(coords), torch.cat(labels)
 
 
-def _pools(toks, pre, valid, coords, grids, norms=("none",)) -> dict:
+def _pools(toks, pre, valid, coords, grids, norms=("none",), use_cls=True) -> dict:
     """{read-out name: (N, F) features} of one weight set, per norm of ``norms``."""
     out = {}
     for norm in norms:
@@ -116,7 +118,7 @@ def _pools(toks, pre, valid, coords, grids, norms=("none",)) -> dict:
                 continue  # zero: each feature's own mean was removed
             out[("mean" if g == 1 else f"grid {g}") + tag] = grid_pool(t, 0, valid, coords, g)
         out["last" + tag] = pool_tokens(t, 0, valid, "last")
-    if pre.shape[1]:
+    if pre.shape[1] and use_cls:  # a causal backbone's cls token is the same for every input
         out["cls"] = pre[:, 0]
     return out
 
@@ -165,7 +167,7 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
             load_backbone_weights(model, sets[0][1], path)
         f = {s: _once((path, block), s, _tokens, model, _loader(task, s, fs, 0), task.inputs,
                       block) for s in ("train", "val")}  # fmt: skip
-        pools = {s: _pools(*f[s][:4], grids, norms) for s in f}
+        pools = {s: _pools(*f[s][:4], grids, norms, cls_unusable(model) is None) for s in f}
         C = int(max(f["train"][4].max(), f["val"][4].max())) + 1
         for label in pools["train"]:
             tr, va = (Features(pools[s][label], f[s][4]) for s in ("train", "val"))

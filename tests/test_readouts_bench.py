@@ -117,3 +117,25 @@ def test_spoken_words_builds_a_word_set(tmp_path):
         assert sorted(p.name for p in (out / split).iterdir()) == sorted(words)
         assert all(len(list((out / split / w).glob("*.wav"))) == 1 for w in words)
     assert spoken_digits.DIGITS[0] == "zero"
+
+
+def test_cls_pooling_of_a_causal_backbone_is_refused_because_it_sees_only_itself():
+    from unipred.protocols.settings import ProtocolError
+
+    kw = {"tokenizer": "audio", "tokenizer_args": {"n_mels": 32, "patch_size": [8, 32]}}
+    torch.manual_seed(0)
+    causal = NEPA(model_config("nepa_debug", causal=True, **kw))
+    assert causal.n_prefix >= 1
+    batches = _batches()
+    # the premise: in a causal backbone the first token's output does not depend on the input
+    ro = _bench()
+    _, pre, *_ = ro._tokens(causal, batches, lambda b: b[0], None)
+    assert float((pre[:, 0] - pre[:1, 0]).abs().max()) < 1e-7  # bidirectional: ~1e-5 here
+    with pytest.raises(ProtocolError, match="features.pool=cls: the cls token comes first"):
+        extract_features(causal, batches, pool="cls")
+    # a bidirectional backbone's cls token reads the input: allowed, and it differs per sample
+    torch.manual_seed(0)
+    both = NEPA(model_config("nepa_debug", causal=False, **kw))
+    f = extract_features(both, batches, pool="cls").pooled
+    assert f.shape[0] == 5 and not f.requires_grad
+    assert float((f[0] - f[1]).abs().max()) > 0  # small at random init (LayerScale), not zero

@@ -194,6 +194,22 @@ def _pad_cat(chunks: list[torch.Tensor], value) -> torch.Tensor:
     return torch.cat(out)
 
 
+def cls_unusable(model: nn.Module) -> str | None:
+    """Why the cls token of ``model`` carries nothing about the input, or None when it does:
+    no prefix token, or a causal backbone, where the first token attends only to itself (its
+    output is the same for every input)."""
+    if int(getattr(model, "n_prefix", 0)) < 1:
+        return "the backbone has no cls token"
+    pred = getattr(model, "predictor", None)
+    if bool(getattr(getattr(pred, "cfg", None), "causal", False)):
+        return (
+            "the cls token comes first in this causal backbone and attends only to itself, so "
+            "its output is the same for every input (a bidirectional backbone, e.g. a fine-tuned "
+            "one, has a usable cls token)"
+        )
+    return None
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -219,6 +235,8 @@ def extract_features(
     model.eval()
     device = torch.device(device)
     n_prefix = int(getattr(model, "n_prefix", 0))
+    if pool == "cls" and (why := cls_unusable(model)):
+        raise ProtocolError(f"features.pool=cls: {why}; use mean, grid or last")
     n_blocks = len(model.predictor.blocks)
     for key, b in [("block", block)] * (block is not None) + [("concat", b) for b in concat]:
         if not -n_blocks <= b < n_blocks:
