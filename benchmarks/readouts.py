@@ -123,6 +123,9 @@ def _pools(toks, pre, valid, coords, grids, norms=("none",), use_cls=True) -> di
     return out
 
 
+LR_GRID: list[float] = []  # --lr-grid: the linear probe's lr chosen by CV on the training labels
+
+
 def _scores(tr: Features, va: Features, C: int, seed: int, linear: bool = True) -> dict:
     out = {"knn": run_knn(tr, va, C, KNNSettings())["top1"]}
     a, b = _standardise(tr.pooled, va.pooled)
@@ -130,7 +133,7 @@ def _scores(tr: Features, va: Features, C: int, seed: int, linear: bool = True) 
         "top1"
     ]
     if linear:
-        out["linear"] = run_linear(tr, va, C, ProbeSettings(), seed)["top1"]
+        out["linear"] = run_linear(tr, va, C, ProbeSettings(lr_grid=list(LR_GRID)), seed)["top1"]
     return out
 
 
@@ -208,8 +211,15 @@ def main(argv=None) -> int:
         help="read block BLOCK's output (negative: from the top) instead of the final norm",
     )
     p.add_argument("--norms", default="none", help="features.norm values, e.g. none,feature")
+    p.add_argument(
+        "--lr-grid",
+        default="",
+        help="e.g. 3e-4,1e-3,3e-3,1e-2: the linear probe's lr per row by 5-fold CV on the "
+        "training labels (unipred eval's linear.lr_grid); default: the fixed linear.lr",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
+    LR_GRID[:] = [float(v) for v in a.lr_grid.split(",") if v]
     torch.set_num_threads(1)
     grids = [int(g) for g in a.grids.split(",")]
     table, cols = {}, ("knn", "knn_std", "linear")

@@ -3,6 +3,7 @@ features, and the probe trainer the attentive and per-layer probes share."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -85,11 +86,56 @@ def predict(probe: nn.Module, inputs: tuple, batch: int = 4096, device="cpu", ba
     return torch.cat(outs, dim=-2)
 
 
+def stratified_folds(labels: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """A fold index in [0, k) per sample: each class's samples shuffled (seeded) and dealt
+    round the folds, the deal continuing from class to class so fold sizes differ by <= 1."""
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(labels.shape[0], dtype=torch.long)
+    start = 0
+    for c in labels.unique(sorted=True):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        fold[idx] = (torch.arange(idx.numel()) + start) % k
+        start += idx.numel()
+    return fold
+
+
+def cross_validate_lr(train: Features, num_classes: int, s: ProbeSettings, seed=0,
+                      device="cpu") -> tuple[float, dict]:  # fmt: skip
+    """(the lr of ``s.lr_grid`` with the best mean held-out top-1 over ``s.folds`` stratified
+    folds of the training features, {lr: that accuracy}); the first lr of the grid wins ties.
+    Only training samples are read: the validation set plays no part in the choice."""
+    fold = stratified_folds(train.labels, s.folds, seed)
+    acc = {}
+    for lr in s.lr_grid:
+        hit = n = 0
+        for f in range(s.folds):
+            held = fold == f
+            if not bool(held.any()) or int((~held).sum()) < 2:
+                continue
+            torch.manual_seed(seed)
+            probe = LinearProbe(train.pooled.shape[1], num_classes)
+            train_probe(probe, (train.pooled[~held],), train.labels[~held],
+                        dataclasses.replace(s, lr=lr), seed=seed, device=device)  # fmt: skip
+            scores = predict(probe, (train.pooled[held],), device=device)
+            hit += topk_accuracy(scores, train.labels[held]) * int(held.sum())
+            n += int(held.sum())
+        acc[lr] = hit / max(n, 1)
+    return max(s.lr_grid, key=lambda lr: acc[lr]), acc
+
+
 def run_linear(train: Features, val: Features, num_classes: int, s: ProbeSettings, seed=0,
                device="cpu") -> dict:  # fmt: skip
+    """The probe on ``train``, scored on ``val``; with ``s.lr_grid`` its lr is first chosen by
+    cross-validation on ``train`` alone (``cross_validate_lr``; the row says which)."""
+    extra = {}
+    if getattr(s, "lr_grid", None):
+        lr, acc = cross_validate_lr(train, num_classes, s, seed, device)
+        s = dataclasses.replace(s, lr=lr)
+        extra = {"lr_cv": {str(k): round(v, 4) for k, v in acc.items()}, "folds": s.folds}
     torch.manual_seed(seed)
     probe = LinearProbe(train.pooled.shape[1], num_classes)
     train_probe(probe, (train.pooled,), train.labels, s, seed=seed, device=device)
     scores = predict(probe, (val.pooled,), device=device)
     return _scores(topk_accuracy(scores, val.labels), topk_accuracy(scores, val.labels, 5),
-                   epochs=s.epochs, lr=s.lr)  # fmt: skip
+                   epochs=s.epochs, lr=s.lr, **extra)  # fmt: skip

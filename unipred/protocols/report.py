@@ -21,6 +21,8 @@ def format_row(r: dict) -> str:
         extra = f"  best: {r['best_layer']}"
     elif r["protocol"] == "knn":
         extra = f"  k={r['k']} T={r['temperature']}"
+    elif "lr_cv" in r:
+        extra = f"  lr {r['lr']} ({r['folds']}-fold CV on the training labels)"
     return (f"{r['protocol']:<10} {r['weights']:<10} top-1 {_pct(r['top1']):>8}  "
             f"top-5 {_pct(r['top5']):>8}  ({r['seconds']:.1f} s){extra}")  # fmt: skip
 
@@ -46,7 +48,8 @@ def row_details(r: dict) -> str:
         return f"best: {r['best_layer']}"
     if r["protocol"] in ("linear", "attentive"):
         dim = f", {r['dim']} raw values" if "dim" in r else ""
-        return f"{r['epochs']} epochs, lr {r['lr']}{dim}"
+        cv = f" ({r['folds']}-fold CV of {len(r['lr_cv'])})" if "lr_cv" in r else ""
+        return f"{r['epochs']} epochs, lr {r['lr']}{cv}{dim}"
     return r.get("run_dir", "")
 
 

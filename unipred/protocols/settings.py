@@ -36,6 +36,11 @@ class ProbeSettings:
     weight_decay: float = 0.0
     batch: int = 1024
     augment: bool = False  # linear only: run the training pipeline every epoch (no cache)
+    # linear only: learning rates to choose from by stratified k-fold cross-validation on the
+    # labelled training features (never the validation set), per row: the backbone, the
+    # random-init network and the raw input each get the lr that suits them; [] = ``lr``
+    lr_grid: list[float] = field(default_factory=list)
+    folds: int = 5
 
 
 @dataclass
@@ -151,6 +156,21 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
         )
     if s.features.grid < 1:
         raise ProtocolError(f"features.grid={s.features.grid} must be >= 1 (cells per axis)")
+    if s.linear.lr_grid:
+        if any(lr <= 0 for lr in s.linear.lr_grid) or s.linear.folds < 2:
+            raise ProtocolError(
+                f"linear.lr_grid={s.linear.lr_grid} / linear.folds={s.linear.folds}: every lr "
+                "must be > 0 and folds >= 2"
+            )
+        if s.linear.augment:
+            raise ProtocolError(
+                "linear.lr_grid with linear.augment=true: the augmented probe runs the training "
+                "pipeline every epoch and is not cross-validated; give linear.lr instead"
+            )
+    if s.layers.lr_grid:
+        raise ProtocolError(
+            "layers.lr_grid: the per-layer probes train together at one lr; give layers.lr"
+        )
     if s.knn.k < 1 or s.knn.temperature <= 0:
         raise ProtocolError(f"knn.k={s.knn.k} must be >= 1 and knn.temperature > 0")
     if s.raw.max_dim < 0:
@@ -187,7 +207,8 @@ def recipe_eval_args(eval_defaults: dict) -> list[str]:
 def _list_arg(a: str) -> str:
     """``protocols=knn,linear`` -> ``protocols=[knn,linear]`` (OmegaConf's list syntax)."""
     k, _, v = a.partition("=")
-    if k in ("protocols", "features.concat") and v and not v.startswith("["):
+    lists = ("protocols", "features.concat", "linear.lr_grid", "layers.lr_grid")
+    if k in lists and v and not v.startswith("["):
         return f"{k}=[{v}]"
     return a
 
