@@ -21,11 +21,21 @@ def _folder(root, size, classes=2, per_class=3):
 
 
 def test_the_choice_follows_the_data_scale_and_keeps_explicit_keys():
-    keys, line = choose(DataScale(5000, 25), set())
-    assert keys == {"target_norm": "instance", "head": "mlp", "horizon": 5}
+    keys, line = choose(DataScale(5000, 25, batch=128), set())
+    assert keys == {"target_norm": "instance", "head": "mlp", "horizon": 10,
+                    "loss": "infonce_batch"}  # fmt: skip
     assert "5,000 training samples, 25 tokens per sample" in line and "small data" in line
-    assert choose(DataScale(5000, 64), set())[0]["horizon"] == 8  # a row of an 8 x 8 grid
+    assert "(3200 tokens a batch)" in line
+    assert choose(DataScale(5000, 9), set())[0]["horizon"] == 6  # two rows of a 3 x 3 grid
+    assert choose(DataScale(5000, 64), set())[0]["horizon"] == 16  # capped
     assert choose(DataScale(5000, 2), set())[0]["horizon"] == 1  # no target two steps ahead
+    # infonce_batch's (batch x tokens)^2 logits: above the bound (64 px, patch 4: 256 tokens x
+    # 128), or with the batch unknown, the cosine stays, and the line says why
+    keys, line = choose(DataScale(5000, 256, batch=128), set())
+    assert "loss" not in keys
+    assert "a batch of 32768 tokens is above the 8192" in line
+    assert "loss" not in choose(DataScale(5000, 25), set())[0]
+    assert "loss" not in choose(DataScale(5000, 25, batch=128), {"loss"})[0]
     keys, line = choose(DataScale(1_281_167, 256), set())
     assert keys == {} and "the release objective" in line
     assert choose(DataScale(None, 256), set())[0] == {}  # a streamed set counts as large
@@ -39,11 +49,13 @@ def test_small_pretrain_reads_the_sizes_prints_one_line_and_records_the_choice(t
     model = TASKS.get(cfg.task)(cfg).build_model()
     o = model.cfg.objective
     assert (o.target_norm, o.head, o.horizon, o.auto) == ("instance", "mlp", 3, False)
+    assert o.loss == "infonce_batch"  # the recipe's batch of 128 x 25 tokens
     out = capsys.readouterr().out
     assert out.count("model.objective.auto:") == 1
     assert "6 training samples, 25 tokens per sample" in out and "kept your horizon" in out
     # written into the run config: a rebuild (resume, export) needs no data and says nothing
     assert cfg.model.objective.auto is False and cfg.model.objective.target_norm == "instance"
+    assert cfg.model.objective.loss == "infonce_batch"
     TASKS.get(cfg.task)(cfg).build_model()
     assert "model.objective.auto" not in capsys.readouterr().out
 

@@ -254,8 +254,9 @@ def test_small_recipes_load_with_their_documented_shapes():
         assert cfg.data.aug.mean == [0.5] and cfg.data.aug.std == [0.5]
         assert cfg.data.aug.auto_augment is None and cfg.data.aug.reprob == 0
         assert cfg.data.aug.eval_crop_pct == 1.0
-    # small/pretrain is next-embedding prediction (the release's cosine, stop-gradient, shift)
-    # with the rest chosen from the data (tests/test_auto.py); small/pretrain_patch the pixels
+    # small/pretrain is next-embedding prediction (stop-gradient, shift; the cosine until the data
+    # are read) with the rest chosen from the data (tests/test_auto.py); small/pretrain_patch the
+    # pixels
     pre = build_model_config(load_config("small/pretrain", check_paths=False).model).objective
     assert (pre.target, pre.loss, pre.stop_grad, pre.shift) == ("embedding", "cosine", True, True)
     assert pre.auto
@@ -263,9 +264,11 @@ def test_small_recipes_load_with_their_documented_shapes():
     assert build_model_config(patch).objective.target == "patch"
     ft = load_config("small/finetune", check_paths=False)
     assert ft.optim.freeze == [] and ft.data.aug.mixup == 0 and ft.data.aug.cutmix == 0
-    # the frozen protocols of small/probe read a 3 x 3 grid of token means (docs/small-data.md)
+    # the frozen protocols of small/probe read a 3 x 3 grid of token means and cross-validate
+    # the linear probe's lr on the training labels (docs/small-data.md)
     probe = load_config("small/probe", check_paths=False)
-    assert probe.eval_defaults == {"features": {"pool": "grid", "grid": 3}}
+    assert probe.eval_defaults == {"features": {"pool": "grid", "grid": 3},
+                                   "linear": {"lr_grid": [3e-4, 1e-3, 3e-3, 1e-2]}}  # fmt: skip
 
 
 # ------------------------------------------------------------------ --help and model.init

@@ -8,9 +8,12 @@ docs/small-data.md):
 
 * **small data** (< ``SMALL_DATA`` samples): on Fashion-MNIST at 20 px (5,000 images, 25 tokens)
   the release objective's frozen k-NN fell below a random network's; instance-normalised
-  targets, a horizon of one grid row and an MLP head fixed it, and fine-tuning beat scratch.
-  The horizon is a row of a square grid of the same token count (``round(sqrt(tokens))``,
-  2 to 16), so output t predicts as far as the token below it.
+  targets, an MLP head and a longer horizon fixed it, and fine-tuning beat scratch. The horizon
+  is two rows of a square grid of the same token count (``2 * round(sqrt(tokens))``, 2 to 16,
+  below the token count): horizon 10 on 25 tokens measured above one row (5). The loss is
+  ``infonce_batch`` (every other token of the batch a negative; the audio recipe's, and on
+  Fashion-MNIST the best frozen k-NN) when the batch holds at most ``INFONCE_BATCH_TOKENS``
+  tokens (its logits are a square of that size); above it, the cosine.
 * **large data**: the release objective (the paper's ImageNet recipe), unchanged.
 * **discrete tokens** (a tokenizer whose ``discrete`` attribute is true: an embedding table
   over a vocabulary, such as the text tokenizer), at any scale: ``target=patch``, the next
@@ -30,6 +33,7 @@ import math
 import torch
 
 SMALL_DATA = 100_000  # training samples below which the small-data settings are chosen
+INFONCE_BATCH_TOKENS = 8192  # batch x tokens up to which infonce_batch is chosen (8192^2 logits)
 
 
 @dataclasses.dataclass
@@ -37,6 +41,7 @@ class DataScale:
     samples: int | None  # None: a streamed set (no length)
     tokens: int  # tokens per sample (the first sample's)
     discrete: bool = False  # the tokenizer embeds ids of a vocabulary (its ``discrete``)
+    batch: int = 0  # samples per device batch (0: unknown; infonce_batch is not chosen)
 
 
 def _has_len(ds) -> bool:
@@ -47,7 +52,7 @@ def _has_len(ds) -> bool:
     return True
 
 
-def measure(source, tokenizer) -> DataScale:
+def measure(source, tokenizer, batch_size: int = 0) -> DataScale:
     """Sizes of ``source``'s training split: sample count and the first sample's tokens."""
     from torch.utils.data import default_collate
 
@@ -62,7 +67,7 @@ def measure(source, tokenizer) -> DataScale:
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
     with torch.no_grad():
         tokens = int(tokenizer(x).tokens.shape[1])
-    return DataScale(n, tokens, bool(getattr(tokenizer, "discrete", False)))
+    return DataScale(n, tokens, bool(getattr(tokenizer, "discrete", False)), batch_size)
 
 
 def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
@@ -76,10 +81,18 @@ def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
                "view, not a learned table, as measured best on word-language identification "
                "(docs/text.md)")  # fmt: skip
     elif scale.samples is not None and scale.samples < SMALL_DATA:
-        horizon = min(16, max(2, round(math.sqrt(scale.tokens))), max(1, scale.tokens - 1))
+        horizon = min(16, max(2, 2 * round(math.sqrt(scale.tokens))), max(1, scale.tokens - 1))
         pick = {"target_norm": "instance", "head": "mlp", "horizon": horizon}
+        held = scale.batch * scale.tokens
+        if 0 < held <= INFONCE_BATCH_TOKENS:
+            pick["loss"] = "infonce_batch"
+            neg = f", the batch's other tokens as negatives ({held} tokens a batch)"
+        else:
+            neg = (f"; the cosine loss: a batch of {held} tokens is above the "
+                   f"{INFONCE_BATCH_TOKENS} that infonce_batch's square of logits is sized for"
+                   if held else "")  # fmt: skip
         why = (f"small data (< {SMALL_DATA:,} samples): instance-normalised targets, an MLP "
-               f"head and a horizon of one grid row, as measured best on Fashion-MNIST "
+               f"head, a horizon of two grid rows{neg}, as measured best on Fashion-MNIST "
                "(docs/small-data.md)")  # fmt: skip
     else:
         pick = {}
@@ -91,9 +104,10 @@ def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
     return keep, f"model.objective.auto: {size} -> {said} ({why}{note})"
 
 
-def resolve(mc, source, tokenizer, explicit: set[str], log=print):
-    """``mc`` (a ModelConfig) with its objective chosen from the data; prints one line."""
-    scale = measure(source, tokenizer)
+def resolve(mc, source, tokenizer, explicit: set[str], log=print, batch: int = 0):
+    """``mc`` (a ModelConfig) with its objective chosen from the data (``batch``: samples per
+    device batch); prints one line."""
+    scale = measure(source, tokenizer, batch)
     keys, line = choose(scale, explicit)
     log(line)
     mc.objective = dataclasses.replace(mc.objective, **keys)

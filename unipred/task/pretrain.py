@@ -62,8 +62,10 @@ class PretrainTask(Task):
         explicit = {f.name for f in dataclasses.fields(section) if getattr(section, f.name)
                     is not None} - {"auto"}  # fmt: skip
         tok = build_tokenizer(mc.tokenizer, mc.predictor.dim, mc.tokenizer_args)
-        mc = auto.resolve(mc, self.source, tok, explicit)
-        for key in ("target", "target_norm", "head", "horizon"):
+        t = self.cfg.trainer
+        batch = int(t.per_device_batch or t.global_batch)  # an upper bound before the plan
+        mc = auto.resolve(mc, self.source, tok, explicit, batch=batch)
+        for key in ("target", "target_norm", "head", "horizon", "loss"):
             setattr(section, key, getattr(mc.objective, key))
         section.auto = False
         mc.objective = dataclasses.replace(mc.objective, auto=False)
