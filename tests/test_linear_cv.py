@@ -73,10 +73,10 @@ def test_bad_grids_are_one_line():
 
 def test_eval_cross_validates_every_row_through_the_cli(tmp_path):
     """The shipped `unipred evaluate-suite`: each row (random init, raw input) reports the lr its
-    own training folds chose."""
+    own training folds chose; `trainer.threads` sets the threads."""
     cmd = [sys.executable, "-m", "unipred.cli", "evaluate-suite", "configs/demo/fmnist_probe.yaml",
            "ckpt=random", "protocols=linear", "linear.epochs=5", "linear.lr_grid=1e-9,1e-2",
-           "linear.folds=3", f"out={tmp_path}", *TINY]  # fmt: skip
+           "linear.folds=3", f"out={tmp_path}", "trainer.threads=1", *TINY]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -86,4 +86,7 @@ def test_eval_cross_validates_every_row_through_the_cli(tmp_path):
         assert r["folds"] == 3 and set(r["lr_cv"]) == {"1e-09", "0.01"}
         best = max(r["lr_cv"], key=lambda k: r["lr_cv"][k])
         assert r["lr"] == float(best) and r["lr"] in (1e-9, 1e-2)
+    # trainer.threads reaches the frozen protocols too (torch's default of a thread per core made
+    # the probes' small ops crawl on a busy machine), said once
+    assert out.stdout.count("[unipred] 1 torch thread(s)") == 1, out.stdout
     assert "3-fold CV" in out.stdout and "(3-fold CV of 2)" in (tmp_path / "results.md").read_text()

@@ -39,7 +39,7 @@ from unipred.protocols.knn import run_knn
 from unipred.protocols.linear import run_linear
 from unipred.protocols.report import format_row
 from unipred.protocols.settings import RANDOM, EvalSettings, ProtocolError
-from unipred.protocols.suite import _loader, _num_classes, demo_settings
+from unipred.protocols.suite import _loader, _num_classes, apply_threads, demo_settings
 
 INPUT = "input"  # the weights column of the raw-input rows (the backbone's read-out)
 INPUT_FLAT = "input_flat"  # ... of the flattened raw patches
@@ -170,6 +170,7 @@ def raw_eval(config, overrides: list[str], settings=(), log=print,
 def run_raw(cfg, settings: EvalSettings, log=print) -> list[dict]:
     """k-NN and linear probe on the raw patches of ``cfg``'s data (the label budget applied):
     through the backbone rows' read-out (``input``) and flattened (``input_flat``)."""
+    apply_threads(cfg, log)
     task, model = _task_and_model(cfg)
     fs = settings.features
     workers = int(getattr(cfg.data, "num_workers", 0))

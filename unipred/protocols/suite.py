@@ -73,6 +73,24 @@ def _num_classes(task, *labels: torch.Tensor) -> int:
     return n or seen
 
 
+def apply_threads(cfg, log=print) -> None:
+    """``trainer.threads`` for the frozen protocols (feature pass, probes), as ``unipred fit``
+    applies it (unipred/base/threads.py): left to torch's default of one thread per core, a
+    probe's small ops crawl while other jobs hold the cores (the cross-validated linear probe
+    of ``small/probe``: 47-59 s with 2 threads vs 5.4 s with 1, load average 4.5 on 2 cores)."""
+    from unipred.base.threads import threads_for_run
+
+    t = cfg.trainer
+    n = torch.get_num_threads()
+    line = threads_for_run(t.threads, t.accelerator, 1)
+    if line and (n != torch.get_num_threads() or not _THREADS_SAID):
+        log(f"[unipred] {line}")
+        _THREADS_SAID.append(line)
+
+
+_THREADS_SAID: list[str] = []  # said once per process, then only when it changes
+
+
 def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     """Run frozen protocols on ``cfg.ckpt`` for the requested weight sets.
 
@@ -82,6 +100,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
     from unipred.base.registry import TASKS
 
     protocols = list(protocols)
+    apply_threads(cfg, log)
     bad = [p for p in protocols if p not in FROZEN]
     if bad:
         raise ProtocolError(f"not a frozen-feature protocol: {bad}; use {', '.join(FROZEN)}")
