@@ -129,7 +129,7 @@ def run_linear(train: Features, val: Features, num_classes: int, s: ProbeSetting
     """The probe on ``train``, scored on ``val``; with ``s.lr_grid`` its lr is first chosen by
     cross-validation on ``train`` alone (``cross_validate_lr``; the row says which)."""
     extra = {}
-    if getattr(s, "lr_grid", None):
+    if s.lr_grid:
         lr, acc = cross_validate_lr(train, num_classes, s, seed, device)
         s = dataclasses.replace(s, lr=lr)
         extra = {"lr_cv": {str(k): round(v, 4) for k, v in acc.items()}, "folds": s.folds}

@@ -38,7 +38,8 @@ class ProbeSettings:
     augment: bool = False  # linear only: run the training pipeline every epoch (no cache)
     # linear only: learning rates to choose from by stratified k-fold cross-validation on the
     # labelled training features (never the validation set), per row: the backbone, the
-    # random-init network and the raw input each get the lr that suits them; [] = ``lr``
+    # random-init network and the raw input each get the lr that suits them; [] = ``lr``. It
+    # costs folds x len(lr_grid) extra probe trainings per row: meant for labelled subsets
     lr_grid: list[float] = field(default_factory=list)
     folds: int = 5
 
