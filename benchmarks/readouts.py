@@ -123,17 +123,14 @@ def _pools(toks, pre, valid, coords, grids, norms=("none",), use_cls=True) -> di
     return out
 
 
-LR_GRID: list[float] = []  # --lr-grid: the linear probe's lr chosen by CV on the training labels
-
-
-def _scores(tr: Features, va: Features, C: int, seed: int, linear: bool = True) -> dict:
+def _scores(tr: Features, va: Features, C: int, seed: int, lr_grid=()) -> dict:
+    """k-NN, standardised k-NN and the linear probe (its lr by CV on ``tr`` when ``lr_grid``)."""
     out = {"knn": run_knn(tr, va, C, KNNSettings())["top1"]}
     a, b = _standardise(tr.pooled, va.pooled)
     out["knn_std"] = run_knn(Features(a, tr.labels), Features(b, va.labels), C, KNNSettings())[
         "top1"
     ]
-    if linear:
-        out["linear"] = run_linear(tr, va, C, ProbeSettings(lr_grid=list(LR_GRID)), seed)["top1"]
+    out["linear"] = run_linear(tr, va, C, ProbeSettings(lr_grid=list(lr_grid)), seed)["top1"]
     return out
 
 
@@ -151,7 +148,7 @@ def _once(key, split: str, fn, *args):
 
 
 def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
-        block: int | None = None, norms=("none",)) -> dict:  # fmt: skip
+        block: int | None = None, norms=("none",), lr_grid=()) -> dict:  # fmt: skip
     """{row name: {knn, knn_std, linear}} for one budget and seed."""
     cfg = load_config(
         config,
@@ -174,7 +171,9 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
         C = int(max(f["train"][4].max(), f["val"][4].max())) + 1
         for label in pools["train"]:
             tr, va = (Features(pools[s][label], f[s][4]) for s in ("train", "val"))
-            rows[f"{name}: {label} ({tr.pooled.shape[1]} values)"] = _scores(tr, va, C, seed)
+            rows[f"{name}: {label} ({tr.pooled.shape[1]} values)"] = _scores(
+                tr, va, C, seed, lr_grid
+            )
     # one patch count for both splits: variable-length samples pad to the longest of either
     chunks = {s: _once("chunks", s, raw_chunks, model.tokenizer, _loader(task, s, fs, 0),
                        task.inputs) for s in ("train", "val")}  # fmt: skip
@@ -182,7 +181,7 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
     tr, va = (flatten_chunks(*chunks[s], n, RawSettings().max_dim, 0) for s in ("train", "val"))
     # no value count in the name: the longest clip of a labelled subset sets it, and one row
     # per count would split the seeds of a budget into several rows
-    rows["raw input: flattened patches (the eval's input_flat)"] = _scores(tr, va, C, seed)
+    rows["raw input: flattened patches (the eval's input_flat)"] = _scores(tr, va, C, seed, lr_grid)
     # the raw patches through the same read-outs: flattened position by position, clips whose
     # words start at different times are hardly comparable; per-sample cells are
     raw = {s: _once("raw", s, _raw, model, _loader(task, s, fs, 0), task.inputs)
@@ -191,7 +190,7 @@ def one(config: str, ckpt: str, overrides: list[str], k: int, seed: int, grids,
     for label in pools["train"]:
         tr, va = (Features(pools[s][label], raw[s][3]) for s in ("train", "val"))
         rows[f"raw input: patches, {label} ({tr.pooled.shape[1]} values)"] = _scores(
-            tr, va, C, seed
+            tr, va, C, seed, lr_grid
         )
     return rows
 
@@ -219,14 +218,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
-    LR_GRID[:] = [float(v) for v in a.lr_grid.split(",") if v]
+    lr_grid = [float(v) for v in a.lr_grid.split(",") if v]
     torch.set_num_threads(1)
     grids = [int(g) for g in a.grids.split(",")]
     table, cols = {}, ("knn", "knn_std", "linear")
     for k in (int(v) for v in a.labels.split(",")):
         for seed in (int(v) for v in a.seeds.split(",")):
             rows = one(a.config, a.ckpt, a.overrides, k, seed, grids, a.block,
-                       a.norms.split(","))  # fmt: skip
+                       a.norms.split(","), lr_grid)  # fmt: skip
             for row, sc in rows.items():
                 for c in cols:
                     table.setdefault((k, row), {}).setdefault(c, []).append(100 * sc[c])

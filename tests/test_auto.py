@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from unipred.base.registry import TASKS
-from unipred.task.auto import DataScale, choose
+from unipred.task.auto import CHOSEN_KEYS, DataScale, choose
 from unipred.train.config import load_config
 
 
@@ -75,3 +75,10 @@ def test_discrete_tokens_choose_the_fixed_one_hot_target(capsys):
     assert model.cfg.objective.target == "patch" and cfg.model.objective.target == "patch"
     out = capsys.readouterr().out
     assert "16 training samples" in out and "discrete tokens -> target=patch" in out
+
+
+def test_every_key_the_choice_can_set_is_written_back_into_the_run_config():
+    scales = [DataScale(5000, 25, batch=128), DataScale(5000, 256, batch=128),
+              DataScale(1_281_167, 256), DataScale(16000, 64, discrete=True)]  # fmt: skip
+    for scale in scales:
+        assert set(choose(scale, set())[0]) <= set(CHOSEN_KEYS), scale

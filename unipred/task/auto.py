@@ -33,6 +33,8 @@ import math
 import torch
 
 SMALL_DATA = 100_000  # training samples below which the small-data settings are chosen
+# every objective key ``choose`` may set: the task writes each back into the run config
+CHOSEN_KEYS = ("target", "target_norm", "head", "horizon", "loss")
 INFONCE_BATCH_TOKENS = 8192  # batch x tokens up to which infonce_batch is chosen (8192^2 logits)
 
 

@@ -65,7 +65,7 @@ class PretrainTask(Task):
         t = self.cfg.trainer
         batch = int(t.per_device_batch or t.global_batch)  # an upper bound before the plan
         mc = auto.resolve(mc, self.source, tok, explicit, batch=batch)
-        for key in ("target", "target_norm", "head", "horizon", "loss"):
+        for key in auto.CHOSEN_KEYS:
             setattr(section, key, getattr(mc.objective, key))
         section.auto = False
         mc.objective = dataclasses.replace(mc.objective, auto=False)
