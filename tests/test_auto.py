@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from unipred.base.registry import TASKS
-from unipred.task.auto import CHOSEN_KEYS, DataScale, choose
+from unipred.task.auto import CHOSEN_KEYS, DataScale, choose, token_grid
 from unipred.train.config import load_config
 
 
@@ -41,6 +43,44 @@ def test_the_choice_follows_the_data_scale_and_keeps_explicit_keys():
     assert choose(DataScale(None, 256), set())[0] == {}  # a streamed set counts as large
     keys, line = choose(DataScale(5000, 25), {"horizon"})
     assert "horizon" not in keys and "kept your horizon" in line
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, x, grid, horizon",
+    [("small/pretrain", ["data.root={tmp}"], (1, 1, 20, 20), (5, 5), 10),  # 2 rows of 5
+     ("video/demo_pretrain", [], (1, 3, 8, 32, 32), (4, 4, 4), 8),  # 2 rows of 4 (t, y, x)
+     ("audio/digits_pretrain", [], (1, 16000), (12,), 3)],  # full-band tokens: time only
+)  # fmt: skip
+def test_the_horizon_is_read_from_each_builtin_tokenizers_token_grid(
+    tmp_path, recipe, overrides, x, grid, horizon
+):
+    root = _folder(tmp_path / "d", size=20) if overrides else None  # the image recipe's folder
+    cfg = load_config(recipe, [o.format(tmp=root) for o in overrides]
+                      + ["model.objective.auto=false"])  # fmt: skip
+    tok = TASKS.get(cfg.task)(cfg).build_model().tokenizer
+    with torch.no_grad():
+        out = tok(torch.zeros(x))
+    assert token_grid(out.coords, out.valid) == grid
+    n = out.tokens.shape[1]
+    keys, line = choose(DataScale(2000, n, batch=16, grid=grid), set())
+    assert keys["horizon"] == horizon
+    assert ("one axis" in line) == (len(grid) == 1)
+
+
+def test_token_grid_orders_the_fastest_axis_last_and_refuses_what_is_not_a_grid():
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 7), indexing="ij")
+    raster = torch.stack([ys.flatten(), xs.flatten()], 1)  # x changes fastest: rows of 7
+    assert token_grid(raster) == (3, 7)
+    column = torch.stack([ys.t().flatten(), xs.t().flatten()], 1)  # y fastest: rows of 3
+    assert token_grid(column) == (7, 3)
+    assert choose(DataScale(100, 21, grid=(7, 3)), set())[0]["horizon"] == 6
+    assert token_grid(raster[:-1]) == ()  # a grid with a token missing
+    assert token_grid(raster[None]) == (3, 7)  # (1, N, k) coordinates
+    valid = torch.ones(1, 24, dtype=torch.bool)
+    valid[0, 21:] = False  # padded tokens after the real ones are left out
+    padded = torch.cat([raster, torch.zeros(3, 2)])
+    assert token_grid(padded, valid) == (3, 7)
+    assert token_grid(padded) == ()
 
 
 def test_small_pretrain_reads_the_sizes_prints_one_line_and_records_the_choice(tmp_path, capsys):

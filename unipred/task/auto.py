@@ -9,8 +9,12 @@ docs/small-data.md):
 * **small data** (< ``SMALL_DATA`` samples): on Fashion-MNIST at 20 px (5,000 images, 25 tokens)
   the release objective's frozen k-NN fell below a random network's; instance-normalised
   targets, an MLP head and a longer horizon fixed it, and fine-tuning beat scratch. The horizon
-  is two rows of a square grid of the same token count (``2 * round(sqrt(tokens))``, 2 to 16,
-  below the token count): horizon 10 on 25 tokens measured above one row (5). The loss is
+  is two rows of the token grid (``2 x`` the tokens along the fastest-varying axis of the
+  tokenizer's coordinates, 2 to 16, below the token count): horizon 10 on a 5 x 5 grid
+  measured above one row (5). A sequence along one axis only (full-band audio tokens: one
+  token per time step) has no rows: horizon 3, the spoken digits' measured best. Coordinates
+  that do not form a grid fall back to two rows of a square grid of the same token count
+  (``2 * round(sqrt(tokens))``). The loss is
   ``infonce_batch`` (every other token of the batch a negative; the audio recipe's, and on
   Fashion-MNIST the best frozen k-NN) when the batch holds at most ``INFONCE_BATCH_TOKENS``
   tokens (its logits are a square of that size); above it, the cosine.
@@ -44,6 +48,7 @@ class DataScale:
     tokens: int  # tokens per sample (the first sample's)
     discrete: bool = False  # the tokenizer embeds ids of a vocabulary (its ``discrete``)
     batch: int = 0  # samples per device batch (0: unknown; infonce_batch is not chosen)
+    grid: tuple[int, ...] = ()  # tokens along each axis whose coordinate varies (() unknown)
 
 
 def _has_len(ds) -> bool:
@@ -68,8 +73,41 @@ def measure(source, tokenizer, batch_size: int = 0) -> DataScale:
     batch = collate([item])
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
     with torch.no_grad():
-        tokens = int(tokenizer(x).tokens.shape[1])
-    return DataScale(n, tokens, bool(getattr(tokenizer, "discrete", False)), batch_size)
+        out = tokenizer(x)
+    tokens = int(out.tokens.shape[1])
+    grid = token_grid(out.coords, out.valid)
+    return DataScale(n, tokens, bool(getattr(tokenizer, "discrete", False)), batch_size, grid)
+
+
+def token_grid(coords: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[int, ...]:
+    """Tokens along each axis whose coordinate varies (the axis that varies fastest in token
+    order last), when the (real) tokens form a full grid of those sizes; () otherwise. ``coords``: (N, k) or (1, N, k) as a tokenizer returns them."""
+    c = coords[0] if coords.dim() == 3 else coords
+    if valid is not None:
+        c = c[valid.reshape(-1)[: c.shape[0]].bool()]
+    if c.dim() != 2 or c.shape[0] == 0:
+        return ()
+    c = c.float().round(decimals=4)
+    axes = [a for a in range(c.shape[1]) if torch.unique(c[:, a]).numel() > 1]
+    if len(c) > 1:  # the axis that changes from the first token to the second goes last
+        fast = [a for a in axes if c[1, a] != c[0, a]]
+        axes = [a for a in axes if a not in fast[:1]] + fast[:1]
+    grid = tuple(int(torch.unique(c[:, a]).numel()) for a in axes)
+    return grid if grid and math.prod(grid) == c.shape[0] else ()
+
+
+def choose_horizon(scale: DataScale) -> tuple[int, str]:
+    """(horizon, how it was read) for small data: two grid rows, 3 on a 1-axis sequence."""
+    if len(scale.grid) == 1:
+        h, how = 3, "a sequence along one axis: horizon 3"
+    elif len(scale.grid) > 1:
+        row = scale.grid[-1]
+        h = 2 * row
+        how = f"a horizon of two rows of the {' x '.join(map(str, scale.grid))} token grid"
+    else:
+        h = 2 * round(math.sqrt(scale.tokens))
+        how = "a horizon of two rows of a square grid"
+    return min(16, max(2, h), max(1, scale.tokens - 1)), how
 
 
 def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
@@ -83,7 +121,7 @@ def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
                "view, not a learned table, as measured best on word-language identification "
                "(docs/text.md)")  # fmt: skip
     elif scale.samples is not None and scale.samples < SMALL_DATA:
-        horizon = min(16, max(2, 2 * round(math.sqrt(scale.tokens))), max(1, scale.tokens - 1))
+        horizon, how = choose_horizon(scale)
         pick = {"target_norm": "instance", "head": "mlp", "horizon": horizon}
         held = scale.batch * scale.tokens
         if 0 < held <= INFONCE_BATCH_TOKENS:
@@ -94,8 +132,8 @@ def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
                    f"{INFONCE_BATCH_TOKENS} that infonce_batch's square of logits is sized for"
                    if held else "")  # fmt: skip
         why = (f"small data (< {SMALL_DATA:,} samples): instance-normalised targets, an MLP "
-               f"head, a horizon of two grid rows{neg}, as measured best on Fashion-MNIST "
-               "(docs/small-data.md)")  # fmt: skip
+               f"head, {how}{neg}, as measured best on Fashion-MNIST and the spoken "
+               "digits (docs/small-data.md, docs/objectives.md)")  # fmt: skip
     else:
         pick = {}
         why = f"large data (>= {SMALL_DATA:,} samples or streamed): the release objective"
