@@ -372,6 +372,9 @@ def test_digits_recipes_share_the_tokenizer_and_the_objective_ignores_padding():
     pre, probe, ft = (load_config(f"audio/{n}", check_paths=False)
                       for n in ("digits_pretrain", "digits_linprobe", "digits_finetune"))  # fmt: skip
     assert pre.model.tokenizer_args == probe.model.tokenizer_args == ft.model.tokenizer_args
+    # the frozen protocols read a 2-cell time grid and cross-validate the linear probe's lr
+    assert probe.eval_defaults == {"features": {"pool": "grid", "grid": 2},
+                                   "linear": {"lr_grid": [3e-4, 1e-3, 3e-3, 1e-2]}}  # fmt: skip
     keys = {k: v for k, v in dataclasses.asdict(pre.model.objective).items() if v is not None}
     assert keys.get("loss") == "infonce_batch"
     m = _audio_model("audio", clip_norm=pre.model.tokenizer_args["clip_norm"])
