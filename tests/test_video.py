@@ -254,3 +254,24 @@ def test_engine_classifies_real_files(tmp_path):
     trainer = fit(load_config(None, over))
     assert trainer.global_step == 2
     assert 0.0 <= float(trainer.callback_metrics["val/acc1"]) <= 1.0
+
+
+def test_demo_probe_reads_the_backbone_with_its_pretraining_attention():
+    """video/demo_probe: the demo's model with causal attention (as video/demo_pretrain trains
+    it; video/demo_classify fine-tunes bidirectionally), a frozen probe, the 2 x 2 x 2 grid
+    read-out and the cross-validated linear-probe lr."""
+    from unipred.train.config import load_config
+
+    pre, cls, probe = (load_config(f"video/{n}", check_paths=False)
+                       for n in ("demo_pretrain", "demo_classify", "demo_probe"))  # fmt: skip
+    assert probe.model.predictor.causal is True and cls.model.predictor.causal is False
+    for key in ("dim", "depth", "heads"):  # the same network as pretrained
+        assert (
+            getattr(probe.model.predictor, key)
+            == getattr(pre.model.predictor, key)
+            == getattr(cls.model.predictor, key)
+        )
+    assert probe.model.tokenizer_args == pre.model.tokenizer_args
+    assert probe.data.mode == "probe" and probe.model.head == "probe"
+    assert probe.eval_defaults == {"features": {"pool": "grid", "grid": 2},
+                                   "linear": {"lr_grid": [3e-4, 1e-3, 3e-3, 1e-2]}}  # fmt: skip
