@@ -259,7 +259,34 @@ def test_loss_kinds():
         pair_loss(t, t, None, "l3")
 
 
-@pytest.mark.parametrize("kind", ["mse", "smooth_l1", "infonce", "infonce_batch"])
+def test_infonce_position_contrasts_the_samples_at_each_position():
+    torch.manual_seed(0)
+    p, t = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    pn, tn = F.normalize(p, dim=-1), F.normalize(t, dim=-1)
+    # position l: sample b's prediction picks its own target among the 3 samples' targets at l
+    ref = torch.stack([F.cross_entropy(pn[:, j] @ tn[:, j].T / 0.1, torch.arange(3),
+                                       reduction="none") for j in range(4)], 1)  # fmt: skip
+    torch.testing.assert_close(pair_loss(p, t, None, "infonce_position"), ref.mean())
+    # another position's target is no negative: changing it leaves position 0's terms alone
+    t2 = t.clone()
+    t2[:, 1:] = torch.randn(3, 3, 8)
+    a = pair_loss(p[:, :1], t[:, :1], None, "infonce_position")
+    b = pair_loss(p[:, :1], t2[:, :1], None, "infonce_position")
+    torch.testing.assert_close(a, b)
+    # padding: a padded target is no candidate, a padded pair adds no term and no NaN
+    pair = torch.tensor([[True] * 4, [True, True, False, False], [True] * 4])
+    got = pair_loss(p, t, pair, "infonce_position")
+    terms = []
+    for j in range(4):
+        keep = pair[:, j]
+        lg = pn[keep, j] @ tn[keep, j].T / 0.1
+        terms.append(F.cross_entropy(lg, torch.arange(int(keep.sum())), reduction="none"))
+    torch.testing.assert_close(got, torch.cat(terms).mean())
+
+
+@pytest.mark.parametrize(
+    "kind", ["mse", "smooth_l1", "infonce", "infonce_batch", "infonce_position"]
+)
 def test_loss_switch_changes_only_the_comparison(kind):
     x = _input("image")
     m0, m1 = _model().eval(), _model(loss=kind).eval()

@@ -33,7 +33,7 @@ def next_embedding_loss(
     return -(cos * pair).sum() / pair.sum().clamp_min(1.0)
 
 
-LOSSES = ("cosine", "mse", "smooth_l1", "infonce", "infonce_batch")
+LOSSES = ("cosine", "mse", "smooth_l1", "infonce", "infonce_batch", "infonce_position")
 
 
 def pair_loss(
@@ -50,7 +50,10 @@ def pair_loss(
     pair's own target among all (valid) targets of the same sample, cosine / temperature;
     infonce_batch: the same among all (valid) targets of the whole batch, so the other samples'
     tokens are negatives too and different samples are pushed apart (a (B L)^2 matrix: sized
-    for small models and batches, such as the audio recipe's 64 clips of 25 tokens).
+    for small models and batches, such as the audio recipe's 64 clips of 25 tokens);
+    infonce_position: the same among the targets at the same position of every sample of the
+    batch (L matrices of B x B: the negatives are what other samples hold where this one's
+    target is, never other positions; grows with B^2 L, not (B L)^2).
     The caller aligns: pred[:, i] predicts target[:, i]. Computed in float32.
     """
     p, t = pred.float(), target.float()
@@ -75,6 +78,15 @@ def pair_loss(
         if pair is not None:
             logits = logits.masked_fill(~pair.reshape(1, B * L), float("-inf"))
         per = (logits.logsumexp(dim=-1) - logits.diagonal()).reshape(B, L)
+        if pair is not None:
+            per = per.masked_fill(~pair, 0.0)
+    elif kind == "infonce_position":
+        pf = F.normalize(p, dim=-1).transpose(0, 1)  # (L, B, P)
+        tf = F.normalize(t, dim=-1).transpose(0, 1)
+        logits = pf @ tf.transpose(1, 2) / temperature  # (L, B, B): position l, sample b vs b'
+        if pair is not None:  # padded targets are no candidates
+            logits = logits.masked_fill(~pair.T[:, None, :], float("-inf"))
+        per = (logits.logsumexp(dim=-1) - logits.diagonal(dim1=1, dim2=2)).T  # (B, L)
         if pair is not None:
             per = per.masked_fill(~pair, 0.0)
     else:

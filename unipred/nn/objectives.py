@@ -21,7 +21,8 @@ them:
 5. ``head``: an optional MLP, or a small transformer (I-JEPA's narrow predictor: ``head_depth``
    blocks of the trunk's kind, with its attention and RoPE, then a linear map per step),
    between the trunk and the loss; ``loss`` the comparison (cosine, MSE, smooth L1, InfoNCE
-   over the other positions of the same sample, or of the whole batch: infonce_batch).
+   over the other positions of the same sample, of the whole batch: infonce_batch, or over
+   the same position of every sample: infonce_position).
 
 Prefix tokens (cls and registers) are never targets; they can only predict the first tokens.
 """
@@ -48,7 +49,7 @@ class ObjectiveConfig:
     shift: bool = True  # False: output t predicts target t (the paper's "no shift" ablation)
     stop_grad: bool = True  # False: gradient also flows into the targets
     mask_ratio: float = 0.0  # fraction of input tokens replaced by a learned mask token
-    loss: str = "cosine"  # cosine | mse | smooth_l1 | infonce | infonce_batch
+    loss: str = "cosine"  # cosine | mse | smooth_l1 | infonce | infonce_batch | infonce_position
     temperature: float = 0.1  # infonce only
     target: str = "embedding"  # embedding | layer | patch | ema
     target_layer: int = -1  # target == "layer": that block's output (negative: from the top)
