@@ -81,7 +81,8 @@ def measure(source, tokenizer, batch_size: int = 0) -> DataScale:
 
 def token_grid(coords: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[int, ...]:
     """Tokens along each axis whose coordinate varies (the axis that varies fastest in token
-    order last), when the (real) tokens form a full grid of those sizes; () otherwise. ``coords``: (N, k) or (1, N, k) as a tokenizer returns them."""
+    order last), when the (real) tokens form a full grid of those sizes; () otherwise.
+    ``coords``: (N, k) or (1, N, k) as a tokenizer returns them."""
     c = coords[0] if coords.dim() == 3 else coords
     if valid is not None:
         c = c[valid.reshape(-1)[: c.shape[0]].bool()]
@@ -132,8 +133,9 @@ def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
                    f"{INFONCE_BATCH_TOKENS} that infonce_batch's square of logits is sized for"
                    if held else "")  # fmt: skip
         why = (f"small data (< {SMALL_DATA:,} samples): instance-normalised targets, an MLP "
-               f"head, {how}{neg}, as measured best on Fashion-MNIST and the spoken "
-               "digits (docs/small-data.md, docs/objectives.md)")  # fmt: skip
+               f"head, {how}{neg}, as measured best on Fashion-MNIST, the spoken digits "
+               "and the video demo's clips (docs/small-data.md, docs/objectives.md, "
+               "docs/demos.md)")  # fmt: skip
     else:
         pick = {}
         why = f"large data (>= {SMALL_DATA:,} samples or streamed): the release objective"
