@@ -31,3 +31,11 @@ def test_joint_demo_quick_end_to_end(tmp_path):
     # every modality's fine-tune from the joint checkpoint got that modality's tokenizer
     cfg = (tmp_path / "audio_joint_seed1" / "config.yaml").read_text()
     assert "pretrain_joint/checkpoints/last.ckpt@audio" in cfg
+    # the single-modality arms train the joint run's objective (the release's), not their
+    # recipes' small-data switches: the table compares joint vs single, nothing else
+    from omegaconf import OmegaConf
+
+    for m in ("image", "audio", "video", "joint"):
+        o = OmegaConf.load(tmp_path / f"pretrain_{m}" / "config.yaml").model.objective
+        assert (o.loss, o.horizon, o.head, o.target_norm, o.auto) == (
+            "cosine", 1, "none", "none", False), m  # fmt: skip
