@@ -17,21 +17,15 @@ import argparse
 from pathlib import Path
 
 import torch
-from unipred.tasks.video.data import write_video
-from unipred.tasks.video.tasks import DIRECTIONS, moving_shape_clip
+from unipred.tasks.video.demo import Plan, write_moving
+from unipred.tasks.video.tasks import DIRECTIONS
 
 
 def write(out: Path, directions: int, seed: int, pretrain: int, train: int, test: int) -> Path:
     if not 2 <= directions <= len(DIRECTIONS):
         raise SystemExit(f"--directions {directions}: choose 2 to {len(DIRECTIONS)}")
-    for sub, n, split_seed in (("pretrain", pretrain, 1), ("motion/train", train, 2),
-                               ("motion/val", test, 3)):  # fmt: skip
-        for i in range(n if sub == "pretrain" else n * directions):
-            label = i % directions
-            folder = out / sub if sub == "pretrain" else out / sub / DIRECTIONS[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            clip = moving_shape_clip((seed * 10 + split_seed) * 1_000_003 + i, label, 32, 16)
-            write_video(folder / f"moving_{i:05d}.mp4", clip, preset="ultrafast")
+    plan = Plan(pretrain_clips=pretrain, train_per_class=train, val_per_class=test)
+    write_moving(out, plan, seed, n_cls=directions)  # the demo's writer, more directions
     return out
 
 

@@ -60,12 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------ data
-def write_moving(root: Path, plan: Plan, seed: int) -> dict[str, Path]:
-    """Moving-shape mp4 files: pretrain/ (unlabelled), motion/{train,val}/<direction>/."""
+def write_moving(root: Path, plan: Plan, seed: int, n_cls: int = 4) -> dict[str, Path]:
+    """Moving-shape mp4 files: pretrain/ (unlabelled), motion/{train,val}/<direction>/ for the
+    first ``n_cls`` directions (4: the demo's; 8 adds the diagonals)."""
     from unipred.tasks.video.data import write_video
     from unipred.tasks.video.tasks import DIRECTIONS, moving_shape_clip
 
-    n_cls = 4
     todo = [("pretrain", plan.pretrain_clips, 1), ("motion/train", plan.train_per_class, 2),
             ("motion/val", plan.val_per_class, 3)]  # fmt: skip
     for sub, n, split_seed in todo:
