@@ -556,3 +556,56 @@ def test_infonce_batch_uses_the_other_samples_as_negatives():
     q = F.normalize(real, dim=-1)
     ref = F.cross_entropy(q @ q.T / 0.1, torch.arange(real.shape[0]))
     torch.testing.assert_close(pair_loss(t, t, pair, "infonce_batch"), ref)
+
+
+def _nce_reference(p, t, pair, kind, temperature=0.1):
+    """InfoNCE through plain autograd (cross-entropy over each group's real targets): what the
+    written-out forward and backward of unipred.nn.loss must equal."""
+    B, L, _ = p.shape
+    pn, tn = F.normalize(p, dim=-1), F.normalize(t, dim=-1)
+    if pair is None:
+        pair = torch.ones(B, L, dtype=torch.bool)
+    if kind == "infonce":
+        groups = [(pn[b], tn[b], pair[b]) for b in range(B)]
+    elif kind == "infonce_batch":
+        groups = [(pn.reshape(B * L, -1), tn.reshape(B * L, -1), pair.reshape(-1))]
+    else:
+        groups = [(pn[:, j], tn[:, j], pair[:, j]) for j in range(L)]
+    terms = [F.cross_entropy(a[k] @ b[k].T / temperature, torch.arange(int(k.sum())),
+                             reduction="none") for a, b, k in groups if k.any()]  # fmt: skip
+    return torch.cat(terms).mean()
+
+
+@pytest.mark.parametrize("kind", ["infonce", "infonce_batch", "infonce_position"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_infonce_forward_and_backward_equal_plain_autograd(kind, padded):
+    torch.manual_seed(1)
+    p = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    pair = torch.rand(3, 5) > 0.35 if padded else None
+    if padded:
+        pair[0, 0] = True
+    want = _nce_reference(p, t, pair, kind)
+    gw = torch.autograd.grad(want, (p, t))
+    got = pair_loss(p, t, pair, kind)
+    gg = torch.autograd.grad(got, (p, t))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gg, gw):  # both sides: the target side learns when stop_grad is off
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a detached target gets no gradient and the prediction's is unchanged
+    gp = torch.autograd.grad(pair_loss(p, t.detach(), pair, kind), p)[0]
+    torch.testing.assert_close(gp, gg[0])
+
+
+@pytest.mark.parametrize("kind", ["infonce", "infonce_batch", "infonce_position"])
+def test_infonce_without_a_real_pair_is_zero_not_nan(kind):
+    p = torch.randn(3, 4, 8, requires_grad=True)
+    pair = torch.zeros(3, 4, dtype=torch.bool)
+    loss = pair_loss(p, torch.randn(3, 4, 8), pair, kind)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(p.grad).all() and not p.grad.any()
+    # one sample without a real pair: the others' loss, finite gradients everywhere
+    pair[1:] = True
+    p.grad = None
+    pair_loss(p, torch.randn(3, 4, 8), pair, kind).backward()
+    assert torch.isfinite(p.grad).all() and p.grad[1].abs().sum() > 0 and not p.grad[0].any()

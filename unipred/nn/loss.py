@@ -36,6 +36,48 @@ def next_embedding_loss(
 LOSSES = ("cosine", "mse", "smooth_l1", "infonce", "infonce_batch", "infonce_position")
 
 
+class _InfoNCE(torch.autograd.Function):
+    """Mean cross-entropy of picking row i's own target i among its group's targets.
+
+    pf (G, N, P): predictions, unit vectors / temperature; tf (G, N, P): unit targets; keep
+    (G, N) bool or None: a pair (row i and candidate i) is real. Padded candidates get no
+    probability, padded rows no loss, and the mean runs over real rows; a group without a real
+    pair adds nothing (no NaN). Written out because the (G, N, N) logits dominate a small
+    model's step (issue #27): the forward keeps the row-wise exp in place of the logits (one
+    buffer, three passes over it), the backward is two matrix products with per-row scales,
+    against the ~8 passes and a second N x N buffer of log-softmax + NLL through autograd.
+    float32 throughout (autocast off), once differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, pf, tf, keep):
+        with torch.autocast(pf.device.type, enabled=False):
+            pf, tf = pf.float(), tf.float()
+            e = pf @ tf.transpose(1, 2)  # (G, N, N) logits
+            if keep is not None:
+                e.masked_fill_(~keep[:, None, :], torch.finfo(e.dtype).min)
+            m = e.amax(dim=2, keepdim=True)
+            e.sub_(m).exp_()
+            s = e.sum(dim=2)  # (G, N)
+            per = m.squeeze(2) + s.log() - (pf * tf).sum(-1)
+            w = torch.ones_like(s) if keep is None else keep.to(s.dtype)
+            count = w.sum().clamp_min(1.0)
+            ctx.save_for_backward(pf, tf, e, s, w, count)
+            return (per * w).sum() / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        pf, tf, e, s, w, count = ctx.saved_tensors
+        a = (grad / count) * w  # each row's weight in the mean
+        gp = gt = None
+        if ctx.needs_input_grad[0]:  # softmax(logits) @ tf - tf_own, row-scaled
+            gp = (a / s)[..., None] * (e @ tf) - a[..., None] * tf
+        if ctx.needs_input_grad[1]:
+            gt = e.transpose(1, 2) @ ((a / s)[..., None] * pf) - a[..., None] * pf
+        return gp, gt, None
+
+
 def pair_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -63,32 +105,16 @@ def pair_loss(
         per = (p - t).pow(2).mean(dim=-1)
     elif kind == "smooth_l1":
         per = F.smooth_l1_loss(p, t, reduction="none").mean(dim=-1)
-    elif kind == "infonce":
-        logits = F.normalize(p, dim=-1) @ F.normalize(t, dim=-1).transpose(1, 2) / temperature
-        if pair is not None:  # padded targets are no candidates
-            logits = logits.masked_fill(~pair[:, None, :], float("-inf"))
-        per = logits.logsumexp(dim=-1) - logits.diagonal(dim1=1, dim2=2)
-        if pair is not None:  # a padded row's own target is masked too: -inf - -inf = nan
-            per = per.masked_fill(~pair, 0.0)
-    elif kind == "infonce_batch":
+    elif kind in ("infonce", "infonce_batch", "infonce_position"):
         B, L, P = p.shape
-        pf = F.normalize(p, dim=-1).reshape(B * L, P)
-        tf = F.normalize(t, dim=-1).reshape(B * L, P)
-        logits = pf @ tf.T / temperature
-        if pair is not None:
-            logits = logits.masked_fill(~pair.reshape(1, B * L), float("-inf"))
-        per = (logits.logsumexp(dim=-1) - logits.diagonal()).reshape(B, L)
-        if pair is not None:
-            per = per.masked_fill(~pair, 0.0)
-    elif kind == "infonce_position":
-        pf = F.normalize(p, dim=-1).transpose(0, 1)  # (L, B, P)
-        tf = F.normalize(t, dim=-1).transpose(0, 1)
-        logits = pf @ tf.transpose(1, 2) / temperature  # (L, B, B): position l, sample b vs b'
-        if pair is not None:  # padded targets are no candidates
-            logits = logits.masked_fill(~pair.T[:, None, :], float("-inf"))
-        per = (logits.logsumexp(dim=-1) - logits.diagonal(dim1=1, dim2=2)).T  # (B, L)
-        if pair is not None:
-            per = per.masked_fill(~pair, 0.0)
+        pf, tf = F.normalize(p, dim=-1) / temperature, F.normalize(t, dim=-1)
+        if kind == "infonce":  # a group per sample: its L targets
+            return _InfoNCE.apply(pf, tf, pair)
+        if kind == "infonce_batch":  # one group: every target of the batch
+            keep = None if pair is None else pair.reshape(1, B * L)
+            return _InfoNCE.apply(pf.reshape(1, B * L, P), tf.reshape(1, B * L, P), keep)
+        keep = None if pair is None else pair.T  # a group per position: the B samples' targets
+        return _InfoNCE.apply(pf.transpose(0, 1), tf.transpose(0, 1), keep)
     else:
         raise ValueError(f"unknown loss {kind!r}; use one of {', '.join(LOSSES)}")
     if pair is None:
