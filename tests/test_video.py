@@ -259,8 +259,8 @@ def test_engine_classifies_real_files(tmp_path):
 
 def test_demo_probe_reads_the_backbone_with_its_pretraining_attention():
     """video/demo_probe: the demo's model with causal attention (as video/demo_pretrain trains
-    it; video/demo_classify fine-tunes bidirectionally), a frozen probe, the 2 x 2 x 2 grid
-    read-out and the cross-validated linear-probe lr."""
+    it; video/demo_classify fine-tunes bidirectionally), a frozen probe, the read-out of every
+    token of its 4 x 4 x 4 tubelet grid and the cross-validated linear-probe lr."""
     from unipred.train.config import load_config
 
     pre, cls, probe = (load_config(f"video/{n}", check_paths=False)
@@ -274,7 +274,7 @@ def test_demo_probe_reads_the_backbone_with_its_pretraining_attention():
         )
     assert probe.model.tokenizer_args == pre.model.tokenizer_args
     assert probe.data.mode == "probe" and probe.model.head == "probe"
-    assert probe.eval_defaults == {"features": {"pool": "grid", "grid": 2},
+    assert probe.eval_defaults == {"features": {"pool": "grid", "grid": 4},
                                    "linear": {"lr_grid": [3e-4, 1e-3, 3e-3, 1e-2]}}  # fmt: skip
 
 
