@@ -1,8 +1,10 @@
 """Objective switches of the text recipe, one pretraining each: collapse monitor and frozen probes.
 
-    python benchmarks/text_switches.py NAME [--corpus wordlang] [--labels 20,100]
-        [--steps 600] [--out runs/text_switches] [--ckpt CKPT] [--probe KEY=V ...]
-        [-- key=value ...]
+    python benchmarks/text_switches.py NAME [key=value ...] [--corpus wordlang]
+        [--labels 20,100] [--steps 600] [--out runs/text_switches] [--ckpt CKPT]
+        [--probe KEY=V ...]
+
+(the overrides right after NAME: after an option they are not read)
 
 Pretrains ``configs/text/pretrain.yaml`` with the given overrides (``model.*`` overrides also
 go to the probes, so a tokenizer change is the same model there), records the collapse
