@@ -4,7 +4,7 @@
         [--labels 20,100] [--steps 600] [--out runs/text_switches] [--ckpt CKPT]
         [--probe KEY=V ...]
 
-(the overrides right after NAME: after an option they are not read)
+(the overrides may also follow the options)
 
 Pretrains ``configs/text/pretrain.yaml`` with the given overrides (``model.*`` overrides also
 go to the probes, so a tokenizer change is the same model there), records the collapse
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", default="", help="probe this checkpoint: no pretraining")
     p.add_argument("--probe", action="append", default=[], help="an eval setting, KEY=V")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # overrides before or after the options
 
     from unipred.base.registry import TASKS
     from unipred.base.threads import set_threads
