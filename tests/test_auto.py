@@ -105,6 +105,12 @@ def test_discrete_tokens_choose_the_fixed_one_hot_target(capsys):
     assert keys == {"target": "patch"} and "discrete tokens" in line
     assert choose(DataScale(None, 64, discrete=True), set())[0] == {"target": "patch"}
     assert choose(DataScale(16000, 64, discrete=True), {"target"})[0] == {}
+    # batch negatives when the batch's tokens fit the bound (the text recipe's 64 x 64), and the
+    # line says so; above the bound, or with the loss set explicitly, the target only
+    keys, line = choose(DataScale(16000, 64, discrete=True, batch=64), set())
+    assert keys == {"target": "patch", "loss": "infonce_batch"} and "4096 tokens a batch" in line
+    assert choose(DataScale(16000, 64, discrete=True, batch=256), set())[0] == {"target": "patch"}
+    assert choose(DataScale(16000, 64, discrete=True, batch=64), {"loss"})[0] == {"target": "patch"}
     # the text tokenizer says it is discrete; the choice reaches the built model and the config
     cfg = load_config("text/pretrain", ["data.corpus=''", "data.generated_per_class=4",
                                         "data.generated_val_per_class=2",
