@@ -114,33 +114,35 @@ def choose_horizon(scale: DataScale) -> tuple[int, str]:
     return min(16, max(2, h), max(1, scale.tokens - 1)), how
 
 
+def batch_negatives(scale: DataScale) -> tuple[dict, str]:
+    """({"loss": "infonce_batch"} or {}, the phrase saying why): batch negatives while the
+    batch's tokens fit ``INFONCE_BATCH_TOKENS`` (the logits are a square of that size)."""
+    held = scale.batch * scale.tokens
+    if 0 < held <= INFONCE_BATCH_TOKENS:
+        return {"loss": "infonce_batch"}, (
+            f", the batch's other tokens as negatives ({held} tokens a batch)"
+        )
+    if not held:  # the batch is unknown
+        return {}, ""
+    return {}, (f"; the cosine loss: a batch of {held} tokens is above the "
+                f"{INFONCE_BATCH_TOKENS} that infonce_batch's square of logits is sized for")  # fmt: skip
+
+
 def choose(scale: DataScale, explicit: set[str]) -> tuple[dict, str]:
     """(objective keys to set, the reason); keys in ``explicit`` are left to the config."""
     size = f"{scale.samples:,} training samples" if scale.samples else "a streamed training set"
     size += f", {scale.tokens} tokens per sample"
     if scale.discrete:
         size += ", discrete tokens"
-        pick = {"target": "patch"}
-        held = scale.batch * scale.tokens
-        if 0 < held <= INFONCE_BATCH_TOKENS:
-            pick["loss"] = "infonce_batch"
-            neg = f", the batch's other tokens as negatives ({held} tokens a batch)"
-        else:
-            neg = ""
+        loss, neg = batch_negatives(scale)
+        pick = {"target": "patch", **loss}
         why = ("discrete tokens: the next token's ids through the tokenizer's fixed one-hot "
                f"view, not a learned table{neg}, as measured best on word-language "
                "identification and checked on man-page lines (docs/text.md)")  # fmt: skip
     elif scale.samples is not None and scale.samples < SMALL_DATA:
         horizon, how = choose_horizon(scale)
-        pick = {"target_norm": "instance", "head": "mlp", "horizon": horizon}
-        held = scale.batch * scale.tokens
-        if 0 < held <= INFONCE_BATCH_TOKENS:
-            pick["loss"] = "infonce_batch"
-            neg = f", the batch's other tokens as negatives ({held} tokens a batch)"
-        else:
-            neg = (f"; the cosine loss: a batch of {held} tokens is above the "
-                   f"{INFONCE_BATCH_TOKENS} that infonce_batch's square of logits is sized for"
-                   if held else "")  # fmt: skip
+        loss, neg = batch_negatives(scale)
+        pick = {"target_norm": "instance", "head": "mlp", "horizon": horizon, **loss}
         why = (f"small data (< {SMALL_DATA:,} samples): instance-normalised targets, an MLP "
                f"head, {how}{neg}, as measured best on Fashion-MNIST, the spoken digits "
                "and the video demo's clips (docs/small-data.md, docs/objectives.md, "
