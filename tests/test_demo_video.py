@@ -15,9 +15,10 @@ def test_video_demo_quick_end_to_end(tmp_path, capsys):
     accs = [float(c.strip().rstrip("%")) for c in row.strip("|").split("|")[-2:]]
     assert all(0.0 <= a <= 100.0 for a in accs), row
     # the frozen protocols on the same task, NEPA vs random init vs the raw input, through the
-    # classify recipe's read-out (its eval_defaults: a 2 x 2 x 2 grid)
+    # read-out of video/demo_probe (its eval_defaults: every token, a 4 x 4 x 4 grid), the
+    # recipe `unipred eval video/demo_probe` and `unipred compare --probe-config` use
     assert "Frozen backbone, motion direction" in table
-    assert "read the recipe's grid 2 per axis of the final norm" in table
+    assert "read the recipe's grid 4 per axis of the final norm" in table
     assert "| protocol | NEPA | random init | raw input | raw input, flattened |" in table
     for label, n in (("kNN (k=20, T=0.07)", 4), ("linear probe", 4), ("attentive probe", 2),
                      ("per-layer probe", 2)):  # fmt: skip

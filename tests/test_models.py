@@ -21,16 +21,31 @@ def test_official_parameter_counts(name):
     assert sum(p.numel() for p in m.parameters()) == OFFICIAL[name]
 
 
-@pytest.mark.parametrize("name", MODELS.names())
-def test_every_size_runs_forward_backward(name):
+def _forward_backward(name, **overrides):
     torch.manual_seed(0)
-    m = NEPA.from_name(name)
+    m = NEPA.from_name(name, **overrides)
     out = m(m.tokenizer.example_input(2))  # each tokenizer's smallest valid batch
     loss = out.loss if m.head is None else out.logits.logsumexp(-1).mean()
     loss.backward()
     assert torch.isfinite(loss)
     grads = [q.grad for q in m.parameters() if q.requires_grad]
     assert all(g is not None for g in grads)
+
+
+# the ViT-L sizes (300M parameters, ~12 s each here) run 2 of their blocks in the default suite:
+# width, heads, tokenizer and head as named; every block in the slow test below
+LARGE = {n for n in MODELS.names() if "_l14" in n}
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_size_runs_forward_backward(name):
+    _forward_backward(name, **({"depth": 2} if name in LARGE else {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LARGE))
+def test_every_large_size_runs_forward_backward_at_full_depth(name):
+    _forward_backward(name)
 
 
 def test_overrides_and_unknown_option():

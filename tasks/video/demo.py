@@ -13,7 +13,7 @@
    decoding path end to end, on frames never seen in training).
 4. The frozen-feature protocols of ``unipred.protocols`` (kNN, linear, attentive, per-layer)
    on each task, NEPA backbone (with its causal pretraining attention) vs random init vs the
-   raw input (k-NN and linear), read out as the classify recipe's ``eval_defaults`` say.
+   raw input (k-NN and linear), read out as ``video/demo_probe``'s ``eval_defaults`` say.
 Everything runs through the engine (``unipred.train.engine.fit``). ``--quick`` is a smoke run.
 """
 
@@ -210,14 +210,15 @@ def frozen_rows(out: Path, name: str, train: Path, val: Path, n_cls: int, plan: 
                 ckpt: str, seed: int):  # fmt: skip
     """kNN, linear, attentive and per-layer probes of the frozen backbone ``ckpt`` and of the
     random-init backbone, run with the causal attention it was pretrained with, and k-NN and
-    linear on the raw tubelets, through the classify recipe's read-out (its ``eval_defaults``,
-    as ``unipred eval``); (columns, the read-out in words)."""
+    linear on the raw tubelets, through ``video/demo_probe``'s read-out (its ``eval_defaults``:
+    every token, the linear probe's lr by cross-validation, as ``unipred eval video/demo_probe``
+    prints them); (columns, the read-out in words)."""
     from unipred.protocols import frozen_columns
 
     ov = [*_common(out, name, 1, seed), f"data.root={train}", f"data.val_root={val}",
-          f"data.num_classes={n_cls}", "model.predictor.causal=true"]  # fmt: skip
+          f"data.num_classes={n_cls}"]  # fmt: skip
     return frozen_columns(
-        CONFIGS / "demo_classify.yaml", ov, ckpt, PROTOCOLS,
+        CONFIGS / "demo_probe.yaml", ov, ckpt, PROTOCOLS,
         [f"linear.epochs={plan.probe_epochs}", f"layers.epochs={plan.probe_epochs}",
          f"attentive.epochs={plan.attentive_epochs}", "linear.batch=64", "layers.batch=64",
          "attentive.batch=64"],
