@@ -609,3 +609,72 @@ def test_infonce_without_a_real_pair_is_zero_not_nan(kind):
     p.grad = None
     pair_loss(p, torch.randn(3, 4, 8), pair, kind).backward()
     assert torch.isfinite(p.grad).all() and p.grad[1].abs().sum() > 0 and not p.grad[0].any()
+
+
+RANKS_SCRIPT = """
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+import torch.nn.functional as F
+from unipred.nn.loss import pair_loss
+
+def work(rank, init, q):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)  # every rank builds the same global batch and keeps its own rows
+    p = torch.randn(4, 5, 8, dtype=torch.float64)
+    t = torch.randn(4, 5, 8, dtype=torch.float64)
+    pair = torch.rand(4, 5) > 0.3
+    mine = slice(0, 2) if rank == 0 else slice(2, 4)
+    out = {}
+    for name, pr in (("full", None), ("padded", pair)):
+        x = p[mine].clone().requires_grad_()
+        keep = None if pr is None else pr[mine]
+        loss = pair_loss(x, t[mine], keep, "infonce_batch")
+        loss.backward()
+        out[name] = (float(loss.detach()), x.grad.tolist())  # plain lists: a queue shares no tensor
+        # one process, the whole batch: each of this rank's real rows against every real target
+        xr = p.clone().requires_grad_()
+        k = torch.ones(4, 5, dtype=torch.bool) if pr is None else pr
+        pn, tn = F.normalize(xr, dim=-1).reshape(20, 8), F.normalize(t, dim=-1).reshape(20, 8)
+        logits = (pn @ tn[k.reshape(-1)].T / 0.1)
+        pos = (pn * tn).sum(-1) / 0.1
+        per = logits.logsumexp(-1) - pos
+        rows = torch.zeros(4, 5, dtype=torch.bool)
+        rows[mine] = k[mine]
+        ref = per[rows.reshape(-1)].mean()
+        ref.backward()
+        out[name] += (float(ref), xr.grad[mine].tolist())
+    with torch.no_grad():  # no gradient (evaluation): each rank's own batch, nothing gathered
+        out["eval"] = float(pair_loss(p[mine], t[mine], None, "infonce_batch"))
+        out["eval_ref"] = float(pair_loss(p[mine], t[mine], None, "infonce_batch"))
+    q.put((rank, out))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    q = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(work, args=(sys.argv[1], q), nprocs=2)
+    got = dict(q.get() for _ in range(2))
+    torch.save(got, sys.argv[2])
+"""
+
+
+def test_infonce_batch_takes_the_other_ranks_targets_as_negatives(tmp_path):
+    """Two gloo processes, each with half of a batch: each rank's loss and prediction gradients
+    are those of one process holding the whole batch (every target of both ranks a candidate),
+    padded pairs included; under no_grad nothing is gathered."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    out = tmp_path / "got.pt"
+    subprocess.run([sys.executable, str(script), f"file://{tmp_path / 'pg'}", str(out)],
+                   check=True, timeout=300)  # fmt: skip
+    got = torch.load(out)
+    for rank in (0, 1):
+        for name in ("full", "padded"):
+            loss, grad, ref, ref_grad = got[rank][name]
+            # (pair_loss computes in float32)
+            assert loss == pytest.approx(ref, rel=1e-6), (rank, name)
+            torch.testing.assert_close(torch.tensor(grad), torch.tensor(ref_grad), rtol=1e-4,
+                                       atol=1e-6)  # fmt: skip
+        # the local-batch loss (a smaller candidate set) differs from the gathered one
+        assert got[rank]["eval"] < got[rank]["full"][0]

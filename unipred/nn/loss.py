@@ -50,32 +50,74 @@ class _InfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pf, tf, keep):
+    def forward(ctx, pf, tf, keep, extra=None, extra_keep=None):
+        # extra (G, M, P), extra_keep (G, M) bool: more candidates that are no row's own target
+        # (the other data-parallel ranks' targets, constants here), after the N of tf
         with torch.autocast(pf.device.type, enabled=False):
             pf, tf = pf.float(), tf.float()
-            e = pf @ tf.transpose(1, 2)  # (G, N, N) logits
-            if keep is not None:
-                e.masked_fill_(~keep[:, None, :], torch.finfo(e.dtype).min)
+            cand, ckeep = tf, keep
+            if extra is not None:
+                cand = torch.cat([tf, extra.float()], dim=1)
+                own = keep if keep is not None else torch.ones(tf.shape[:2], dtype=torch.bool,
+                                                               device=tf.device)  # fmt: skip
+                ckeep = torch.cat([own, extra_keep], dim=1)
+            e = pf @ cand.transpose(1, 2)  # (G, N, N [+ M]) logits
+            if ckeep is not None:
+                e.masked_fill_(~ckeep[:, None, :], torch.finfo(e.dtype).min)
             m = e.amax(dim=2, keepdim=True)
             e.sub_(m).exp_()
             s = e.sum(dim=2)  # (G, N)
             per = m.squeeze(2) + s.log() - (pf * tf).sum(-1)
             w = torch.ones_like(s) if keep is None else keep.to(s.dtype)
             count = w.sum().clamp_min(1.0)
-            ctx.save_for_backward(pf, tf, e, s, w, count)
+            ctx.save_for_backward(pf, tf, cand, e, s, w, count)
             return (per * w).sum() / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        pf, tf, e, s, w, count = ctx.saved_tensors
+        pf, tf, cand, e, s, w, count = ctx.saved_tensors
         a = (grad / count) * w  # each row's weight in the mean
         gp = gt = None
-        if ctx.needs_input_grad[0]:  # softmax(logits) @ tf - tf_own, row-scaled
-            gp = (a / s)[..., None] * (e @ tf) - a[..., None] * tf
-        if ctx.needs_input_grad[1]:
-            gt = e.transpose(1, 2) @ ((a / s)[..., None] * pf) - a[..., None] * pf
-        return gp, gt, None
+        if ctx.needs_input_grad[0]:  # softmax(logits) @ candidates - tf_own, row-scaled
+            gp = (a / s)[..., None] * (e @ cand) - a[..., None] * tf
+        if ctx.needs_input_grad[1]:  # the own targets' columns only
+            n = tf.shape[1]
+            gt = e[:, :, :n].transpose(1, 2) @ ((a / s)[..., None] * pf) - a[..., None] * pf
+        return gp, gt, None, None, None
+
+
+def _other_ranks(tf: torch.Tensor, keep: torch.Tensor | None):
+    """The other data-parallel ranks' targets as more negatives for ``infonce_batch``: ((1, M,
+    P) targets, (1, M) keep) gathered from every rank but this one, or (None, None) when there
+    is nothing to gather: one process, no gradient (evaluation, where ranks need not run in
+    step), or targets that take a gradient (``stop_grad=false``: a gathered copy would carry
+    none back, so each rank keeps its own batch's negatives). With the stop-gradient of the
+    release the loss and its gradients are then those of one process holding the whole batch
+    (equal row counts per rank). tf (N, P), keep (N,) bool or None."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None, None
+    if not torch.is_grad_enabled() or tf.requires_grad:
+        return None, None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = tf.shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long, device=tf.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=tf.device))
+    sizes = [int(x) for x in sizes]
+    big = max(sizes)  # ranks may hold different token counts (a short last batch): pad
+    mine = tf.new_zeros(big, tf.shape[1])
+    mine[:n] = tf
+    k = torch.zeros(big, dtype=torch.uint8, device=tf.device)  # uint8: NCCL gathers no bool
+    k[:n] = 1 if keep is None else keep.to(torch.uint8)
+    ts = [torch.empty_like(mine) for _ in range(world)]
+    ks = [torch.empty_like(k) for _ in range(world)]
+    dist.all_gather(ts, mine.contiguous())
+    dist.all_gather(ks, k)
+    others = [r for r in range(world) if r != rank]
+    xt = torch.cat([ts[r][: sizes[r]] for r in others])
+    xk = torch.cat([ks[r][: sizes[r]] for r in others]).bool()
+    return xt[None], xk[None]
 
 
 def pair_loss(
@@ -92,7 +134,9 @@ def pair_loss(
     pair's own target among all (valid) targets of the same sample, cosine / temperature;
     infonce_batch: the same among all (valid) targets of the whole batch, so the other samples'
     tokens are negatives too and different samples are pushed apart (a (B L)^2 matrix: sized
-    for small models and batches, such as the audio recipe's 64 clips of 25 tokens);
+    for small models and batches, such as the audio recipe's 64 clips of 25 tokens); in a
+    data-parallel run the other ranks' targets join as negatives (gathered, see
+    ``_other_ranks``), so the global batch is the batch, as in one process;
     infonce_position: the same among the targets at the same position of every sample of the
     batch (L matrices of B x B: the negatives are what other samples hold where this one's
     target is, never other positions; grows with B^2 L, not (B L)^2).
@@ -110,9 +154,11 @@ def pair_loss(
         pf, tf = F.normalize(p, dim=-1) / temperature, F.normalize(t, dim=-1)
         if kind == "infonce":  # a group per sample: its L targets
             return _InfoNCE.apply(pf, tf, pair)
-        if kind == "infonce_batch":  # one group: every target of the batch
+        if kind == "infonce_batch":  # one group: every target of the batch (of every rank)
             keep = None if pair is None else pair.reshape(1, B * L)
-            return _InfoNCE.apply(pf.reshape(1, B * L, P), tf.reshape(1, B * L, P), keep)
+            tf = tf.reshape(1, B * L, P)
+            xt, xk = _other_ranks(tf[0], None if keep is None else keep[0])
+            return _InfoNCE.apply(pf.reshape(1, B * L, P), tf, keep, xt, xk)
         keep = None if pair is None else pair.T  # a group per position: the B samples' targets
         return _InfoNCE.apply(pf.transpose(0, 1), tf.transpose(0, 1), keep)
     else:
