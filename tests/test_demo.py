@@ -164,7 +164,7 @@ def test_demo_tiny_end_to_end(tmp_path, capfd):
     out = capfd.readouterr().out
     assert out.count("effective recipe:") == 1  # not once per stage
     assert "the stages after pretraining: 2 processes x 1 thread(s)" in out
-    assert "features (final norm, grid 2 per axis pooling)" in out  # the recipe's eval_defaults
+    assert "features (block 3, grid 4 per axis pooling)" in out  # the recipe's eval_defaults
     info = _check_outputs(tmp_path / "par")
     assert info["plan"]["pretrain_steps"] == 2 and info["data"] == "generated"
     assert all(

@@ -1,8 +1,8 @@
 """`unipred demo image`: NEPA on Fashion-MNIST, pretraining to fine-tuning and linear probing.
 
 1. ``fmnist_pretrain`` (configs/demo/fmnist_pretrain.yaml): next-embedding pretraining of a
-   small ViT (dim 128, depth 6, 16 patches of 7x7 px; 4,000 steps of 128) on the 60,000
-   training images, no labels; as 2 data-parallel processes of one thread each (gloo, 64
+   small ViT (dim 128, depth 6, 16 patches of 7x7 px; 1,000 steps of 128, the small-data
+   objective ``model.objective.auto`` picks) on the 60,000 training images, no labels; as 2 data-parallel processes of one thread each (gloo, 64
    images per process) where the demo has 2 or more threads (``--ddp``): one thread per
    process keeps each core busy, where a second thread in one process adds only ~1.3x.
 2. (a) ``fmnist_classify`` fine-tuning with 1,000 labels (100 per class;
@@ -48,7 +48,7 @@ CONFIGS = packaged_configs() / "demo"
 
 @dataclass
 class Plan:
-    pretrain_steps: int = 4000
+    pretrain_steps: int = 1000
     pretrain_batch: int = 128
     train_images: int = 0  # pretraining / probe images (0 = all 60,000)
     test_images: int = 0  # evaluation images (0 = all 10,000)
