@@ -18,7 +18,8 @@ def test_a_data_source_has_no_modality_baselines_by_default():
     assert src.baseline_scores([(0, 1)], [(0, 1)]) == {}
 
 
-TINY = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2",
+# eval_defaults.features.block=null: the recipe reads block 3 of the demo model's 6; this model has 2
+TINY = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2", "eval_defaults.features.block=null",
         "data.root=''", "data.generated_samples=48", "trainer.progress_bar=false",
         "trainer.precision=32-true", "trainer.accelerator=cpu"]  # fmt: skip
 
@@ -78,9 +79,9 @@ def test_eval_prints_random_init_and_raw_input_rows_beside_the_backbone(tmp_path
     assert got == [("knn", "random"), ("linear", "random"), ("knn", "input"), ("linear", "input"),
                    ("knn", "input_flat"), ("linear", "input_flat")]  # fmt: skip
     raw, flat = res["rows"][2], res["rows"][4]
-    # the raw patches through the backbone's read-out (the recipe's eval_defaults: a 2 x 2 grid
-    # of means of the 7 x 7 pixel patches), and flattened (Fashion-MNIST's 28 x 28 pixels)
-    assert raw["dim"] == 4 * 7 * 7 and flat["dim"] == 28 * 28
+    # the raw patches through the backbone's read-out (the recipe's eval_defaults: a 4 x 4 grid,
+    # every 7 x 7 pixel patch in place), and flattened (Fashion-MNIST's 28 x 28 pixels)
+    assert raw["dim"] == 16 * 7 * 7 and flat["dim"] == 28 * 28
     assert 0.0 <= raw["top1_pct"] <= 100.0
     assert res["units"] == {"top1_pct": "%", "top5_pct": "%"} and "top1" not in raw
     assert "| linear | input |" in (tmp_path / "results.md").read_text()

@@ -102,7 +102,7 @@ def test_the_eval_cli_reads_out_a_grid_for_the_backbone_and_the_random_baseline(
     baseline's features are both grid-pooled (4 cells x width 32 on the tiny image model)."""
     from unipred.cli import main
 
-    tiny = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2",
+    tiny = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2", "eval_defaults.features.block=null",
             "data.root=''", "data.generated_samples=48", "trainer.progress_bar=false",
             "trainer.precision=32-true", "trainer.accelerator=cpu"]  # fmt: skip
     rc = main(["eval", "configs/demo/fmnist_probe.yaml", "ckpt=random", *tiny, "protocol=knn",
@@ -120,7 +120,7 @@ def test_a_recipes_eval_defaults_set_the_read_out_and_the_command_line_wins(tmp_
     recipe = tmp_path / "probe.yaml"
     base = "_base_: " + str(_repo() / "configs/demo/fmnist_probe.yaml") + "\n"
     recipe.write_text(base + "eval_defaults: {features: {pool: grid, grid: 2}, knn: {k: 5}}\n")
-    tiny = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2",
+    tiny = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2", "eval_defaults.features.block=null",
             "data.root=''", "data.generated_samples=48", "trainer.progress_bar=false",
             "trainer.precision=32-true", "trainer.accelerator=cpu", "baselines=false",
             "ckpt=random", "protocol=knn"]  # fmt: skip

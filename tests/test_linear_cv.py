@@ -17,7 +17,8 @@ from unipred.protocols.linear import cross_validate_lr, run_linear, stratified_f
 from unipred.protocols.report import format_row, row_details
 from unipred.protocols.settings import ProbeSettings, parse_eval_settings
 
-TINY = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2",
+# eval_defaults.features.block=null: the recipe reads block 3 of the demo model's 6; this model has 2
+TINY = ["model.predictor.dim=32", "model.predictor.depth=2", "model.predictor.heads=2", "eval_defaults.features.block=null",
         "data.root=''", "data.generated_samples=48", "trainer.progress_bar=false",
         "trainer.precision=32-true", "trainer.accelerator=cpu"]  # fmt: skip
 
