@@ -12,9 +12,9 @@
    (configs/demo/fmnist_probe.yaml): kNN, linear probe, attentive probe and the per-layer
    probe sweep, on the NEPA backbone and on the same backbone at random init; one feature
    pass per backbone (what ``unipred evaluate-suite`` runs), read as the probe recipe's
-   ``eval_defaults`` say (a 2 x 2 grid of token means); and k-NN and the linear probe on the
-   raw input, the baselines ``unipred eval`` prints: the tokenizer's patches read the same way
-   (a 2 x 2 grid of patch means), and flattened.
+   ``eval_defaults`` say (every token of block 3, a 4 x 4 grid); and k-NN and the linear probe
+   on the raw input, the baselines ``unipred eval`` prints: the tokenizer's patches read the
+   same way (every patch in place), and flattened.
    Stages 2a and 2b run as two processes of one thread each (NEPA's; scratch, random init and
    raw input) where the demo has two or more threads: a model this small gains little from a
    second thread, so two single-threaded stages at once finish sooner than one after the other.
