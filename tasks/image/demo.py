@@ -2,9 +2,10 @@
 
 1. ``fmnist_pretrain`` (configs/demo/fmnist_pretrain.yaml): next-embedding pretraining of a
    small ViT (dim 128, depth 6, 16 patches of 7x7 px; 1,000 steps of 128, the small-data
-   objective ``model.objective.auto`` picks) on the 60,000 training images, no labels; as 2 data-parallel processes of one thread each (gloo, 64
-   images per process) where the demo has 2 or more threads (``--ddp``): one thread per
-   process keeps each core busy, where a second thread in one process adds only ~1.3x.
+   objective ``model.objective.auto`` picks) on the 60,000 training images, no labels; as 2
+   data-parallel processes of one thread each (gloo, 64 images per process) where the demo
+   has 2 or more threads (``--ddp``): one thread per process keeps each core busy, where a
+   second thread in one process adds only ~1.3x.
 2. (a) ``fmnist_classify`` fine-tuning with 1,000 labels (100 per class;
    configs/demo/fmnist_finetune.yaml), from the NEPA checkpoint (patch embedding frozen) and
    from scratch with the same recipe;

@@ -106,18 +106,13 @@ def _other_ranks(tf: torch.Tensor, keep: torch.Tensor | None):
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=tf.device))
     sizes = [int(x) for x in sizes]
     big = max(sizes)  # ranks may hold different token counts (a short last batch): pad
-    mine = tf.new_zeros(big, tf.shape[1])
-    mine[:n] = tf
-    k = torch.zeros(big, dtype=torch.uint8, device=tf.device)  # uint8: NCCL gathers no bool
-    k[:n] = 1 if keep is None else keep.to(torch.uint8)
-    ts = [torch.empty_like(mine) for _ in range(world)]
-    ks = [torch.empty_like(k) for _ in range(world)]
-    dist.all_gather(ts, mine.contiguous())
-    dist.all_gather(ks, k)
-    others = [r for r in range(world) if r != rank]
-    xt = torch.cat([ts[r][: sizes[r]] for r in others])
-    xk = torch.cat([ks[r][: sizes[r]] for r in others]).bool()
-    return xt[None], xk[None]
+    mine = tf.new_zeros(big, tf.shape[1] + 1)  # the keep mask rides as a last column: 1 gather
+    mine[:n, :-1] = tf
+    mine[:n, -1] = 1.0 if keep is None else keep.to(tf.dtype)
+    got = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine)
+    x = torch.cat([got[r][: sizes[r]] for r in range(world) if r != rank])
+    return x[None, :, :-1], x[None, :, -1] > 0.5
 
 
 def pair_loss(
