@@ -19,11 +19,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null && [ "$$(id -u
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# Everything comes from requirements.lock (exact versions, sha256-checked), so a new upstream
+# Everything comes from requirements.lock (exact versions, sha256-checked; torch's multi-GB CUDA
+# wheels one at a time and without pip's cache, .ci/lock.py install), so a new upstream
 # release never changes what a fresh clone gets; then unipred itself, editable, whose declared
 # requirements the check below proves are all in the lock (pip finds them installed).
 $(VENV)/.installed: requirements.lock pyproject.toml .ci/lock.py | $(BIN)/python
-	$(BIN)/python -m pip install -q --require-hashes -r requirements.lock
+	$(BIN)/python .ci/lock.py install
 	$(BIN)/python .ci/lock.py check
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	$(BIN)/python -m pip check

@@ -2,6 +2,7 @@
 
     python .ci/lock.py write   # resolve pyproject's ranges now and pin the result (make lock)
     python .ci/lock.py check   # fail when the lock and pyproject.toml disagree
+    python .ci/lock.py install # install the lock into this interpreter's environment (make)
 
 Why a hashed requirements file and not uv.lock: the machines this project is developed and
 tested on serve torch from a local wheel cache that only pip reads; uv would download a multi-GB
@@ -16,14 +17,13 @@ from pyproject.toml's ranges (`pip install -e '.[test]'`).
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import tomllib
 from pathlib import Path
-
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
@@ -31,6 +31,12 @@ LOCK = ROOT / "requirements.lock"
 # build it (pip itself and the build backend, so a new setuptools cannot change a fresh clone).
 TARGET = ".[test]"
 TOOLS = ["pip", "setuptools>=77", "wheel"]
+
+
+def canonicalize_name(name: str) -> str:
+    """PEP 503 name (what packaging.utils.canonicalize_name gives), with the standard library
+    only: `install` runs before anything, packaging included, is in the environment."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def resolve() -> list[dict]:
@@ -69,8 +75,10 @@ def pins() -> dict[str, str]:
     return out
 
 
-def declared() -> list[Requirement]:
+def declared() -> list:
     """Every requirement pyproject.toml states, extras expanded (self-references followed)."""
+    from packaging.requirements import Requirement
+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
     for extra in project["optional-dependencies"].values():
@@ -98,8 +106,54 @@ def check() -> int:
     return 0
 
 
+# The CUDA build of torch and its libraries: ~3 GB of wheels that unpack to ~6 GB. Installed
+# one at a time, so a download never sits beside all the others (nor in pip's cache) while the
+# environment fills: the peak disk use is the environment plus one wheel, not twice the wheels.
+HEAVY = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*)$")
+NEED_GB = 7.0  # what the finished environment takes (6.1 GB measured) plus the largest wheel
+
+
+def entries() -> list[tuple[str, str]]:
+    """(canonical name, the entry's text with its hashes) for every package the lock pins."""
+    out, current = [], None
+    for line in LOCK.read_text().splitlines():
+        if line.strip().startswith("#") or not line.strip():
+            continue
+        if not line[0].isspace():
+            current = [canonicalize_name(line.split("==")[0]), line]
+            out.append(current)
+        elif current is not None:
+            current[1] += "\n" + line
+    return [(n, t) for n, t in out]
+
+
+def install() -> int:
+    """pip install --require-hashes -r requirements.lock, the heavy wheels first and one at a
+    time, without pip's cache; a clear error first where the disk cannot hold the result."""
+    prefix = Path(sys.prefix)
+    free = shutil.disk_usage(prefix).free / 1e9
+    if free < NEED_GB:
+        print(f"not enough disk for the environment: {free:.1f} GB free at {prefix}, and "
+              f"requirements.lock installs about {NEED_GB:.0f} GB (torch's CUDA build and its "
+              "libraries). Free some space or put the checkout on a larger disk.",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", "--require-hashes"]
+    heavy = [(n, t) for n, t in entries() if HEAVY.match(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in heavy:
+            req = Path(tmp) / f"{name}.txt"
+            req.write_text(text + "\n")
+            if subprocess.run([*pip, "--no-deps", "-r", str(req)], cwd=ROOT).returncode:
+                print(f"installing {name} from {LOCK.name} failed (pip's message above)",
+                      file=sys.stderr)  # fmt: skip
+                return 1
+    # The rest, and a check of the whole set: what is installed already is skipped.
+    return subprocess.run([*pip, "-r", str(LOCK)], cwd=ROOT).returncode
+
+
 if __name__ == "__main__":
-    verbs = {"write": write, "check": check}
+    verbs = {"write": write, "check": check, "install": install}
     if len(sys.argv) != 2 or sys.argv[1] not in verbs:
-        raise SystemExit(f"usage: python {sys.argv[0]} write|check")
+        raise SystemExit(f"usage: python {sys.argv[0]} write|check|install")
     raise SystemExit(verbs[sys.argv[1]]())

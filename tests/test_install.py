@@ -38,6 +38,44 @@ def test_lock_agrees_with_pyproject_and_catches_drift(tmp_path, monkeypatch, cap
     assert "einops: required by pyproject.toml but not in" in capsys.readouterr().err
 
 
+def test_lock_install_takes_the_heavy_wheels_one_at_a_time_and_refuses_a_full_disk(
+    monkeypatch, capsys
+):
+    """`make` installs through `.ci/lock.py install`: torch's CUDA wheels each in its own pip call
+    (no cache, hashes checked, every package of the lock covered), then the whole lock; a disk
+    that cannot hold the environment gets one clear line before pip starts."""
+    import shutil
+    import subprocess as sp
+
+    lock = _lock_module()
+    calls = []
+
+    def fake_run(cmd, **kw):
+        req = Path(cmd[cmd.index("-r") + 1])
+        calls.append((cmd, req.read_text()))
+        return sp.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(lock.subprocess, "run", fake_run)
+    usage = shutil.disk_usage(ROOT)
+    monkeypatch.setattr(lock.shutil, "disk_usage", lambda p: usage._replace(free=int(50e9)))
+    assert lock.install() == 0
+    names = [lock.canonicalize_name(text.split("==")[0]) for _, text in calls[:-1]]
+    assert "torch" in names and "nvidia-cudnn-cu13" in names and "triton" in names
+    assert "einops" not in names
+    for cmd, _ in calls:
+        assert "--no-cache-dir" in cmd and "--require-hashes" in cmd
+    for cmd, text in calls[:-1]:
+        assert "--no-deps" in cmd and text.count("==") == 1 and "--hash=sha256:" in text
+    assert calls[-1][0][-1] == str(lock.LOCK)  # the whole lock last
+    assert set(names) | {n for n in lock.pins() if not lock.HEAVY.match(n)} == set(lock.pins())
+    # a disk with 2 GB free: refused, nothing run
+    calls.clear()
+    monkeypatch.setattr(lock.shutil, "disk_usage", lambda p: usage._replace(free=int(2e9)))
+    assert lock.install() == 1
+    assert calls == []
+    assert "not enough disk for the environment: 2.0 GB free" in capsys.readouterr().err
+
+
 # what an image user's environment lacks: the audio, video and plot extras
 EXTRA_FILES = ("torchaudio", "torchcodec", "matplotlib", "mpl_toolkits", "pylab", "skvideo",
                "scikit_video")  # fmt: skip
