@@ -50,7 +50,9 @@ def _stepper(impl: str, args, precision: str):
     if impl == "ours":
         from unipred.train import compiling
 
-        mode, why = compiling.choose(compile_setting, "cpu", model, None)
+        # the run's precision as the engine passes it: `auto` compiles bf16 runs only
+        run_precision = "bf16-mixed" if precision == "bf16" else "32-true"
+        mode, why = compiling.choose(compile_setting, "cpu", model, None, precision=run_precision)
         print(f"ours ({precision}): {compiling.describe(mode, why, model)}", flush=True)
         compiling.apply(model, mode)
     opt = None
@@ -130,12 +132,20 @@ def main(argv=None) -> int:
         for impl, rs in ratios.items():
             row[f"{impl}/ours"] = [round(v, 3) for v in rs]
             row[f"{impl}/ours_median"] = statistics.median(rs)
+        if "ours_eager" in times:  # the official code against ours uncompiled, round by round
+            rs = [o / e for o, e in zip(times["official"], times["ours_eager"], strict=True)]
+            row["official/ours_eager"] = [round(v, 3) for v in rs]
+            row["official/ours_eager_median"] = statistics.median(rs)
+        row["rounds_s"] = {impl: [round(v, 3) for v in ts] for impl, ts in times.items()}
         out[prec] = row
         per = ", ".join(f"{impl} {row[f'{impl}_s']:.3f} s" for impl in impls)
         rat = "; ".join(
             f"{impl}/ours per round {row[f'{impl}/ours']} -> median {row[f'{impl}/ours_median']:.3f}x"
             for impl in ratios
         )
+        if "official/ours_eager" in row:
+            rat += (f"; official/ours_eager per round {row['official/ours_eager']} -> median "
+                    f"{row['official/ours_eager_median']:.3f}x")  # fmt: skip
         print(f"{prec}: {per} per step; {rat}", flush=True)
         warm = ", ".join(f"{impl} {first[impl]:.1f} s" for impl in impls)
         even = row["break_even_steps"]
