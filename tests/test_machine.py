@@ -167,6 +167,29 @@ def test_a_default_worker_count_fits_the_cores_but_a_written_one_is_kept(tmp_pat
 SMALL = ["data.root=/nowhere", "data.aug.img_size=20", "model.tokenizer_args.in_chans=1"]
 
 
+def test_a_cpu_without_native_bf16_is_slow_even_where_onednn_emulates_it(monkeypatch):
+    """AVX2 only (oneDNN has no bf16): slow. AVX-512 without AVX512-BF16 or AMX (oneDNN converts
+    around each product; 3.6x slower per matmul measured): slow. AVX512-BF16 or AMX: fast."""
+    import torch
+
+    from unipred.train import machine
+
+    def case(onednn, avx512, bf16, amx):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        return machine.cpu_bf16_is_slow.__wrapped__()
+
+    assert case(False, False, False, False) is True  # AVX2-only EPYC
+    assert case(True, True, False, False) is True  # AVX-512 Xeon without bf16 instructions
+    assert case(True, True, True, False) is False  # AVX512-BF16
+    assert case(True, True, False, True) is False  # AMX
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch that cannot say
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert machine.cpu_bf16_is_slow.__wrapped__() is False
+
+
 def test_bf16_runs_as_fp32_on_a_cpu_without_fast_bf16(monkeypatch, capsys):
     """On an AVX2-only CPU oneDNN has no bf16 kernels and a bf16 matmul measured 25x slower than
     fp32: a bf16 recipe run there becomes 32-true with one line; a GPU run, a fast-bf16 CPU,

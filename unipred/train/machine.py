@@ -114,16 +114,33 @@ BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
 
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_is_slow() -> bool:
-    """True on a CPU for which oneDNN has no bfloat16 kernels (x86 without AVX-512, e.g. an
-    AVX2-only AMD EPYC): torch then runs bf16 matmuls through a generic loop, measured 25x
-    slower than fp32 on such a machine (benchmarks/README.md, "bfloat16 on an AVX2-only CPU"), so bf16
-    autocast makes a CPU run slower instead of faster. False when torch cannot say."""
+    """True on a CPU without native bfloat16 arithmetic: x86 without AVX-512 (e.g. an AVX2-only
+    AMD EPYC), where oneDNN has no bf16 kernels and torch runs bf16 matmuls through a generic
+    loop (25x slower than fp32, benchmarks/README.md, "bfloat16 on an AVX2-only CPU"), and x86
+    with AVX-512 but neither AVX512-BF16 nor AMX (below). There bf16 autocast makes a CPU run
+    slower instead of faster. False when torch cannot say."""
     import torch
 
     check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
     try:
-        return check is not None and not bool(check())
+        if check is not None and not bool(check()):
+            return True
     except Exception:  # an op this torch build lacks: keep what the recipe says
+        return False
+    # x86 with AVX-512 but neither AVX512-BF16 nor AMX: oneDNN "supports" bf16 by converting
+    # to fp32 around each product, measured 3.6x slower than fp32 per matmul and 2.0x slower per
+    # demo step on such a Xeon (benchmarks/README.md, "bfloat16 on an AVX-512 CPU without
+    # AVX512-BF16"). Native bf16 is AVX512-BF16 or AMX.
+    cpu = getattr(torch, "cpu", None)
+    native = [
+        getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    avx512 = getattr(cpu, "_is_avx512_supported", None)
+    if avx512 is None or any(f is None for f in native):
+        return False  # this torch cannot say: keep what the recipe says
+    try:
+        return bool(avx512()) and not any(bool(f()) for f in native)
+    except Exception:
         return False
 
 
@@ -150,9 +167,9 @@ def cpu_precision(t, gpus: int | None = None, slow: bool | None = None):
     if not runs_on_cpu(t, gpus) or not (cpu_bf16_is_slow() if slow is None else slow):
         return t, None
     line = (
-        f"trainer.precision {t.precision} -> 32-true: this CPU has no fast bfloat16 kernels "
-        "(oneDNN reports none; bf16 matmuls run through a slow generic loop here); "
-        "trainer.cpu_bf16=keep keeps bf16"
+        f"trainer.precision {t.precision} -> 32-true: this CPU has no native bfloat16 "
+        "arithmetic (neither AVX512-BF16 nor AMX; bf16 products measured 3.6-25x slower than "
+        "fp32 on such CPUs); trainer.cpu_bf16=keep keeps bf16"
     )
     return dataclasses.replace(t, precision="32-true"), line
 
