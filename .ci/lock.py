@@ -66,13 +66,8 @@ def write() -> int:
 
 
 def pins() -> dict[str, str]:
-    out = {}
-    for line in LOCK.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "--")) and "==" in line:
-            name, version = line.split(" ")[0].split("==")
-            out[canonicalize_name(name)] = version
-    return out
+    """{canonical name: pinned version}, read from the lock's entries."""
+    return {name: text.split("==")[1].split()[0] for name, text in entries()}
 
 
 def declared() -> list:
@@ -115,16 +110,15 @@ NEED_GB = 7.0  # what the finished environment takes (6.1 GB measured) plus the 
 
 def entries() -> list[tuple[str, str]]:
     """(canonical name, the entry's text with its hashes) for every package the lock pins."""
-    out, current = [], None
+    out: list[tuple[str, str]] = []
     for line in LOCK.read_text().splitlines():
         if line.strip().startswith("#") or not line.strip():
             continue
-        if not line[0].isspace():
-            current = [canonicalize_name(line.split("==")[0]), line]
-            out.append(current)
-        elif current is not None:
-            current[1] += "\n" + line
-    return [(n, t) for n, t in out]
+        if not line[0].isspace():  # "name==version \" starts an entry
+            out.append((canonicalize_name(line.split("==")[0]), line))
+        elif out:  # "    --hash=sha256:..." continues it
+            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
+    return out
 
 
 def install() -> int:
