@@ -88,6 +88,26 @@ def test_grid_pooling_works_for_every_tokenizer(name):
     assert not torch.allclose(f.pooled[:, :width], f.pooled[:, -width:])  # cells differ
 
 
+@pytest.mark.parametrize("name", ["text", "audio"])
+def test_poolings_joined_by_plus_are_concatenated_in_order(name):
+    """features.pool=mean+last: the mean of the real tokens, then the last real token (padded
+    clips: not the last position), side by side; for the per-layer features too."""
+    kw, _ = TOKENIZERS[name]
+    torch.manual_seed(0)
+    model = NEPA(model_config("nepa_debug", causal=True, **kw))
+    batches = [(_input(name), torch.arange(3))]
+    width = model.predictor.cfg.dim
+    both = extract_features(model, batches, pool="mean+last", layers=True)
+    mean = extract_features(model, batches, pool="mean", layers=True)
+    last = extract_features(model, batches, pool="last", layers=True)
+    assert both.pooled.shape == (3, 2 * width)
+    assert torch.equal(both.pooled, torch.cat([mean.pooled, last.pooled], -1))
+    assert torch.equal(both.layers, torch.cat([mean.layers, last.layers], -1))
+    assert not torch.allclose(mean.pooled, last.pooled)
+    with pytest.raises(ProtocolError, match="features.pool=cls"):  # a causal cls is refused
+        extract_features(model, batches, pool="mean+cls")
+
+
 def test_grid_pool_settings_and_the_cli(tmp_path):
     s = parse_eval_settings(["features.pool=grid", "features.grid=3"])
     assert (s.features.pool, s.features.grid) == ("grid", 3)
@@ -95,6 +115,12 @@ def test_grid_pool_settings_and_the_cli(tmp_path):
         parse_eval_settings(["features.pool=grid", "features.grid=0"])
     with pytest.raises(ProtocolError, match="use mean, last, cls or grid"):
         parse_eval_settings(["features.pool=flat"])
+    assert parse_eval_settings(["features.pool=mean+last"]).features.pool == "mean+last"
+    for bad in ("mean+flat", "mean+mean", "mean+"):
+        with pytest.raises(ProtocolError, match="joined by '\\+'"):
+            parse_eval_settings([f"features.pool={bad}"])
+    with pytest.raises(ProtocolError, match="features.norm=feature with features.pool=last"):
+        parse_eval_settings(["features.pool=last+mean", "features.norm=feature"])
 
 
 def test_the_eval_cli_reads_out_a_grid_for_the_backbone_and_the_random_baseline(capsys):

@@ -268,6 +268,21 @@ def test_wordlang_is_built_from_the_debian_word_lists(tmp_path):
     assert not {x for x, _ in recs} & {x for x, _ in test}
 
 
+def test_a_corpus_whose_packages_are_missing_stops_fit_with_one_line(tmp_path, monkeypatch, capsys):
+    """`unipred fit text/pretrain data.corpus=manlang` without the translated man pages: one
+    line naming the packages to install (exit 2), not a traceback from the corpus builder."""
+    from unipred.cli import main
+    from unipred.tasks.text import corpora
+
+    monkeypatch.setitem(corpora.MANPAGES, "xx", "manpages-not-a-package")
+    rc = main(["fit", "text/pretrain", "data.corpus=manlang", f"data.cache_dir={tmp_path / 'c'}",
+               f"run_dir={tmp_path / 'run'}", "trainer.max_steps=1"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err[-20:]
+    assert err[0].startswith("unipred fit: error: the translated man pages are not installed")
+    assert "manpages-not-a-package" in err[0] and "UNIPRED_DEBUG=1" in err[0]
+
+
 def test_text_demo_quick_plan_writes_the_table(tmp_path):
     from unipred.tasks.text import demo
 

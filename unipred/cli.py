@@ -454,9 +454,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         # what the data or the model refused while a run was being built or fed (a class
         # count below the labels, a label budget above a class, a decoder that does not fit
-        # the backbone): the message names it; the traceback only on request
+        # the backbone, a data set whose files or system packages are not there): the message
+        # names it; the traceback only on request
         if (
-            not isinstance(e, ValueError)
+            not isinstance(e, (ValueError, FileNotFoundError))
             or cmd not in ("fit", "eval", "evaluate-suite")
             or os.environ.get("UNIPRED_DEBUG")
         ):

@@ -34,7 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from unipred.protocols.features import Features, _labels, _to, grid_pool, normalise_tokens
+from unipred.protocols.features import (Features, _labels, _to, grid_pool, normalise_tokens,
+                                         pool_parts)
 from unipred.protocols.knn import run_knn
 from unipred.protocols.linear import run_linear
 from unipred.protocols.report import format_row
@@ -103,18 +104,20 @@ def pooled_chunks(rows, views, labels, pool: str, cells: int, norm: str, max_dim
                   max_samples: int = 0) -> Features:  # fmt: skip
     """Raw-input features through a backbone read-out: each batch's patches standardised per
     sample (``norm``), then pooled (``grid`` with ``cells`` bins per axis of the tokenizer's
-    coordinates, ``mean``, ``last``; anything else reads the mean), each sample's own real
-    tokens only; cells averaged down when the result exceeds ``max_dim`` values."""
+    coordinates, ``mean``, ``last``; anything else reads the mean; several joined by '+'
+    concatenated, as the backbone's rows), each sample's own real tokens only; cells averaged down when the result exceeds ``max_dim`` values."""
     out = []
     for p, (valid, coords) in zip(rows, views):
         v = None if valid is None else valid.to(p.device).bool()
         p = normalise_tokens(p, v, norm)
-        if pool == "last":
-            f = pool_tokens_last(p, v)[:, None]
-        else:
-            f = grid_pool(p, 0, v, coords, cells if pool == "grid" else 1)
-            f = f.reshape(p.shape[0], -1, p.shape[2])
-        out.append(flatten_patches(f, max_dim))
+        fs = []
+        for part in pool_parts(pool):  # mean+last: the mean patch, then the last one
+            if part == "last":
+                fs.append(pool_tokens_last(p, v)[:, None])
+            else:
+                f = grid_pool(p, 0, v, coords, cells if part == "grid" else 1)
+                fs.append(f.reshape(p.shape[0], -1, p.shape[2]))
+        out.append(flatten_patches(torch.cat(fs, 1), max_dim))
     x = torch.cat(out)
     if max_samples:
         x, labels = x[:max_samples], labels[:max_samples]
@@ -182,7 +185,8 @@ def run_raw(cfg, settings: EvalSettings, log=print) -> list[dict]:
         rows, y = raw_chunks(model.tokenizer, loader, task.inputs, limit, views)
         chunks[split] = (rows, views, y, limit)
     tok = type(model.tokenizer).__name__
-    how = {"grid": f"grid {fs.grid} per axis", "last": "last patch"}.get(fs.pool, "mean")
+    how = " + ".join({"grid": f"grid {fs.grid} per axis", "last": "last patch"}.get(p, "mean")
+                     for p in pool_parts(fs.pool))  # fmt: skip
     how += f", standardised per {fs.norm}" if fs.norm != "none" else ""
     feats = {INPUT: [pooled_chunks(rows, views, y, fs.pool, fs.grid, fs.norm,
                                    settings.raw.max_dim, lim)

@@ -71,6 +71,17 @@ POOLS = ("mean", "last", "cls", "grid")
 NORMS = ("none", "sample", "feature")
 
 
+def pool_parts(pool: str) -> list[str]:
+    """The poolings of ``features.pool``: one name, or several joined by '+' (``mean+last``:
+    the mean of the tokens, then the last real token, concatenated)."""
+    return pool.split("+")
+
+
+def pool_words(pool: str, cells: int) -> str:
+    """``features.pool`` in words, for logs and tables."""
+    return " + ".join(f"grid {cells} per axis" if p == "grid" else p for p in pool_parts(pool))
+
+
 def normalise_tokens(x: torch.Tensor, valid, norm: str) -> torch.Tensor:
     """Per-sample standardisation of (B, N, D) tokens over each sample's own real tokens
     (``valid`` (B, N) or None), before any pooling: ``sample`` one mean and one std per sample
@@ -137,7 +148,11 @@ def pool_features(out, src, n_prefix: int, pool: str, cells: int = 2,
                   norm: str = "none") -> torch.Tensor:  # fmt: skip
     """Pool one (B, T, D) output ``src`` of a ``forward_features`` result ``out``: ``grid``
     (``grid_pool`` on the tokens' coordinates) or a pooling of ``unipred.nn.heads.pool_tokens``;
-    ``norm`` standardises the patch tokens per sample first (``normalise_tokens``)."""
+    ``norm`` standardises the patch tokens per sample first (``normalise_tokens``); several
+    poolings joined by '+' give their results concatenated, in that order."""
+    if "+" in pool:
+        return torch.cat([pool_features(out, src, n_prefix, p, cells, norm)
+                          for p in pool_parts(pool)], -1)  # fmt: skip
     if norm != "none" and pool != "cls":
         v = None if out.valid is None else out.valid[:, n_prefix:]
         src = torch.cat(
@@ -235,7 +250,7 @@ def extract_features(
     model.eval()
     device = torch.device(device)
     n_prefix = int(getattr(model, "n_prefix", 0))
-    if pool == "cls" and (why := cls_unusable(model)):
+    if "cls" in pool_parts(pool) and (why := cls_unusable(model)):
         raise ProtocolError(f"features.pool=cls: {why}; use mean, grid or last")
     n_blocks = len(model.predictor.blocks)
     for key, b in [("block", block)] * (block is not None) + [("concat", b) for b in concat]:

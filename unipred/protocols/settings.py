@@ -146,11 +146,13 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
     for name in ([s.protocol] if s.protocol else []) + list(s.protocols):
         if name not in PROTOCOLS:
             raise ProtocolError(f"protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
-    if s.features.pool not in ("mean", "last", "cls", "grid"):
-        raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last, cls or grid")
+    parts = str(s.features.pool).split("+")
+    if any(p not in ("mean", "last", "cls", "grid") for p in parts) or len(set(parts)) < len(parts):
+        raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last, cls or grid, or "
+                            "several of them joined by '+' (e.g. mean+last: concatenated)")  # fmt: skip
     if s.features.norm not in ("none", "sample", "feature"):
         raise ProtocolError(f"features.norm={s.features.norm!r}: use none, sample or feature")
-    if s.features.norm == "feature" and s.features.pool in ("mean", "cls"):
+    if s.features.norm == "feature" and {"mean", "cls"} & set(parts):
         raise ProtocolError(
             f"features.norm=feature with features.pool={s.features.pool}: the mean of tokens "
             "standardised per feature is zero (cls is not a patch token); use pool=grid or last"

@@ -15,6 +15,7 @@ from unipred.protocols.features import (
     Features,
     extract_features,
     load_backbone_weights,
+    pool_words,
     weight_sets,
 )
 from unipred.protocols.knn import _scores, run_knn, topk_accuracy
@@ -135,7 +136,7 @@ def run_protocols(cfg, settings: EvalSettings, protocols, log=print) -> dict:
         C = _num_classes(task, tr.labels, va.labels)
         where = "final norm" if fs.block is None else f"block {fs.block}"
         where += f" + blocks {list(concat)}" if concat else ""
-        how = f"grid {fs.grid} per axis" if fs.pool == "grid" else fs.pool
+        how = pool_words(fs.pool, fs.grid)
         how += f", tokens standardised per {fs.norm}" if fs.norm != "none" else ""
         log(f"[{name}] features ({where}, {how} pooling): {len(tr.labels)} train / "
             f"{len(va.labels)} val samples, width {tr.pooled.shape[1]}, "
@@ -288,7 +289,7 @@ def demo_settings(cfg, settings=(), recipe_defaults: bool = False) -> EvalSettin
 
 def readout_text(s: EvalSettings) -> str:
     """How the pooled protocols read the tokens, in words (for tables and logs)."""
-    how = f"grid {s.features.grid} per axis" if s.features.pool == "grid" else s.features.pool
+    how = pool_words(s.features.pool, s.features.grid)
     how += f", tokens standardised per {s.features.norm}" if s.features.norm != "none" else ""
     where = "final norm" if s.features.block is None else f"block {s.features.block}"
     where += f" + blocks {list(s.features.concat)}" if s.features.concat else ""
