@@ -34,12 +34,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from unipred.protocols.features import (Features, _labels, _to, grid_pool, normalise_tokens,
-                                         pool_parts)
+from unipred.protocols.features import Features, _labels, _to, grid_pool, normalise_tokens
 from unipred.protocols.knn import run_knn
 from unipred.protocols.linear import run_linear
 from unipred.protocols.report import format_row
-from unipred.protocols.settings import RANDOM, EvalSettings, ProtocolError
+from unipred.protocols.settings import RANDOM, EvalSettings, ProtocolError, pool_parts
 from unipred.protocols.suite import _loader, _num_classes, apply_threads, demo_settings
 
 INPUT = "input"  # the weights column of the raw-input rows (the backbone's read-out)
@@ -105,7 +104,8 @@ def pooled_chunks(rows, views, labels, pool: str, cells: int, norm: str, max_dim
     """Raw-input features through a backbone read-out: each batch's patches standardised per
     sample (``norm``), then pooled (``grid`` with ``cells`` bins per axis of the tokenizer's
     coordinates, ``mean``, ``last``; anything else reads the mean; several joined by '+'
-    concatenated, as the backbone's rows), each sample's own real tokens only; cells averaged down when the result exceeds ``max_dim`` values."""
+    concatenated, as the backbone's rows), each sample's own real tokens only; cells averaged
+    down when the result exceeds ``max_dim`` values."""
     out = []
     for p, (valid, coords) in zip(rows, views):
         v = None if valid is None else valid.to(p.device).bool()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unipred.nn.heads import pool_tokens
-from unipred.protocols.settings import RANDOM, ProtocolError
+from unipred.protocols.settings import RANDOM, ProtocolError, pool_parts
 
 
 # ------------------------------------------------------------------------------ weights
@@ -67,14 +67,7 @@ def load_backbone_weights(model: nn.Module, sd: dict, source: str) -> None:
 
 
 # ----------------------------------------------------------------------------- pooling
-POOLS = ("mean", "last", "cls", "grid")
 NORMS = ("none", "sample", "feature")
-
-
-def pool_parts(pool: str) -> list[str]:
-    """The poolings of ``features.pool``: one name, or several joined by '+' (``mean+last``:
-    the mean of the tokens, then the last real token, concatenated)."""
-    return pool.split("+")
 
 
 def pool_words(pool: str, cells: int) -> str:

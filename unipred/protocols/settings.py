@@ -15,6 +15,14 @@ PROTOCOLS = (*FROZEN, "finetune")
 
 RANDOM = "random"  # ckpt=random: the random-init baseline
 
+POOLS = ("mean", "last", "cls", "grid")  # features.pool, or several joined by '+'
+
+
+def pool_parts(pool: str) -> list[str]:
+    """The poolings of ``features.pool``: one name, or several joined by '+' (``mean+last``:
+    the mean of the tokens, then the last real token, concatenated)."""
+    return str(pool).split("+")
+
 
 class ProtocolError(ValueError):
     """Bad protocol settings or data; the message names the key or the problem."""
@@ -146,8 +154,8 @@ def parse_eval_settings(args: list[str]) -> EvalSettings:
     for name in ([s.protocol] if s.protocol else []) + list(s.protocols):
         if name not in PROTOCOLS:
             raise ProtocolError(f"protocol {name!r} is not one of {', '.join(PROTOCOLS)}")
-    parts = str(s.features.pool).split("+")
-    if any(p not in ("mean", "last", "cls", "grid") for p in parts) or len(set(parts)) < len(parts):
+    parts = pool_parts(s.features.pool)
+    if any(p not in POOLS for p in parts) or len(set(parts)) < len(parts):
         raise ProtocolError(f"features.pool={s.features.pool!r}: use mean, last, cls or grid, or "
                             "several of them joined by '+' (e.g. mean+last: concatenated)")  # fmt: skip
     if s.features.norm not in ("none", "sample", "feature"):
