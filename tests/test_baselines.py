@@ -194,7 +194,8 @@ def test_the_raw_row_reads_the_patches_through_the_backbones_read_out():
         assert f.shape == (2, width) and torch.allclose(f[0], f[1], atol=1e-6), pool
     assert torch.allclose(f[0], word[0, -1])
     both = pooled_chunks(rows, views, y, "mean+last", 1, "none", 0).pooled  # side by side
-    assert both.shape == (2, 6) and torch.allclose(both[0], torch.cat([word[0].mean(0), word[0, -1]]))
+    mean_then_last = torch.cat([word[0].mean(0), word[0, -1]])
+    assert both.shape == (2, 6) and torch.allclose(both[0], mean_then_last)
     flat = flatten_patches(rows[0], 0)
     assert not torch.allclose(flat[0], flat[1])
     # above raw.max_dim each cell is averaged down, as the flattened patches are

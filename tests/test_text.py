@@ -271,8 +271,9 @@ def test_wordlang_is_built_from_the_debian_word_lists(tmp_path):
 def test_a_corpus_whose_packages_are_missing_stops_fit_with_one_line(tmp_path, monkeypatch, capsys):
     """`unipred fit text/pretrain data.corpus=manlang` without the translated man pages: one
     line naming the packages to install (exit 2), not a traceback from the corpus builder."""
-    from unipred.cli import main
     from unipred.tasks.text import corpora
+
+    from unipred.cli import main
 
     monkeypatch.setitem(corpora.MANPAGES, "xx", "manpages-not-a-package")
     rc = main(["fit", "text/pretrain", "data.corpus=manlang", f"data.cache_dir={tmp_path / 'c'}",
