@@ -104,6 +104,10 @@ def test_poolings_joined_by_plus_are_concatenated_in_order(name):
     assert torch.equal(both.pooled, torch.cat([mean.pooled, last.pooled], -1))
     assert torch.equal(both.layers, torch.cat([mean.layers, last.layers], -1))
     assert not torch.allclose(mean.pooled, last.pooled)
+    # per-sample standardisation (done once for both poolings) reads as each pooling alone
+    std = [extract_features(model, batches, pool=p, norm="sample").pooled
+           for p in ("last+mean", "last", "mean")]  # fmt: skip
+    assert torch.allclose(std[0], torch.cat(std[1:], -1), atol=1e-6)
     with pytest.raises(ProtocolError, match="features.pool=cls"):  # a causal cls is refused
         extract_features(model, batches, pool="mean+cls")
 

@@ -143,14 +143,14 @@ def pool_features(out, src, n_prefix: int, pool: str, cells: int = 2,
     (``grid_pool`` on the tokens' coordinates) or a pooling of ``unipred.nn.heads.pool_tokens``;
     ``norm`` standardises the patch tokens per sample first (``normalise_tokens``); several
     poolings joined by '+' give their results concatenated, in that order."""
-    if "+" in pool:
-        return torch.cat([pool_features(out, src, n_prefix, p, cells, norm)
-                          for p in pool_parts(pool)], -1)  # fmt: skip
-    if norm != "none" and pool != "cls":
+    if norm != "none" and pool != "cls":  # once, whatever the poolings (cls reads the prefix)
         v = None if out.valid is None else out.valid[:, n_prefix:]
         src = torch.cat(
             [src[:, :n_prefix].float(), normalise_tokens(src[:, n_prefix:], v, norm)], 1
         )
+    if "+" in pool:
+        return torch.cat([pool_features(out, src, n_prefix, p, cells)
+                          for p in pool_parts(pool)], -1)  # fmt: skip
     if pool == "grid":
         coords = getattr(out, "coords", None)
         if coords is None:
